@@ -1,0 +1,423 @@
+"""Checkpoints: the only module that knows their file names, how they are committed, verified and pruned.
+
+A checkpoint at step N is three files in one directory, plus a marker:
+
+    model_00000N.pt      model weights (torch.save of the state dict)
+    optim_00000N.pt      AdamW moments and Muon momentum. The optimizer state is replicated on every rank
+                         (see nanochat/optim.py), so rank 0 writes one file; there are no per-rank parts.
+    meta_00000N.json     step, configs, metrics, every rank's data-loader position and RNG state, stop reason,
+                         and the size and CRC32 of the two files above. Written last: it is the commit marker.
+    latest_step.txt      the newest committed step, replaced atomically after the meta.
+
+Every file is written to `.tmp.<name>.<pid>` in the same directory, flushed, fsync'ed and renamed, then the
+directory is fsync'ed. So a crash at any instant leaves either a committed checkpoint or debris that is not one:
+a temp file (removed at the next start) or files without a meta (an uncommitted save, overwritten when the run
+reaches that step again). A checkpoint is valid only if its meta parses and both files match the sizes and
+checksums it records. Resume takes the newest valid one and says why it skipped any newer ones; a damaged
+checkpoint is never deleted or overwritten silently (it is renamed to `*.damaged` with a warning before a new
+save takes its step). Files are read with `torch.load(weights_only=True)`: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+LATEST = "latest_step.txt"
+TMP_PREFIX = ".tmp."
+_NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
+_KINDS = ("model", "optim")  # the payload files a meta vouches for
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem the user must act on; the message is one line and names the fix."""
+
+
+def file_name(kind: str, step: int) -> str:
+    """The one place that spells checkpoint file names."""
+    return f"{kind}_{step:06d}.json" if kind == "meta" else f"{kind}_{step:06d}.pt"
+
+
+@dataclass
+class Checkpoint:
+    """What is on disk for one step, and whether it is usable."""
+
+    step: int
+    paths: list[Path]
+    meta: dict | None = None
+    problem: str = ""  # empty when valid
+    committed: bool = False  # a meta file exists (parseable or not)
+
+    @property
+    def valid(self) -> bool:
+        return self.committed and not self.problem
+
+    @property
+    def final(self) -> bool:
+        return bool(self.meta and self.meta.get("final"))
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.paths if p.exists())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# durable writes
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _HashingWriter:
+    """A file wrapper that computes size and CRC32 as bytes go out (no second read), with a fault hook."""
+
+    def __init__(self, f, on_first_write: Callable[[], None] | None = None):
+        self.f, self.crc, self.size, self.on_first_write = f, 0, 0, on_first_write
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        n = self.f.write(data)
+        if self.on_first_write is not None:  # the file is now partly written: a crash here is "mid-write"
+            self.f.flush()
+            hook, self.on_first_write = self.on_first_write, None
+            hook()
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], mid_write: Callable[[], None] | None = None):
+    """Write through a temp file, fsync, rename. Returns (size, crc32). Leaves no temp file on error."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            writer = _HashingWriter(f, mid_write)
+            write(writer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return writer.size, writer.crc
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    _write_atomic(path, lambda w: w.write(text.encode()))
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the directory
+
+
+def _steps_on_disk(directory: Path) -> dict[int, list[Path]]:
+    found: dict[int, list[Path]] = {}
+    if directory.is_dir():
+        for p in directory.iterdir():
+            m = _NAME.match(p.name)
+            if m:
+                found.setdefault(int(m.group(2)), []).append(p)
+    return found
+
+
+def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify: bool = True) -> Checkpoint:
+    """Check one step's files against its meta. `verify=False` checks sizes only (cheap, for listings)."""
+    paths = paths if paths is not None else _steps_on_disk(directory).get(step, [])
+    ckpt = Checkpoint(step, sorted(paths))
+    meta_path = directory / file_name("meta", step)
+    if not meta_path.exists():
+        ckpt.problem = "no meta file (an uncommitted save, or an interrupted prune)"
+        return ckpt
+    ckpt.committed = True
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+        if meta["step"] != step:
+            raise ValueError(f"records step {meta['step']}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
+        return ckpt
+    ckpt.meta = meta
+    for kind in _KINDS:
+        name = file_name(kind, step)
+        path, want = directory / name, files.get(name)
+        if want is None:
+            ckpt.problem = f"{meta_path.name} does not list {name}"
+        elif not path.exists():
+            ckpt.problem = f"{name} is missing"
+        elif path.stat().st_size != want["size"]:
+            ckpt.problem = f"{name} has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
+        elif verify and file_crc32(path) != want["crc32"]:
+            ckpt.problem = f"{name} fails its CRC32 check (corrupted)"
+        if ckpt.problem:
+            break
+    return ckpt
+
+
+def scan(directory: Path, verify: bool = False) -> list[Checkpoint]:
+    """Every step that has checkpoint files, oldest first."""
+    return [inspect(directory, s, paths, verify) for s, paths in sorted(_steps_on_disk(directory).items())]
+
+
+def read_latest_marker(directory: Path) -> tuple[int | None, str]:
+    """(step, problem) from latest_step.txt; problem is empty when the marker is fine."""
+    path = directory / LATEST
+    if not path.exists():
+        return None, f"{LATEST} is missing"
+    text = path.read_text(errors="replace").strip()
+    if not text.isdigit():
+        return None, f"{LATEST} holds {text[:40]!r}, not a step number"
+    return int(text), ""
+
+
+def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> Checkpoint | None:
+    """The newest valid checkpoint (fully verified); warns about each newer one it had to skip, and why."""
+    on_disk = _steps_on_disk(directory)
+    if not on_disk:
+        return None
+    marker, problem = read_latest_marker(directory)
+    if problem:
+        warn(f"{directory}: {problem}; looking for the newest valid checkpoint instead")
+    elif marker not in on_disk:
+        warn(f"{directory}: {LATEST} points at step {marker}, which has no files; using the newest valid checkpoint")
+    for step in sorted(on_disk, reverse=True):
+        ckpt = inspect(directory, step, on_disk[step], verify=True)
+        if ckpt.valid:
+            return ckpt
+        warn(f"skipping the checkpoint at step {step}: {ckpt.problem}; falling back to an older one")
+    return None
+
+
+def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(model state, optimizer state) of a verified checkpoint, memory-mapped, never unpickling code."""
+    states = []
+    for kind in _KINDS:
+        state = torch.load(directory / file_name(kind, ckpt.step), map_location="cpu", mmap=True, weights_only=True)
+        if torch.device(device).type != "cpu":
+            state = _to_device(state, device)
+        states.append(state)
+    return states[0], states[1]
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pruning and cleanup
+
+
+def plan_prune(directory: Path, keep: int) -> list[Checkpoint]:
+    """What pruning to the newest `keep` valid checkpoints would delete (keep=-1: nothing).
+
+    Never the newest valid checkpoint, never a final one, never a damaged one (the user decides about those).
+    Uncommitted files (no meta) older than the newest valid checkpoint are debris and go too.
+    """
+    if keep == -1:
+        return []
+    if keep < 1:
+        raise CheckpointError(f"cannot keep {keep} checkpoints: keep at least 1 (or -1 for all)")
+    ckpts = scan(directory, verify=False)
+    valid = [c for c in ckpts if c.valid]
+    if not valid:
+        return []
+    newest = valid[-1].step
+    kept = {c.step for c in valid[-keep:]}
+    doomed = [c for c in valid if c.step not in kept and not c.final]
+    doomed += [c for c in ckpts if not c.committed and c.step < newest]
+    return sorted(doomed, key=lambda c: c.step)
+
+
+def prune(directory: Path, keep: int, hook: Callable[[str], None] | None = None) -> list[Path]:
+    """Delete what plan_prune names: the meta first, so a crash mid-prune leaves no half-valid checkpoint."""
+    removed = []
+    for ckpt in plan_prune(directory, keep):
+        meta = directory / file_name("meta", ckpt.step)
+        for path in sorted(ckpt.paths, key=lambda p: p != meta):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            if hook:
+                hook("prune")
+    if removed:
+        _fsync_dir(directory)
+    return removed
+
+
+def clean_temp(directory: Path) -> list[Path]:
+    """Remove temp files a crash mid-save left behind. Call only when no save can be in flight."""
+    leftovers = [p for p in directory.glob(f"{TMP_PREFIX}*") if p.is_file()] if directory.is_dir() else []
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
+
+
+def archive(directory: Path) -> Path | None:
+    """Move every checkpoint file and the latest marker into a new `archived-<time>/` subfolder (a fresh start)."""
+    files = [p for paths in _steps_on_disk(directory).values() for p in paths]
+    if (directory / LATEST).exists():
+        files.append(directory / LATEST)
+    if not files:
+        return None
+    dest = directory / time.strftime("archived-%Y%m%d-%H%M%S")
+    dest.mkdir()
+    for p in files:
+        p.rename(dest / p.name)
+    _fsync_dir(directory)
+    return dest
+
+
+def _set_aside_damaged(directory: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Before a save takes a step whose committed checkpoint is damaged, rename its files to *.damaged."""
+    ckpt = inspect(directory, step, verify=False)
+    if not ckpt.committed:
+        return  # uncommitted debris is simply overwritten
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for p in ckpt.paths:
+        p.rename(p.with_name(f"{p.name}.{stamp}.damaged"))
+    warn(f"step {step} had a damaged checkpoint ({ckpt.problem or 'replaced'}); kept it as *.{stamp}.damaged")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving from the trainer
+
+
+@dataclass
+class Saver:
+    """Saves checkpoints from every rank of a run (collective: all ranks call `save` at the same step)."""
+
+    directory: Path
+    keep: int = 3
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
+    fault: Callable[[str], None] = field(default=lambda phase: None)  # debug fault injection, by save phase
+    warn: Callable[[str], None] = print
+    log: Callable[[str], None] = print
+
+    def start(self) -> None:
+        """Create the directory and remove temp debris of an earlier crash (rank 0, before any save)."""
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for p in clean_temp(self.directory):
+                self.warn(f"removed {p.name}, left by a save that crashed")
+        self._barrier()
+
+    def save(self, step: int, model_state: dict, optim_state: dict, meta: dict, rank_state: dict) -> None:
+        """Write the checkpoint for `step`; `rank_state` (loader position, RNG) is gathered from every rank."""
+        per_rank = [rank_state]
+        if self.world_size > 1:
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, rank_state)
+        error = None
+        if self.rank == 0:
+            try:
+                self._write(step, model_state, optim_state, {**meta, "ranks": per_rank})
+            except (OSError, CheckpointError) as e:
+                error = e
+        if self._any_failed(error is not None):
+            if error is None:
+                raise CheckpointError(f"rank 0 failed to save the checkpoint at step {step}; see its log")
+            if isinstance(error, CheckpointError):
+                raise error
+            raise CheckpointError(
+                f"saving step {step} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"
+                " are intact: free disk space or fix the directory, then resume"
+            ) from error
+
+    def _write(self, step: int, model_state: dict, optim_state: dict, meta: dict) -> None:
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        _set_aside_damaged(d, step, self.warn)
+        self._ensure_space(model_state, optim_state)
+        files = {}
+        for kind, state in (("model", model_state), ("optim", optim_state)):
+            name = file_name(kind, step)
+            size, crc = _write_atomic(d / name, lambda w, s=state: torch.save(s, w), lambda k=kind: self.fault(k))
+            files[name] = {"size": size, "crc32": crc}
+        meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
+        self.fault("meta")
+        write_text_atomic(d / file_name("meta", step), json.dumps(meta, indent=1))  # the commit point
+        self.fault("latest")
+        write_text_atomic(d / LATEST, f"{step}\n")
+        pruned = prune(d, self.keep, self.fault)
+        if pruned:
+            self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
+
+    def _ensure_space(self, model_state: dict, optim_state: dict) -> None:
+        need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
+        free = shutil.disk_usage(self.directory).free
+        if free >= need:
+            return
+        if self.keep != -1:
+            # prune one more than usual now: the new checkpoint will take the freed slot
+            for path in prune(self.directory, max(1, self.keep - 1)):
+                self.warn(f"low disk space: pruned {path.name} early")
+            free = shutil.disk_usage(self.directory).free
+        if free < need:
+            raise CheckpointError(
+                f"not enough disk space in {self.directory} for the next checkpoint: need ~{need / 1e9:.2f} GB,"
+                f" {free / 1e9:.2f} GB free; free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir"
+            )
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _any_failed(self, failed: bool) -> bool:
+        """Agree across ranks whether the save failed (a plain barrier would hang the others forever)."""
+        if self.world_size == 1:
+            return failed
+        flag = torch.tensor([int(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def update_meta(directory: Path, step: int, **fields) -> None:
+    """Add metrics to a committed meta (e.g. the final validation bpb, measured after the save), atomically."""
+    path = directory / file_name("meta", step)
+    meta = json.loads(path.read_text())
+    meta.update(fields)
+    write_text_atomic(path, json.dumps(meta, indent=1))

@@ -1,0 +1,81 @@
+"""Device and process-group setup, the base directory, and small logging helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def get_base_dir() -> Path:
+    """Where tokenizer, data and checkpoints live: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or str(Path.home() / ".cache" / "nanochat")
+    path = Path(base).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only (RANK is set by torchrun; a plain python process is rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def warn0(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the (possibly single-process) job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Initialise the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    if device_type == "auto":
+        device_type = autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device_type=cuda but no CUDA device is visible; use --device_type=cpu")
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        # device_id binds the NCCL communicator eagerly, which makes the first collective fail fast.
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,89 @@
+"""Command-line overrides for a config dataclass: `--key=value`, `--key value`, dashes or underscores.
+
+Values are parsed and type-checked against the field's type; unknown keys and bad values raise ConfigError with
+a one-line message that names the key (and the closest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A bad command-line setting; the message is one line meant for the user."""
+
+
+def _convert(key: str, raw: str, typ: type) -> Any:
+    if typ is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"--{key}: expected True or False, got {raw!r}")
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            try:  # accept 1e6 or 2_000 style integers, but not 2.5
+                as_float = float(raw)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+            raise ConfigError(f"--{key}: expected an integer, got {raw!r}") from None
+    if typ is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{key}: expected a number, got {raw!r}") from None
+    return raw
+
+
+def parse_args(defaults: T, argv: list[str]) -> tuple[T, dict[str, Any]]:
+    """Apply argv overrides to a config dataclass; return (new config, {key: value} of what was set)."""
+    fields = {f.name: f for f in dataclasses.fields(defaults)}
+    hints = typing.get_type_hints(type(defaults))
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":  # torchrun passes the separator through; it means nothing here
+            continue
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}: settings look like --key=value (e.g. --depth=4)")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        else:
+            key, raw = body, None
+        key = key.replace("-", "_")
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"; did you mean --{close[0]}?" if close else f"; valid settings: {', '.join(fields)}"
+            raise ConfigError(f"unknown setting --{key}{hint}")
+        typ = hints[key]
+        if raw is None:
+            if i < len(argv) and not argv[i].startswith("--"):
+                raw = argv[i]
+                i += 1
+            elif typ is bool:
+                raw = "True"  # a bare --flag switches a boolean on
+            else:
+                raise ConfigError(f"--{key} needs a value, e.g. --{key}={getattr(defaults, key)!r}")
+        overrides[key] = _convert(key, raw, typ)
+    return dataclasses.replace(defaults, **overrides), overrides
+
+
+def describe(cfg: Any) -> str:
+    """One `key = value` line per field, for the log."""
+    return "\n".join(f"  {f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))

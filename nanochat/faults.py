@@ -1,0 +1,104 @@
+"""Fault injection for tests and drills: `--debug_fault=KIND@WHERE:WHAT[!][,rank=R]`.
+
+    sigkill@step:7       SIGKILL this process right after step 7 completes (before its save)
+    sigkill@save:optim   SIGKILL in the middle of a save: model|optim (mid-write), meta (before the commit),
+                         latest (after the commit, before latest_step.txt), prune (mid-prune)
+    raise@step:5         raise RuntimeError (a crash with a traceback)
+    oom@step:5           raise torch.OutOfMemoryError (what a CUDA OOM looks like to the supervisor)
+    hang@step:5          stop making progress forever (sleeps; signals still work)
+    memhog@step:3        allocate and touch memory until the kernel's OOM killer steps in
+    sleep@save:40        sleep 40 s in the middle of every save (a slow save, for grace-period tests)
+
+A fault fires once per checkpoint directory: a marker file `.fault-fired-<spec>` records it, so the restarted run
+carries on as after a transient failure. A `!` suffix makes it fire on every attempt, like a deterministic bug.
+`,rank=R` picks the rank that misbehaves (default 0). `sleep` faults fire on every save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
+_SAVE_PHASES = ("model", "optim", "meta", "latest", "prune")
+
+
+@dataclass
+class Fault:
+    kind: str
+    where: str  # "step" or "save"
+    what: str  # a step number or a save phase (or seconds, for sleep@save)
+    every_attempt: bool
+    rank: int
+    spec: str
+    marker_dir: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Fault | None:
+        if not spec:
+            return None
+        m = _SPEC.match(spec)
+        if not m:
+            raise ValueError(
+                f"--debug_fault={spec!r} is not a fault spec; examples: sigkill@step:7, sigkill@save:optim,"
+                " raise@step:5!, hang@step:5, oom@step:5, memhog@step:3, sleep@save:40 (see nanochat/faults.py)"
+            )
+        kind, where, what, bang, rank = m.groups()
+        if kind == "sleep" and where != "save" or kind != "sleep" and where == "step" and not what.isdigit():
+            raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, sleep takes @save:SECONDS")
+        if kind != "sleep" and where == "save" and what not in _SAVE_PHASES:
+            raise ValueError(f"--debug_fault={spec!r}: save phase must be one of {', '.join(_SAVE_PHASES)}")
+        return cls(kind, where, what, bool(bang), int(rank or 0), spec)
+
+    def _armed(self, rank: int) -> bool:
+        if rank != self.rank:
+            return False
+        if self.every_attempt or self.kind == "sleep":
+            return True
+        marker = self._marker()
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{time.time()}\n")  # before firing: a SIGKILL leaves no chance afterwards
+        return True
+
+    def _marker(self) -> Path:
+        safe = re.sub(r"[^a-z0-9]+", "-", self.spec.lower()).strip("-")
+        return (self.marker_dir or Path(".")) / f".fault-fired-{safe}"
+
+    def at_step(self, step: int, rank: int) -> None:
+        if self.where == "step" and int(self.what) == step and self._armed(rank):
+            fire(self.kind, f"step {step}")
+
+    def at_save(self, phase: str, rank: int) -> None:
+        if self.where != "save":
+            return
+        if self.kind == "sleep":
+            if phase == "model" and rank == self.rank:
+                print(f"debug_fault: sleeping {self.what}s inside the save", flush=True)
+                time.sleep(float(self.what))
+        elif phase == self.what and self._armed(rank):
+            fire(self.kind, f"save phase {phase}")
+
+
+def fire(kind: str, where: str) -> None:
+    print(f"debug_fault: {kind} at {where}", flush=True)
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "raise":
+        raise RuntimeError(f"debug_fault: injected crash at {where}")
+    elif kind == "oom":
+        raise torch.OutOfMemoryError(f"debug_fault: injected CUDA out of memory at {where}")
+    elif kind == "hang":
+        while True:
+            time.sleep(3600)
+    elif kind == "memhog":
+        hog = []
+        while True:  # 64 MiB at a time, touched so the pages are really resident
+            hog.append(torch.ones(16 << 20, dtype=torch.float32))

@@ -1,0 +1,184 @@
+"""The GPT model: a decoder-only transformer in the style of upstream nanochat.
+
+- width from the depth dial: model_dim = depth * 64, rounded up to a multiple of head_dim
+- rotary position embeddings, QK-norm, parameter-free RMSNorm (also right after the embedding)
+- ReLU^2 MLP at 4x width, no biases anywhere, untied token embedding and lm_head
+- tanh logit softcap at 15, zero-initialised output projections
+- grouped-query attention through F.scaled_dot_product_attention
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10
+    n_kv_head: int = 10
+    n_embd: int = 1280
+
+    @classmethod
+    def from_depth(cls, depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128) -> GPTConfig:
+        """The depth dial: everything else follows from depth (aspect ratio 64) and the head dim."""
+        if depth < 1 or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"need depth >= 1 and an even head_dim >= 2, got depth={depth} head_dim={head_dim}")
+        model_dim = math.ceil(depth * 64 / head_dim) * head_dim
+        n_head = model_dim // head_dim
+        return cls(sequence_len, vocab_size, depth, n_head, n_head, model_dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    # parameter-free RMSNorm
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_kv_head != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    softcap = 15.0
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Rotary tables are derived data: non-persistent buffers, never in a checkpoint.
+        cos, sin = self._rotary_tables(cfg.sequence_len, cfg.n_embd // cfg.n_head)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @staticmethod
+    def _rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Deterministic init (same seed -> same weights on every rank, no broadcast needed)."""
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+
+        def fill(p: torch.Tensor, std: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+        fill(self.wte.weight, 1.0)
+        fill(self.lm_head.weight, 0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                fan_out, fan_in = lin.weight.shape
+                # 1/sqrt(fan_in), shrunk for wide-in/narrow-out maps so activations keep unit scale
+                fill(lin.weight, min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in))
+            # zero output projections: every block starts as the identity
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+        cos, sin = self._rotary_tables(self.config.sequence_len, self.config.n_embd // self.config.n_head)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        T = idx.size(1)
+        assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary table ({self.cos.size(1)})"
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.wte(idx))
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(norm(x)).float()
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction
+        )
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per non-embedding weight plus attention's 12 * L * d * T."""
+        cfg = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * cfg.sequence_len
+
+    def matrix_params(self) -> list[nn.Parameter]:
+        """The 2-D weights of the transformer blocks (Muon's share)."""
+        return [p for p in self.blocks.parameters()]
+
+    @torch.no_grad()
+    def generate(self, idx: list[int], max_tokens: int, temperature: float = 1.0, seed: int = 42) -> list[int]:
+        """Plain sampling without a KV cache: good enough for a glance at samples during training."""
+        device = self.wte.weight.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        ids = torch.tensor([idx], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self(ids[:, -self.config.sequence_len :])[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+            ids = torch.cat([ids, nxt], dim=1)
+        return ids[0, len(idx) :].tolist()

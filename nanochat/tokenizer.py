@@ -1,0 +1,167 @@
+"""Byte-level BPE tokenizer (HF `tokenizers`) with a GPT-4-style pre-split and one special token, <|bos|>.
+
+Text is split by the GPT-4 regex, each piece is mapped to bytes (ByteLevel, as printable stand-in characters),
+and BPE merges are learned on those bytes, so every string round-trips exactly: decode(encode(s)) == s.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanochat.common import get_base_dir
+
+BOS = "<|bos|>"
+FILE_NAME = "tokenizer.json"
+# GPT-4 (cl100k) split: contractions, words with an optional leading non-letter, numbers of up to 3 digits,
+# punctuation runs, and whitespace (the trailing space of a run is left to start the next word).
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+
+def _configure_parallelism() -> None:
+    """Keep HF tokenizers' thread pool fast, safe and quiet under torchrun and fork.
+
+    tokenizers encodes batches on a Rust thread pool. A child forked after the pool was used inherits the pool
+    but not its threads, so a parallel encode there would deadlock. When TOKENIZERS_PARALLELISM is unset,
+    tokenizers turns parallelism off in such children itself, and older releases also print a multi-line
+    warning on every fork (torch.compile workers, fork-based DataLoader workers). We set the variable (default
+    true; a user's own value wins), which keeps the parent's parallel batch encode and silences the warning, and
+    since an explicit value also disables that built-in guard, we set it to false in every child forked from
+    Python ourselves: tokenizers reads the variable on each call, so a forked child that tokenises runs
+    single-threaded instead of deadlocking. torchrun's ranks are fresh processes, not forks, so each has its
+    own pool; we size it so the ranks on one machine share the cores instead of each starting a thread per core.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.register_at_fork(after_in_child=lambda: os.environ.__setitem__("TOKENIZERS_PARALLELISM", "false"))
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks > 1 and "RAYON_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["RAYON_NUM_THREADS"] = str(max(1, cores // local_ranks))
+
+
+_configure_parallelism()
+
+
+def _byte_chars() -> dict[str, int]:
+    """ByteLevel's printable stand-in character for each byte value, inverted: char -> byte.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are mapped, in order, to code points
+    256, 257, ... so that no stand-in is whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class Tokenizer:
+    """A trained BPE tokenizer; construct it with train() or load()."""
+
+    def __init__(self, hf: HFTokenizer) -> None:
+        bos = hf.token_to_id(BOS)
+        if bos is None:
+            raise ValueError(f"tokenizer has no {BOS} token: retrain it with `python -m scripts.tok_train`")
+        # "<|bos|>" appearing inside a document is just text; only our code inserts the real BOS token
+        hf.encode_special_tokens = True
+        self._hf = hf
+        self._bos = bos
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Learn BPE merges on texts; vocab_size counts the 256 byte tokens and <|bos|>.
+
+        A corpus too small to support that many merges gives a smaller vocabulary (see the vocab_size property).
+        """
+        if vocab_size < 257:
+            raise ValueError(f"vocab_size must be at least 257 (256 bytes + {BOS}), got {vocab_size}")
+        hf = HFTokenizer(models.BPE(byte_fallback=False))
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            show_progress=False,
+            special_tokens=[BOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    def save(self, directory: Path) -> None:
+        """Write directory/tokenizer.json atomically (temp file, then rename)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{FILE_NAME}.{os.getpid()}.tmp"
+        try:
+            self._hf.save(str(tmp))
+            os.replace(tmp, directory / FILE_NAME)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, directory: Path) -> Tokenizer:
+        path = directory / FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer in {directory}: run `python -m scripts.tok_train`")
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception for malformed files
+            raise ValueError(f"{path} is not a valid tokenizer ({err}): rerun `python -m scripts.tok_train`") from err
+        return cls(hf)
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos
+
+    @property
+    def vocab_size(self) -> int:
+        return self._hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, without BOS."""
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (no BOS), encoded in parallel on tokenizers' thread pool."""
+        # encode_batch_fast (tokenizers >= 0.21) skips computing the character offsets we never use
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self) -> torch.Tensor:
+        """int64 [vocab_size]: how many UTF-8 bytes each token stands for (0 for <|bos|>), for bits-per-byte."""
+        chars = _byte_chars()
+        special = {t.content for t in self._hf.get_added_tokens_decoder().values()}
+        counts = torch.zeros(self.vocab_size, dtype=torch.int64)
+        for token, idx in self._hf.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                # a token's string is its bytes in stand-in characters, one character per byte
+                assert all(c in chars for c in token), f"token {idx} is not byte-level: {token!r}"
+                counts[idx] = len(token)
+        return counts
+
+
+def tokenizer_dir(base: Path | None = None) -> Path:
+    """Where the tokenizer lives: <base>/tokenizer, base defaulting to get_base_dir()."""
+    return (base if base is not None else get_base_dir()) / "tokenizer"
+
+
+def get_tokenizer(base: Path | None = None) -> Tokenizer:
+    """Load the tokenizer from tokenizer_dir(base); a one-line FileNotFoundError says how to make one."""
+    return Tokenizer.load(tokenizer_dir(base))

@@ -1,0 +1,430 @@
+"""Pretrain a GPT, nanochat style.
+
+One process:   python -m scripts.base_train --depth=4 --num_iterations=100
+Distributed:   torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
+
+Settings are the fields of TrainConfig below, overridden as --key=value (or --key value, dashes allowed).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import faulthandler
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from nanochat import checkpoint
+from nanochat.checkpoint import CheckpointError, Saver
+from nanochat.common import DistInfo, cleanup_distributed, get_base_dir, init_distributed, print0, warn0
+from nanochat.config import ConfigError, describe, parse_args
+from nanochat.dataloader import DataLoader
+from nanochat.faults import Fault
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import OptimConfig, Optimizers, lr_multiplier, muon_momentum
+from nanochat.tokenizer import get_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    # run
+    run: str = "dummy"  # wandb run name; "dummy" disables wandb
+    device_type: str = "auto"  # auto | cuda | cpu
+    seed: int = 0
+    compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
+    # model
+    depth: int = 20
+    head_dim: int = 128
+    max_seq_len: int = 2048
+    # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
+    device_batch_size: int = 32
+    total_batch_size: int = 524288  # tokens per optimizer step; -1 = one micro-batch on every rank
+    # horizon: num_iterations wins if > 0, else tokens = target_param_data_ratio * params (Chinchilla 20)
+    num_iterations: int = -1
+    target_param_data_ratio: float = 20.0
+    # optimization
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    # evaluation and logging
+    eval_every: int = 250  # -1 = only at the end
+    eval_tokens: int = 20 * 524288
+    sample_every: int = 2000  # -1 = never
+    log_every: int = 1
+    # checkpoints (see nanochat/checkpoint.py)
+    model_tag: str = ""  # default d{depth}
+    checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>
+    save_every: int = 500  # save every N steps; 0 = only the final checkpoint
+    keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
+    resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
+    # supervision and drills
+    heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
+    debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
+
+    def __post_init__(self) -> None:
+        if self.device_type not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"--device_type must be auto, cuda or cpu, got {self.device_type!r}")
+        if self.compile.lower() not in ("auto", "true", "false", "1", "0"):
+            raise ConfigError(f"--compile must be auto, True or False, got {self.compile!r}")
+        for key in ("depth", "head_dim", "max_seq_len", "device_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
+        if self.total_batch_size == 0 or self.total_batch_size < -1:
+            raise ConfigError(f"--total_batch_size must be a positive token count or -1, got {self.total_batch_size}")
+        if self.num_iterations == 0 or self.num_iterations < -1:
+            raise ConfigError(f"--num_iterations must be >= 1 (or -1 to derive it), got {self.num_iterations}")
+        if self.eval_every == 0 or self.sample_every == 0:
+            raise ConfigError("--eval_every and --sample_every take a step count, or -1 to disable")
+        if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
+            raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
+        if self.save_every < 0:
+            raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
+            raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
+        try:
+            Fault.parse(self.debug_fault)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def tag(self) -> str:
+        return self.model_tag or f"d{self.depth}"
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of the GPU, for MFU; None where we do not know it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def should_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.compile.lower() == "auto":
+        return device.type == "cuda"
+    return cfg.compile.lower() in ("true", "1")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set it; the loop agrees on it across ranks once per step and saves before exiting."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        # SIGUSR1: dump every thread's Python stack to stderr (the supervisor's hang diagnosis)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            print(f"got {name} again: already stopping, the checkpoint is being saved", flush=True)
+            return
+        self.signum = signum
+        print(f"got {name}: will save a checkpoint after the current step and exit", flush=True)
+
+    def agreed(self, dist_info: DistInfo) -> int:
+        """The signal any rank received (0 if none): every rank stops after the same step."""
+        if not dist_info.is_distributed:
+            return self.signum
+        flag = torch.tensor([self.signum], device=dist_info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def write_heartbeat(path: str, **fields) -> None:
+    """Atomic and cheap (no fsync: a lost heartbeat costs nothing, a torn one would confuse the supervisor)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**fields, "time": time.time(), "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cpu"])), dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(
+            torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8), device
+        )
+
+
+def check_compatible(meta: dict, model_cfg: GPTConfig, directory: Path) -> None:
+    """Refuse to resume into a different model; one line naming the mismatch and the way out."""
+    saved = meta["model_config"]
+    names = {"n_layer": "depth", "n_embd": "model width", "n_head": "heads", "n_kv_head": "kv heads"}
+    for key, label in {**names, "vocab_size": "vocab size"}.items():
+        if saved.get(key) != getattr(model_cfg, key):
+            raise CheckpointError(
+                f"the checkpoint at step {meta['step']} in {directory} has {label} {saved.get(key)}, this run asks"
+                f" for {getattr(model_cfg, key)}; use --resume=False to start fresh or pick another --model_tag"
+            )
+
+
+def setup_wandb(cfg: TrainConfig, dist_info: DistInfo):
+    if cfg.run == "dummy" or not dist_info.master:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn0(f"--run={cfg.run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
+        return None
+    return wandb.init(project="nanochat", name=cfg.run, config=asdict(cfg))
+
+
+@record
+def main(argv: list[str]) -> int:
+    cfg, overrides = parse_args(TrainConfig(), argv)
+    dist_info = init_distributed(cfg.device_type)
+    device, world = dist_info.device, dist_info.world_size
+    torch.manual_seed(cfg.seed)
+    print0(f"base_train: world size {world}, device {device}\n{describe(cfg)}")
+
+    # ---- tokenizer and model ------------------------------------------------------------------------------------
+    tokenizer = get_tokenizer()
+    model_cfg = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.head_dim)
+    model = GPT(model_cfg)
+    model.init_weights(cfg.seed)  # same seed on every rank: identical weights without a broadcast
+    model.to(device)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token()
+    print0(f"model: {model_cfg}\nparameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
+    train_model = torch.compile(model, dynamic=False) if should_compile(cfg, device) else model
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    # ---- batch geometry and horizon -----------------------------------------------------------------------------
+    B, T = cfg.device_batch_size, cfg.max_seq_len
+    tokens_per_micro = B * T * world
+    total_batch = tokens_per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
+    if total_batch % tokens_per_micro:
+        raise ConfigError(
+            f"--total_batch_size={total_batch} is not a multiple of device_batch_size*max_seq_len*world_size"
+            f" = {B}*{T}*{world} = {tokens_per_micro}; pick a multiple (or --total_batch_size=-1)"
+        )
+    grad_accum = total_batch // tokens_per_micro
+    if cfg.num_iterations > 0:
+        num_iterations = cfg.num_iterations
+    else:
+        num_iterations = max(1, round(cfg.target_param_data_ratio * num_params / total_batch))
+    print0(f"batch: {total_batch:,} tokens/step = {B}x{T} x {world} ranks x {grad_accum} accumulation steps")
+    print0(f"training for {num_iterations:,} steps = {num_iterations * total_batch:,} tokens")
+
+    # ---- optimizers and data ------------------------------------------------------------------------------------
+    optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = Optimizers(model, optim_cfg, dist_info.rank, world)
+    train_loader = DataLoader(tokenizer, B, T, "train", dist_info.rank, world, device, seed=cfg.seed)
+    token_bytes = tokenizer.token_bytes().to(device)
+    eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
+    peak = peak_flops(device)
+
+    # ---- checkpoints: resume, or start fresh --------------------------------------------------------------------
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_base_dir() / "base_checkpoints" / cfg.tag
+    fault = Fault.parse(cfg.debug_fault)
+    if fault:
+        fault.marker_dir = ckpt_dir
+    saver = Saver(
+        ckpt_dir, cfg.keep_last_n_checkpoints, dist_info.rank, world, device,
+        fault=(lambda phase: fault.at_save(phase, dist_info.rank)) if fault else (lambda phase: None),
+        warn=warn0, log=print0,
+    )  # fmt: skip
+    step, smooth_loss, train_time, val_bpb, val_bpb_step = 0, 0.0, 0.0, None, None
+    if not cfg.resume:
+        if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
+            print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
+        saver.start()
+    else:
+        saver.start()  # removes temp files of a crashed save before we look for checkpoints
+        found = [checkpoint.find_latest_valid(ckpt_dir, warn0) if dist_info.master else None]
+        if dist_info.is_distributed:
+            dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
+        ckpt = found[0]
+        if ckpt is None:
+            print0(f"no checkpoint in {ckpt_dir}: starting from scratch")
+        else:
+            meta = ckpt.meta
+            check_compatible(meta, model_cfg, ckpt_dir)
+            changed = {
+                k: (v, overrides[k]) for k, v in meta["train_config"].items() if k in overrides and v != overrides[k]
+            }
+            for key, (old, new) in changed.items():
+                print0(f"resume: --{key} changed from {old!r} to {new!r}")
+            model_state, optim_state = checkpoint.load(ckpt_dir, ckpt, device)
+            model.load_state_dict(model_state)
+            optimizers.load_state_dict(optim_state)
+            del model_state, optim_state
+            step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
+            val_bpb, val_bpb_step = meta.get("val_bpb"), meta.get("val_bpb_step")
+            ranks = meta["ranks"]
+            if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+                train_loader.load_state_dict(ranks[dist_info.rank]["loader"])
+                set_rng_state(ranks[dist_info.rank]["rng"], device)
+                print0(f"resumed from step {step} in {ckpt_dir}")
+            else:
+                train_loader.load_resharded([r["loader"] for r in ranks])
+                print0(
+                    f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
+                    " weights, optimizer and schedule are exact; the data order continues approximately"
+                )
+    if step >= num_iterations:
+        print0(f"nothing to do: the checkpoint at step {step} already reaches num_iterations={num_iterations}")
+        cleanup_distributed()
+        return 0
+
+    wandb_run = setup_wandb(cfg, dist_info)
+    stop = StopFlag()
+    started_at = time.time()
+
+    def save(step: int, reason: str) -> None:
+        if dist_info.master:
+            write_heartbeat(cfg.heartbeat_file, step=step, phase="saving", reason=reason)
+        t0 = time.perf_counter()
+        meta = {
+            "num_iterations": num_iterations,
+            "final": step == num_iterations,
+            "stop_reason": reason,
+            "model_config": model_cfg.to_dict(),
+            "train_config": asdict(cfg),
+            "world_size": world,
+            "total_batch_size": total_batch,
+            "tokens_seen": step * total_batch,
+            "val_bpb": val_bpb,
+            "val_bpb_step": val_bpb_step,
+            "train_loss": smooth_loss / (1 - 0.9**step) if step else None,
+            "smooth_loss": smooth_loss,
+            "train_time": train_time,
+            "started_at": started_at,
+            "torch_version": torch.__version__,
+        }
+        rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
+        saver.save(step, model.state_dict(), optimizers.state_dict(), meta, rank_state)
+        print0(f"step {step:05d} | saved checkpoint to {ckpt_dir} ({reason}) in {time.perf_counter() - t0:.2f}s")
+
+    def run_eval(step: int) -> float:
+        model.eval()
+        loader = DataLoader(tokenizer, B, T, "val", dist_info.rank, world, device)
+        with autocast:
+            bpb = evaluate_bpb(model, loader, eval_steps, token_bytes)
+        model.train()
+        print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+        if wandb_run:
+            wandb_run.log({"step": step, "val/bpb": bpb})
+        return bpb
+
+    def sample(step: int) -> None:
+        if not dist_info.master:
+            return
+        model.eval()
+        for prompt in ("The capital of France is", "def fibonacci(n):"):
+            with autocast:
+                out = model.generate([tokenizer.bos_id, *tokenizer.encode(prompt)], max_tokens=16, temperature=0)
+            print0(f"sample @ {step}: {prompt!r} -> {tokenizer.decode(out)!r}")
+        model.train()
+
+    # ---- the training loop: `step` counts completed optimizer steps ---------------------------------------------
+    # Order within a step: train, log, save, then eval and samples, so a crash in eval never costs the checkpoint
+    # and a resumed run (which starts at the next step) does not repeat the eval of the step it resumed from.
+    first_step = step
+    while step < num_iterations:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(grad_accum):
+            # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
+            # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
+            # overlaps the previous micro-batch's queued backward.
+            x, y = train_loader.next_batch()
+            with autocast:
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+        lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        optimizers.step(lrm, muon_momentum(step))
+        optimizers.zero_grad()
+        loss_value = loss.item()  # the last micro-batch's loss on this rank: a cheap, honest progress signal
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        step += 1
+        if step > first_step + 1:  # the first step of a process includes compilation and warm-up
+            train_time += dt
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}; lower the learning rates or check the data")
+
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+        debiased = smooth_loss / (1 - 0.9**step)
+        tok_per_s = total_batch / dt
+        if dist_info.master:
+            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, loss=debiased,
+                            tok_per_s=tok_per_s, phase="training")  # fmt: skip
+        if step % cfg.log_every == 0 or step == num_iterations:
+            mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * world):.1f}%" if peak else ""
+            print0(
+                f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}"
+                f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
+                f" | total time {train_time / 60:.2f}m"
+            )
+            if wandb_run:
+                wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s})
+        if fault:
+            fault.at_step(step, dist_info.rank)
+
+        last = step == num_iterations
+        signum = stop.agreed(dist_info)
+        if last or signum or (cfg.save_every > 0 and step % cfg.save_every == 0):
+            save(step, "completed" if last else f"signal:{signal.Signals(signum).name}" if signum else "periodic")
+        if signum and not last:
+            print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
+            cleanup_distributed()
+            return 128 + signum
+        if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+            val_bpb, val_bpb_step = run_eval(step), step
+            if last and dist_info.master:
+                checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+        if cfg.sample_every > 0 and (last or step % cfg.sample_every == 0):
+            sample(step)
+
+    print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
+    if wandb_run:
+        wandb_run.finish()
+    cleanup_distributed()
+    return 0
+
+
+def cli() -> None:
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"base_train: error: {e}", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cli()

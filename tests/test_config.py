@@ -1,0 +1,87 @@
+"""Command-line settings: every spelling users type, and every error path."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nanochat.config import ConfigError, parse_args
+from scripts.base_train import TrainConfig
+
+
+def parse(*argv: str) -> TrainConfig:
+    return parse_args(TrainConfig(), list(argv))[0]
+
+
+def test_spellings_equals_space_dashes_and_torchrun_separator():
+    cfg = parse("--", "--depth=4", "--save-every", "7", "--max_seq_len", "64", "--matrix-lr=0.05", "--run=x")
+    assert (cfg.depth, cfg.max_seq_len, cfg.matrix_lr, cfg.run) == (4, 64, 0.05, "x")
+
+
+def test_overrides_are_reported_and_defaults_kept():
+    cfg, overrides = parse_args(TrainConfig(), ["--depth=4"])
+    assert overrides == {"depth": 4}
+    assert cfg.max_seq_len == TrainConfig().max_seq_len
+    assert cfg.tag == "d4" and parse("--model_tag=mine").tag == "mine"
+
+
+def test_integers_accept_scientific_notation_but_not_fractions():
+    assert parse("--total_batch_size=5e5").total_batch_size == 500000
+    with pytest.raises(ConfigError, match="--depth: expected an integer, got '2.5'"):
+        parse("--depth=2.5")
+
+
+def test_bools_and_bare_flags():
+    assert parse("--compile=False").compile == "False"
+    from dataclasses import dataclass
+
+    @dataclass
+    class C:
+        resume: bool = True
+        n: int = 1
+
+    assert parse_args(C(), ["--resume=False"])[0].resume is False
+    assert parse_args(C(), ["--resume", "no"])[0].resume is False
+    assert parse_args(C(), ["--resume", "--n=2"])[0] == C(True, 2)
+    with pytest.raises(ConfigError, match="expected True or False"):
+        parse_args(C(), ["--resume=maybe"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dpeth=4"], "unknown setting --dpeth; did you mean --depth?"),
+        (["--zzzzzz=1"], "unknown setting --zzzzzz; valid settings: run, "),
+        (["--depth=four"], "--depth: expected an integer, got 'four'"),
+        (["--matrix_lr=fast"], "--matrix_lr: expected a number, got 'fast'"),
+        (["--depth"], "--depth needs a value"),
+        (["depth=4"], "unexpected argument 'depth=4'"),
+        (["--depth=0"], "--depth must be >= 1"),
+        (["--device_type=tpu"], "--device_type must be auto, cuda or cpu"),
+        (["--num_iterations=0"], "--num_iterations must be >= 1"),
+        (["--total_batch_size=-5"], "--total_batch_size must be a positive token count or -1"),
+        (["--eval_every=0"], "--eval_every and --sample_every take a step count, or -1"),
+        (["--warmup_ratio=0.9", "--warmdown_ratio=0.5"], "--warmup_ratio + --warmdown_ratio"),
+        (["--compile=sometimes"], "--compile must be auto, True or False"),
+    ],
+)
+def test_config_errors_name_the_key(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse(*argv)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dpeth=4"], "base_train: error: unknown setting --dpeth; did you mean --depth?"),
+        (["--depth=x"], "base_train: error: --depth: expected an integer, got 'x'"),
+    ],
+)
+def test_trainer_config_error_is_one_line_without_traceback(argv, message, tmp_path):
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", *argv], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert "Traceback" not in proc.stdout + proc.stderr
