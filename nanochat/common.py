@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass
@@ -79,3 +80,11 @@ def init_distributed(device_type: str) -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies, so no process outlives its supervisor."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: best effort

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,7 +27,15 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError, Saver
-from nanochat.common import DistInfo, cleanup_distributed, get_base_dir, init_distributed, print0, warn0
+from nanochat.common import (
+    DistInfo,
+    cleanup_distributed,
+    get_base_dir,
+    init_distributed,
+    print0,
+    set_parent_death_signal,
+    warn0,
+)
 from nanochat.config import ConfigError, describe, parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.faults import Fault
@@ -175,6 +184,20 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         )
 
 
+def check_replicas(model: GPT, dist_info: DistInfo) -> str:
+    """Every rank must end a step with bit-identical weights; compare a CRC32 of them across ranks."""
+    crc = 0
+    for p in model.state_dict().values():
+        crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    crcs = [crc]
+    if dist_info.is_distributed:
+        crcs = [None] * dist_info.world_size
+        dist.all_gather_object(crcs, crc)
+    if len(set(crcs)) != 1:
+        raise RuntimeError(f"ranks disagree on the weights (CRC32 per rank: {crcs}): replicas diverged")
+    return f"{crc:08x}"
+
+
 def check_compatible(meta: dict, model_cfg: GPTConfig, directory: Path) -> None:
     """Refuse to resume into a different model; one line naming the mismatch and the way out."""
     saved = meta["model_config"]
@@ -300,10 +323,16 @@ def main(argv: list[str]) -> int:
     wandb_run = setup_wandb(cfg, dist_info)
     stop = StopFlag()
     started_at = time.time()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        set_parent_death_signal(signal.SIGTERM)  # torchrun gone (killed)? save and exit rather than linger
+    if dist_info.master:
+        write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="starting",
+                        device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
 
     def save(step: int, reason: str) -> None:
         if dist_info.master:
-            write_heartbeat(cfg.heartbeat_file, step=step, phase="saving", reason=reason)
+            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="saving",
+                            reason=reason, device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
         t0 = time.perf_counter()
         meta = {
             "num_iterations": num_iterations,
@@ -381,7 +410,8 @@ def main(argv: list[str]) -> int:
         tok_per_s = total_batch / dt
         if dist_info.master:
             write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, loss=debiased,
-                            tok_per_s=tok_per_s, phase="training")  # fmt: skip
+                            tok_per_s=tok_per_s, phase="training", device_batch_size=B,
+                            total_batch_size=total_batch)  # fmt: skip
         if step % cfg.log_every == 0 or step == num_iterations:
             mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * world):.1f}%" if peak else ""
             print0(
@@ -409,6 +439,8 @@ def main(argv: list[str]) -> int:
         if cfg.sample_every > 0 and (last or step % cfg.sample_every == 0):
             sample(step)
 
+    crc = check_replicas(model, dist_info)
+    print0(f"weights identical on all {world} ranks (CRC32 {crc})")
     print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
     if wandb_run:
         wandb_run.finish()

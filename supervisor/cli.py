@@ -1,0 +1,293 @@
+"""`nanochat-run`: train (supervised), status, prune. Argument parsing and display only; the work is elsewhere.
+
+Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75 stopped by SIGTERM after saving
+(requeue the job), 130 stopped by Ctrl+C after saving.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nanochat import checkpoint
+from nanochat.common import get_base_dir
+from nanochat.config import ConfigError, parse_args
+from supervisor.records import LockError, RunDir, lock_holder, read_events
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
+
+DEFAULT_SCRIPT = "scripts.base_train"
+
+
+class UsageProblem(Exception):
+    """Bad input: printed as one line, exit 2."""
+
+
+def resolve_dirs(
+    checkpoint_dir: Path | None, run_dir: Path | None, depth: int | None, model_tag: str | None
+) -> tuple[Path, Path]:
+    """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
+    if checkpoint_dir is None and run_dir is not None:
+        starts = [e for e in read_events(RunDir(run_dir)) if e.get("event") == "run_start"]
+        if starts:
+            checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
+    if checkpoint_dir is None:
+        from scripts.base_train import TrainConfig
+
+        tag = model_tag or f"d{depth or TrainConfig().depth}"
+        checkpoint_dir = get_base_dir() / "base_checkpoints" / tag
+    checkpoint_dir = checkpoint_dir.expanduser().resolve()
+    return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def train(
+    ctx: typer.Context,
+    depth: Annotated[int | None, typer.Option(help="Model depth (the trainer's --depth).")] = None,
+    num_iterations: Annotated[
+        int | None, typer.Option(help="The step budget (the trainer's --num_iterations).")
+    ] = None,
+    save_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
+    keep_last_n: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints (-1 keeps all).")] = None,
+    device_batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch on each GPU.")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Checkpoint subfolder name (default d<depth>).")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
+    script: Annotated[str, typer.Option(help="The training module torchrun runs on every worker.")] = DEFAULT_SCRIPT,
+    nproc_per_node: Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")] = None,
+    nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
+    node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="torchrun --rdzv-endpoint host:port.")] = None,
+    max_restarts: Annotated[int, typer.Option(help="Restarts allowed after the first attempt.")] = 5,
+    max_no_progress: Annotated[
+        int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
+    ] = 3,  # noqa: E501
+    backoff: Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")] = 5.0,
+    backoff_cap: Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")] = 300.0,
+    hang_timeout: Annotated[float, typer.Option(help="Seconds without a step before a run counts as hung.")] = 1800.0,
+    startup_timeout: Annotated[float, typer.Option(help="Seconds allowed until the first step.")] = 3600.0,
+    grace_period: Annotated[float, typer.Option(help="Seconds to wait for the final save after Ctrl+C.")] = 600.0,
+    oom_shrink: Annotated[bool, typer.Option(help="Halve the device batch after a CUDA OOM.")] = True,
+) -> None:
+    """Run the trainer under torchrun and keep it going until the step budget is reached.
+
+    Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
+    """
+    from supervisor.agent import Agent, TrainOptions
+    from supervisor.display import make_display
+    from supervisor.policy import Policy
+
+    extra = list(ctx.args)
+    for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):
+        if value < 0 or (name == "max_no_progress" and value < 1):
+            raise UsageProblem(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_no_progress' else '>= 0'}")
+    for name, value in (("hang_timeout", hang_timeout), ("startup_timeout", startup_timeout), ("backoff", backoff)):
+        if value < 0:
+            raise UsageProblem(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value}")
+    settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
+                "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,
+                "model_tag": model_tag}  # fmt: skip
+    trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + extra
+    if script == DEFAULT_SCRIPT:  # check the trainer's settings now, not after torchrun has started
+        from scripts.base_train import TrainConfig
+
+        try:
+            cfg, _ = parse_args(TrainConfig(), trainer_args)
+        except ConfigError as e:
+            raise UsageProblem(f"trainer setting: {e}") from None
+        depth, model_tag = cfg.depth, cfg.model_tag or None
+        if cfg.checkpoint_dir and checkpoint_dir is None:
+            checkpoint_dir = Path(cfg.checkpoint_dir)
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    nproc = nproc_per_node or gpu_count() or 1
+    policy = Policy(max_restarts, max_no_progress, backoff, backoff_cap, oom_shrink)
+    opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
+                        hang_timeout, startup_timeout, grace_period, policy)  # fmt: skip
+    display = make_display()
+    display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
+    try:
+        code = Agent(opts, display).run()
+    except LockError as e:
+        display.close()
+        raise UsageProblem(str(e)) from None
+    display.close()
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# status
+
+
+def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
+    ckpts = checkpoint.scan(ckpt_dir, verify=verify)
+    marker, marker_problem = checkpoint.read_latest_marker(ckpt_dir)
+    valid = [c for c in ckpts if c.valid]
+    newest = valid[-1] if valid else None
+    budget = newest.meta.get("num_iterations") if newest else None
+    events = read_events(RunDir(run_path))
+    attempts = [
+        {"attempt": e["attempt"], "class": e["class"], "message": e["outcome"]["message"],
+         "checkpoint_step": e.get("checkpoint_step"), "steps_lost": e.get("steps_lost")}
+        for e in events if e.get("event") == "attempt_end"
+    ]  # fmt: skip
+    holder = lock_holder(ckpt_dir)
+    return {
+        "checkpoint_dir": str(ckpt_dir),
+        "run_dir": str(run_path),
+        "checkpoints": [
+            {
+                "step": c.step,
+                "saved_at": (c.meta or {}).get("saved_at"),
+                "val_bpb": (c.meta or {}).get("val_bpb"),
+                "size": c.size,
+                "valid": c.valid,
+                "final": c.final,
+                "problem": c.problem,
+                "stop_reason": (c.meta or {}).get("stop_reason"),
+            }
+            for c in ckpts
+        ],  # fmt: skip
+        "latest_marker": marker,
+        "latest_marker_problem": marker_problem,
+        "newest_valid_step": newest.step if newest else None,
+        "num_iterations": budget,
+        "complete": bool(newest and newest.final and budget is not None and newest.step >= budget),
+        "attempts": attempts,
+        "supervisor": holder,
+        "disk_free": shutil.disk_usage(ckpt_dir).free,
+    }
+
+
+@app.command()
+def status(
+    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    verify: Annotated[bool, typer.Option(help="Verify checksums too (reads every file).")] = False,
+) -> None:
+    """Show checkpoints, progress to the budget, attempt history and whether a supervisor is running."""
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    if not ckpt_dir.is_dir():
+        raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
+    info = gather_status(ckpt_dir, run_path, verify)
+    if json_out:
+        print(json.dumps(info, indent=1, default=str))
+        return
+    print_status(info)
+
+
+def print_status(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"checkpoints in {info['checkpoint_dir']}")
+    for col in ("step", "saved", "val bpb", "size", "status"):
+        table.add_column(col)
+    for c in info["checkpoints"]:
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["saved_at"])) if c["saved_at"] else "-"
+        bpb = f"{c['val_bpb']:.4f}" if c["val_bpb"] is not None else "-"
+        state = ("valid" + (" (final)" if c["final"] else "")) if c["valid"] else f"INVALID: {c['problem']}"
+        table.add_row(str(c["step"]), saved, bpb, f"{c['size'] / 1e6:.1f} MB", state)
+    console.print(table)
+    marker = info["latest_marker"] if info["latest_marker"] is not None else info["latest_marker_problem"]
+    console.print(f"latest_step.txt: {marker}")
+    step, budget = info["newest_valid_step"], info["num_iterations"]
+    if step is None:
+        console.print("progress: no valid checkpoint yet")
+    else:
+        done = " (complete)" if info["complete"] else ""
+        console.print(f"progress: step {step} of {budget} ({100 * step / max(budget or 1, 1):.1f}%){done}")
+    for a in info["attempts"]:
+        console.print(f"attempt {a['attempt']}: {a['class']}: {a['message']} (checkpoint {a['checkpoint_step']})")
+    sup = info["supervisor"]
+    console.print(
+        f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
+    )
+    console.print(f"disk free: {info['disk_free'] / 1e9:.1f} GB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prune
+
+
+@app.command()
+def prune(
+    keep: Annotated[int, typer.Option(help="Keep the newest N valid checkpoints (the final one is always kept).")] = 3,
+    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth.")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Only show what would be deleted.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[bool, typer.Option(help="Prune even while a supervisor is running on this dir.")] = False,
+) -> None:
+    """Delete old checkpoints by the checkpoint module's rules: never the newest valid, the final or a damaged one."""
+    if keep < 1:
+        raise UsageProblem(f"--keep must be >= 1, got {keep}")
+    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    if not ckpt_dir.is_dir():
+        raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
+    if not any(c.committed for c in checkpoint.scan(ckpt_dir)):
+        raise UsageProblem(f"no checkpoints in {ckpt_dir}: nothing to prune")
+    holder = lock_holder(ckpt_dir)
+    if holder and not force and not dry_run:
+        raise UsageProblem(f"a supervisor (pid {holder.get('pid')}) is running on {ckpt_dir}; stop it or pass --force")
+    doomed = checkpoint.plan_prune(ckpt_dir, keep)
+    freed = sum(c.size for c in doomed)
+    if not doomed:
+        print(f"nothing to prune in {ckpt_dir} (keeping the newest {keep})")
+        return
+    for c in doomed:
+        print(f"{'would delete' if dry_run else 'delete'} step {c.step}: {', '.join(p.name for p in c.paths)}")
+    print(f"{'would free' if dry_run else 'frees'} {freed / 1e6:.1f} MB in {ckpt_dir}")
+    if dry_run:
+        return
+    if not yes and not typer.confirm("delete these files?", default=False):
+        raise typer.Exit(1)
+    removed = checkpoint.prune(ckpt_dir, keep)
+    print(f"deleted {len(removed)} files, freed {freed / 1e6:.1f} MB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """Console-script entry: one line for every usage error, never a traceback for bad input."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (UsageProblem, checkpoint.CheckpointError, OSError) as e:
+        print(f"nanochat-run: error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageProblem) else 1)
+    except Exception as e:
+        if not hasattr(e, "format_message"):  # click's usage errors (typer may vendor its own click)
+            raise
+        print(f"nanochat-run: error: {e.format_message()} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

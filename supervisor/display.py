@@ -1,0 +1,87 @@
+"""What the user sees while `nanochat-run train` runs: a live rich panel on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+@dataclass
+class View:
+    """The numbers on screen; the agent fills it in, the display only reads it."""
+
+    max_attempts: int
+    attempt: int = 0
+    state: str = "starting"
+    phase: str | None = None
+    step: int | None = None
+    num_iterations: int | None = None
+    loss: float | None = None
+    tok_per_s: float | None = None
+    last_checkpoint: int | None = None
+    rss: int = 0
+    cpu: float = 0.0
+    restarts: list[str] = field(default_factory=list)  # the class of each finished attempt
+
+
+class Display:
+    """Plain output: one timestamped line per event and a progress line every `every` seconds."""
+
+    def __init__(self, every: float = 30.0):
+        self.every, self._next = every, 0.0
+
+    def event(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def update(self, view: View) -> None:
+        if view.step is None or time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every
+        loss = f" loss {view.loss:.4f}" if view.loss is not None else ""
+        self.event(f"attempt {view.attempt}: step {view.step}/{view.num_iterations}{loss}, {view.phase or ''}")
+
+    def close(self) -> None:
+        pass
+
+
+class LiveDisplay(Display):
+    """A rich Live panel: attempt n of max, step progress with ETA, loss, tokens/s, checkpoint, restarts."""
+
+    def __init__(self, console: Console | None = None):
+        super().__init__()
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]steps"), BarColumn(), MofNCompleteColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console,
+        )  # fmt: skip
+        self.task = self.progress.add_task("steps", total=None)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def event(self, msg: str) -> None:
+        self.live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
+
+    def update(self, view: View) -> None:
+        if view.step is not None:
+            self.progress.update(self.task, completed=view.step, total=view.num_iterations)
+        table = Table.grid(padding=(0, 2))
+        table.add_row("attempt", f"{view.attempt} of {view.max_attempts}", "state", f"{view.state} ({view.phase})")
+        loss = f"{view.loss:.4f}" if view.loss is not None else "-"
+        tps = f"{view.tok_per_s:,.0f}" if view.tok_per_s else "-"
+        table.add_row("loss", loss, "tokens/s", tps)
+        table.add_row("checkpoint", str(view.last_checkpoint or "-"), "memory", f"{view.rss / 2**30:.2f} GiB")
+        table.add_row("restarts", ", ".join(view.restarts) or "none", "cpu", f"{view.cpu:.0f}%")
+        self.live.update(Group(self.progress, table))
+
+    def close(self) -> None:
+        self.live.stop()
+
+
+def make_display() -> Display:
+    return LiveDisplay() if sys.stdout.isatty() else Display()
