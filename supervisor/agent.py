@@ -178,7 +178,7 @@ class Agent:
         evidence = Evidence(
             exitcode=code, attempt_log=log_dir / "torchrun.log", log_dir=log_dir,
             stop_requested=bool(self.signals), saved_on_stop=saved_on_stop, hang=watch.hang, budget_reached=budget,
-            oom_kills=sum(ooms.get(k, 0) - ooms_before.get(k, 0) for k in ooms), peak_rss=watch.peak_rss,
+            oom_kills=max((ooms[k] - ooms_before.get(k, 0) for k in ooms), default=0), peak_rss=watch.peak_rss,
             memory_limit=procs.memory_limit(),
         )  # fmt: skip
         outcome = classify(evidence)

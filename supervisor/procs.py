@@ -138,12 +138,13 @@ def sample(pid: int, cache: dict[int, psutil.Process]) -> TreeSample:
 
 
 def memory_limit() -> int:
-    """The memory this supervisor's processes may use: the cgroup limit if set, else physical RAM."""
+    """The memory this supervisor's processes may use: the memory cgroup's limit if set, else physical RAM."""
     limit = psutil.virtual_memory().total
-    path = _cgroup_dir()
-    if path:
+    cg = memory_cgroup()
+    if cg:
+        name = "memory.max" if cg[1] == 2 else "memory.limit_in_bytes"
         try:
-            text = (path / "memory.max").read_text().strip()
+            text = (cg[0] / name).read_text().strip()
             if text.isdigit():
                 limit = min(limit, int(text))
         except OSError:
@@ -151,29 +152,36 @@ def memory_limit() -> int:
     return limit
 
 
-def _cgroup_dir(pid: int | str = "self") -> Path | None:
+def memory_cgroup(pid: int | str = "self") -> tuple[Path, int] | None:
+    """(directory, cgroup version) of the memory cgroup of `pid`, v1 or v2."""
     try:
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
-        pass
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1: a hierarchy of its own
+            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
+    for line in lines:
+        if line.startswith("0::"):  # v2: the unified hierarchy
+            return Path("/sys/fs/cgroup") / line[3:].lstrip("/"), 2
     return None
 
 
 def oom_kill_counts(pid: int | str = "self") -> dict[str, int]:
     """The kernel's OOM-kill counters that can be read here: the memory cgroup of `pid` and the whole host."""
+    sources = [("host", Path("/proc/vmstat"))]
+    cg = memory_cgroup(pid)
+    if cg:
+        sources.append(("cgroup", cg[0] / ("memory.events" if cg[1] == 2 else "memory.oom_control")))
     counts = {}
-    cg = _cgroup_dir(pid)
-    for name, path in (("cgroup", cg / "memory.events" if cg else None), ("host", Path("/proc/vmstat"))):
-        if path is None:
-            continue
+    for name, path in sources:
         try:
             for line in path.read_text().splitlines():
                 key, _, value = line.partition(" ")
                 if key == "oom_kill":
                     counts[name] = int(value)
-        except OSError:
+        except (OSError, ValueError):
             continue
     return counts
 
