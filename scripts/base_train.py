@@ -356,6 +356,9 @@ def main(argv: list[str]) -> int:
         print0(f"step {step:05d} | saved checkpoint to {ckpt_dir} ({reason}) in {time.perf_counter() - t0:.2f}s")
 
     def run_eval(step: int) -> float:
+        if dist_info.master:
+            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="evaluating",
+                            device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
         model.eval()
         loader = DataLoader(tokenizer, B, T, "val", dist_info.rank, world, device)
         with autocast:
@@ -431,6 +434,11 @@ def main(argv: list[str]) -> int:
         if signum and not last:
             print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
             cleanup_distributed()
+            # Saved; only exiting is left, and the exit code must say why. Python restores the default handlers
+            # during shutdown, so torchrun's SIGTERM to the workers still running once one has exited would kill
+            # this one as -15 instead; ignored signals stay ignored.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
             return 128 + signum
         if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             val_bpb, val_bpb_step = run_eval(step), step

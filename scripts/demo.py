@@ -1,13 +1,15 @@
-"""`make demo`: the whole pipeline on a CPU in a few minutes, with no download.
+"""`make demo`: the whole product on a CPU in a few minutes, with no download.
 
 Builds the built-in corpus and a small tokenizer under $NANOCHAT_BASE_DIR (unless they are already there), then
-trains a tiny model and shows its loss falling. Each step is a real command, printed before it runs, so you can
-run any of them yourself afterwards.
+trains a tiny model under the supervisor, `nanochat-run train`, with one injected crash: you see the failure
+classified, a restart with resume from the last checkpoint, and the budget completed; then `nanochat-run status`.
+Each step is a real command, printed before it runs, so you can run any of them yourself afterwards.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,25 +18,24 @@ from nanochat.common import get_base_dir
 from nanochat.dataset import data_dir, list_shards
 from nanochat.tokenizer import tokenizer_dir
 
-TRAIN_ARGS = [
-    "--depth=2",
+SUPERVISOR_ARGS = ["--depth", "2", "--num-iterations", "200", "--save-every", "50", "--keep-last-n", "2",
+                   "--model-tag", "demo", "--backoff", "2", "--progress-every", "5"]  # fmt: skip
+TRAINER_ARGS = [
     "--head_dim=64",
     "--max_seq_len=256",
     "--device_batch_size=8",
     "--total_batch_size=-1",
-    "--num_iterations=200",
     "--eval_every=100",
     "--eval_tokens=32768",
     "--sample_every=-1",
     "--log_every=10",
-    "--save_every=50",
-    "--keep_last_n_checkpoints=2",
-    "--model_tag=demo",
+    "--debug_fault=raise@step:120",  # one transient crash, 20 steps after the checkpoint at step 100
 ]
 
 
 def run(args: list[str]) -> str:
-    print(f"\n$ {' '.join(['python', *args[1:]])}", flush=True)
+    shown = args[2:] if args[1:2] == ["-m"] and args[2] == "supervisor.cli" else ["python", *args[1:]]
+    print(f"\n$ {' '.join(shown).replace('supervisor.cli', 'nanochat-run')}", flush=True)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -55,14 +56,19 @@ def main() -> None:
         run([py, "-m", "nanochat.dataset", "--builtin"])
     if not (tokenizer_dir(base) / "tokenizer.json").exists():
         run([py, "-m", "scripts.tok_train", "--vocab_size=4096"])
-    log = run([py, "-m", "scripts.base_train", *TRAIN_ARGS, "--resume=False"])
-    losses = [float(m) for m in re.findall(r"\| loss ([0-9.]+)", log)]
-    bpbs = [float(m) for m in re.findall(r"validation bpb ([0-9.]+)", log)]
+    ckpt_dir = base / "base_checkpoints" / "demo"
+    for old in (ckpt_dir, ckpt_dir.with_name("demo.run")):
+        if old.exists():
+            print(f"demo: removing the previous demo run in {old}")
+            shutil.rmtree(old)
+    run([py, "-m", "supervisor.cli", "train", *SUPERVISOR_ARGS, "--", *TRAINER_ARGS])
+    trainer_log = "".join(p.read_text() for p in sorted(ckpt_dir.with_name("demo.run").glob("attempt-*/torchrun.log")))
+    losses = [float(m) for m in re.findall(r"\| loss ([0-9.]+)", trainer_log)]
+    run([py, "-m", "supervisor.cli", "status", "--model-tag", "demo"])
     print(f"\ndemo: done in {time.time() - t0:.0f}s")
     if losses:
-        print(f"demo: training loss fell from {losses[0]:.3f} to {losses[-1]:.3f}; validation bpb {bpbs[-1]:.3f}")
-    print(f"demo: checkpoints in {base / 'base_checkpoints' / 'demo'}; continue training with:")
-    print(f"  python -m scripts.base_train {' '.join(TRAIN_ARGS).replace('=200', '=300')}")
+        print(f"demo: training loss fell from {losses[0]:.3f} to {losses[-1]:.3f}")
+    print(f"demo: the trainer's own logs are in {ckpt_dir.with_name('demo.run')}/attempt-*/torchrun.log")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,11 @@ def read_error_files(log_dir: Path) -> list[dict]:
             else:
                 text = msg.get("message", "")
                 stamp = int(msg.get("extraInfo", {}).get("timestamp", 0) or 0)
+            if not isinstance(text, str):
+                raise TypeError(f"the message is a {type(text).__name__}")
             rank = int(path.parent.name) if path.parent.name.isdigit() else None
             found.append({"path": str(path), "message": text, "timestamp": stamp, "local_rank": rank})
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, TypeError):  # a damaged file must not hide the others
             continue
     return sorted(found, key=lambda e: e["timestamp"])
 
@@ -112,8 +114,8 @@ def _classify(ev: Evidence) -> Outcome:
         first_error = next((e for e in errors if e["path"] == cause["error_file"]), first_error)
     base = dict(exitcode=code, rank=cause.get("rank"), worker_exitcode=worker_code)
 
-    killed_by = None
-    if worker_code is not None and (worker_code < 0 or worker_code > 128) and not first_error:
+    killed_by = None  # the other ranks' error files ("connection closed by peer") are consequences, not causes
+    if worker_code is not None and (worker_code < 0 or worker_code > 128) and not cause.get("error_file"):
         killed_by = _signal_name(worker_code)
     elif worker_code is None and code is not None and code < 0:
         killed_by = _signal_name(code)  # torchrun itself was killed

@@ -84,6 +84,7 @@ def train(
     startup_timeout: Annotated[float, typer.Option(help="Seconds allowed until the first step.")] = 3600.0,
     grace_period: Annotated[float, typer.Option(help="Seconds to wait for the final save after Ctrl+C.")] = 600.0,
     oom_shrink: Annotated[bool, typer.Option(help="Halve the device batch after a CUDA OOM.")] = True,
+    progress_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30,
 ) -> None:
     """Run the trainer under torchrun and keep it going until the step budget is reached.
 
@@ -119,7 +120,7 @@ def train(
     policy = Policy(max_restarts, max_no_progress, backoff, backoff_cap, oom_shrink)
     opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
                         hang_timeout, startup_timeout, grace_period, policy)  # fmt: skip
-    display = make_display()
+    display = make_display(progress_every)
     display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
     try:
         code = Agent(opts, display).run()

@@ -83,5 +83,5 @@ class LiveDisplay(Display):
         self.live.stop()
 
 
-def make_display() -> Display:
-    return LiveDisplay() if sys.stdout.isatty() else Display()
+def make_display(progress_every: float = 30.0) -> Display:
+    return LiveDisplay() if sys.stdout.isatty() else Display(progress_every)

@@ -36,8 +36,11 @@ class RunDir:
 def append_event(run_dir: RunDir, event: str, **fields) -> dict:
     record = {"event": event, "time": time.time(), **fields}
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.events, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    line = json.dumps(record, default=str) + "\n"
+    with open(run_dir.events, "ab+") as f:
+        if f.tell() and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
+            line = "\n" + line  # a supervisor killed mid-write left a torn line: never glue this record onto it
+        f.write(line.encode())
         f.flush()
         os.fsync(f.fileno())
     return record
