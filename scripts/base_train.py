@@ -226,6 +226,7 @@ def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(TrainConfig(), argv)
     dist_info = init_distributed(cfg.device_type)
     device, world = dist_info.device, dist_info.world_size
+    stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
     torch.manual_seed(cfg.seed)
     print0(f"base_train: world size {world}, device {device}\n{describe(cfg)}")
 
@@ -321,7 +322,6 @@ def main(argv: list[str]) -> int:
         return 0
 
     wandb_run = setup_wandb(cfg, dist_info)
-    stop = StopFlag()
     started_at = time.time()
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         set_parent_death_signal(signal.SIGTERM)  # torchrun gone (killed)? save and exit rather than linger

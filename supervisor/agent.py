@@ -19,7 +19,7 @@ from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
 from supervisor.policy import AttemptSummary, Policy, decide
 from supervisor.records import Lock, RunDir, append_event, read_heartbeat
-from supervisor.states import Action, AttemptClass, Outcome, RunState
+from supervisor.states import Action, Outcome, RunState
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -111,11 +111,6 @@ class Agent:
             self.history.append(AttemptSummary(outcome.kind, progressed))
             self.view.restarts.append(outcome.kind.value)
             decision = decide(outcome, self.history, self.opts.policy, *self.batch)
-            if outcome.kind is AttemptClass.CRASH and outcome.worker_exitcode == 2:
-                decision.action, decision.reason = (
-                    Action.GIVE_UP,
-                    f"the trainer rejected its settings: {outcome.message}",
-                )
             append_event(self.run_dir, "decision", attempt=attempt, action=decision.action.value,
                          reason=decision.reason, delay=decision.delay,
                          overrides=decision.trainer_overrides)  # fmt: skip

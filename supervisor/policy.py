@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from supervisor.states import Action, AttemptClass, Decision, Outcome
 
+EXIT_USAGE = 2  # the trainer's exit status for bad settings, an incompatible checkpoint or a full disk
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -36,6 +38,8 @@ def decide(
         return Decision(Action.FINISH, "the step budget is reached")
     if outcome.kind is AttemptClass.STOPPED:
         return Decision(Action.STOP, "stopped on request")
+    if outcome.kind is AttemptClass.CRASH and outcome.worker_exitcode == EXIT_USAGE:
+        return Decision(Action.GIVE_UP, f"the trainer stopped on a problem a restart cannot fix: {outcome.message}")
     restarts = len(history) - 1
     if restarts >= policy.max_restarts:
         return Decision(Action.GIVE_UP, f"--max-restarts={policy.max_restarts} used up; last: {outcome.message}")
