@@ -58,6 +58,8 @@ class Watch:
     escalated: bool = False
     peak_rss: int = 0
     next_sample: float = 0.0
+    workers: list[psutil.Process] = field(default_factory=list)
+    worker_died_at: float | None = None  # wall time we saw the first worker exit (before torchrun reacts)
 
 
 class Agent:
@@ -161,6 +163,7 @@ class Agent:
         self.display.event(f"attempt {n}: torchrun pid {proc.pid}, resuming from step {start_step or 0}")
         try:
             code = self._watch(proc, watch)
+            exited_at = time.time()  # when we noticed torchrun's exit (bench_recovery measures detection with it)
         finally:
             procs.kill_tree(proc.pid, signal.SIGKILL, timeout=5)  # normally a no-op: all exited already
             self._sweep_session(proc.pid)
@@ -181,7 +184,8 @@ class Agent:
         lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
         append_event(self.run_dir, "attempt_end", attempt=n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
                      step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
-                     duration=procs.now() - watch.started, peak_rss=watch.peak_rss)  # fmt: skip
+                     duration=procs.now() - watch.started, peak_rss=watch.peak_rss, exited_at=exited_at,
+                     worker_died_at=watch.worker_died_at)  # fmt: skip
         self.view.last_checkpoint = end_step
         lost_txt = f", {lost} steps lost" if lost else ""
         self.display.event(f"attempt {n} ended: {outcome.kind.value}: {outcome.message} (checkpoint at step "
@@ -202,11 +206,29 @@ class Agent:
                 watch.next_sample = now + 1.0
                 self.view.rss, self.view.cpu = s.rss, s.cpu_percent
             self._read_heartbeat(watch, now)
+            self._check_workers(proc, watch)
             if self.signals:
                 self._stop(proc, watch, now)
             elif not watch.hang:
                 self._check_hang(proc, watch, now)
             self.display.update(self.view)
+
+    def _check_workers(self, proc, watch: Watch) -> None:
+        """Notice a dead worker at once (torchrun then stops the rest, which takes a moment longer)."""
+        if not watch.workers:
+            watch.workers = procs.workers(proc.pid, self.opts.script)
+            return
+        if watch.worker_died_at is not None:
+            return
+        for w in watch.workers:
+            try:
+                dead = w.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                dead = True
+            if dead:
+                watch.worker_died_at = time.time()
+                self.display.event(f"worker pid {w.pid} exited; torchrun is stopping the others")
+                return
 
     def _read_heartbeat(self, watch: Watch, now: float) -> None:
         hb = read_heartbeat(self.run_dir.heartbeat)

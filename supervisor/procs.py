@@ -89,7 +89,7 @@ def workers(pid: int, script: str) -> list[psutil.Process]:
                 found.append(child)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return found or children
+    return found
 
 
 def send(procs: list[psutil.Process], sig: int) -> int:
