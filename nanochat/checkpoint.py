@@ -88,12 +88,17 @@ class _HashingWriter:
 
     def __init__(self, f, on_first_write: Callable[[], None] | None = None):
         self.f, self.crc, self.size, self.on_first_write = f, 0, 0, on_first_write
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         data = memoryview(data).cast("B")
         self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
-        n = self.f.write(data)
+        try:
+            n = self.f.write(data)
+        except OSError as e:  # torch.save reports it as a bare RuntimeError; keep it for _write_atomic
+            self.error = e
+            raise
         if self.on_first_write is not None:  # the file is now partly written: a crash here is "mid-write"
             self.f.flush()
             hook, self.on_first_write = self.on_first_write, None
@@ -107,6 +112,7 @@ class _HashingWriter:
 def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], mid_write: Callable[[], None] | None = None):
     """Write through a temp file, fsync, rename. Returns (size, crc32). Leaves no temp file on error."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
             writer = _HashingWriter(f, mid_write)
@@ -114,8 +120,12 @@ def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], mid_write
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            # a full disk inside torch.save surfaces as RuntimeError("unexpected pos ..."): re-raise the OSError
+            # (ENOSPC, EFBIG, EIO) so the caller can say what happened instead of crashing with a traceback
+            raise writer.error from e
         raise
     _fsync_dir(path.parent)
     return writer.size, writer.crc
@@ -158,10 +168,11 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
     ckpt.committed = True
     try:
         meta = json.loads(meta_path.read_text())
-        files = meta["files"]
+        # size and crc32 of each listed file, checked here so a malformed entry is a problem, not a crash
+        files = {name: {"size": int(f["size"]), "crc32": int(f["crc32"])} for name, f in meta["files"].items()}
         if meta["step"] != step:
             raise ValueError(f"records step {meta['step']}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
         return ckpt
     ckpt.meta = meta
@@ -192,7 +203,7 @@ def read_latest_marker(directory: Path) -> tuple[int | None, str]:
     if not path.exists():
         return None, f"{LATEST} is missing"
     text = path.read_text(errors="replace").strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # isdigit() alone accepts "²", which int() refuses
         return None, f"{LATEST} holds {text[:40]!r}, not a step number"
     return int(text), ""
 
@@ -256,7 +267,9 @@ def plan_prune(directory: Path, keep: int) -> list[Checkpoint]:
         return []
     newest = valid[-1].step
     kept = {c.step for c in valid[-keep:]}
-    doomed = [c for c in valid if c.step not in kept and not c.final]
+    # the scan checks sizes only; a same-size corruption is caught by verifying what would go (one checkpoint
+    # per save in the steady state), so a damaged checkpoint is never deleted by routine pruning
+    doomed = [c for c in valid if c.step not in kept and not c.final and inspect(directory, c.step, c.paths).valid]
     doomed += [c for c in ckpts if not c.committed and c.step < newest]
     return sorted(doomed, key=lambda c: c.step)
 
@@ -291,7 +304,10 @@ def archive(directory: Path) -> Path | None:
         files.append(directory / LATEST)
     if not files:
         return None
-    dest = directory / time.strftime("archived-%Y%m%d-%H%M%S")
+    stamp = time.strftime("archived-%Y%m%d-%H%M%S")
+    dest, n = directory / stamp, 1
+    while dest.exists():  # two fresh starts within a second must not collide
+        dest, n = directory / f"{stamp}-{n}", n + 1
     dest.mkdir()
     for p in files:
         p.rename(dest / p.name)
@@ -382,14 +398,17 @@ class Saver:
         if free >= need:
             return
         if self.keep != -1:
-            # prune one more than usual now: the new checkpoint will take the freed slot
-            for path in prune(self.directory, max(1, self.keep - 1)):
-                self.warn(f"low disk space: pruned {path.name} early")
-            free = shutil.disk_usage(self.directory).free
+            # prune one more than usual now (the new checkpoint takes the freed slot), but only if that makes
+            # room: a save that cannot fit anyway must fail with every earlier checkpoint still in place
+            early = max(1, self.keep - 1)
+            if free + sum(c.size for c in plan_prune(self.directory, early)) >= need:
+                for path in prune(self.directory, early):
+                    self.warn(f"low disk space: pruned {path.name} early")
+                free = shutil.disk_usage(self.directory).free
         if free < need:
             raise CheckpointError(
-                f"not enough disk space in {self.directory} for the next checkpoint: need ~{need / 1e9:.2f} GB,"
-                f" {free / 1e9:.2f} GB free; free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir"
+                f"not enough disk space in {self.directory} for the next checkpoint: need ~{_human(need)},"
+                f" {_human(free)} free; free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir"
             )
 
     def _barrier(self) -> None:
@@ -403,6 +422,11 @@ class Saver:
         flag = torch.tensor([int(failed)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def _human(nbytes: int) -> str:
+    """GB, or MB below 1 GB: small runs must not read "need ~0.00 GB, 0.00 GB free"."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _nbytes(obj) -> int:

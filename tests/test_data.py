@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO_ROOT, TEST_DOCS, TEST_SHARDS
 
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import (
@@ -29,6 +28,7 @@ from nanochat.dataset import (
     write_builtin_corpus,
 )
 from nanochat.tokenizer import Tokenizer, get_tokenizer, tokenizer_dir
+from tests.conftest import REPO_ROOT, TEST_DOCS, TEST_SHARDS
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 
