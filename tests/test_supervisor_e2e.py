@@ -1,0 +1,494 @@
+"""`nanochat-run train` end to end: real supervisor processes driving real torchrun with 2 gloo workers on a tiny
+model, with faults injected through the trainer's --debug_fault. Every test also checks that nothing the run
+started outlives the supervisor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nanochat import checkpoint
+from supervisor import procs
+from supervisor.records import LOCK_NAME, Lock, RunDir, read_events, read_heartbeat
+
+pytestmark = pytest.mark.slow
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).with_name("nanochat-run")
+NANOCHAT_RUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor.cli"]
+TINY = ["--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--eval_every=-1",
+        "--eval_tokens=512", "--sample_every=-1"]  # fmt: skip
+
+
+def make_env(base_dir: Path) -> dict[str, str]:
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def leftovers(marker: str) -> list[psutil.Process]:
+    """Live processes (not zombies: those are dead, only not yet reaped) whose command line mentions `marker`."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and marker in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def describe(ps: list[psutil.Process]) -> list[str]:
+    out = []
+    for p in ps:
+        try:
+            out.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            continue
+    return out
+
+
+def kill_leftovers(marker: str) -> None:
+    ps = leftovers(marker)
+    procs.send(ps, signal.SIGKILL)
+    psutil.wait_procs(ps, timeout=10)
+
+
+class Run:
+    """One `nanochat-run train` process and what it leaves on disk."""
+
+    def __init__(self, cmd: list[str], ckpt: Path, env: dict[str, str], preexec_fn: Callable | None = None):
+        self.cmd, self.ckpt, self.run_dir = cmd, ckpt, RunDir(ckpt.with_name(ckpt.name + ".run"))
+        self.out_path = ckpt.with_name(f"{ckpt.name}.supervisor-{time.time_ns()}.out")
+        self.started = time.time()
+        with open(self.out_path, "wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                         cwd=REPO_ROOT, preexec_fn=preexec_fn)  # fmt: skip
+        self.code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            self.code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the supervisor did not exit within {timeout}s; its output:\n{self.output[-4000:]}")
+        return self.code
+
+    def finish(self, expect: int, timeout: float = 180) -> str:
+        """Wait for the exit, check its code and that nothing it started is left; returns its output."""
+        code = self.wait(timeout)
+        assert code == expect, f"exit {code}, expected {expect}; output:\n{self.output[-6000:]}"
+        assert_no_orphans(self.ckpt)
+        return self.output
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        return [e for e in read_events(self.run_dir) if kind is None or e["event"] == kind]
+
+    def classes(self) -> list[str]:
+        return [e["class"] for e in self.events("attempt_end")]
+
+    def heartbeat(self) -> dict:
+        hb = read_heartbeat(self.run_dir.heartbeat) or {}
+        return hb if hb.get("time", 0) >= self.started else {}
+
+    def wait_for(self, what: str, ready: Callable[[], bool], timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the supervisor exited ({self.proc.returncode}) before {what}:\n{self.output[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout}s; output:\n{self.output[-4000:]}")
+            time.sleep(0.1)
+
+    def wait_for_step(self, step: int, timeout: float = 90) -> dict:
+        self.wait_for(f"step {step}", lambda: (self.heartbeat().get("step") or 0) >= step, timeout)
+        return self.heartbeat()
+
+    def attempt_log(self, n: int) -> str:
+        return (self.run_dir.attempt(n) / "torchrun.log").read_text(errors="replace")
+
+
+def assert_no_orphans(ckpt: Path) -> None:
+    """Nothing that names this test's checkpoint dir (torchrun, the workers: scripts.base_train) may survive."""
+    left = leftovers(str(ckpt))
+    assert not left, "processes left behind by the supervisor:\n" + "\n".join(describe(left))
+
+
+def train_cmd(ckpt: Path, *sup_args: str, iters: int = 30, save_every: int = 5, trainer: tuple = ()) -> list[str]:
+    return [*NANOCHAT_RUN, "train", "--depth", "1", "--num-iterations", str(iters), "--save-every", str(save_every),
+            "--checkpoint-dir", str(ckpt), "--nproc-per-node", "2", "--backoff", "0", *sup_args,
+            "--", *TINY, *trainer]  # fmt: skip
+
+
+@pytest.fixture
+def supervise(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., Run]]:
+    """supervise(*supervisor args, ckpt=..., iters=..., save_every=..., trainer=(...), preexec_fn=...) -> Run."""
+    runs: list[Run] = []
+
+    def start(*sup_args: str, ckpt: Path | None = None, preexec_fn: Callable | None = None, **kw) -> Run:
+        ckpt = ckpt or tmp_path / "ckpt"
+        run = Run(train_cmd(ckpt, *sup_args, **kw), ckpt, env, preexec_fn)
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:  # a failed test must not leave a training run behind for the next one
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+        kill_leftovers(str(run.ckpt))
+
+
+def newest(ckpt: Path) -> checkpoint.Checkpoint:
+    valid = [c for c in checkpoint.scan(ckpt, verify=True) if c.valid]
+    assert valid, f"no valid checkpoint in {ckpt}"
+    return valid[-1]
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*NANOCHAT_RUN, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                          timeout=timeout)  # fmt: skip
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nanochat-run: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. a transient crash: classified, restarted with resume, completed (shared with the status/prune test)
+
+
+@pytest.fixture(scope="module")
+def crashed_run(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    ckpt = tmp_path_factory.mktemp("crash") / "ckpt"
+    cmd = train_cmd(ckpt, "--keep-last-n", "-1", trainer=("--debug_fault=raise@step:12,rank=1",))
+    run = Run(cmd, ckpt, make_env(base_dir))
+    run.wait(240)
+    yield run
+    kill_leftovers(str(ckpt))
+
+
+def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Run):
+    run = crashed_run
+    assert run.code == 0, run.output[-6000:]
+    assert_no_orphans(run.ckpt)
+    ends = run.events("attempt_end")
+    assert [e["class"] for e in ends] == ["crash", "completed"]
+    crash = ends[0]["outcome"]
+    assert crash["message"] == "RuntimeError: debug_fault: injected crash at step 12"
+    assert crash["rank"] == 1 and crash["worker_exitcode"] == 1 and crash["error_file"].endswith("/1/error.json")
+    assert ends[0]["checkpoint_step"] == 10 and ends[0]["step_reached"] == 12 and ends[0]["steps_lost"] == 2
+    starts = run.events("attempt_start")
+    assert [s["start_step"] for s in starts] == [None, 10]
+    assert [d["action"] for d in run.events("decision")] == ["restart", "finish"]
+    assert "resumed from step 10" in run.attempt_log(2)
+    final = newest(run.ckpt)
+    assert final.step == 30 and final.final and final.meta["stop_reason"] == "completed"
+    assert [c.step for c in checkpoint.scan(run.ckpt)] == [5, 10, 15, 20, 25, 30]
+    end = run.events("run_end")[-1]
+    assert (end["state"], end["exit_code"]) == ("succeeded", 0)
+    out = run.output
+    assert "attempt 1 ended: crash: RuntimeError: debug_fault: injected crash at step 12" in out
+    assert "healthy -> succeeded" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2, 3. Ctrl+C and SIGTERM: save at the current step, no restart, 130 / 75
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 75)])
+def test_stop_signal_saves_at_the_current_step_and_exits(supervise, sig, code):
+    run = supervise(iters=100000, save_every=100000)
+    run.wait_for_step(3)
+    run.proc.send_signal(sig)
+    out = run.finish(code, timeout=120)
+    name = signal.Signals(sig).name
+    m = re.search(rf"stopped by {name} at step (\d+)", run.attempt_log(1))
+    assert m, run.attempt_log(1)[-3000:]
+    stopped_at = int(m.group(1))
+    ckpts = checkpoint.scan(run.ckpt, verify=True)
+    assert [c.step for c in ckpts] == [stopped_at] and ckpts[0].valid  # the only save is the one on stop
+    assert ckpts[0].meta["stop_reason"] == f"signal:{name}" and not ckpts[0].final
+    assert run.classes() == ["stopped"] and len(run.events("attempt_start")) == 1
+    assert [d["action"] for d in run.events("decision")] == ["stop"]
+    assert run.events("run_end")[-1]["exit_code"] == code
+    assert "-> stopping" in out and "-> stopped" in out
+
+
+def test_ctrl_c_waits_for_a_save_longer_than_torchruns_30s(supervise):
+    # torchrun SIGKILLs its workers 30 s after relaying a signal; the supervisor signals the workers itself and
+    # waits for the save (up to --grace-period), so a 35 s save still completes
+    run = supervise(iters=100000, save_every=100000, trainer=("--debug_fault=sleep@save:35",))
+    run.wait_for_step(3)
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    run.finish(130, timeout=150)
+    assert time.monotonic() - t0 >= 35
+    m = re.search(r"stopped by SIGINT at step (\d+)", run.attempt_log(1))
+    assert m and "debug_fault: sleeping 35s inside the save" in run.attempt_log(1)
+    ckpt = newest(run.ckpt)
+    assert ckpt.step == int(m.group(1)) and ckpt.meta["stop_reason"] == "signal:SIGINT"
+    assert run.classes() == ["stopped"] and len(run.events("attempt_start")) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. a hang: stacks dumped into the attempt's logs, killed, restarted
+
+
+def test_hang_dumps_stacks_and_restarts(supervise):
+    run = supervise("--hang-timeout", "5", trainer=("--debug_fault=hang@step:7",))
+    out = run.finish(0, timeout=180)
+    assert run.classes() == ["hang", "completed"]
+    hang = run.events("attempt_end")[0]
+    assert "no progress for --hang-timeout=5s at step 7" in hang["outcome"]["message"]
+    assert hang["checkpoint_step"] == 5
+    logs = run.attempt_log(1) + "".join(
+        p.read_text(errors="replace") for p in run.run_dir.attempt(1).rglob("stderr.log"))  # fmt: skip
+    assert re.search(r"Thread 0x[0-9a-f]+|Current thread 0x[0-9a-f]+", logs), logs[-3000:]
+    assert re.search(r'File ".*base_train\.py", line \d+ in main', logs), logs[-3000:]
+    assert re.search(r'File ".*faults\.py", line \d+ in fire', logs)  # where it hangs
+    assert "dumping stacks (SIGUSR1)" in out
+    assert newest(run.ckpt).final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. a real host OOM, in a memory cgroup of its own
+
+
+CGROUP_LIMIT = 1536 << 20  # a normal tiny run with 2 workers peaks near 0.9 GB (checked with memory.max_usage)
+
+
+@pytest.fixture
+def memory_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A fresh v1 memory cgroup under ours, limited to CGROUP_LIMIT; killed empty and removed afterwards."""
+    mine = procs.memory_cgroup()
+    if mine is None or mine[1] != 1:
+        pytest.skip(f"needs a cgroup v1 memory controller; this process is in {mine}")
+    cg = mine[0] / f"nanochat-e2e-{os.getpid()}-{tmp_path.name}"
+    try:
+        cg.mkdir()
+        (cg / "memory.limit_in_bytes").write_text(str(CGROUP_LIMIT))
+    except OSError as e:
+        if cg.exists():
+            cg.rmdir()
+        pytest.skip(f"cannot create a memory cgroup at {cg}: {e}")
+    yield cg
+    for _ in range(50):
+        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            break
+        except OSError:
+            time.sleep(0.2)
+
+
+def cgroup_oom_kills(cg: Path) -> int:
+    for line in (cg / "memory.oom_control").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
+
+
+def test_host_oom_in_a_memory_cgroup(supervise, memory_cgroup: Path):
+    procs_file = str(memory_cgroup / "cgroup.procs")
+
+    def join_cgroup() -> None:  # in the child before exec: torchrun and its workers inherit the cgroup
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+
+    run = supervise(trainer=("--debug_fault=memhog@step:3",), preexec_fn=join_cgroup)
+    out = run.finish(0, timeout=180)
+    assert cgroup_oom_kills(memory_cgroup) >= 1
+    assert run.classes() == ["host_oom", "completed"], out[-4000:]
+    oom = run.events("attempt_end")[0]["outcome"]
+    assert oom["worker_exitcode"] == -9 and oom["rank"] == 0
+    assert "OOM killer" in oom["message"] and oom["evidence"]["oom_kills"] >= 1
+    assert "debug_fault: memhog at step 3" in run.attempt_log(1)
+    assert newest(run.ckpt).final
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. CUDA OOM: the next attempt halves the device batch and pins the total batch
+
+
+def last_value(cmd: list[str], key: str) -> str:
+    values = [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{key}=")]
+    assert values, f"--{key} not in {cmd}"
+    return values[-1]  # the trainer's parser lets the last one win
+
+
+def test_cuda_oom_halves_the_device_batch(supervise):
+    run = supervise(trainer=("--debug_fault=oom@step:7",))
+    run.finish(0, timeout=180)
+    assert run.classes() == ["cuda_oom", "completed"]
+    oom = run.events("attempt_end")[0]["outcome"]
+    assert oom["message"] == "OutOfMemoryError: debug_fault: injected CUDA out of memory at step 7"
+    assert run.events("decision")[0]["overrides"] == {"device_batch_size": "1", "total_batch_size": "256"}
+    first, second = (s["cmd"] for s in run.events("attempt_start"))
+    assert (last_value(first, "device_batch_size"), last_value(first, "total_batch_size")) == ("2", "256")
+    assert (last_value(second, "device_batch_size"), last_value(second, "total_batch_size")) == ("1", "256")
+    final = newest(run.ckpt)
+    assert final.step == 30 and final.final
+    assert final.meta["train_config"]["device_batch_size"] == 1 and final.meta["total_batch_size"] == 256
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7, 8. giving up: a crash loop, and --max-restarts
+
+
+def test_deterministic_crash_gives_up_with_a_diagnosis(supervise):
+    run = supervise("--max-no-progress", "2", trainer=("--debug_fault=raise@step:3!",))
+    out = run.finish(1, timeout=180)
+    assert run.classes() == ["crash", "crash"]
+    give_up = run.events("decision")[-1]
+    assert give_up["action"] == "give_up" and "crash loop" in give_up["reason"]
+    log = run.run_dir.attempt(2) / "torchrun.log"
+    assert f"diagnosis: crash: RuntimeError: debug_fault: injected crash at step 3; read {log}" in out
+    assert "RuntimeError: debug_fault: injected crash at step 3" in log.read_text()
+    assert "-> failed" in out and run.events("run_end")[-1]["exit_code"] == 1
+
+
+def test_max_restarts_is_honoured(supervise):
+    # the fault fires whenever a run reaches step 7; the checkpoint at step 5 makes the first attempt progress,
+    # so the crash-loop limit (3 attempts without progress) is not what stops the second one: --max-restarts is
+    run = supervise("--max-restarts", "1", trainer=("--debug_fault=sigkill@step:7!",))
+    out = run.finish(1, timeout=180)
+    assert run.classes() == ["signal", "signal"]
+    ends = run.events("attempt_end")
+    assert [e["progressed"] for e in ends] == [True, False]
+    assert all(e["outcome"]["worker_exitcode"] == -9 and e["outcome"]["rank"] == 0 for e in ends)
+    assert "--max-restarts=1 used up" in run.events("decision")[-1]["reason"]
+    assert len(run.events("attempt_start")) == 2
+    assert "diagnosis: signal: a worker was killed by SIGKILL" in out
+    assert newest(run.ckpt).step == 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. one supervisor per checkpoint dir; a dead one's lock is taken over
+
+
+def test_lock_contention_and_stale_lock_takeover(supervise, env):
+    first = supervise(iters=100000, save_every=100000)
+    first.wait_for_step(1)
+    second = cli(env, *train_cmd(first.ckpt)[len(NANOCHAT_RUN) :])
+    assert_one_line_error(second, f"pid {first.pid} ", "another supervisor", str(first.ckpt))
+    assert first.proc.poll() is None  # the first run is untouched
+    assert len(leftovers(str(first.ckpt))) >= 4  # supervisor, torchrun, 2 workers: the helper does see them
+
+    # the supervisor dies hard: its flock goes with it, its pid stays in the lock file; torchrun gets SIGTERM
+    # (parent death signal) and takes the workers down after they save
+    first.proc.kill()
+    first.wait(10)
+    deadline = time.monotonic() + 60
+    while leftovers(str(first.ckpt)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_no_orphans(first.ckpt)
+    assert json.loads((first.ckpt / LOCK_NAME).read_text())["pid"] == first.pid
+
+    resume_at = max((c.step for c in checkpoint.scan(first.ckpt) if c.valid), default=0)
+    third = supervise(ckpt=first.ckpt, iters=resume_at + 10, save_every=100000)
+    out = third.finish(0, timeout=180)
+    assert f"took over a stale lock from pid {first.pid} (no longer running)" in out
+    assert newest(first.ckpt).step == resume_at + 10
+    assert (first.ckpt / LOCK_NAME).read_text() == ""  # released cleanly
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. status and prune
+
+
+def test_status_and_prune(crashed_run: Run, supervise, env, tmp_path: Path):
+    assert crashed_run.code == 0
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(crashed_run.ckpt, ckpt)
+    shutil.copytree(crashed_run.run_dir.path, tmp_path / "ckpt.run")
+
+    st = cli(env, "status", "--json", "--checkpoint-dir", str(ckpt))
+    assert st.returncode == 0, st.stderr
+    info = json.loads(st.stdout)
+    assert info["checkpoint_dir"] == str(ckpt.resolve()) and info["run_dir"] == str((tmp_path / "ckpt.run").resolve())
+    assert [(c["step"], c["valid"], c["final"]) for c in info["checkpoints"]] == [
+        (5, True, False), (10, True, False), (15, True, False), (20, True, False), (25, True, False), (30, True, True)
+    ]  # fmt: skip
+    assert info["checkpoints"][-1]["stop_reason"] == "completed"
+    assert (info["newest_valid_step"], info["num_iterations"], info["complete"]) == (30, 30, True)
+    assert [(a["attempt"], a["class"]) for a in info["attempts"]] == [(1, "crash"), (2, "completed")]
+    assert info["attempts"][0]["message"] == "RuntimeError: debug_fault: injected crash at step 12"
+    assert info["attempts"][0]["checkpoint_step"] == 10
+    assert info["supervisor"] is None
+    assert info["latest_marker"] == 30
+
+    table = cli(env, "status", "--checkpoint-dir", str(ckpt))
+    assert table.returncode == 0, table.stderr
+    for text in ("valid (final)", "step 30 of 30 (100.0%) (complete)", "latest_step.txt: 30",
+                 "attempt 1: crash: RuntimeError: debug_fault: injected crash at step 12 (checkpoint 10)",
+                 "attempt 2: completed", "supervisor: not running"):  # fmt: skip
+        assert text in " ".join(table.stdout.split()), table.stdout  # rich wraps long lines off a terminal
+    by_run_dir = cli(env, "status", "--json", "--run-dir", str(tmp_path / "ckpt.run"))
+    assert json.loads(by_run_dir.stdout)["attempts"] == info["attempts"]  # the original run's dirs via its events
+
+    files = sorted(p.name for p in ckpt.iterdir())
+    dry = cli(env, "prune", "--keep", "1", "--dry-run", "--checkpoint-dir", str(ckpt))
+    assert dry.returncode == 0, dry.stderr
+    assert [int(s) for s in re.findall(r"would delete step (\d+):", dry.stdout)] == [5, 10, 15, 20, 25]
+    assert "would free" in dry.stdout
+    assert sorted(p.name for p in ckpt.iterdir()) == files  # nothing deleted
+
+    # continue the run to 40 steps, saving only at the end (slowly); meanwhile prune refuses and status names it
+    more = supervise("--keep-last-n", "-1", ckpt=ckpt, iters=40, save_every=0, trainer=("--debug_fault=sleep@save:10",))
+    more.wait_for("the final save", lambda: more.heartbeat().get("phase") == "saving")
+    live = json.loads(cli(env, "status", "--json", "--checkpoint-dir", str(ckpt)).stdout)
+    assert live["supervisor"]["pid"] == more.pid and live["supervisor"]["alive"] is True
+    refused = cli(env, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(ckpt))
+    assert_one_line_error(refused, f"a supervisor (pid {more.pid}) is running on", "--force")
+    assert more.proc.poll() is None, "the run ended before the checks: they proved nothing"
+    more.finish(0, timeout=180)
+    assert [c.step for c in checkpoint.scan(ckpt)] == [5, 10, 15, 20, 25, 30, 40]
+
+    # a live lock holder (this test process) blocks a real prune, --force overrides
+    lock = Lock(ckpt)
+    lock.acquire()
+    try:
+        refused = cli(env, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(ckpt))
+        assert_one_line_error(refused, f"a supervisor (pid {os.getpid()}) is running on")
+        assert len(checkpoint.scan(ckpt)) == 7
+        forced = cli(env, "prune", "--keep", "1", "--yes", "--force", "--checkpoint-dir", str(ckpt))
+    finally:
+        lock.release()
+    assert forced.returncode == 0, forced.stderr
+    assert [int(s) for s in re.findall(r"delete step (\d+):", forced.stdout)] == [5, 10, 15, 20, 25]
+    assert "deleted 15 files" in forced.stdout
+    kept = checkpoint.scan(ckpt, verify=True)
+    assert [(c.step, c.valid, c.final) for c in kept] == [(30, True, True), (40, True, True)]  # final + newest
+    again = cli(env, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(ckpt))
+    assert again.returncode == 0 and "nothing to prune" in again.stdout
