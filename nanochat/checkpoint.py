@@ -20,6 +20,7 @@ save takes its step). Files are read with `torch.load(weights_only=True)`: a che
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,6 +329,52 @@ def _set_aside_damaged(directory: Path, step: int, warn: Callable[[str], None]) 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# in-memory snapshots
+
+
+def snapshot_slots(directory: Path) -> list[Path]:
+    """The two in-memory snapshot slots of a checkpoint dir, written alternately (double buffering).
+
+    They live in shared memory ($NANOCHAT_SHM_DIR, default /dev/shm) under a name derived from the checkpoint
+    dir, so they survive the trainer process (crash, OOM kill, hang kill) but not the machine. Each slot is a
+    checkpoint directory of its own, with the same files, commit rule and verification, holding one checkpoint.
+    """
+    key = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("NANOCHAT_SHM_DIR", "/dev/shm")) / "nanochat-snapshots" / key
+    return [root / "slot0", root / "slot1"]
+
+
+def newest_snapshot(directory: Path, verify: bool = True) -> tuple[Path, Checkpoint] | None:
+    """(slot, checkpoint) of the newest valid snapshot of this checkpoint dir, if any."""
+    best = None
+    for slot in snapshot_slots(directory):
+        for ckpt in reversed(scan(slot, verify=False)):
+            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify) if verify else ckpt
+            if ckpt.valid and (best is None or ckpt.step > best[1].step):
+                best = (slot, ckpt)
+                break
+    return best
+
+
+def remove_snapshots(directory: Path) -> bool:
+    """Delete this checkpoint dir's snapshots (the run is complete, pruned or restarted from scratch)."""
+    root = snapshot_slots(directory)[0].parent
+    if not root.exists():
+        return False
+    shutil.rmtree(root, ignore_errors=True)
+    return True
+
+
+def find_resume_point(directory: Path, warn: Callable[[str], None] = print) -> tuple[Path, Checkpoint] | None:
+    """Where to resume: the newest valid checkpoint on disk, or a newer valid in-memory snapshot."""
+    disk = find_latest_valid(directory, warn)
+    snap = newest_snapshot(directory)
+    if snap and (disk is None or snap[1].step > disk.step):
+        return snap
+    return (directory, disk) if disk else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # saving from the trainer
 
 
@@ -342,6 +390,13 @@ class Saver:
     fault: Callable[[str], None] = field(default=lambda phase: None)  # debug fault injection, by save phase
     warn: Callable[[str], None] = print
     log: Callable[[str], None] = print
+    async_save: bool = False
+    last_blocking: float = 0.0  # seconds the last async save blocked the caller (for the log and benchmarks)
+    snapshots_off: bool = False  # set after a snapshot failed
+    _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _thread: Future | None = field(default=None, init=False, repr=False)  # the write in flight
+    _error: BaseException | None = field(default=None, init=False, repr=False)
+    _buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def start(self) -> None:
         """Create the directory and remove temp debris of an earlier crash (rank 0, before any save)."""
@@ -351,8 +406,26 @@ class Saver:
                 self.warn(f"removed {p.name}, left by a save that crashed")
         self._barrier()
 
-    def save(self, step: int, model_state: dict, optim_state: dict, meta: dict, rank_state: dict) -> None:
-        """Write the checkpoint for `step`; `rank_state` (loader position, RNG) is gathered from every rank."""
+    def save(
+        self,
+        step: int,
+        model_state: dict,
+        optim_state: dict,
+        meta: dict,
+        rank_state: dict,
+        wait: bool = True,
+        snapshot: bool = False,
+    ) -> None:
+        """Write the checkpoint for `step`; `rank_state` (loader position, RNG) is gathered from every rank.
+
+        With `async_save` and `wait=False` the caller is blocked only while the state is copied into CPU
+        buffers that are allocated once and reused; serialising, fsync, checksums, the meta commit, the latest
+        marker and pruning run in a background thread. At most one save is in flight: the next save first waits
+        for it. A background failure is raised by the next `save` or `finish` on every rank.
+
+        `snapshot=True` writes into the older of the two in-memory snapshot slots instead. A snapshot that fails
+        (shared memory full, say) only warns and turns snapshots off: it must never stop training.
+        """
         per_rank = [rank_state]
         if self.world_size > 1:
             per_rank = [None] * self.world_size
@@ -360,24 +433,121 @@ class Saver:
         error = None
         if self.rank == 0:
             try:
-                self._write(step, model_state, optim_state, {**meta, "ranks": per_rank})
+                self._join()
+                meta = {**meta, "ranks": per_rank}
+                target = self.directory
+                if snapshot:
+                    target = self._free_slot()
+                    meta = {**meta, "snapshot": True, "final": False}
+                if self.async_save and not wait:
+                    t0 = time.perf_counter()
+                    model_cpu, optim_cpu = self._stage(model_state, "model"), self._stage(optim_state, "optim")
+                    self.last_blocking = time.perf_counter() - t0
+                    if self._writer is None:  # one long-lived writer thread, shut down by finish()
+                        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+                    self._thread = self._writer.submit(
+                        self._write_in_background, target, step, model_cpu, optim_cpu, meta
+                    )
+                else:
+                    self._write(target, step, model_state, optim_state, meta)
+            except (OSError, CheckpointError) as e:
+                if snapshot:
+                    self._snapshot_failed(e)
+                else:
+                    error = e
+        self._raise_if_any_failed(step, error)
+
+    def finish(self) -> None:
+        """Wait for the save in flight (if any) to be durable; collective, like `save`."""
+        error = None
+        if self.rank == 0:
+            try:
+                self._join(shutdown=True)
             except (OSError, CheckpointError) as e:
                 error = e
-        if self._any_failed(error is not None):
-            if error is None:
-                raise CheckpointError(f"rank 0 failed to save the checkpoint at step {step}; see its log")
-            if isinstance(error, CheckpointError):
-                raise error
-            raise CheckpointError(
-                f"saving step {step} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"
-                " are intact: free disk space or fix the directory, then resume"
-            ) from error
+        self._raise_if_any_failed(None, error)
 
-    def _write(self, step: int, model_state: dict, optim_state: dict, meta: dict) -> None:
-        d = self.directory
+    def _join(self, shutdown: bool = False) -> None:
+        if self._thread is not None:
+            t0 = time.perf_counter()
+            self._thread.result()
+            self._thread = None
+            waited = time.perf_counter() - t0
+            if waited > 0.1:
+                self.log(f"waited {waited:.2f}s for the previous checkpoint write to finish")
+        if shutdown and self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _write_in_background(self, target: Path, step: int, model_state: dict, optim_state: dict, meta: dict) -> None:
+        try:
+            self._write(target, step, model_state, optim_state, meta)
+        except (OSError, CheckpointError) as e:
+            if target != self.directory:
+                self._snapshot_failed(e)
+                return
+            if isinstance(e, CheckpointError):
+                self._error = e
+                return
+            # an OSError surfaces only at the next save: say which step failed
+            self._error = CheckpointError(
+                f"saving step {step} to {self.directory} failed ({e.strerror or e}); earlier checkpoints are"
+                " intact: free disk space or fix the directory, then resume"
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised in the training thread by the next save or finish
+            self._error = e
+
+    def _stage(self, obj, key: str):
+        """Copy a state (nested dicts/lists of tensors) into reused CPU buffers; pinned for GPU tensors."""
+        if isinstance(obj, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            if obj.is_cuda:
+                torch.cuda.current_stream(obj.device).synchronize()  # the buffer must be complete before we go on
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._stage(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._stage(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj
+
+    def _raise_if_any_failed(self, step: int | None, error: BaseException | None) -> None:
+        if not self._any_failed(error is not None):
+            return
+        at = f"step {step}" if step is not None else "the last step"
+        if error is None:
+            raise CheckpointError(f"rank 0 failed to save the checkpoint at {at}; see its log")
+        if isinstance(error, CheckpointError):
+            raise error
+        raise CheckpointError(
+            f"saving {at} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"
+            " are intact: free disk space or fix the directory, then resume"
+        ) from error
+
+    def _free_slot(self) -> Path:
+        """The snapshot slot not holding the newest snapshot, emptied (meta first, so it is never half valid)."""
+        newest = newest_snapshot(self.directory, verify=False)
+        slot = next(p for p in snapshot_slots(self.directory) if newest is None or p != newest[0])
+        slot.mkdir(parents=True, exist_ok=True)
+        for path in sorted(slot.iterdir(), key=lambda p: not p.name.startswith("meta")):
+            path.unlink(missing_ok=True)
+        return slot
+
+    def _snapshot_failed(self, error: BaseException) -> None:
+        self.snapshots_off = True
+        self.warn(f"in-memory snapshot failed ({error}); snapshots are off for this run, checkpoints go on")
+
+    def _write(self, d: Path, step: int, model_state: dict, optim_state: dict, meta: dict) -> None:
+        snapshot = d != self.directory
         d.mkdir(parents=True, exist_ok=True)
-        _set_aside_damaged(d, step, self.warn)
-        self._ensure_space(model_state, optim_state)
+        if not snapshot:
+            _set_aside_damaged(d, step, self.warn)
+        self._ensure_space(d, model_state, optim_state)
         files = {}
         for kind, state in (("model", model_state), ("optim", optim_state)):
             name = file_name(kind, step)
@@ -386,18 +556,20 @@ class Saver:
         meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
         self.fault("meta")
         write_text_atomic(d / file_name("meta", step), json.dumps(meta, indent=1))  # the commit point
+        if snapshot:
+            return
         self.fault("latest")
         write_text_atomic(d / LATEST, f"{step}\n")
         pruned = prune(d, self.keep, self.fault)
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
 
-    def _ensure_space(self, model_state: dict, optim_state: dict) -> None:
+    def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
-        free = shutil.disk_usage(self.directory).free
+        free = shutil.disk_usage(d).free
         if free >= need:
             return
-        if self.keep != -1:
+        if self.keep != -1 and d == self.directory:
             # prune one more than usual now (the new checkpoint takes the freed slot), but only if that makes
             # room: a save that cannot fit anyway must fail with every earlier checkpoint still in place
             early = max(1, self.keep - 1)

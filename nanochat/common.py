@@ -77,8 +77,13 @@ def init_distributed(device_type: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(barrier: bool = True) -> None:
+    """Leave the process group. `barrier=False` on error paths, where a peer may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            # Every rank done with every collective before any tears down: a rank that exits while a peer's gloo
+            # threads still talk to it can make that peer abort ("terminate called without an active exception").
+            dist.barrier()
         dist.destroy_process_group()
 
 

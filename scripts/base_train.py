@@ -81,6 +81,8 @@ class TrainConfig:
     save_every: int = 500  # save every N steps; 0 = only the final checkpoint
     keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
     resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
+    async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
+    snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
     # supervision and drills
     heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
     debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
@@ -103,6 +105,8 @@ class TrainConfig:
             raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
         if self.save_every < 0:
             raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
         try:
@@ -276,22 +280,26 @@ def main(argv: list[str]) -> int:
     saver = Saver(
         ckpt_dir, cfg.keep_last_n_checkpoints, dist_info.rank, world, device,
         fault=(lambda phase: fault.at_save(phase, dist_info.rank)) if fault else (lambda phase: None),
-        warn=warn0, log=print0,
+        warn=warn0, log=print0, async_save=cfg.async_save,
     )  # fmt: skip
     step, smooth_loss, train_time, val_bpb, val_bpb_step = 0, 0.0, 0.0, None, None
     if not cfg.resume:
         if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
             print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
+        if dist_info.master and checkpoint.remove_snapshots(ckpt_dir):
+            print0("--resume=False: dropped the in-memory snapshots of the previous run")
         saver.start()
     else:
         saver.start()  # removes temp files of a crashed save before we look for checkpoints
-        found = [checkpoint.find_latest_valid(ckpt_dir, warn0) if dist_info.master else None]
+        found = [checkpoint.find_resume_point(ckpt_dir, warn0) if dist_info.master else None]
         if dist_info.is_distributed:
             dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
-        ckpt = found[0]
-        if ckpt is None:
+        if found[0] is None:
             print0(f"no checkpoint in {ckpt_dir}: starting from scratch")
         else:
+            source, ckpt = found[0]
+            if source != ckpt_dir:
+                print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
             meta = ckpt.meta
             check_compatible(meta, model_cfg, ckpt_dir)
             changed = {
@@ -299,7 +307,7 @@ def main(argv: list[str]) -> int:
             }
             for key, (old, new) in changed.items():
                 print0(f"resume: --{key} changed from {old!r} to {new!r}")
-            model_state, optim_state = checkpoint.load(ckpt_dir, ckpt, device)
+            model_state, optim_state = checkpoint.load(source, ckpt, device)
             model.load_state_dict(model_state)
             optimizers.load_state_dict(optim_state)
             del model_state, optim_state
@@ -352,8 +360,15 @@ def main(argv: list[str]) -> int:
             "torch_version": torch.__version__,
         }
         rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
-        saver.save(step, model.state_dict(), optimizers.state_dict(), meta, rank_state)
-        print0(f"step {step:05d} | saved checkpoint to {ckpt_dir} ({reason}) in {time.perf_counter() - t0:.2f}s")
+        background = reason in ("periodic", "snapshot")  # final and signal saves are durable before we go on
+        saver.save(step, model.state_dict(), optimizers.state_dict(), meta, rank_state, wait=not background,
+                   snapshot=reason == "snapshot")  # fmt: skip
+        dt = time.perf_counter() - t0
+        what = "snapshot in shared memory" if reason == "snapshot" else f"checkpoint to {ckpt_dir} ({reason})"
+        if background and cfg.async_save:
+            print0(f"step {step:05d} | saving {what} in the background; blocked {dt:.3f}s")
+        else:
+            print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
 
     def run_eval(step: int) -> float:
         if dist_info.master:
@@ -431,6 +446,8 @@ def main(argv: list[str]) -> int:
         signum = stop.agreed(dist_info)
         if last or signum or (cfg.save_every > 0 and step % cfg.save_every == 0):
             save(step, "completed" if last else f"signal:{signal.Signals(signum).name}" if signum else "periodic")
+        elif cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 and not saver.snapshots_off:
+            save(step, "snapshot")
         if signum and not last:
             print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
             cleanup_distributed()
@@ -440,6 +457,8 @@ def main(argv: list[str]) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_IGN)
             return 128 + signum
+        if last and dist_info.master:
+            checkpoint.remove_snapshots(ckpt_dir)  # the final checkpoint is durable: free the shared memory
         if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             val_bpb, val_bpb_step = run_eval(step), step
             if last and dist_info.master:
@@ -447,6 +466,7 @@ def main(argv: list[str]) -> int:
         if cfg.sample_every > 0 and (last or step % cfg.sample_every == 0):
             sample(step)
 
+    saver.finish()  # nothing should be in flight after the final save; this makes sure
     crc = check_replicas(model, dist_info)
     print0(f"weights identical on all {world} ranks (CRC32 {crc})")
     print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
@@ -458,11 +478,17 @@ def main(argv: list[str]) -> int:
 
 def cli() -> None:
     try:
-        sys.exit(main(sys.argv[1:]))
+        code = main(sys.argv[1:])
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"base_train: error: {e}", file=sys.stderr)
-        cleanup_distributed()
+        cleanup_distributed(barrier=False)
         sys.exit(2)
+    # Everything is saved and the process group is gone: leave without interpreter finalization. Under torchrun
+    # with gloo, a worker sometimes aborts in C++ teardown at this point ("terminate called without an active
+    # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 if __name__ == "__main__":

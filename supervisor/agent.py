@@ -117,6 +117,8 @@ class Agent:
                          reason=decision.reason, delay=decision.delay,
                          overrides=decision.trainer_overrides)  # fmt: skip
             if decision.action is Action.FINISH:
+                if checkpoint.remove_snapshots(self.opts.checkpoint_dir):
+                    self.display.event("removed the run's in-memory snapshots: the final checkpoint is on disk")
                 self._set_state(RunState.SUCCEEDED, decision.reason)
                 return EXIT_OK
             if decision.action is Action.STOP:
@@ -140,8 +142,13 @@ class Agent:
             self._set_state(RunState.STARTING, f"attempt {attempt + 1}")
 
     def _newest(self) -> checkpoint.Checkpoint | None:
+        """The newest valid checkpoint on disk, or a newer in-memory snapshot (it counts as progress too)."""
         valid = [c for c in checkpoint.scan(self.opts.checkpoint_dir) if c.valid]
-        return valid[-1] if valid else None
+        newest = valid[-1] if valid else None
+        snap = checkpoint.newest_snapshot(self.opts.checkpoint_dir, verify=False)
+        if snap and (newest is None or snap[1].step > newest.step):
+            return snap[1]
+        return newest
 
     def _attempt(self, n: int) -> tuple[Outcome, bool]:
         opts = self.opts

@@ -170,6 +170,11 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
         "num_iterations": budget,
         "complete": bool(newest and newest.final and budget is not None and newest.step >= budget),
         "attempts": attempts,
+        "snapshots": [
+            {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
+            for slot in checkpoint.snapshot_slots(ckpt_dir)
+            for c in checkpoint.scan(slot)
+        ],
         "supervisor": holder,
         "disk_free": shutil.disk_usage(ckpt_dir).free,
     }
@@ -219,6 +224,9 @@ def print_status(info: dict) -> None:
         console.print(f"progress: step {step} of {budget} ({100 * step / max(budget or 1, 1):.1f}%){done}")
     for a in info["attempts"]:
         console.print(f"attempt {a['attempt']}: {a['class']}: {a['message']} (checkpoint {a['checkpoint_step']})")
+    for snap in info["snapshots"]:
+        state = "valid" if snap["valid"] else f"INVALID: {snap['problem']}"
+        console.print(f"in-memory snapshot: step {snap['step']} in {snap['slot']} ({state})")
     sup = info["supervisor"]
     console.print(
         f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
@@ -266,6 +274,10 @@ def prune(
         raise typer.Exit(1)
     removed = checkpoint.prune(ckpt_dir, keep)
     print(f"deleted {len(removed)} files, freed {freed / 1e6:.1f} MB")
+    snap, newest = checkpoint.newest_snapshot(ckpt_dir, verify=False), checkpoint.scan(ckpt_dir)
+    disk_step = max((c.step for c in newest if c.valid), default=-1)
+    if snap and snap[1].step <= disk_step and checkpoint.remove_snapshots(ckpt_dir):
+        print("removed the in-memory snapshots (not newer than the newest checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

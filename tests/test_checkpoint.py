@@ -453,7 +453,7 @@ def huge(nbytes: int) -> torch.Tensor:
 def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
     save(tmp_path, 2)
     before = snapshot(tmp_path)
-    Saver(tmp_path, keep=1, warn=pytest.fail)._ensure_space(*states(4))
+    Saver(tmp_path, keep=1, warn=pytest.fail)._ensure_space(tmp_path, *states(4))
     assert snapshot(tmp_path) == before
 
 
@@ -465,7 +465,7 @@ def test_ensure_space_refuses_a_save_that_cannot_fit_and_deletes_nothing(tmp_pat
     warnings: list[str] = []
     saver = Saver(tmp_path, keep=keep, warn=warnings.append, log=lambda m: None)
     with pytest.raises(CheckpointError) as info:
-        saver._ensure_space({"w": huge(1 << 55)}, {})  # 32 PiB: no disk anywhere has that
+        saver._ensure_space(tmp_path, {"w": huge(1 << 55)}, {})  # 32 PiB: no disk anywhere has that
     message = str(info.value)
     assert len(message.splitlines()) == 1
     assert f"not enough disk space in {tmp_path}" in message

@@ -48,6 +48,9 @@ TINY = [
     "--sample_every=-1",
     "--save_every=4",
     "--keep_last_n_checkpoints=-1",
+    # Synchronous saves, so "killed after the checkpoint at step k" means that checkpoint is on disk. With
+    # async saves a crash during the background write falls back one checkpoint further (tested below).
+    "--async_save=False",
 ]
 LONG = ["--num_iterations=100000", "--save_every=0"]  # runs until a signal stops it
 
@@ -349,7 +352,7 @@ def test_save_cadence_and_pruning(reference_1, tmp_path, menv, save_every, keep,
         d = tmp_path / "ckpt"
         proc = train(menv, d, f"--save_every={save_every}", f"--keep_last_n_checkpoints={keep}")
     assert_finished(proc, d)
-    assert [int(s) for s in re.findall(r"^step (\d+) \| saved checkpoint", proc.stdout, re.M)] == saves
+    assert [int(s) for s in re.findall(r"^step (\d+) \| sav(?:ed|ing) checkpoint", proc.stdout, re.M)] == saves
     assert steps(d) == on_disk
     assert all(c.valid for c in checkpoint.scan(d, verify=True))
     assert sorted(p.name for p in d.iterdir()) == sorted(
@@ -530,6 +533,55 @@ def test_sigkill_at_every_save_phase(reference_1, crashed_1_at_5, tmp_path, menv
     assert_finished(proc, d)
     assert steps(d) == [12]  # keep 1: everything older, the uncommitted files included, is gone
     assert_same_final_state(d, reference_1[0])
+
+
+def test_async_save_crash_anywhere_still_resumes_bit_exact(reference_1, tmp_path, menv) -> None:
+    """With background writes a SIGKILL may land while a write is in flight: that checkpoint is not committed,
+    the previous one is used, and the end result is still bit-identical to the uninterrupted run."""
+    d = tmp_path / "ckpt"
+    args = ("--async_save=True", "--save_every=2", "--debug_fault=sigkill@step:9")
+    proc = train(menv, d, *args)
+    assert proc.returncode == -signal.SIGKILL
+    assert "saving checkpoint to" in proc.stdout and "in the background; blocked" in proc.stdout
+    proc = train(menv, d, *args)
+    assert re.search(r"resumed from step (6|8) in ", proc.stdout), proc.stdout
+    assert_finished(proc, d)
+    assert_same_final_state(d, reference_1[0])
+
+
+def test_snapshot_loses_at_most_k_steps_and_resumes_bit_exact(reference_1, tmp_path, menv, monkeypatch) -> None:
+    """snapshot_every=2 and no disk save before the crash at step 7: the restart takes the snapshot at 6."""
+    monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))  # a private stand-in for /dev/shm
+    env = {**menv, "NANOCHAT_SHM_DIR": str(tmp_path / "shm")}
+    d = tmp_path / "ckpt"
+    args = ("--async_save=True", "--save_every=100", "--snapshot_every=2", "--debug_fault=sigkill@step:7")
+    proc = train(env, d, *args)
+    assert proc.returncode == -signal.SIGKILL
+    assert "step 00006 | saving snapshot in shared memory" in proc.stdout
+    assert not list(d.glob("meta_*.json"))  # nothing on disk: only the snapshots can save us
+    slots = [sorted(p.name for p in slot.iterdir()) for slot in checkpoint.snapshot_slots(d)]
+    assert {"meta_000004.json", "meta_000006.json"} <= {n for names in slots for n in names}  # double-buffered
+    proc = train(env, d, *args)
+    assert "resume: the in-memory snapshot at step 6" in proc.stdout and f"resumed from step 6 in {d}" in proc.stdout
+    assert_finished(proc, d)
+    assert_same_final_state(d, reference_1[0])
+    assert not checkpoint.snapshot_slots(d)[0].parent.exists()  # dropped once the final checkpoint is durable
+
+
+def test_snapshot_older_than_the_disk_checkpoint_is_ignored_and_resume_false_drops_it(
+    tmp_path, menv, monkeypatch
+) -> None:
+    monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))
+    env = {**menv, "NANOCHAT_SHM_DIR": str(tmp_path / "shm")}
+    d = tmp_path / "ckpt"
+    proc = train(env, d, "--snapshot_every=3", "--save_every=4", "--debug_fault=sigkill@step:5")
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.newest_snapshot(d)[1].step == 3  # older than the disk checkpoint at 4
+    proc = train(env, d, "--snapshot_every=3", "--save_every=4", "--num_iterations=6", "--debug_fault=sigkill@step:6")
+    assert f"resumed from step 4 in {d}" in proc.stdout and "in-memory snapshot" not in proc.stdout
+    assert proc.returncode == -signal.SIGKILL  # a new fault spec: it fires at step 6, after no new snapshot
+    proc = train(env, d, "--resume=False", "--num_iterations=2")
+    assert "dropped the in-memory snapshots of the previous run" in proc.stdout
 
 
 # ---- damaged files -----------------------------------------------------------------------------------------
