@@ -93,3 +93,18 @@ def set_parent_death_signal(sig: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass  # not Linux: best effort
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory (no mmap for big blocks, never trim the heap top). CPU training only.
+
+    By default glibc serves blocks of >= 32 MiB with mmap and unmaps them on free, so every CPU training step
+    faults in, and the kernel zeroes, fresh pages for the logits and their gradients: scripts/bench_train.py
+    measured 1.3-2x more tokens/s with this on (the upstream comparison config: 559 -> 1,133 tok/s). The price
+    is a resident set that stays at its peak. Returns False where it does not apply (not glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, -1) == 1  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = -1
+    except (OSError, AttributeError):
+        return False

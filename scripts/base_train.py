@@ -32,6 +32,7 @@ from nanochat.common import (
     cleanup_distributed,
     get_base_dir,
     init_distributed,
+    keep_freed_memory,
     print0,
     set_parent_death_signal,
     warn0,
@@ -231,6 +232,8 @@ def main(argv: list[str]) -> int:
     dist_info = init_distributed(cfg.device_type)
     device, world = dist_info.device, dist_info.world_size
     stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
+    if device.type == "cpu":
+        keep_freed_memory()  # before the model allocates anything: no page-fault churn every step
     torch.manual_seed(cfg.seed)
     print0(f"base_train: world size {world}, device {device}\n{describe(cfg)}")
 
