@@ -121,6 +121,14 @@ def set_malloc_keep() -> None:
         raise RuntimeError("mallopt refused the settings")
 
 
+def malloc_trim() -> None:
+    """Give the heap's free memory back to the OS (the malloc-keep worker does so between its rounds, so the
+    memory it keeps cannot slow the other arms; its per-round warm-up step absorbs taking it back)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def busy_jiffies() -> tuple[int, int]:
     """(busy, steal) CPU ticks of the whole machine since boot, from /proc/stat (0, 0 where there is none)."""
     try:
@@ -297,6 +305,8 @@ def worker_main(args: argparse.Namespace) -> None:
             a0 = next((a for a in arms if a.data == "small"), None)
             if a0 is not None:
                 ready["loader"] = loader_throughput(tokenizers["small"], data_dir, a0.batch, a0.seq_len, 1_000_000)
+        if args.worker == "1pm":
+            malloc_trim()
         write_json(ctl / f"{me}.ready", ready)
 
         seq, last_seen = 0, time.time()
@@ -321,7 +331,10 @@ def worker_main(args: argparse.Namespace) -> None:
                 for _ in range(cmd["warmup"]):
                     runner.step(arm.compiled, timer)
                 recs = [runner.step(arm.compiled, timer) for _ in range(cmd["steps"])]
-                write_json(ctl / f"{me}.res.{seq}", {"steps": recs, "cpu": cpu_seconds() - c0})
+                cpu = cpu_seconds() - c0
+                if args.worker == "1pm":
+                    malloc_trim()
+                write_json(ctl / f"{me}.res.{seq}", {"steps": recs, "cpu": cpu})
             elif cmd["op"] == "profile":
                 write_json(ctl / f"{me}.res.{seq}", {"text": profile_runner(runner, arm, timer, cmd["steps"])})
             seq += 1
@@ -500,7 +513,7 @@ def make_arms(args: argparse.Namespace, upstream_vocab: int | None) -> list[Arm]
             tag = "upstream" if src == "upstream" else "upstream rand-ids"
             arms.append(Arm(f"{tag}", "1p", compiled=False, **common))
             if not args.no_malloc and src == "upstream":
-                arms.append(Arm(f"{tag} malloc-keep", "1pm", compiled=False, **common))
+                arms.append(Arm(f"{tag} malloc-keep", "1pm", compiled=False, **(common | {"seg_warmup": 1})))
             if not args.no_compile:
                 arms.append(Arm(f"{tag} compiled", "1p", compiled=True, **common))
     return arms
@@ -837,7 +850,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds at most (default 6, --quick 3)")
     p.add_argument("--steps", type=int, default=None, help="measured steps per round, tiny arms (default 3)")
     p.add_argument("--upstream_steps", type=int, default=1, help="measured steps per round, upstream arms")
-    p.add_argument("--min_rounds", type=int, default=None, help="rounds run whatever the budget (default 2, --quick 1)")
+    p.add_argument("--min_rounds", type=int, default=None, help="rounds run whatever the budget (default 1)")
     p.add_argument(
         "--time_budget",
         type=float,
@@ -869,7 +882,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.steps is None:
         args.steps = 2 if args.quick else 3
     if args.min_rounds is None:
-        args.min_rounds = min(args.rounds, 1 if args.quick else 2)
+        args.min_rounds = 1
     if args.time_budget is None:
         args.time_budget = 120 if args.quick else 330
     if args.quick:
