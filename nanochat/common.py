@@ -100,8 +100,9 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves blocks of >= 32 MiB with mmap and unmaps them on free, so every CPU training step
     faults in, and the kernel zeroes, fresh pages for the logits and their gradients: scripts/bench_train.py
-    measured 1.3-2x more tokens/s with this on (the upstream comparison config: 559 -> 1,133 tok/s). The price
-    is a resident set that stays at its peak. Returns False where it does not apply (not glibc).
+    measured 1.3-1.9x more tokens/s with this on (its glibc-malloc arm is the comparison). The price is memory:
+    the heap stays at its peak, up to ~2.6x the peak RSS of default malloc on the upstream comparison config.
+    Returns False where it does not apply (not glibc).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -15,14 +15,19 @@ alike; ratios are also given as the median of per-round ratios):
   d{N} 2p           torch.distributed.run --standalone --nproc_per_node=2 (gloo), 1 thread per process;
                     tokens/s is the aggregate of both ranks
   d{N} 1p compiled  the same model wrapped as base_train does: torch.compile(model, dynamic=False)
-  ... malloc-keep   eager, in a third worker process whose glibc malloc keeps freed memory (mallopt
-                    M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1): shows what page faults on re-allocated big tensors cost
+  d{N} 1p glibc-malloc  eager, in a third worker that skips base_train's nanochat.common.keep_freed_memory()
+                    (glibc's default: big blocks are mmapped and unmapped every step, so every step faults
+                    fresh pages in): what that setting buys. The other workers set malloc up as base_train does.
+                    (Not for the upstream config. To see any config under another allocator, run the whole
+                    benchmark under it, e.g. LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1.)
   upstream          depth 4, head_dim 64, seq 512, batch 8, vocab 32768, fp32, eager and compiled, against the
                     numbers upstream nanochat logged on this class of machine (~650 tok/s eager, ~1,400 compiled)
 
-Workers are long-lived processes (the 2-process job and the 1-process job are both started once, then idle
-between commands), so process start-up, data setup and compilation are never inside a measurement. Without
---base_dir the built-in corpus and the tokenizers are made under a temporary NANOCHAT_BASE_DIR.
+Workers are long-lived processes (the 2-process job and the two 1-process jobs are started once, one after
+the other, then idle between commands), so process start-up, data setup and compilation are never inside a
+measurement. Without --base_dir the built-in corpus and the tokenizers are made under a temporary
+NANOCHAT_BASE_DIR. Each arm also reports the CPU that other programs used meanwhile ("other load"): on a
+shared machine, trust the runs where it is near 0.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ POLL_S = 0.005
 @dataclass(frozen=True)
 class Arm:
     key: str
-    worker: str  # "1p", "2p", or "1pm" (one process whose malloc keeps freed memory, see set_malloc_keep)
+    worker: str  # "1p", "2p", or "1pd" (one process with glibc's default malloc, see mirror_base_train_malloc)
     depth: int
     data: str  # "small" (the base dir's tokenizer), "upstream" (32768-vocab tokenizer) or "random" (random ids)
     seq_len: int
@@ -106,27 +111,20 @@ def usage() -> tuple[float, float, int]:
     return ru.ru_utime + ru.ru_stime, ru.ru_stime, ru.ru_minflt
 
 
-def set_malloc_keep() -> None:
-    """Make glibc malloc keep freed memory: no mmap for big blocks, never trim the heap top.
+def mirror_base_train_malloc(worker: str) -> str:
+    """Set up malloc as base_train does on CPU; the "1pd" worker keeps glibc's default instead (for comparison).
 
-    By default glibc serves blocks of >= 32 MiB with mmap and unmaps them on free, so every training step
-    faults in (and the kernel zeroes) fresh pages for the logits and their gradients. These two settings keep
-    the pages instead, at the price of a larger resident set. Process-wide, so it gets a worker of its own.
+    base_train calls nanochat.common.keep_freed_memory() on CPU (glibc keeps freed memory instead of
+    unmapping big blocks, so steps do not fault fresh pages in). Returns a label for the tables.
     """
-    import ctypes
+    from nanochat import common
 
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    if libc.mallopt(m_mmap_max, 0) != 1 or libc.mallopt(m_trim_threshold, -1) != 1:
-        raise RuntimeError("mallopt refused the settings")
-
-
-def malloc_trim() -> None:
-    """Give the heap's free memory back to the OS (the malloc-keep worker does so between its rounds, so the
-    memory it keeps cannot slow the other arms; its per-round warm-up step absorbs taking it back)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    keep = getattr(common, "keep_freed_memory", None)
+    if keep is None:
+        return "glibc default (base_train sets nothing)"
+    if worker == "1pd":
+        return "glibc default"
+    return "keep freed memory (as base_train)" if keep() else "glibc default (keep_freed_memory not applicable)"
 
 
 def busy_jiffies() -> tuple[int, int]:
@@ -265,8 +263,7 @@ def loader_throughput(tokenizer, data_dir: Path, batch: int, seq_len: int, min_t
 
 
 def worker_main(args: argparse.Namespace) -> None:
-    if args.worker == "1pm":
-        set_malloc_keep()  # before torch allocates anything
+    malloc_mode = mirror_base_train_malloc(args.worker)  # before torch allocates anything
     import torch
 
     torch.set_num_threads(args.threads)
@@ -286,7 +283,7 @@ def worker_main(args: argparse.Namespace) -> None:
         data_dir = Path(plan["data_dir"])
         tokenizers = {name: Tokenizer.load(Path(d)) for name, d in plan["tokenizers"].items()}
         runners: dict[str, Runner] = {}
-        ready: dict = {"threads": torch.get_num_threads(), "world": world, "arms": {}}
+        ready: dict = {"threads": torch.get_num_threads(), "world": world, "arms": {}, "malloc": malloc_mode}
         for arm in arms:
             t0 = time.perf_counter()
             runner = runners.get(arm.model_key)
@@ -305,8 +302,6 @@ def worker_main(args: argparse.Namespace) -> None:
             a0 = next((a for a in arms if a.data == "small"), None)
             if a0 is not None:
                 ready["loader"] = loader_throughput(tokenizers["small"], data_dir, a0.batch, a0.seq_len, 1_000_000)
-        if args.worker == "1pm":
-            malloc_trim()
         write_json(ctl / f"{me}.ready", ready)
 
         seq, last_seen = 0, time.time()
@@ -332,8 +327,6 @@ def worker_main(args: argparse.Namespace) -> None:
                     runner.step(arm.compiled, timer)
                 recs = [runner.step(arm.compiled, timer) for _ in range(cmd["steps"])]
                 cpu = cpu_seconds() - c0
-                if args.worker == "1pm":
-                    malloc_trim()
                 write_json(ctl / f"{me}.res.{seq}", {"steps": recs, "cpu": cpu})
             elif cmd["op"] == "profile":
                 write_json(ctl / f"{me}.res.{seq}", {"text": profile_runner(runner, arm, timer, cmd["steps"])})
@@ -490,7 +483,7 @@ def make_arms(args: argparse.Namespace, upstream_vocab: int | None) -> list[Arm]
         )
         arms.append(Arm(f"d{d} 1p", "1p", compiled=False, **common))
         if not args.no_malloc:
-            arms.append(Arm(f"d{d} 1p malloc-keep", "1pm", compiled=False, **common))
+            arms.append(Arm(f"d{d} 1p glibc-malloc", "1pd", compiled=False, **common))
         if not args.no_2p:
             arms.append(Arm(f"d{d} 2p", "2p", compiled=False, **common))
         if not args.no_compile:
@@ -512,8 +505,6 @@ def make_arms(args: argparse.Namespace, upstream_vocab: int | None) -> list[Arm]
             )
             tag = "upstream" if src == "upstream" else "upstream rand-ids"
             arms.append(Arm(f"{tag}", "1p", compiled=False, **common))
-            if not args.no_malloc and src == "upstream":
-                arms.append(Arm(f"{tag} malloc-keep", "1pm", compiled=False, **(common | {"seg_warmup": 1})))
             if not args.no_compile:
                 arms.append(Arm(f"{tag} compiled", "1p", compiled=True, **common))
     return arms
@@ -571,7 +562,7 @@ def controller_main(args: argparse.Namespace) -> int:
         env.setdefault("TOKENIZERS_PARALLELISM", "true")
         ready: dict[str, dict] = {}
         # one worker at a time sets up, so compile times are not inflated by the other's set-up
-        for name, nprocs, threads in (("2p", 2, 1), ("1p", 1, 2), ("1pm", 1, 2)):
+        for name, nprocs, threads in (("2p", 2, 1), ("1p", 1, 2), ("1pd", 1, 2)):
             if not any(a.worker == name for a in arms):
                 continue
             t0 = time.perf_counter()
@@ -579,8 +570,8 @@ def controller_main(args: argparse.Namespace) -> int:
             workers.append(w)
             ready[name] = w.wait_ready()[0]
             print(
-                f"worker {name}: {nprocs} process(es) x {threads} thread(s), ready in {time.perf_counter() - t0:.1f}s"
-                " (start-up, models, warm-up/compile)",
+                f"worker {name}: {nprocs} process(es) x {threads} thread(s), malloc: {ready[name]['malloc']}; ready in "
+                f"{time.perf_counter() - t0:.1f}s (start-up, models, warm-up/compile)",
                 flush=True,
             )
         by_name = {w.name: w for w in workers}
@@ -739,8 +730,7 @@ def controller_main(args: argparse.Namespace) -> int:
         add_ratio("upstream cfg: compiled / eager", "upstream compiled", "upstream")
         add_ratio("upstream rand-ids: compiled / eager", "upstream rand-ids compiled", "upstream rand-ids")
         for d in args.depths:
-            add_ratio(f"d{d}: malloc-keep / default malloc", f"d{d} 1p malloc-keep", f"d{d} 1p")
-        add_ratio("upstream cfg: malloc-keep / default", "upstream malloc-keep", "upstream")
+            add_ratio(f"d{d}: base_train malloc / glibc default", f"d{d} 1p", f"d{d} 1p glibc-malloc")
         if ratio_rows:
             section("ratios (tokens/s; per-round range in the last column)")
             print(fmt_table(["comparison", "tok/s A", "tok/s B", "A/B", "per round"], ratio_rows))
@@ -862,7 +852,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_2p", action="store_true", help="skip the 2-process arms")
     p.add_argument("--no_compile", action="store_true", help="skip the torch.compile arms")
     p.add_argument("--no_upstream", action="store_true", help="skip the upstream-config arms")
-    p.add_argument("--no_malloc", action="store_true", help="skip the malloc-keep arms (glibc keeps freed memory)")
+    p.add_argument("--no_malloc", action="store_true", help="skip the glibc-malloc comparison arms")
     p.add_argument(
         "--random_upstream",
         action="store_true",
