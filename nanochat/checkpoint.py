@@ -77,8 +77,9 @@ class Checkpoint:
 # durable writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -129,7 +130,7 @@ def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], mid_write
             # (ENOSPC, EFBIG, EIO) so the caller can say what happened instead of crashing with a traceback
             raise writer.error from e
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return writer.size, writer.crc
 
 
@@ -287,7 +288,7 @@ def prune(directory: Path, keep: int, hook: Callable[[str], None] | None = None)
             if hook:
                 hook("prune")
     if removed:
-        _fsync_dir(directory)
+        fsync_path(directory)
     return removed
 
 
@@ -313,7 +314,7 @@ def archive(directory: Path) -> Path | None:
     dest.mkdir()
     for p in files:
         p.rename(dest / p.name)
-    _fsync_dir(directory)
+    fsync_path(directory)
     return dest
 
 
@@ -391,7 +392,6 @@ class Saver:
     warn: Callable[[str], None] = print
     log: Callable[[str], None] = print
     async_save: bool = False
-    last_blocking: float = 0.0  # seconds the last async save blocked the caller (for the log and benchmarks)
     snapshots_off: bool = False  # set after a snapshot failed
     _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _thread: Future | None = field(default=None, init=False, repr=False)  # the write in flight
@@ -440,9 +440,7 @@ class Saver:
                     target = self._free_slot()
                     meta = {**meta, "snapshot": True, "final": False}
                 if self.async_save and not wait:
-                    t0 = time.perf_counter()
                     model_cpu, optim_cpu = self._stage(model_state, "model"), self._stage(optim_state, "optim")
-                    self.last_blocking = time.perf_counter() - t0
                     if self._writer is None:  # one long-lived writer thread, shut down by finish()
                         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
                     self._thread = self._writer.submit(

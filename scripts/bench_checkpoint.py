@@ -43,14 +43,6 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def evict(paths: list[Path]) -> None:
     """Drop these files' clean pages from the page cache (only ours: nothing machine-wide)."""
     for p in paths:
@@ -153,7 +145,7 @@ def run_arm(arm: str, s: Subject, saver) -> tuple[float, object, float]:
         for state, path in zip((model_state, optim_state), s.plain_paths):
             torch.save(state, path)
         for path in s.plain_paths:
-            fsync_path(path)
+            checkpoint.fsync_path(path)
         return time.perf_counter() - t0, None, 0.0
     if arm == "verify":
         t0 = time.perf_counter()

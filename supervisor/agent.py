@@ -133,9 +133,9 @@ class Agent:
             if decision.trainer_overrides:
                 self.display.event(f"next attempt changes: {decision.trainer_overrides}")
             self._set_state(RunState.BACKOFF, f"{decision.reason} in {decision.delay:.0f}s")
-            deadline = procs.now() + decision.delay
-            while procs.now() < deadline and not self.signals:
-                time.sleep(min(self.opts.tick, deadline - procs.now()))
+            deadline = time.monotonic() + decision.delay
+            while time.monotonic() < deadline and not self.signals:
+                time.sleep(min(self.opts.tick, deadline - time.monotonic()))
             if self.signals:
                 self._set_state(RunState.STOPPED, "stop requested during backoff")
                 return EXIT_PREEMPTED if signal.SIGTERM in self.signals else EXIT_INTERRUPTED
@@ -163,7 +163,7 @@ class Agent:
                                 opts.rdzv_endpoint)  # fmt: skip
         ooms_before = procs.oom_kill_counts()
         proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for_workers())
-        t = procs.now()
+        t = time.monotonic()
         watch = Watch(started=t, started_wall=time.time(), last_progress=t)
         append_event(self.run_dir, "attempt_start", attempt=n, pid=proc.pid, cmd=spec.command(),
                      start_step=start_step, overrides=dict(self.overrides), log_dir=str(log_dir))  # fmt: skip
@@ -191,7 +191,7 @@ class Agent:
         lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
         append_event(self.run_dir, "attempt_end", attempt=n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
                      step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
-                     duration=procs.now() - watch.started, peak_rss=watch.peak_rss, exited_at=exited_at,
+                     duration=time.monotonic() - watch.started, peak_rss=watch.peak_rss, exited_at=exited_at,
                      worker_died_at=watch.worker_died_at)  # fmt: skip
         self.view.last_checkpoint = end_step
         lost_txt = f", {lost} steps lost" if lost else ""
@@ -206,7 +206,7 @@ class Agent:
             code = procs.wait_exit(proc, opts.tick)
             if code is not None:
                 return code
-            now = procs.now()
+            now = time.monotonic()
             if now >= watch.next_sample:
                 s = procs.sample(proc.pid, self._proc_cache)
                 watch.peak_rss = max(watch.peak_rss, s.rss)

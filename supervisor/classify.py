@@ -19,6 +19,7 @@ from supervisor.states import AttemptClass, Outcome
 _ROOT = re.compile(r"Root Cause \(first observed failure\):(.*?)(?:={10,}|\Z)", re.S)
 _RANK = re.compile(r"rank\s*:\s*(\d+)")
 _EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+_FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 _ERRFILE = re.compile(r"error_file\s*:\s*(\S+)")
 _TIMEOUT_WORDS = ("watchdog caught collective operation timeout", "collective operation timeout", "timed out")
 
@@ -77,6 +78,13 @@ def root_cause(attempt_log: Path) -> dict:
         out["exitcode"] = int(m.group(1))
     if (m := _ERRFILE.search(block)) and m.group(1) != "<N/A>":
         out["error_file"] = m.group(1)
+    # torchrun orders failures by whole-second timestamps, so a rank that raised "peer gone" in the same second
+    # as the SIGKILL of its peer can be named first. torchrun itself never SIGKILLs first (it sends SIGTERM), so
+    # a worker that died by SIGKILL is the root cause whenever one is listed.
+    summary = text[text.rfind("Failures:") :] if "Failures:" in text else block
+    for rank, code in _FAILURE.findall(summary):
+        if int(code) == -signal.SIGKILL and out.get("exitcode") != -signal.SIGKILL:
+            return {"rank": int(rank), "exitcode": int(code)}
     return out
 
 

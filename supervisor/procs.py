@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,16 +193,8 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
-def pid_alive(pid: int, create_time: float | None = None) -> bool:
-    try:
-        p = psutil.Process(pid)
-        return create_time is None or abs(p.create_time() - create_time) < 1.0
-    except psutil.NoSuchProcess:
-        return False
-
-
-def now() -> float:
-    return time.monotonic()
+def pid_alive(pid: int) -> bool:
+    return psutil.pid_exists(pid)
 
 
 def environ_for_workers() -> dict[str, str]:

@@ -218,6 +218,15 @@ def test_sigkilled_worker_without_memory_evidence_is_signal(att):
     assert out.kind is C.SIGNAL
 
 
+def test_sigkill_wins_when_torchrun_names_the_peer_that_raised_first(att):
+    # same-second timestamps: torchrun may name rank 1's "peer gone" as the root cause of rank 0's SIGKILL
+    peer = att.error_file(1, PEER_GONE)
+    att.torchrun_failed(root=(1, 1, peer), others=[(0, -9, None)])
+    out = classify(att.evidence(1, oom_kills=0, peak_rss=10, memory_limit=100))
+    assert out.kind is C.SIGNAL and "SIGKILL" in out.message
+    assert (out.rank, out.worker_exitcode) == (0, -9)
+
+
 @pytest.mark.parametrize(("code", "name"), [(-15, "SIGTERM"), (-6, "SIGABRT"), (137, "SIGKILL"), (143, "SIGTERM")])
 def test_other_signals_and_shell_style_exit_codes(att, code, name):
     att.torchrun_failed(root=(0, code, None))
