@@ -2,7 +2,8 @@
 
     sigkill@step:7       SIGKILL this process right after step 7 completes (before its save)
     sigkill@save:optim   SIGKILL in the middle of a save: model|optim (mid-write), meta (before the commit),
-                         latest (after the commit, before latest_step.txt), prune (mid-prune)
+                         latest (after the commit, before latest_step.txt), prune (mid-prune), snapshot (in
+                         the middle of writing an in-memory snapshot)
     raise@step:5         raise RuntimeError (a crash with a traceback)
     oom@step:5           raise torch.OutOfMemoryError (what a CUDA OOM looks like to the supervisor)
     hang@step:5          stop making progress forever (sleeps; signals still work)
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 _SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
-_SAVE_PHASES = ("model", "optim", "meta", "latest", "prune")
+_SAVE_PHASES = ("model", "optim", "meta", "latest", "prune", "snapshot")
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanochat import checkpoint
-from nanochat.checkpoint import CheckpointError, Saver
+from nanochat.checkpoint import CheckpointError
 from nanochat.common import (
     DistInfo,
     cleanup_distributed,
@@ -43,6 +43,7 @@ from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers, lr_multiplier, muon_momentum
+from nanochat.saver import Saver
 from nanochat.tokenizer import get_tokenizer
 
 
@@ -340,7 +341,7 @@ def main(argv: list[str]) -> int:
         write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="starting",
                         device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
 
-    def save(step: int, reason: str) -> None:
+    def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:
         if dist_info.master:
             write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="saving",
                             reason=reason, device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
@@ -363,11 +364,11 @@ def main(argv: list[str]) -> int:
             "torch_version": torch.__version__,
         }
         rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
-        background = reason in ("periodic", "snapshot")  # final and signal saves are durable before we go on
+        background = reason == "periodic"  # final and signal saves are durable before we go on
         saver.save(step, model.state_dict(), optimizers.state_dict(), meta, rank_state, wait=not background,
-                   snapshot=reason == "snapshot")  # fmt: skip
+                   disk=disk, memory=memory)  # fmt: skip
         dt = time.perf_counter() - t0
-        what = "snapshot in shared memory" if reason == "snapshot" else f"checkpoint to {ckpt_dir} ({reason})"
+        what = " and ".join([f"checkpoint to {ckpt_dir} ({reason})"] * disk + ["snapshot in shared memory"] * memory)
         if background and cfg.async_save:
             print0(f"step {step:05d} | saving {what} in the background; blocked {dt:.3f}s")
         else:
@@ -416,6 +417,7 @@ def main(argv: list[str]) -> int:
         lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
         optimizers.step(lrm, muon_momentum(step))
         optimizers.zero_grad()
+        saver.settle()  # the snapshot of the step before, written during this one, is committed
         loss_value = loss.item()  # the last micro-batch's loss on this rank: a cheap, honest progress signal
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -447,10 +449,15 @@ def main(argv: list[str]) -> int:
 
         last = step == num_iterations
         signum = stop.agreed(dist_info)
-        if last or signum or (cfg.save_every > 0 and step % cfg.save_every == 0):
-            save(step, "completed" if last else f"signal:{signal.Signals(signum).name}" if signum else "periodic")
-        elif cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 and not saver.snapshots_off:
-            save(step, "snapshot")
+        if last or signum:
+            save(step, "completed" if last else f"signal:{signal.Signals(signum).name}")
+        else:
+            # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never
+            # makes a crash cost more than snapshot_every steps
+            disk = cfg.save_every > 0 and step % cfg.save_every == 0
+            memory = cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0
+            if disk or memory:
+                save(step, "periodic", disk=disk, memory=memory)
         if signum and not last:
             print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
             cleanup_distributed()

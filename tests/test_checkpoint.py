@@ -9,14 +9,15 @@ import os
 import pickle
 import re
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 from nanochat import checkpoint
-from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, Saver, file_name
+from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
+from nanochat.saver import Saver
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -57,7 +58,7 @@ def temp_files(directory: Path) -> list[str]:
 
 
 def garble(path: Path) -> None:
-    """Same size, different bytes: only the CRC32 can tell."""
+    """Same size, different bytes: only the checksum can tell."""
     data = bytearray(path.read_bytes())
     for i in range(0, len(data), 97):
         data[i] ^= 0xFF
@@ -103,7 +104,7 @@ def test_save_writes_model_optim_meta_and_marker_and_loads_back(tmp_path: Path) 
     for kind in ("model", "optim"):
         path = tmp_path / file_name(kind, 5)
         entry = meta["files"][path.name]
-        assert entry == {"size": path.stat().st_size, "crc32": zlib.crc32(path.read_bytes())}
+        assert entry == {"size": path.stat().st_size, "xxh3_64": xxhash.xxh3_64_hexdigest(path.read_bytes())}
     ckpt = checkpoint.find_latest_valid(tmp_path, warn=pytest.fail)
     model, optim = checkpoint.load(tmp_path, ckpt)
     want_model, want_optim = states(5)
@@ -162,7 +163,7 @@ def _unlisted(meta: dict) -> None:
 
 DAMAGE = {
     "truncated model": (lambda d: truncate(d / "model_000004.pt"), r"model_000004.pt has \d+ bytes, meta says \d+"),
-    "garbage optim": (lambda d: garble(d / "optim_000004.pt"), "optim_000004.pt fails its CRC32 check"),
+    "garbage optim": (lambda d: garble(d / "optim_000004.pt"), "optim_000004.pt fails its checksum"),
     "missing model": (lambda d: (d / "model_000004.pt").unlink(), "model_000004.pt is missing"),
     "bad JSON meta": (
         lambda d: (d / "meta_000004.json").write_text('{"step": 4, "files": {'),
@@ -198,7 +199,7 @@ def test_inspect_without_meta_is_uncommitted_and_sizes_only_misses_a_flipped_byt
     save(tmp_path, 4)
     garble(tmp_path / "model_000004.pt")
     assert checkpoint.inspect(tmp_path, 4, verify=False).valid  # the cheap listing checks sizes only
-    assert "CRC32" in checkpoint.inspect(tmp_path, 4, verify=True).problem
+    assert "checksum" in checkpoint.inspect(tmp_path, 4, verify=True).problem
     (tmp_path / "meta_000004.json").unlink()
     ckpt = checkpoint.inspect(tmp_path, 4)
     assert not ckpt.committed and not ckpt.valid and "no meta file" in ckpt.problem
@@ -241,7 +242,7 @@ def test_find_latest_valid_falls_back_warns_and_deletes_nothing(tmp_path: Path) 
     assert ckpt.step == 4 and ckpt.valid and ckpt.meta["step"] == 4
     assert len(warnings) == 2
     assert "step 12" in warnings[0] and "truncated" in warnings[0] and "falling back" in warnings[0]
-    assert "step 8" in warnings[1] and "CRC32" in warnings[1]
+    assert "step 8" in warnings[1] and "checksum" in warnings[1]
     assert snapshot(tmp_path) == before  # nothing deleted, renamed or rewritten
 
 
@@ -284,7 +285,7 @@ def test_find_latest_valid_with_nothing_usable(tmp_path: Path) -> None:
 
 @pytest.fixture
 def prunable(tmp_path: Path) -> Path:
-    """2 valid, 3 uncommitted debris, 4 final, 6 valid, 7 damaged (CRC), 8 damaged (size), 10, 12 valid,
+    """2 valid, 3 uncommitted debris, 4 final, 6 valid, 7 damaged (checksum), 8 damaged (size), 10, 12 valid,
     14 uncommitted (newer than the newest valid: a save that may still be retried)."""
     for step in (2, 3, 4, 6, 7, 8, 10, 12, 14):
         save(tmp_path, step, final=step == 4)
@@ -300,7 +301,7 @@ def prunable(tmp_path: Path) -> Path:
     [
         (1, [2, 3, 6, 10]),  # newest valid only (+ the final, the damaged and newer debris)
         (2, [2, 3, 6]),
-        # the listing checks sizes only, so the CRC-damaged 7 takes one of the three slots (7, 10, 12); it is
+        # the listing checks sizes only, so the checksum-damaged 7 takes one of the three slots (7, 10, 12); it is
         # verified before it could be deleted, never after, so it is kept either way
         (3, [2, 3, 6]),
         (6, [3]),  # six valid ones, the final among them: only the older debris goes
@@ -428,7 +429,7 @@ def test_load_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
     sentinel = tmp_path / "payload-ran"
     ckpt_dir = tmp_path / "ckpt"
     model, optim = states(1)
-    # written through the real Saver, so the meta vouches for the hostile file with the right size and CRC32
+    # written through the real Saver, so the meta vouches for the hostile file with the right size and checksum
     Saver(ckpt_dir, warn=pytest.fail, log=lambda m: None).save(
         3, {**model, "evil": Payload(str(sentinel))}, optim, {}, {}
     )

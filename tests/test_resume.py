@@ -332,7 +332,7 @@ def test_meta_records_everything_a_resume_needs(reference_1) -> None:
     assert rank["loader"]["split"] == "train" and rank["loader"]["world_size"] == 1 and rank["rng"]["cpu"]
     for kind in ("model", "optim"):
         path = d / file_name(kind, 12)
-        assert meta["files"][path.name] == {"size": path.stat().st_size, "crc32": checkpoint.file_crc32(path)}
+        assert meta["files"][path.name] == {"size": path.stat().st_size, "xxh3_64": checkpoint.file_digest(path)}
     assert checkpoint.inspect(d, 4).meta["stop_reason"] == "periodic"
 
 
@@ -549,17 +549,19 @@ def test_async_save_crash_anywhere_still_resumes_bit_exact(reference_1, tmp_path
     assert_same_final_state(d, reference_1[0])
 
 
-def test_snapshot_loses_at_most_k_steps_and_resumes_bit_exact(reference_1, tmp_path, menv, monkeypatch) -> None:
-    """snapshot_every=2 and no disk save before the crash at step 7: the restart takes the snapshot at 6."""
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_snapshot_loses_at_most_k_steps_and_resumes_bit_exact(reference_1, tmp_path, menv, monkeypatch, mode) -> None:
+    """snapshot_every=2 and no disk save before the crash at step 7: the restart takes the snapshot at 6.
+
+    With background writes too: the snapshot of step 6 is committed before step 7 counts as done."""
     monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))  # a private stand-in for /dev/shm
     env = {**menv, "NANOCHAT_SHM_DIR": str(tmp_path / "shm")}
     d = tmp_path / "ckpt"
-    # synchronous snapshots: at most K steps lost. With async saves a kill during the background write of the
-    # newest snapshot falls back to the one before (at most 2K-1 steps), like test_async_save_crash_anywhere.
-    args = ("--async_save=False", "--save_every=100", "--snapshot_every=2", "--debug_fault=sigkill@step:7")
+    args = (f"--async_save={mode == 'async'}", "--save_every=100", "--snapshot_every=2", "--debug_fault=sigkill@step:7")
     proc = train(env, d, *args)
     assert proc.returncode == -signal.SIGKILL
-    assert "step 00006 | saved snapshot in shared memory" in proc.stdout
+    done = "saving snapshot in shared memory in the background" if mode == "async" else "saved snapshot in shared"
+    assert f"step 00006 | {done}" in proc.stdout
     assert not list(d.glob("meta_*.json"))  # nothing on disk: only the snapshots can save us
     slots = [sorted(p.name for p in slot.iterdir()) for slot in checkpoint.snapshot_slots(d)]
     assert {"meta_000004.json", "meta_000006.json"} <= {n for names in slots for n in names}  # double-buffered
@@ -568,6 +570,26 @@ def test_snapshot_loses_at_most_k_steps_and_resumes_bit_exact(reference_1, tmp_p
     assert_finished(proc, d)
     assert_same_final_state(d, reference_1[0])
     assert not checkpoint.snapshot_slots(d)[0].parent.exists()  # dropped once the final checkpoint is durable
+
+
+def test_kill_in_the_middle_of_a_snapshot_falls_back_to_the_other_slot(reference_1, tmp_path, menv, monkeypatch):
+    """Double buffering: a SIGKILL while the snapshot of step 6 is being written leaves the one of step 4 whole,
+    and a disk save at the same step as a snapshot snapshots first (the crash costs at most K steps)."""
+    monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))
+    env = {**menv, "NANOCHAT_SHM_DIR": str(tmp_path / "shm")}
+    d = tmp_path / "ckpt"
+    proc = train(env, d, "--save_every=4", "--snapshot_every=2", "--debug_fault=sigkill@step:5")
+    assert proc.returncode == -signal.SIGKILL
+    assert re.search(r"step 00004 \| saved checkpoint to .* and snapshot in shared memory", proc.stdout)
+    assert checkpoint.newest_snapshot(d)[1].step == 4 and checkpoint.find_latest_valid(d).step == 4
+    proc = train(env, d, "--save_every=100", "--snapshot_every=2", "--debug_fault=sigkill@save:snapshot")
+    assert proc.returncode == -signal.SIGKILL and "debug_fault: sigkill at save phase snapshot" in proc.stdout
+    assert "step 00006 | saving snapshot" not in proc.stdout  # killed inside the write of step 6
+    assert checkpoint.newest_snapshot(d)[1].step == 4
+    proc = train(env, d, "--save_every=100", "--snapshot_every=2")
+    assert f"resumed from step 4 in {d}" in proc.stdout  # 6 - 4 = K steps lost, not more
+    assert_finished(proc, d)
+    assert_same_final_state(d, reference_1[0])
 
 
 def test_snapshot_older_than_the_disk_checkpoint_is_ignored_and_resume_false_drops_it(
@@ -613,7 +635,7 @@ DAMAGE = {
     ),
     "garbage optim": (
         lambda d: _garble(d / "optim_000008.pt"),
-        [r"skipping the checkpoint at step 8: optim_000008.pt fails its CRC32 check \(corrupted\)"],
+        [r"skipping the checkpoint at step 8: optim_000008.pt fails its checksum \(corrupted\)"],
         NOT_RESAVED,
     ),
     "deleted model, marker pointing nowhere": (

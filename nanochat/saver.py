@@ -1,0 +1,315 @@
+"""Saving from the trainer: every rank calls `Saver.save` at the same step; rank 0 writes, in the background.
+
+What is saved and how a checkpoint is committed is nanochat/checkpoint.py's business; this module decides when
+and where to write, and keeps the training loop from waiting:
+
+- A background save blocks the caller only while the state is copied into CPU buffers that are allocated once
+  and reused (pinned on CUDA). One writer thread then serialises, checksums, fsyncs, commits the meta, moves
+  latest_step.txt and prunes. At most one save is in flight; the next one first waits for it (and logs how long).
+- Final saves and saves on a signal are written before `save` returns.
+- A save can also go to an in-memory snapshot slot (shared memory, see checkpoint.snapshot_slots), alone or
+  before the disk checkpoint of the same step. `settle()` waits until the snapshot in flight is committed; the
+  trainer calls it before it reports the next step done, so a run that dies at any moment loses at most
+  `snapshot_every` steps, even while a long disk write is still going on.
+- A failed snapshot (shared memory full, say) only warns and turns snapshots off; a failed disk save is raised
+  on every rank (by the next `save` or `finish` when it ran in the background) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from nanochat import checkpoint
+from nanochat.checkpoint import CheckpointError
+
+
+@dataclass
+class SaveRecord:
+    """Timings of one save on rank 0 (time.perf_counter() seconds), for logs and benchmarks."""
+
+    step: int
+    disk: bool
+    memory: bool
+    started: float
+    blocked: float = 0.0  # how long `save` kept the caller
+    in_memory_at: float | None = None  # the snapshot was committed
+    durable_at: float | None = None  # the disk checkpoint was committed, marked latest and pruning was done
+
+
+@dataclass
+class Saver:
+    """Saves checkpoints from every rank of a run (collective: all ranks call `save` at the same step)."""
+
+    directory: Path
+    keep: int = 3
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
+    fault: Callable[[str], None] = field(default=lambda phase: None)  # debug fault injection, by save phase
+    warn: Callable[[str], None] = print
+    log: Callable[[str], None] = print
+    async_save: bool = False
+    snapshots_off: bool = False  # set on rank 0 after a snapshot failed
+    records: list[SaveRecord] = field(default_factory=list)  # rank 0's saves, oldest first
+    _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
+    _pending: Future | None = field(default=None, init=False, repr=False)  # the write in flight
+    _in_memory: threading.Event | None = field(default=None, init=False, repr=False)  # its snapshot committed
+    _error: BaseException | None = field(default=None, init=False, repr=False)
+    _buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)  # side stream for the copies
+
+    def start(self) -> None:
+        """Create the directory and remove temp debris of an earlier crash (rank 0, before any save)."""
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for p in checkpoint.clean_temp(self.directory):
+                self.warn(f"removed {p.name}, left by a save that crashed")
+        self._barrier()
+
+    def save(
+        self,
+        step: int,
+        model_state: dict,
+        optim_state: dict,
+        meta: dict,
+        rank_state: dict,
+        wait: bool = True,
+        disk: bool = True,
+        memory: bool = False,
+    ) -> None:
+        """Save `step` to disk and/or to an in-memory snapshot; `rank_state` (loader position, RNG) is gathered
+        from every rank. With `async_save` and `wait=False` the writing happens in the background."""
+        per_rank = [rank_state]
+        if self.world_size > 1:
+            per_rank = [None] * self.world_size
+            dist.all_gather_object(per_rank, rank_state)
+        error = None
+        if self.rank == 0:
+            try:
+                self._join()
+                memory = memory and not self.snapshots_off
+                if disk or memory:
+                    self._save_rank0(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
+            except (OSError, CheckpointError) as e:
+                error = e
+        self._raise_if_any_failed(step, error)
+
+    def settle(self) -> None:
+        """Wait until the snapshot in flight, if any, is committed (rank 0; a no-op elsewhere)."""
+        if self._in_memory is None:
+            return
+        t0 = time.perf_counter()
+        self._in_memory.wait()
+        self._in_memory = None
+        if (waited := time.perf_counter() - t0) > 0.1:
+            self.log(f"waited {waited:.2f}s for the in-memory snapshot to be committed")
+
+    def busy(self) -> bool:
+        """A background write is still in flight (rank 0)."""
+        return self._pending is not None and not self._pending.done()
+
+    def finish(self) -> None:
+        """Wait for the save in flight (if any) to be durable; collective, like `save`."""
+        error = None
+        if self.rank == 0:
+            try:
+                self._join(shutdown=True)
+            except (OSError, CheckpointError) as e:
+                error = e
+        self._raise_if_any_failed(None, error)
+
+    # ---- rank 0 ----------------------------------------------------------------------------------------------
+
+    def _save_rank0(self, step, model_state, optim_state, meta, wait, disk, memory) -> None:
+        rec = SaveRecord(step, disk, memory, time.perf_counter())
+        self.records.append(rec)
+        slot = self._free_slot() if memory else None
+        if self.async_save and not wait:
+            model_state, optim_state, copied = self._stage_all(model_state, optim_state)
+            if self._writer is None:  # one long-lived writer thread, shut down by finish()
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+            self._in_memory = threading.Event() if slot else None
+            self._pending = self._writer.submit(
+                self._write_in_background, rec, slot, model_state, optim_state, meta, self._in_memory, copied
+            )
+        else:
+            self._write(rec, slot, model_state, optim_state, meta)
+        rec.blocked = time.perf_counter() - rec.started
+
+    def _write(self, rec: SaveRecord, slot: Path | None, model_state, optim_state, meta, in_memory=None) -> None:
+        """The snapshot first (it is quick and the trainer may be waiting for it), then the disk checkpoint."""
+        if slot is not None:
+            try:
+                self._ensure_space(slot, model_state, optim_state)
+                snap_meta = {**meta, "snapshot": True, "final": False}
+                fault = lambda phase: self.fault("snapshot") if phase == "model" else None  # noqa: E731
+                checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault)
+                rec.in_memory_at = time.perf_counter()
+            except (OSError, CheckpointError) as e:
+                self.snapshots_off = True
+                self.warn(f"in-memory snapshot failed ({e}); snapshots are off for this run, checkpoints go on")
+            finally:
+                if in_memory is not None:
+                    in_memory.set()
+        if not rec.disk:
+            return
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        checkpoint.set_aside_damaged(d, rec.step, self.warn)
+        self._ensure_space(d, model_state, optim_state)
+        checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault)
+        self.fault("latest")
+        checkpoint.mark_latest(d, rec.step)
+        pruned = checkpoint.prune(d, self.keep, self.fault)
+        if pruned:
+            self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
+        rec.durable_at = time.perf_counter()
+
+    def _write_in_background(self, rec, slot, model_state, optim_state, meta, in_memory, copied) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()  # the device-to-host copies on the side stream have landed
+            self._write(rec, slot, model_state, optim_state, meta, in_memory)
+        except CheckpointError as e:
+            self._error = e
+        except OSError as e:  # surfaces only at the next save: say which step failed
+            self._error = CheckpointError(
+                f"saving step {rec.step} to {self.directory} failed ({e.strerror or e}); earlier checkpoints are"
+                " intact: free disk space or fix the directory, then resume"
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised in the training thread by the next save or finish
+            self._error = e
+
+    def _join(self, shutdown: bool = False) -> None:
+        if self._pending is not None:
+            t0 = time.perf_counter()
+            self._pending.result()
+            self._pending = self._in_memory = None
+            if (waited := time.perf_counter() - t0) > 0.1:
+                self.log(f"waited {waited:.2f}s for the previous checkpoint write to finish")
+        if shutdown and self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _stage_all(self, model_state: dict, optim_state: dict):
+        """Copy both states into the reused CPU buffers: (model, optim, CUDA event marking the end of the copies).
+
+        On CUDA the copies go into pinned buffers on a side stream, so this returns without waiting for them;
+        the training stream waits for the side stream before its next kernel (which may update the weights)."""
+        tensors = [t for t in _tensors(model_state) + _tensors(optim_state) if t.is_cuda]
+        if not tensors:
+            return self._stage(model_state, "model"), self._stage(optim_state, "optim"), None
+        main = torch.cuda.current_stream(tensors[0].device)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(tensors[0].device)
+        self._stream.wait_stream(main)  # copy the weights as they are after this step's update
+        with torch.cuda.stream(self._stream):
+            staged = self._stage(model_state, "model"), self._stage(optim_state, "optim")
+            for t in tensors:
+                t.record_stream(self._stream)  # their memory must not be reused before the copies are done
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+        main.wait_stream(self._stream)
+        return staged[0], staged[1], copied
+
+    def _stage(self, obj, key: str):
+        if isinstance(obj, torch.Tensor):
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = self._buffers[key] = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+            buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self._stage(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self._stage(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj
+
+    def _free_slot(self) -> Path:
+        """The snapshot slot not holding the newest snapshot, emptied."""
+        newest = checkpoint.newest_snapshot(self.directory, verify=False)
+        slot = next(p for p in checkpoint.snapshot_slots(self.directory) if newest is None or p != newest[0])
+        checkpoint.empty_slot(slot)
+        return slot
+
+    def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
+        need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
+        free = shutil.disk_usage(d).free
+        if free >= need:
+            return
+        if self.keep != -1 and d == self.directory:
+            # prune one more than usual now (the new checkpoint takes the freed slot), but only if that makes
+            # room: a save that cannot fit anyway must fail with every earlier checkpoint still in place
+            early = max(1, self.keep - 1)
+            if free + sum(c.size for c in checkpoint.plan_prune(d, early)) >= need:
+                for path in checkpoint.prune(d, early):
+                    self.warn(f"low disk space: pruned {path.name} early")
+                free = shutil.disk_usage(d).free
+        if free < need and d == self.directory:
+            raise CheckpointError(
+                f"not enough disk space in {d} for the next checkpoint: need ~{_human(need)}, {_human(free)} free;"
+                " free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir"
+            )
+        if free < need:
+            raise CheckpointError(
+                f"not enough shared memory in {d.parent} for a snapshot: need ~{_human(need)}, {_human(free)} free;"
+                " enlarge /dev/shm, point NANOCHAT_SHM_DIR elsewhere, or set --snapshot_every=0"
+            )
+
+    # ---- all ranks -------------------------------------------------------------------------------------------
+
+    def _raise_if_any_failed(self, step: int | None, error: BaseException | None) -> None:
+        if not self._any_failed(error is not None):
+            return
+        at = f"step {step}" if step is not None else "the last step"
+        if error is None:
+            raise CheckpointError(f"rank 0 failed to save the checkpoint at {at}; see its log")
+        if isinstance(error, CheckpointError):
+            raise error
+        raise CheckpointError(
+            f"saving {at} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"
+            " are intact: free disk space or fix the directory, then resume"
+        ) from error
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _any_failed(self, failed: bool) -> bool:
+        """Agree across ranks whether the save failed (a plain barrier would hang the others forever)."""
+        if self.world_size == 1:
+            return failed
+        flag = torch.tensor([int(failed)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _human(nbytes: int) -> str:
+    """GB, or MB below 1 GB: small runs must not read "need ~0.00 GB, 0.00 GB free"."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, list | tuple):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _nbytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
