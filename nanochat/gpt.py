@@ -50,16 +50,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear that skips torch's default init: GPT.init_weights, or a checkpoint, sets every weight.
+
+    So building a model only allocates it, and a resume (which loads the weights anyway) does no init work."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__(d_in, d_out, bias=False)
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without the default init, like Linear."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0 and cfg.n_head % cfg.n_kv_head == 0
         self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
         self.head_dim = cfg.n_embd // cfg.n_head
-        self.c_q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_q = Linear(cfg.n_embd, cfg.n_head * self.head_dim)
+        self.c_k = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
+        self.c_v = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -76,8 +95,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -95,14 +114,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT(cfg) only allocates the weights (on the default device): call init_weights() or load a state dict."""
+
     softcap = 15.0
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size)
         # Rotary tables are derived data: non-persistent buffers, never in a checkpoint.
         cos, sin = self._rotary_tables(cfg.sequence_len, cfg.n_embd // cfg.n_head)
         self.register_buffer("cos", cos, persistent=False)
@@ -110,8 +131,9 @@ class GPT(nn.Module):
 
     @staticmethod
     def _rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+        # on the CPU whatever the default device: the same tables (to the bit) for every run and restart
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device="cpu"), inv_freq)
         return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]  # (1, T, 1, D/2)
 
     @torch.no_grad()

@@ -132,7 +132,7 @@ class Saver:
     def _save_rank0(self, step, model_state, optim_state, meta, wait, disk, memory) -> None:
         rec = SaveRecord(step, disk, memory, time.perf_counter())
         self.records.append(rec)
-        slot = self._free_slot() if memory else None
+        slot = self._older_slot() if memory else None
         if self.async_save and not wait:
             model_state, optim_state, copied = self._stage_all(model_state, optim_state)
             if self._writer is None:  # one long-lived writer thread, shut down by finish()
@@ -149,6 +149,7 @@ class Saver:
         """The snapshot first (it is quick and the trainer may be waiting for it), then the disk checkpoint."""
         if slot is not None:
             try:
+                checkpoint.empty_slot(slot)
                 self._ensure_space(slot, model_state, optim_state)
                 snap_meta = {**meta, "snapshot": True, "final": False}
                 fault = lambda phase: self.fault("snapshot") if phase == "model" else None  # noqa: E731
@@ -237,12 +238,10 @@ class Saver:
             return type(obj)(self._stage(v, f"{key}/{i}") for i, v in enumerate(obj))
         return obj
 
-    def _free_slot(self) -> Path:
-        """The snapshot slot not holding the newest snapshot, emptied."""
+    def _older_slot(self) -> Path:
+        """The snapshot slot not holding the newest snapshot (the writer empties it first)."""
         newest = checkpoint.newest_snapshot(self.directory, verify=False)
-        slot = next(p for p in checkpoint.snapshot_slots(self.directory) if newest is None or p != newest[0])
-        checkpoint.empty_slot(slot)
-        return slot
+        return next(p for p in checkpoint.snapshot_slots(self.directory) if newest is None or p != newest[0])
 
     def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)

@@ -21,6 +21,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -229,8 +230,11 @@ def setup_wandb(cfg: TrainConfig, dist_info: DistInfo):
 
 @record
 def main(argv: list[str]) -> int:
+    t_main = time.perf_counter()
+    imported = time.time() - psutil.Process().create_time()  # the interpreter's start-up and our imports
     cfg, overrides = parse_args(TrainConfig(), argv)
     dist_info = init_distributed(cfg.device_type)
+    t_pg = time.perf_counter()
     device, world = dist_info.device, dist_info.world_size
     stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
     if device.type == "cpu":
@@ -238,12 +242,44 @@ def main(argv: list[str]) -> int:
     torch.manual_seed(cfg.seed)
     print0(f"base_train: world size {world}, device {device}\n{describe(cfg)}")
 
-    # ---- tokenizer and model ------------------------------------------------------------------------------------
+    # ---- tokenizer, and where this run starts from ---------------------------------------------------------------
     tokenizer = get_tokenizer()
     model_cfg = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.head_dim)
-    model = GPT(model_cfg)
-    model.init_weights(cfg.seed)  # same seed on every rank: identical weights without a broadcast
-    model.to(device)
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_base_dir() / "base_checkpoints" / cfg.tag
+    fault = Fault.parse(cfg.debug_fault)
+    if fault:
+        fault.marker_dir = ckpt_dir
+    saver = Saver(
+        ckpt_dir, cfg.keep_last_n_checkpoints, dist_info.rank, world, device,
+        fault=(lambda phase: fault.at_save(phase, dist_info.rank)) if fault else (lambda phase: None),
+        warn=warn0, log=print0, async_save=cfg.async_save,
+    )  # fmt: skip
+    resume_from = None  # (directory, checkpoint): the disk checkpoint dir or an in-memory snapshot slot
+    if not cfg.resume:
+        if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
+            print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
+        if dist_info.master and checkpoint.remove_snapshots(ckpt_dir):
+            print0("--resume=False: dropped the in-memory snapshots of the previous run")
+        saver.start()
+    else:
+        saver.start()  # removes temp files of a crashed save before we look for checkpoints
+        found = [checkpoint.find_resume_point(ckpt_dir, warn0) if dist_info.master else None]
+        if dist_info.is_distributed:
+            dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
+        resume_from = found[0]
+        if resume_from is None:
+            print0(f"no checkpoint in {ckpt_dir}: starting from scratch")
+        else:
+            check_compatible(resume_from[1].meta, model_cfg, ckpt_dir)  # before anything big is built
+    t_found = time.perf_counter()
+
+    # ---- model: allocated on the device, then initialised, or loaded further down (a resume skips the init) ------
+    with torch.device(device):
+        model = GPT(model_cfg)
+    model.to(device)  # the rotary tables are made on the CPU
+    if resume_from is None:
+        model.init_weights(cfg.seed)  # same seed on every rank: identical weights without a broadcast
+    t_model = time.perf_counter()
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     print0(f"model: {model_cfg}\nparameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
     train_model = torch.compile(model, dynamic=False) if should_compile(cfg, device) else model
@@ -270,64 +306,43 @@ def main(argv: list[str]) -> int:
 
     # ---- optimizers and data ------------------------------------------------------------------------------------
     optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    optimizers = Optimizers(model, optim_cfg, dist_info.rank, world)
+    optimizers = Optimizers(model, optim_cfg, dist_info.rank, world)  # torch.optim's first use imports dynamo (~1.5s)
+    t_optim = time.perf_counter()
     train_loader = DataLoader(tokenizer, B, T, "train", dist_info.rank, world, device, seed=cfg.seed)
     token_bytes = tokenizer.token_bytes().to(device)
     eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
     peak = peak_flops(device)
 
-    # ---- checkpoints: resume, or start fresh --------------------------------------------------------------------
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_base_dir() / "base_checkpoints" / cfg.tag
-    fault = Fault.parse(cfg.debug_fault)
-    if fault:
-        fault.marker_dir = ckpt_dir
-    saver = Saver(
-        ckpt_dir, cfg.keep_last_n_checkpoints, dist_info.rank, world, device,
-        fault=(lambda phase: fault.at_save(phase, dist_info.rank)) if fault else (lambda phase: None),
-        warn=warn0, log=print0, async_save=cfg.async_save,
-    )  # fmt: skip
+    # ---- resume: weights, optimizer, schedule position, data position, RNG -------------------------------------
     step, smooth_loss, train_time, val_bpb, val_bpb_step = 0, 0.0, 0.0, None, None
-    if not cfg.resume:
-        if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
-            print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
-        if dist_info.master and checkpoint.remove_snapshots(ckpt_dir):
-            print0("--resume=False: dropped the in-memory snapshots of the previous run")
-        saver.start()
-    else:
-        saver.start()  # removes temp files of a crashed save before we look for checkpoints
-        found = [checkpoint.find_resume_point(ckpt_dir, warn0) if dist_info.master else None]
-        if dist_info.is_distributed:
-            dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
-        if found[0] is None:
-            print0(f"no checkpoint in {ckpt_dir}: starting from scratch")
+    if resume_from is not None:
+        source, ckpt = resume_from
+        if source != ckpt_dir:
+            print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
+        meta = ckpt.meta
+        changed = {
+            k: (v, overrides[k]) for k, v in meta["train_config"].items() if k in overrides and v != overrides[k]
+        }
+        for key, (old, new) in changed.items():
+            print0(f"resume: --{key} changed from {old!r} to {new!r}")
+        model_state, optim_state = checkpoint.load(source, ckpt, device)
+        model.load_state_dict(model_state)
+        optimizers.load_state_dict(optim_state)
+        del model_state, optim_state
+        step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
+        val_bpb, val_bpb_step = meta.get("val_bpb"), meta.get("val_bpb_step")
+        ranks = meta["ranks"]
+        if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+            train_loader.load_state_dict(ranks[dist_info.rank]["loader"])
+            set_rng_state(ranks[dist_info.rank]["rng"], device)
+            print0(f"resumed from step {step} in {ckpt_dir}")
         else:
-            source, ckpt = found[0]
-            if source != ckpt_dir:
-                print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
-            meta = ckpt.meta
-            check_compatible(meta, model_cfg, ckpt_dir)
-            changed = {
-                k: (v, overrides[k]) for k, v in meta["train_config"].items() if k in overrides and v != overrides[k]
-            }
-            for key, (old, new) in changed.items():
-                print0(f"resume: --{key} changed from {old!r} to {new!r}")
-            model_state, optim_state = checkpoint.load(source, ckpt, device)
-            model.load_state_dict(model_state)
-            optimizers.load_state_dict(optim_state)
-            del model_state, optim_state
-            step, smooth_loss, train_time = meta["step"], meta["smooth_loss"], meta["train_time"]
-            val_bpb, val_bpb_step = meta.get("val_bpb"), meta.get("val_bpb_step")
-            ranks = meta["ranks"]
-            if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
-                train_loader.load_state_dict(ranks[dist_info.rank]["loader"])
-                set_rng_state(ranks[dist_info.rank]["rng"], device)
-                print0(f"resumed from step {step} in {ckpt_dir}")
-            else:
-                train_loader.load_resharded([r["loader"] for r in ranks])
-                print0(
-                    f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
-                    " weights, optimizer and schedule are exact; the data order continues approximately"
-                )
+            train_loader.load_resharded([r["loader"] for r in ranks])
+            print0(
+                f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
+                " weights, optimizer and schedule are exact; the data order continues approximately"
+            )
+    t_loaded = time.perf_counter()
     if step >= num_iterations:
         print0(f"nothing to do: the checkpoint at step {step} already reaches num_iterations={num_iterations}")
         cleanup_distributed()
@@ -425,6 +440,14 @@ def main(argv: list[str]) -> int:
         step += 1
         if step > first_step + 1:  # the first step of a process includes compilation and warm-up
             train_time += dt
+        else:  # where a (re)start spends its time, for scripts/bench_recovery.py and the curious
+            now = time.perf_counter()
+            print0(
+                f"startup: {imported:.2f}s interpreter + imports, {t_pg - t_main:.2f}s process group,"
+                f" {t_found - t_pg:.2f}s finding the checkpoint, {t_model - t_found:.2f}s building the model,"
+                f" {t_optim - t_model:.2f}s optimizers, {t_loaded - t_optim:.2f}s data + loading the state,"
+                f" {now - t_loaded:.2f}s first step; {imported + now - t_main:.2f}s in all"
+            )
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at step {step}; lower the learning rates or check the data")
 

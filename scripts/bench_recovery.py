@@ -1,15 +1,18 @@
-"""How fast does a supervised run recover from a dead worker? Measured side by side in one run.
+"""How fast does a supervised run recover from a dead worker, and how much does it lose? Side by side, one run.
 
     python -m scripts.bench_recovery [--nproc 2] [--depth 2] [--repeats 3]
 
-Arms, interleaved, each repeated:
-  cold      `nanochat-run train` from scratch: launch -> first completed training step
-  recovery  the same run with `--debug_fault=sigkill@step:K` (the checkpoint is at K-1): a worker dies by SIGKILL;
-            death -> the supervisor notices torchrun's exit (detection), and death -> the first step completed
-            after the restart (recovery, including backoff 0, torchrun start-up, imports and checkpoint load)
+Arms, interleaved, each repeated; the kill step is drawn at random per repeat (seeded) and shared by both
+killed arms:
+  cold       `nanochat-run train` from scratch, uninterrupted: launch -> first completed step, and the
+             reference end state
+  disk       the same run with `--debug_fault=sigkill@step:K` on the last rank, checkpoints every --save-every
+  snapshots  the same kill, plus in-memory snapshots every --snapshot-every steps
 
-The death time is the timestamp the fault writes just before it kills the process. Ratios are against the cold
-start, which is the same work a restart has to redo.
+For each kill: detection (worker SIGKILL -> the supervisor notices), recovery (SIGKILL -> the first step
+completed after the restart: backoff 0, torchrun start-up, imports, checkpoint load, first step), steps lost,
+the restarted trainer's own start-up breakdown (its "startup:" log line), and whether the end result is
+bit-identical to the cold run's. The death time is the timestamp the fault writes just before it kills.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -24,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from nanochat import checkpoint
 from nanochat.dataset import data_dir, iter_texts, train_val_shards, write_builtin_corpus
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
 
@@ -34,18 +42,20 @@ def prepare(base: Path) -> None:
     Tokenizer.train(iter_texts(train, max_chars=2_000_000), 1024).save(tokenizer_dir(base))
 
 
-def run(args: argparse.Namespace, base: Path, tag: str, fault: str) -> dict:
+def run(args: argparse.Namespace, base: Path, tag: str, kill_step: int = 0, snapshot_every: int = 0) -> dict:
     """One supervised run; polls the heartbeat to time the first step of each attempt."""
     ckpt = base / "ckpt" / tag
     run_dir = base / "runs" / tag
     cmd = [sys.executable, "-m", "supervisor.cli", "train", "--checkpoint-dir", str(ckpt), "--run-dir", str(run_dir),
            "--nproc-per-node", str(args.nproc), "--depth", str(args.depth), "--num-iterations", str(args.steps),
-           "--save-every", str(args.kill_step - 1), "--backoff", "0", "--",
+           "--save-every", str(args.save_every), "--backoff", "0", "--",
            "--head_dim=32", "--max_seq_len=128", "--device_batch_size=4", "--total_batch_size=-1",
-           "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1"]  # fmt: skip
-    if fault:
-        cmd.append(f"--debug_fault={fault}")
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1",
+           f"--snapshot_every={snapshot_every}"]  # fmt: skip
+    if kill_step:
+        cmd.append(f"--debug_fault=sigkill@step:{kill_step},rank={args.nproc - 1}")
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "NANOCHAT_SHM_DIR": str(base / "shm")}  # fmt: skip
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     seen: list[tuple[float, int]] = []  # (heartbeat time, step) of every training heartbeat seen
@@ -61,43 +71,56 @@ def run(args: argparse.Namespace, base: Path, tag: str, fault: str) -> dict:
         raise SystemExit(f"bench_recovery: the {tag} run failed with exit code {proc.returncode}")
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     ends = [e for e in events if e["event"] == "attempt_end"]
-    out = {"first_step": seen[0][0] - t0}
-    if fault:
+    final = checkpoint.find_latest_valid(ckpt, print)
+    out = {"first_step": seen[0][0] - t0, "final": checkpoint.load(ckpt, final)[0]}
+    if kill_step:
         died = float(next(ckpt.glob(".fault-fired-*")).read_text())
         out["detect"] = ends[0]["worker_died_at"] - died
-        out["torchrun_exit"] = ends[0]["exited_at"] - died
         out["recover"] = min(t for t, _ in seen if t > ends[0]["exited_at"]) - died  # the restarted attempt's
         out["lost"] = ends[0]["steps_lost"]
+        log = (Path(ends[1]["log_dir"]) / "torchrun.log").read_text(errors="replace")
+        out["startup"] = re.findall(r"startup: (.*)", log)[-1].strip()
     return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--kill-step", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--save-every", type=int, default=10)
+    ap.add_argument("--snapshot-every", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         prepare(base)
-        cold, rec = [], []
-        for i in range(args.repeats):  # interleaved, so drift on a noisy machine hits both arms alike
-            cold.append(run(args, base, f"cold{i}", ""))
-            rec.append(run(args, base, f"kill{i}", f"sigkill@step:{args.kill_step},rank={args.nproc - 1}"))
-    med = lambda rows, key: statistics.median(r[key] for r in rows)
-    cold_s, detect_s, recover_s = med(cold, "first_step"), med(rec, "detect"), med(rec, "recover")
-    exit_s = med(rec, "torchrun_exit")
-    print(f"bench_recovery: depth {args.depth}, {args.nproc} workers (gloo, CPU), {args.repeats} runs per arm, medians")
-    print(f"{'measure':<48}{'seconds':>10}{'vs cold start':>16}")
-    print(f"{'cold start: launch -> first step':<48}{cold_s:>10.2f}{1.0:>15.2f}x")
-    print(f"{'detection: worker SIGKILL -> supervisor notices':<48}{detect_s:>10.2f}{detect_s / cold_s:>15.2f}x")
-    print(f"{'torchrun has stopped the other workers':<48}{exit_s:>10.2f}{exit_s / cold_s:>15.2f}x")
-    print(f"{'recovery: worker SIGKILL -> first step after':<48}{recover_s:>10.2f}{recover_s / cold_s:>15.2f}x")
-    print(f"steps lost per crash (checkpoint every {args.kill_step - 1}): {[r['lost'] for r in rec]}")
-    print("per run (s): " + ", ".join(f"cold {c['first_step']:.2f} / detect {r['detect']:.2f} / recover "
-                                      f"{r['recover']:.2f}" for c, r in zip(cold, rec)))  # fmt: skip
+        rows: dict[str, list[dict]] = {"cold": [], "disk": [], "snapshots": []}
+        for i in range(args.repeats):  # interleaved, so drift on a noisy machine hits every arm alike
+            k = rng.randrange(args.save_every + 1, args.steps - 1)
+            rows["cold"].append(run(args, base, f"cold{i}"))
+            rows["disk"].append(run(args, base, f"disk{i}", k) | {"kill": k})
+            rows["snapshots"].append(run(args, base, f"snap{i}", k, args.snapshot_every) | {"kill": k})
+    cold = statistics.median(r["first_step"] for r in rows["cold"])
+    ref = rows["cold"][0]["final"]
+    print(f"bench_recovery: depth {args.depth}, {args.nproc} workers (gloo, CPU), {args.steps} steps, checkpoint every"
+          f" {args.save_every}, {args.repeats} kills per arm at random steps, medians")  # fmt: skip
+    print(f"cold start: launch -> first step {cold:.2f}s")
+    print(f"{'arm':<34}{'detect s':>10}{'recover s':>11}{'vs cold':>9}{'steps lost':>16}{'bit-exact':>11}")
+    for arm, label in (("disk", "checkpoints only"), ("snapshots", f"+ snapshots every {args.snapshot_every}")):
+        rs = rows[arm]
+        det, rec = (statistics.median(r[key] for r in rs) for key in ("detect", "recover"))
+        exact = all(same(r["final"], ref) for r in rs) and all(same(r["final"], ref) for r in rows["cold"])
+        lost = ",".join(str(r["lost"]) for r in rs)
+        print(f"{label:<34}{det:>10.2f}{rec:>11.2f}{rec / cold:>8.2f}x{lost:>16}{str(exact):>11}")
+    print("kill steps: " + ", ".join(str(r["kill"]) for r in rows["disk"]))
+    print("restarted trainer start-up (snapshots arm, last kill): " + rows["snapshots"][-1]["startup"])
 
 
 if __name__ == "__main__":
