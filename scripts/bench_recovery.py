@@ -78,7 +78,8 @@ def run(args: argparse.Namespace, base: Path, tag: str, kill_step: int = 0, snap
         out["detect"] = ends[0]["worker_died_at"] - died
         out["recover"] = min(t for t, _ in seen if t > ends[0]["exited_at"]) - died  # the restarted attempt's
         out["lost"] = ends[0]["steps_lost"]
-        log = (Path(ends[1]["log_dir"]) / "torchrun.log").read_text(errors="replace")
+        restart = [e for e in events if e["event"] == "attempt_start"][1]
+        log = (Path(restart["log_dir"]) / "torchrun.log").read_text(errors="replace")
         out["startup"] = re.findall(r"startup: (.*)", log)[-1].strip()
     return out
 
