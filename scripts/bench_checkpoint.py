@@ -1,13 +1,14 @@
 """What do checkpoints cost a training run? Arms measured side by side in one run, on CPU.
 
-    python -m scripts.bench_checkpoint                  # depth 8, 2 rounds of 5 arms (~5 minutes)
-    python -m scripts.bench_checkpoint --quick          # depth 4, 1 round
+    python -m scripts.bench_checkpoint                  # depth 8, 1 round of 5 arms (~7 minutes on 2 cores)
+    python -m scripts.bench_checkpoint --quick          # depth 4 (~2 minutes)
 
 A benchmark, never a test. Every arm is the same training (same seed, model, random-token data, thread count)
 in a fresh process of its own (so peak RSS is the arm's), saving every --save_every steps, at least 5 saves:
 
   none        no checkpoints: the reference step time and wall time
-  torch.save  torch.save(model) + torch.save(optim) + fsync, in the loop: the baseline the ratios are against
+  torch.save  torch.save(model) + torch.save(optim) to step-named files + fsync, deleting those of two saves
+              back (keep 2, as the Saver arms do), in the loop: the baseline the ratios are against
   sync        nanochat.saver.Saver, async_save=False: our writer (checksums, atomic renames, meta, pruning)
   async       Saver, async_save=True: the loop copies the state into reused buffers, a thread writes to disk
   snapshot    Saver, async_save=True, in-memory snapshots only (shared memory, no disk)
@@ -17,7 +18,9 @@ snapshot was committed (memory). Step time during a write = steps that ran while
 flight, against the same arm's other steps. The first save (buffer allocation, first page faults) is shown
 apart. "copy" is a plain copy of the same state into preallocated buffers: the floor for the blocking time.
 Overhead per save = blocked + the extra time of the steps during the write; at save_every=50 it is that over
-50 normal steps (extrapolated from the measured saves, and said so).
+50 normal steps (extrapolated from the measured saves, and said so). On CPU a depth-8 step with a small batch is
+mostly Muon's Newton-Schulz (seconds per step at 1 thread), which makes per-step overheads look small: read the
+blocked and durable columns and the ratios against torch.save first.
 """
 
 from __future__ import annotations
@@ -69,12 +72,13 @@ def worker(args: argparse.Namespace) -> dict:
         if arm == "none" or step % args.save_every:
             continue
         t0 = time.perf_counter()
-        if arm == "torch.save":
+        if arm == "torch.save":  # a plain checkpoint series: step-named files, the newest 2 kept, like the Saver's
             d = root / "plain"
             d.mkdir(exist_ok=True)
-            for name, state in (("model.pt", model.state_dict()), ("optim.pt", optimizers.state_dict())):
-                torch.save(state, d / name)
-                checkpoint.fsync_path(d / name)
+            for kind, state in (("model", model.state_dict()), ("optim", optimizers.state_dict())):
+                torch.save(state, d / f"{kind}_{step}.pt")
+                checkpoint.fsync_path(d / f"{kind}_{step}.pt")
+                (d / f"{kind}_{step - 2 * args.save_every}.pt").unlink(missing_ok=True)
             blocked = durable = time.perf_counter() - t0
             saves.append({"step": step, "blocked": blocked, "durable": durable})
             continue
@@ -164,16 +168,16 @@ def summarize(runs: list[dict], warmup: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench_checkpoint", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--quick", action="store_true", help="depth 4, one round")
+    p.add_argument("--quick", action="store_true", help="depth 4")
     p.add_argument("--depth", type=int, default=8)
     p.add_argument("--vocab_size", type=int, default=32768)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--head_dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--save_every", type=int, default=5)
+    p.add_argument("--save_every", type=int, default=2)
     p.add_argument("--saves", type=int, default=6, help="saves per arm (>= 5; the first is reported apart)")
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # derived from --saves
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1, help="more rounds alternate the arm order")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leaves a core for the writer,"
                    " as on a GPU node where the CPU is mostly idle)")  # fmt: skip
     p.add_argument("--dir", help="where checkpoints are written (default $TMPDIR)")
@@ -184,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     if args.quick:
-        args.depth, args.rounds = 4, 1
+        args.depth = 4
     if args.saves < 5:
         p.error("--saves must be at least 5")
     warmup = 2
