@@ -189,6 +189,9 @@ class Saver:
             )
         except Exception as e:  # noqa: BLE001 - re-raised in the training thread by the next save or finish
             self._error = e
+        finally:
+            if in_memory is not None:  # whatever happened, settle() must not wait forever
+                in_memory.set()
 
     def _join(self, shutdown: bool = False) -> None:
         if self._pending is not None:
