@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from nanochat.checkpoint import LATEST
 from nanochat.dataset import data_dir, iter_texts, train_val_shards, write_builtin_corpus
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
+from tests.runs import REPO_ROOT, Trainer, assert_finished, crashed, kill_group, steps, train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DOCS = 300  # a seeded slice of the built-in corpus: enough for a few training steps, quick to tokenise
 TEST_SHARDS = 3  # two train shards + one val shard
 TEST_VOCAB = 512
@@ -81,3 +82,66 @@ def small_fs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+# ---- trainer runs shared by tests/test_resume.py and tests/test_crash_safety.py ------------------------------
+
+
+@pytest.fixture(scope="session")
+def menv(base_dir: Path) -> dict[str, str]:
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session")
+def reference_1(tmp_path_factory, menv) -> tuple[Path, subprocess.CompletedProcess]:
+    """One process, uninterrupted: checkpoints at 4, 8 and the final 12."""
+    d = tmp_path_factory.mktemp("reference_1") / "ckpt"
+    proc = train(menv, d)
+    assert_finished(proc, d)
+    return d, proc
+
+
+@pytest.fixture(scope="session")
+def reference_2(tmp_path_factory, menv) -> Path:
+    d = tmp_path_factory.mktemp("reference_2") / "ckpt"
+    assert_finished(train(menv, d, nproc=2), d, world=2)
+    return d
+
+
+@pytest.fixture(scope="session")
+def crashed_1(tmp_path_factory, menv) -> Path:
+    """One process, killed at step 10: checkpoints 4 and 8."""
+    d = crashed(tmp_path_factory, menv, "crashed_1", 10)
+    assert steps(d) == [4, 8] and (d / LATEST).read_text() == "8\n"
+    return d
+
+
+@pytest.fixture(scope="session")
+def crashed_1_at_5(tmp_path_factory, menv) -> Path:
+    """One process, killed at step 5: checkpoint 4 only."""
+    d = crashed(tmp_path_factory, menv, "crashed_1_at_5", 5)
+    assert steps(d) == [4]
+    return d
+
+
+@pytest.fixture(scope="session")
+def crashed_2(tmp_path_factory, menv) -> Path:
+    """Two processes under torchrun, rank 0 killed at step 10: checkpoints 4 and 8."""
+    d = crashed(tmp_path_factory, menv, "crashed_2", 10, nproc=2)
+    assert steps(d) == [4, 8]
+    return d
+
+
+@pytest.fixture
+def start(menv: dict):
+    """start(ckpt_dir, *args, nproc=1) -> a running Trainer, killed at teardown if a test left it running."""
+    started: list[Trainer] = []
+
+    def start(ckpt_dir: Path, *args: str, nproc: int = 1) -> Trainer:
+        started.append(Trainer(menv, ckpt_dir, *args, nproc=nproc))
+        return started[-1]
+
+    yield start
+    for t in started:
+        if t.proc.poll() is None:
+            kill_group(t.proc)

@@ -1,0 +1,231 @@
+"""Running the trainer in tests: the tiny config, one-shot and background runs, and the checks end-to-end tests
+share (tests/test_resume.py, tests/test_crash_safety.py; the fixtures built on them are in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from nanochat import checkpoint
+from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# 128 tokens per step works for 1 rank (2 micro-batches) and 2 ranks (1 each), so runs can change world size
+TINY = [
+    "--depth=1",
+    "--head_dim=32",
+    "--max_seq_len=32",
+    "--device_batch_size=2",
+    "--total_batch_size=128",
+    "--num_iterations=12",
+    "--eval_every=-1",
+    "--eval_tokens=256",
+    "--sample_every=-1",
+    "--save_every=4",
+    "--keep_last_n_checkpoints=-1",
+    # Synchronous saves, so "killed after the checkpoint at step k" means that checkpoint is on disk. With
+    # async saves a crash during the background write falls back one checkpoint further (tested below).
+    "--async_save=False",
+]
+LONG = ["--num_iterations=100000", "--save_every=0"]  # runs until a signal stops it
+
+
+# ---- running the trainer -----------------------------------------------------------------------------------
+
+
+def command(ckpt_dir: Path, args: tuple[str, ...], nproc: int) -> list[str]:
+    if nproc == 1:
+        launcher = [sys.executable, "-m", "scripts.base_train"]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        launcher += ["-m", "scripts.base_train", "--"]
+    return [*launcher, *TINY, f"--checkpoint_dir={ckpt_dir}", *args]
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and whatever it started (torchrun's workers): it runs in a session of its own."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def train(env: dict, ckpt_dir: Path, *args: str, nproc: int = 1, timeout: float = 180, **kw):
+    """Run the trainer to the end; returns a CompletedProcess with its output."""
+    cmd = command(ckpt_dir, args, nproc)
+    popen = dict(env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with subprocess.Popen(cmd, **popen, start_new_session=True, **kw) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            pytest.fail(f"the trainer ran over {timeout}s: {' '.join(cmd)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class Trainer:
+    """A trainer running in the background whose output we read line by line, to signal it at the right moment."""
+
+    def __init__(self, env: dict, ckpt_dir: Path, *args: str, nproc: int = 1) -> None:
+        self.proc = subprocess.Popen(
+            command(ckpt_dir, args, nproc),
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.lines: list[tuple[str, str]] = []  # (stream, line), in the order we read them
+        self._queue: queue.Queue = queue.Queue()
+        self._open = 2
+        for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr)):
+            threading.Thread(target=self._pump, args=(name, stream), daemon=True).start()
+
+    def _pump(self, name: str, stream) -> None:
+        for line in stream:
+            self._queue.put((name, line))
+        self._queue.put((name, None))
+
+    def _next(self, deadline: float) -> tuple[str, str] | None:
+        while self._open:
+            try:
+                name, line = self._queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            if line is None:
+                self._open -= 1
+                continue
+            self.lines.append((name, line))
+            return name, line
+        return None
+
+    def wait_for(self, pattern: str, stream: str = "stdout", timeout: float = 90) -> re.Match:
+        """Read until a line of `stream` matches; fails with the output so far if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = self._next(deadline)
+            if got is None:
+                break
+            if got[0] == stream and (m := re.search(pattern, got[1])):
+                return m
+        kill_group(self.proc)
+        pytest.fail(f"no {stream} line matched {pattern!r}; output so far:\n{self.output}")
+
+    def finish(self, timeout: float = 90) -> int:
+        deadline = time.monotonic() + timeout
+        while self._next(deadline) is not None:
+            pass
+        return self.proc.wait(timeout=max(1, deadline - time.monotonic()))
+
+    @property
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(line for name, line in self.lines if name == "stdout")
+
+    def workers(self) -> list[psutil.Process]:
+        """The trainer processes torchrun started (its children running scripts.base_train)."""
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        return [p for p in children if "scripts.base_train" in p.cmdline()]
+
+
+# ---- checks ------------------------------------------------------------------------------------------------
+
+
+def steps(d: Path) -> list[int]:
+    return [c.step for c in checkpoint.scan(d)]
+
+
+def temp_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.rglob(f"{TMP_PREFIX}*"))
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def step_lines(out: str) -> list[int]:
+    return [int(s) for s in re.findall(r"^step (\d+)/\d+ ", out, re.M)]
+
+
+def assert_finished(
+    proc: subprocess.CompletedProcess, d: Path, step: int = 12, world: int = 1
+) -> checkpoint.Checkpoint:
+    """The run exited 0 and left a valid final checkpoint at `step`, the marker on it and no temp file."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
+    assert f"done: {step} steps" in proc.stdout
+    ckpt = checkpoint.find_latest_valid(d, pytest.fail)
+    assert ckpt.step == step and ckpt.final and ckpt.meta["stop_reason"] == "completed"
+    assert ckpt.meta["world_size"] == world and len(ckpt.meta["ranks"]) == world
+    assert (d / LATEST).read_text() == f"{step}\n"
+    assert temp_files(d) == []
+    return ckpt
+
+
+def assert_identical(a, b, where: str = "") -> None:
+    """Nested state dicts equal: every tensor bit for bit (dtype, shape, values), everything else by ==."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_identical(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def assert_same_final_state(d: Path, reference: Path, step: int = 12) -> None:
+    for kind in ("model", "optim"):
+        got = torch.load(d / file_name(kind, step), weights_only=True)
+        want = torch.load(reference / file_name(kind, step), weights_only=True)
+        assert_identical(got, want, kind)
+    got_meta, want_meta = (checkpoint.inspect(x, step).meta for x in (d, reference))
+    assert [r["loader"] for r in got_meta["ranks"]] == [r["loader"] for r in want_meta["ranks"]]
+    assert got_meta["smooth_loss"] == want_meta["smooth_loss"]
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The run failed the way users should see it fail: exit 2 and one `base_train: error:` line, no traceback."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("base_train: error:")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+def crashed(tmp_path_factory, menv, name: str, at: int, nproc: int = 1) -> Path:
+    """A run SIGKILLed right after step `at` (before that step's save)."""
+    d = tmp_path_factory.mktemp(name) / "ckpt"
+    proc = train(menv, d, f"--debug_fault=sigkill@step:{at}", nproc=nproc)
+    assert proc.returncode == (-signal.SIGKILL if nproc == 1 else 1), proc.stdout + proc.stderr
+    assert f"debug_fault: sigkill at step {at}" in proc.stdout
+    assert f"step {at:05d}/00012" in proc.stdout and f"step {at + 1:05d}/" not in proc.stdout
+    return d
+
+
+def copy(src: Path, tmp_path: Path) -> Path:
+    """A private copy of a run's checkpoint dir (with its fault marker, so the fault does not fire again)."""
+    return Path(shutil.copytree(src, tmp_path / "ckpt"))
