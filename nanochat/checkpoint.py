@@ -30,7 +30,9 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ LATEST = "latest_step.txt"
 TMP_PREFIX = ".tmp."
 _NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
 _KINDS = ("model", "optim")  # the payload files a meta vouches for
+_TORCH_CRC_LOCK = threading.Lock()
 
 
 class CheckpointError(RuntimeError):
@@ -144,27 +147,31 @@ def _torch_save(state: dict, f: _HashingWriter) -> None:
     if set_crc is None:
         torch.save(state, f)
         return
-    before = torch.serialization.get_crc32_options()
-    set_crc(False)
-    try:
-        torch.save(state, f)
-    finally:
-        set_crc(before)
+    with _TORCH_CRC_LOCK:  # two savers in one process must not restore each other's setting
+        before = torch.serialization.get_crc32_options()
+        set_crc(False)
+        try:
+            torch.save(state, f)
+        finally:
+            set_crc(before)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(path, lambda w: w.write(text.encode()))
 
 
-def file_digest(path: Path, chunk: int = 1 << 24) -> str:
-    """xxh3-64 of a file's bytes, as written into the meta."""
-    h = xxhash.xxh3_64()
+def file_digest(path: Path, algo: str = "xxh3_64", chunk: int = 1 << 24) -> str:
+    """A file's checksum as the meta records it: xxh3-64 (hex), or crc32 (an int, in metas of older versions)."""
+    h, crc = xxhash.xxh3_64(), 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(chunk)
         view = memoryview(buf)
         while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+            if algo == "crc32":
+                crc = zlib.crc32(view[:n], crc)
+            else:
+                h.update(view[:n])
+    return str(crc) if algo == "crc32" else h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
     try:
         meta = json.loads(meta_path.read_text())
         # size and checksum of each listed file, checked here so a malformed entry is a problem, not a crash
-        files = {name: {"size": int(f["size"]), "xxh3_64": str(f["xxh3_64"])} for name, f in meta["files"].items()}
+        files = {name: _expected(f) for name, f in meta["files"].items()}
         if meta["step"] != step:
             raise ValueError(f"records step {meta['step']}")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -209,11 +216,21 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
             ckpt.problem = f"{name} is missing"
         elif path.stat().st_size != want["size"]:
             ckpt.problem = f"{name} has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
-        elif verify and file_digest(path) != want["xxh3_64"]:
+        elif verify and file_digest(path, want["algo"]) != want["digest"]:
             ckpt.problem = f"{name} fails its checksum (corrupted)"
         if ckpt.problem:
             break
     return ckpt
+
+
+def _expected(entry: dict) -> dict:
+    """What a meta's file entry promises: size, checksum algorithm and value (crc32 before xxh3-64 came in)."""
+    algo = "xxh3_64" if "xxh3_64" in entry else "crc32"
+    return {
+        "size": int(entry["size"]),
+        "algo": algo,
+        "digest": str(entry[algo] if algo == "xxh3_64" else int(entry[algo])),
+    }
 
 
 def scan(directory: Path, verify: bool = False) -> list[Checkpoint]:
@@ -251,10 +268,14 @@ def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> C
 
 
 def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """(model state, optimizer state) of a verified checkpoint, memory-mapped, never unpickling code."""
+    """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
     states = []
+    on_cpu = torch.device(device).type == "cpu"
     for kind in _KINDS:
-        state = torch.load(directory / file_name(kind, ckpt.step), map_location="cpu", mmap=True, weights_only=True)
+        # Memory-mapped, except the optimizer state on CPU: the optimizer keeps those very tensors, and a mapping
+        # would pin the file (disk or shared memory, even once pruned) for the rest of the run.
+        mmap = not (on_cpu and kind == "optim")
+        state = torch.load(directory / file_name(kind, ckpt.step), map_location="cpu", mmap=mmap, weights_only=True)
         if torch.device(device).type != "cpu":
             state = _to_device(state, device)
         states.append(state)
@@ -424,10 +445,12 @@ def remove_snapshots(directory: Path) -> bool:
     return True
 
 
-def find_resume_point(directory: Path, warn: Callable[[str], None] = print) -> tuple[Path, Checkpoint] | None:
-    """Where to resume: the newest valid checkpoint on disk, or a newer valid in-memory snapshot."""
+def find_resume_point(
+    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True
+) -> tuple[Path, Checkpoint] | None:
+    """Where to resume: the newest valid checkpoint on disk, or a newer valid in-memory snapshot (if `snapshots`)."""
     disk = find_latest_valid(directory, warn)
-    snap = newest_snapshot(directory)
+    snap = newest_snapshot(directory) if snapshots else None
     if snap and (disk is None or snap[1].step > disk.step):
         return snap
     return (directory, disk) if disk else None

@@ -202,9 +202,10 @@ class Optimizers:
         return {"adamw": self.adamw.state_dict(), "muon": self.muon.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore moments and momentum; learning rates stay those of the current config (they may change on resume)."""
+        """Restore moments and momentum. Hyperparameters (learning rates, weight decay, betas, fused...) stay those
+        of the current config: torch's load_state_dict would bring back the saved ones, and a resume may change them."""
         for opt, key in ((self.adamw, "adamw"), (self.muon, "muon")):
-            lrs = [group["initial_lr"] for group in opt.param_groups]
+            current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
             opt.load_state_dict(state[key])
-            for group, lr in zip(opt.param_groups, lrs):
-                group["initial_lr"] = group["lr"] = lr
+            for group, settings in zip(opt.param_groups, current):
+                group.update(settings)

@@ -95,12 +95,17 @@ class Saver:
         error = None
         if self.rank == 0:
             try:
-                self._join()
+                try:
+                    self._join()
+                except Exception as e:  # noqa: BLE001 - the previous background write failed
+                    if not wait:
+                        raise
+                    error = e  # a final or signal save is still written; the earlier failure is reported after
                 memory = memory and not self.snapshots_off
                 if disk or memory:
                     self._save_rank0(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
-            except (OSError, CheckpointError) as e:
-                error = e
+            except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they hang)
+                error = error or e
         self._raise_if_any_failed(step, error)
 
     def settle(self) -> None:
@@ -123,7 +128,7 @@ class Saver:
         if self.rank == 0:
             try:
                 self._join(shutdown=True)
-            except (OSError, CheckpointError) as e:
+            except Exception as e:  # noqa: BLE001 - see save
                 error = e
         self._raise_if_any_failed(None, error)
 
@@ -132,7 +137,12 @@ class Saver:
     def _save_rank0(self, step, model_state, optim_state, meta, wait, disk, memory) -> None:
         rec = SaveRecord(step, disk, memory, time.perf_counter())
         self.records.append(rec)
-        slot = self._older_slot() if memory else None
+        slot = None
+        if memory:
+            try:
+                slot = self._older_slot()
+            except OSError as e:
+                self._snapshot_failed(e)
         if self.async_save and not wait:
             model_state, optim_state, copied = self._stage_all(model_state, optim_state)
             if self._writer is None:  # one long-lived writer thread, shut down by finish()
@@ -156,8 +166,7 @@ class Saver:
                 checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault)
                 rec.in_memory_at = time.perf_counter()
             except (OSError, CheckpointError) as e:
-                self.snapshots_off = True
-                self.warn(f"in-memory snapshot failed ({e}); snapshots are off for this run, checkpoints go on")
+                self._snapshot_failed(e)
             finally:
                 if in_memory is not None:
                     in_memory.set()
@@ -241,6 +250,10 @@ class Saver:
             return type(obj)(self._stage(v, f"{key}/{i}") for i, v in enumerate(obj))
         return obj
 
+    def _snapshot_failed(self, error: BaseException) -> None:
+        self.snapshots_off = True
+        self.warn(f"in-memory snapshot failed ({error}); snapshots are off for this run, checkpoints go on")
+
     def _older_slot(self) -> Path:
         """The snapshot slot not holding the newest snapshot (the writer empties it first)."""
         newest = checkpoint.newest_snapshot(self.directory, verify=False)
@@ -278,7 +291,7 @@ class Saver:
         at = f"step {step}" if step is not None else "the last step"
         if error is None:
             raise CheckpointError(f"rank 0 failed to save the checkpoint at {at}; see its log")
-        if isinstance(error, CheckpointError):
+        if not isinstance(error, OSError):
             raise error
         raise CheckpointError(
             f"saving {at} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"

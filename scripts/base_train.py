@@ -255,6 +255,11 @@ def main(argv: list[str]) -> int:
         warn=warn0, log=print0, async_save=cfg.async_save,
     )  # fmt: skip
     resume_from = None  # (directory, checkpoint): the disk checkpoint dir or an in-memory snapshot slot
+    # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
+    one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    if cfg.snapshot_every and not one_machine:
+        warn0("--snapshot_every needs every rank on one machine (snapshots live in rank 0's /dev/shm); they are off")
+        cfg.snapshot_every = 0
     if not cfg.resume:
         if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
             print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
@@ -263,7 +268,7 @@ def main(argv: list[str]) -> int:
         saver.start()
     else:
         saver.start()  # removes temp files of a crashed save before we look for checkpoints
-        found = [checkpoint.find_resume_point(ckpt_dir, warn0) if dist_info.master else None]
+        found = [checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=one_machine) if dist_info.master else None]
         if dist_info.is_distributed:
             dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
         resume_from = found[0]

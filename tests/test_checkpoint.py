@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,30 @@ def test_file_names_and_scan_ignore_everything_else(tmp_path: Path) -> None:
     assert [c.step for c in ckpts] == [3, 1234567] and all(c.valid for c in ckpts)
     assert [p.name for p in ckpts[1].paths] == ["meta_1234567.json", "model_1234567.pt", "optim_1234567.pt"]
     assert (tmp_path / LATEST).read_text() == "1234567\n"
+
+
+def test_checkpoints_of_the_crc32_era_still_verify(tmp_path: Path) -> None:
+    """Metas written before xxh3-64 record a CRC32: a run spanning the upgrade must still resume from them."""
+    save(tmp_path, 5)
+    meta_path = tmp_path / "meta_000005.json"
+    meta = json.loads(meta_path.read_text())
+    for name in meta["files"]:
+        meta["files"][name] = {"size": meta["files"][name]["size"], "crc32": zlib.crc32((tmp_path / name).read_bytes())}
+    meta_path.write_text(json.dumps(meta))
+    assert checkpoint.inspect(tmp_path, 5, verify=True).valid
+    garble(tmp_path / "optim_000005.pt")
+    assert "fails its checksum" in checkpoint.inspect(tmp_path, 5, verify=True).problem
+
+
+def test_a_failed_background_write_does_not_cost_the_final_save(tmp_path: Path) -> None:
+    """The error of a periodic write surfaces at the next save, but a final (waited) save is written first."""
+    saver = Saver(tmp_path, keep=-1, warn=pytest.fail, log=lambda m: None, async_save=True)
+    model, optim = states(1)
+    saver.save(2, {**model, "bad": lambda: None}, optim, {}, {}, wait=False)  # cannot be pickled, in the writer
+    with pytest.raises(AttributeError, match="pickle"):
+        saver.save(4, model, optim, {"final": True}, {}, wait=True)
+    assert [c.step for c in checkpoint.scan(tmp_path) if c.valid] == [4]
+    assert checkpoint.find_latest_valid(tmp_path, pytest.fail).step == 4
 
 
 def test_save_writes_model_optim_meta_and_marker_and_loads_back(tmp_path: Path) -> None:

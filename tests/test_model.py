@@ -132,14 +132,15 @@ def test_adamw_alone_reduces_loss():
     assert last < 0.7 * first
 
 
-def test_optimizer_pair_state_dict_roundtrip_keeps_current_lrs():
+def test_optimizer_pair_state_dict_roundtrip_keeps_current_hyperparameters():
     model = tiny()
     opt = Optimizers(model, OptimConfig())
     _train(model, lambda: (opt.step(1.0, 0.9), opt.zero_grad()), steps=2)
     state = opt.state_dict()
-    other = Optimizers(model, OptimConfig(matrix_lr=0.05))
+    other = Optimizers(model, OptimConfig(matrix_lr=0.05, weight_decay=0.1))
     other.load_state_dict(state)
-    assert other.muon.param_groups[0]["initial_lr"] == 0.05  # the new config's LR wins
+    assert other.muon.param_groups[0]["initial_lr"] == 0.05  # the new config's settings win
+    assert all(group["weight_decay"] == 0.1 for group in other.adamw.param_groups)
     p = model.blocks[0].attn.c_q.weight
     assert torch.equal(other.muon.state[p]["momentum_buffer"], opt.muon.state[p]["momentum_buffer"])
     assert torch.equal(other.adamw.state[model.wte.weight]["exp_avg"], opt.adamw.state[model.wte.weight]["exp_avg"])
