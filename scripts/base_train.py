@@ -520,10 +520,12 @@ def cli() -> None:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"base_train: error: {e}", file=sys.stderr)
         cleanup_distributed(barrier=False)
-        sys.exit(2)
-    # Everything is saved and the process group is gone: leave without interpreter finalization. Under torchrun
+        code = 2  # the supervisor reads 2 as "the settings are wrong": do not restart
+    # Done, or refused with exit 2, and nothing is in flight: leave without interpreter finalization. Under torchrun
     # with gloo, a worker sometimes aborts in C++ teardown at this point ("terminate called without an active
-    # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt.
+    # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt (or hide the 2).
+    # Any other exception propagates: @record has written the error file, and a normal exit lets a background
+    # checkpoint write finish first (even if the teardown then aborts, the error file names the cause).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)

@@ -197,7 +197,9 @@ def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Ru
     assert [e["class"] for e in ends] == ["crash", "completed"]
     crash = ends[0]["outcome"]
     assert crash["message"] == "RuntimeError: debug_fault: injected crash at step 12"
-    assert crash["rank"] == 1 and crash["worker_exitcode"] == 1 and crash["error_file"].endswith("/1/error.json")
+    # exit code 1, or SIGABRT when gloo's C++ teardown aborts after the exception (the error file still names it)
+    assert crash["rank"] == 1 and crash["worker_exitcode"] in (1, -signal.SIGABRT)
+    assert crash["error_file"].endswith("/1/error.json")
     assert ends[0]["checkpoint_step"] == 10 and ends[0]["step_reached"] == 12 and ends[0]["steps_lost"] == 2
     starts = run.events("attempt_start")
     assert [s["start_step"] for s in starts] == [None, 10]
