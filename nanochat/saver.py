@@ -221,16 +221,16 @@ class Saver:
 
         On CUDA the copies go into pinned buffers on a side stream, so this returns without waiting for them;
         the training stream waits for the side stream before its next kernel (which may update the weights)."""
-        tensors = [t for t in _tensors(model_state) + _tensors(optim_state) if t.is_cuda]
-        if not tensors:
+        on_gpu = [t for t in tensors(model_state) + tensors(optim_state) if t.is_cuda]
+        if not on_gpu:
             return self._stage(model_state, "model"), self._stage(optim_state, "optim"), None
-        main = torch.cuda.current_stream(tensors[0].device)
+        main = torch.cuda.current_stream(on_gpu[0].device)
         if self._stream is None:
-            self._stream = torch.cuda.Stream(tensors[0].device)
+            self._stream = torch.cuda.Stream(on_gpu[0].device)
         self._stream.wait_stream(main)  # copy the weights as they are after this step's update
         with torch.cuda.stream(self._stream):
             staged = self._stage(model_state, "model"), self._stage(optim_state, "optim")
-            for t in tensors:
+            for t in on_gpu:
                 t.record_stream(self._stream)  # their memory must not be reused before the copies are done
             copied = torch.cuda.Event()
             copied.record(self._stream)
@@ -316,15 +316,16 @@ def _human(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
-def _tensors(obj) -> list[torch.Tensor]:
+def tensors(obj) -> list[torch.Tensor]:
+    """Every tensor in a (nested dicts/lists) state, in order."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
+        return [t for v in obj.values() for t in tensors(v)]
     if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _tensors(v)]
+        return [t for v in obj for t in tensors(v)]
     return []
 
 
 def _nbytes(obj) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+    return sum(t.numel() * t.element_size() for t in tensors(obj))

@@ -1,6 +1,6 @@
 """What do checkpoints cost a training run? Arms measured side by side in one run, on CPU.
 
-    python -m scripts.bench_checkpoint                  # depth 8, 1 round of 5 arms (~7 minutes on 2 cores)
+    python -m scripts.bench_checkpoint                  # depth 8, 1 round of 5 arms (~6 minutes on 2 cores)
     python -m scripts.bench_checkpoint --quick          # depth 4 (~2 minutes)
 
 A benchmark, never a test. Every arm is the same training (same seed, model, random-token data, thread count)
@@ -49,6 +49,7 @@ def worker(args: argparse.Namespace) -> dict:
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.optim import OptimConfig, Optimizers
     from nanochat.saver import Saver
+    from nanochat.saver import tensors as saver_tensors
 
     arm, root = args.worker, Path(args.root)
     torch.manual_seed(0)
@@ -93,7 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
     out = {"arm": arm, "steps": steps, "saves": saves, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     if arm == "async":  # the floor for the blocking time: a plain copy into buffers allocated beforehand
         states = [model.state_dict(), optimizers.state_dict()]
-        tensors = [t for s in states for t in _tensors(s)]
+        tensors = [t for s in states for t in saver_tensors(s)]
         bufs = [torch.empty_like(t) for t in tensors]
         times = []
         for _ in range(5):
@@ -104,14 +105,6 @@ def worker(args: argparse.Namespace) -> dict:
         out["copy"] = statistics.median(times)
         out["state_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     return out
-
-
-def _tensors(obj) -> list:
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _tensors(v)]
-    return [obj] if hasattr(obj, "numel") else []
 
 
 def run_arm(arm: str, args: argparse.Namespace, tmp: Path) -> dict:
