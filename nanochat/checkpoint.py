@@ -10,28 +10,35 @@ A checkpoint at step N is three files in one directory, plus a marker:
                          commit marker.
     latest_step.txt      the newest committed step, replaced atomically after the meta.
 
+    .run_id              the run's lineage: a random id made at a fresh start and recorded in every meta, so
+                         an in-memory snapshot is only ever resumed into the run that wrote it
+    .trainer.lock, .nanochat-run.lock   the writer's and the supervisor's locks (nanochat/locks.py)
+
 Every file is written to `.tmp.<name>.<pid>` in the same directory, flushed, fsync'ed and renamed, then the
 directory is fsync'ed. So a crash at any instant leaves either a committed checkpoint or debris that is not one:
-a temp file (removed at the next start) or files without a meta (an uncommitted save, overwritten when the run
-reaches that step again). A checkpoint is valid only if its meta parses and both files match the sizes and
-checksums it records (xxh3-64, ~25 GB/s on one core: verifying costs little next to reading). Resume takes the
-newest valid one and says why it skipped any newer ones; a damaged checkpoint is never deleted or overwritten
-silently (it is renamed to `*.damaged` with a warning before a new save takes its step). Files are read with
-`torch.load(weights_only=True)`: a checkpoint can never run code.
+a temp file (removed at the next start unless its writer is still alive) or files without a meta (an uncommitted
+save, overwritten when the run reaches that step again). A checkpoint is valid only if its meta parses, both files
+match the sizes and checksums it records (xxh3-64, ~25 GB/s on one core: verifying costs little next to reading)
+and both load with `torch.load(weights_only=True)` (a checkpoint can never run code). `find_resume_point` is the
+one answer to "the newest usable checkpoint" for the trainer, the saver, the supervisor, `status` and `prune`: it
+takes the newest valid one and says why it skipped any newer ones. A damaged checkpoint is never deleted or
+overwritten silently (it is renamed to `*.damaged` with a warning before a new save takes its step), and pruning
+keeps the newest `keep` *verified* checkpoints.
 
-In-memory snapshots use the same files and rules in a slot directory in shared memory (`snapshot_slots`).
-Saving from the trainer (when, where, in the background) is nanochat/saver.py.
+In-memory snapshots use the same files and rules in shared memory (nanochat/snapshots.py: `slots`, `newest`,
+`remove`, `stale`); the directory's locks (`DirLock`, `LockError`, `lock_holder`) are nanochat/locks.py. Saving
+from the trainer (when, where, in the background) is nanochat/saver.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,14 +48,20 @@ import torch
 import xxhash
 
 LATEST = "latest_step.txt"
+RUN_ID = ".run_id"
 TMP_PREFIX = ".tmp."
 _NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
+_TMP_PID = re.compile(r"\.(\d+)$")
 _KINDS = ("model", "optim")  # the payload files a meta vouches for
 _TORCH_CRC_LOCK = threading.Lock()
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint problem the user must act on; the message is one line and names the fix."""
+
+
+class StorageError(CheckpointError):
+    """Reading or writing the storage failed (disk full, I/O error, stale NFS handle): a restart may succeed."""
 
 
 def file_name(kind: str, step: int) -> str:
@@ -65,6 +78,7 @@ class Checkpoint:
     meta: dict | None = None
     problem: str = ""  # empty when valid
     committed: bool = False  # a meta file exists (parseable or not)
+    verified: bool = False  # checksums and safe loading were checked, not just sizes
 
     @property
     def valid(self) -> bool:
@@ -92,6 +106,20 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_dir(path: Path, mode: int = 0o777) -> None:
+    """mkdir -p whose new entries survive a power cut: each created level's parent is fsync'ed."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        fsync_path(d.parent)
+
+
 class _HashingWriter:
     """A file wrapper that computes size and checksum as bytes go out (no second read), with a fault hook."""
 
@@ -117,12 +145,22 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _write_atomic(path: Path, write: Callable[[_HashingWriter], None], mid_write: Callable[[], None] | None = None):
-    """Write through a temp file, fsync, rename. Returns (size, xxh3-64 hex digest). Leaves no temp file on error."""
+def _write_atomic(
+    path: Path,
+    write: Callable[[_HashingWriter], None],
+    mid_write: Callable[[], None] | None = None,
+    private: bool = False,
+):
+    """Write through a temp file, fsync, rename. Returns (size, xxh3-64 hex digest). Leaves no temp file on error.
+
+    The temp file is created exclusively and never through a symlink; `private` makes it 0600 (snapshots in
+    shared memory), otherwise the umask decides as for any file."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     writer = None
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # our own pid's debris (a retried save); nobody else writes under our pid
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o666)
+        with open(fd, "wb") as f:
             writer = _HashingWriter(f, mid_write)
             write(writer)
             f.flush()
@@ -156,8 +194,8 @@ def _torch_save(state: dict, f: _HashingWriter) -> None:
             set_crc(before)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    _write_atomic(path, lambda w: w.write(text.encode()))
+def write_text_atomic(path: Path, text: str, private: bool = False) -> None:
+    _write_atomic(path, lambda w: w.write(text.encode()), private=private)
 
 
 def file_digest(path: Path, algo: str = "xxh3_64", chunk: int = 1 << 24) -> str:
@@ -191,7 +229,7 @@ def _steps_on_disk(directory: Path) -> dict[int, list[Path]]:
 def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify: bool = True) -> Checkpoint:
     """Check one step's files against its meta. `verify=False` checks sizes only (cheap, for listings)."""
     paths = paths if paths is not None else _steps_on_disk(directory).get(step, [])
-    ckpt = Checkpoint(step, sorted(paths))
+    ckpt = Checkpoint(step, sorted(paths), verified=verify)
     meta_path = directory / file_name("meta", step)
     if not meta_path.exists():
         ckpt.problem = "no meta file (an uncommitted save, or an interrupted prune)"
@@ -218,9 +256,22 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
             ckpt.problem = f"{name} has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
         elif verify and file_digest(path, want["algo"]) != want["digest"]:
             ckpt.problem = f"{name} fails its checksum (corrupted)"
+        elif verify:
+            ckpt.problem = _unsafe(path)
         if ckpt.problem:
             break
     return ckpt
+
+
+def _unsafe(path: Path) -> str:
+    """Why `path` does not load as a plain state dict with weights_only=True ('' if it does). Memory-mapped, so
+    only the pickle is read: a forged meta that vouches for a file with code in it is caught here, not at load."""
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError from the zip reader, OSError, ...
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return f"{path.name} does not load safely ({type(e).__name__}: {first})"
+    return ""
 
 
 def _expected(entry: dict) -> dict:
@@ -250,7 +301,7 @@ def read_latest_marker(directory: Path) -> tuple[int | None, str]:
 
 
 def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> Checkpoint | None:
-    """The newest valid checkpoint (fully verified); warns about each newer one it had to skip, and why."""
+    """The newest valid checkpoint on disk (fully verified); warns about each newer one it had to skip, and why."""
     on_disk = _steps_on_disk(directory)
     if not on_disk:
         return None
@@ -267,6 +318,25 @@ def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> C
     return None
 
 
+def find_resume_point(
+    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True
+) -> tuple[Path, Checkpoint] | None:
+    """THE newest usable checkpoint, as (where, checkpoint): the newest valid one on disk, or a newer valid
+    in-memory snapshot of the same run (`snapshots`). The trainer resumes from it; the supervisor judges progress
+    and completion by it; `status` and `prune` report and keep it."""
+    from nanochat import snapshots as shm  # snapshots.py builds on this module
+
+    disk = find_latest_valid(directory, warn)
+    snap = None
+    try:
+        snap = shm.newest(directory, run_id(directory, disk)) if snapshots else None
+    except CheckpointError as e:  # a planted or shared snapshot folder: never trusted
+        warn(str(e))
+    if snap and (disk is None or snap[1].step > disk.step):
+        return snap
+    return (directory, disk) if disk else None
+
+
 def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
     """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
     states = []
@@ -275,7 +345,11 @@ def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") 
         # Memory-mapped, except the optimizer state on CPU: the optimizer keeps those very tensors, and a mapping
         # would pin the file (disk or shared memory, even once pruned) for the rest of the run.
         mmap = not (on_cpu and kind == "optim")
-        state = torch.load(directory / file_name(kind, ckpt.step), map_location="cpu", mmap=mmap, weights_only=True)
+        path = directory / file_name(kind, ckpt.step)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        except OSError as e:
+            raise StorageError(f"reading {path} failed ({e.strerror or e}); check the storage, then resume") from e
         if torch.device(device).type != "cpu":
             state = _to_device(state, device)
         states.append(state)
@@ -299,30 +373,51 @@ def _to_device(obj, device):
 def plan_prune(directory: Path, keep: int) -> list[Checkpoint]:
     """What pruning to the newest `keep` valid checkpoints would delete (keep=-1: nothing).
 
-    Never the newest valid checkpoint, never a final one, never a damaged one (the user decides about those).
-    Uncommitted files (no meta) older than the newest valid checkpoint are debris and go too.
+    The kept set is made of *verified* checkpoints, newest first: a newer checkpoint whose bytes rotted at the same
+    size takes no keep slot, so the newest verified checkpoint is never deleted. Never deleted either: a final
+    checkpoint, or a damaged one (the user decides about those). Uncommitted files (no meta) older than the newest
+    kept checkpoint are debris and go too. Verification reads the kept checkpoints and the ones to delete.
     """
     if keep == -1:
         return []
     if keep < 1:
         raise CheckpointError(f"cannot keep {keep} checkpoints: keep at least 1 (or -1 for all)")
     ckpts = scan(directory, verify=False)
-    valid = [c for c in ckpts if c.valid]
-    if not valid:
+    kept: list[Checkpoint] = []
+    doomed: list[Checkpoint] = []
+    for c in reversed([c for c in ckpts if c.valid]):  # sizes match: candidates, newest first
+        if len(kept) < keep:
+            if (c := inspect(directory, c.step, c.paths)).valid:
+                kept.append(c)
+        elif not c.final and (c := inspect(directory, c.step, c.paths)).valid:
+            doomed.append(c)
+    if not kept:
         return []
-    newest = valid[-1].step
-    kept = {c.step for c in valid[-keep:]}
-    # the scan checks sizes only; a same-size corruption is caught by verifying what would go (one checkpoint
-    # per save in the steady state), so a damaged checkpoint is never deleted by routine pruning
-    doomed = [c for c in valid if c.step not in kept and not c.final and inspect(directory, c.step, c.paths).valid]
-    doomed += [c for c in ckpts if not c.committed and c.step < newest]
+    doomed += [c for c in ckpts if not c.committed and c.step < kept[0].step]
     return sorted(doomed, key=lambda c: c.step)
 
 
 def prune(directory: Path, keep: int, hook: Callable[[str], None] | None = None) -> list[Path]:
     """Delete what plan_prune names: the meta first, so a crash mid-prune leaves no half-valid checkpoint."""
+    return _delete(directory, plan_prune(directory, keep), hook)
+
+
+def make_room(directory: Path, keep: int, need: int) -> list[Path]:
+    """Before a save of `need` bytes that does not fit: prune one more than usual (to keep-1, at least 1), so the
+    new checkpoint takes the freed slot, but only if that makes room. A save that cannot fit anyway must fail with
+    every earlier checkpoint still in place. Returns what was deleted."""
+    free = shutil.disk_usage(directory).free
+    if free >= need or keep == -1:
+        return []
+    doomed = plan_prune(directory, max(1, keep - 1))
+    if free + sum(c.size for c in doomed) < need:
+        return []
+    return _delete(directory, doomed)
+
+
+def _delete(directory: Path, doomed: list[Checkpoint], hook: Callable[[str], None] | None = None) -> list[Path]:
     removed = []
-    for ckpt in plan_prune(directory, keep):
+    for ckpt in doomed:
         meta = directory / file_name("meta", ckpt.step)
         for path in sorted(ckpt.paths, key=lambda p: p != meta):
             path.unlink(missing_ok=True)
@@ -334,19 +429,37 @@ def prune(directory: Path, keep: int, hook: Callable[[str], None] | None = None)
     return removed
 
 
-def clean_temp(directory: Path) -> list[Path]:
-    """Remove temp files a crash mid-save left behind. Call only when no save can be in flight."""
-    leftovers = [p for p in directory.glob(f"{TMP_PREFIX}*") if p.is_file()] if directory.is_dir() else []
-    for p in leftovers:
+def clean_temp(directory: Path) -> tuple[list[Path], list[Path]]:
+    """Remove temp files left by crashed saves: (removed, kept). A temp file whose writer pid is still alive is
+    kept (a save in flight, e.g. of a trainer whose supervisor died); call while holding the trainer lock."""
+    removed, kept = [], []
+    for p in sorted(directory.glob(f"{TMP_PREFIX}*")) if directory.is_dir() else []:
+        m = _TMP_PID.search(p.name)
+        if not p.is_file():
+            continue
+        if m and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1))):
+            kept.append(p)
+            continue
         p.unlink(missing_ok=True)
-    return leftovers
+        removed.append(p)
+    return removed, kept
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True
 
 
 def archive(directory: Path) -> Path | None:
-    """Move every checkpoint file and the latest marker into a new `archived-<time>/` subfolder (a fresh start)."""
+    """Move every checkpoint file, the latest marker and the run id into a new `archived-<time>/` subfolder (a
+    fresh start); nothing is deleted."""
     files = [p for paths in _steps_on_disk(directory).values() for p in paths]
-    if (directory / LATEST).exists():
-        files.append(directory / LATEST)
+    files += [directory / name for name in (LATEST, RUN_ID) if (directory / name).exists()]
     if not files:
         return None
     stamp = time.strftime("archived-%Y%m%d-%H%M%S")
@@ -360,15 +473,19 @@ def archive(directory: Path) -> Path | None:
     return dest
 
 
-def set_aside_damaged(directory: Path, step: int, warn: Callable[[str], None]) -> None:
-    """Before a save takes a step whose committed checkpoint is damaged, rename its files to *.damaged."""
-    ckpt = inspect(directory, step, verify=False)
+def set_aside(directory: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Before a save takes a step that already has a committed checkpoint, rename its files out of the way: to
+    `*.damaged` if it is invalid (evidence for the user), to `*.replaced` if it is valid (a fallback made the run
+    save this step again). Uncommitted debris is simply overwritten."""
+    ckpt = inspect(directory, step)
     if not ckpt.committed:
-        return  # uncommitted debris is simply overwritten
+        return
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    what = "replaced" if ckpt.valid else "damaged"
     for p in ckpt.paths:
-        p.rename(p.with_name(f"{p.name}.{stamp}.damaged"))
-    warn(f"step {step} had a damaged checkpoint ({ckpt.problem or 'replaced'}); kept it as *.{stamp}.damaged")
+        p.rename(p.with_name(f"{p.name}.{stamp}.{what}"))
+    why = "a valid one, saved again now" if ckpt.valid else ckpt.problem
+    warn(f"step {step} already had a checkpoint ({why}); kept its files as *.{stamp}.{what}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,6 +499,7 @@ def write(
     optim_state: dict,
     meta: dict,
     fault: Callable[[str], None] = lambda phase: None,
+    private: bool = False,
 ) -> None:
     """Write and commit one checkpoint: both payload files, then the meta that vouches for them (the commit).
 
@@ -390,70 +508,17 @@ def write(
     files = {}
     for kind, state in (("model", model_state), ("optim", optim_state)):
         name = file_name(kind, step)
-        size, digest = _write_atomic(directory / name, lambda w, s=state: _torch_save(s, w), lambda k=kind: fault(k))
+        size, digest = _write_atomic(
+            directory / name, lambda w, s=state: _torch_save(s, w), lambda k=kind: fault(k), private
+        )
         files[name] = {"size": size, "xxh3_64": digest}
     meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
     fault("meta")
-    write_text_atomic(directory / file_name("meta", step), json.dumps(meta, indent=1))  # the commit point
+    write_text_atomic(directory / file_name("meta", step), json.dumps(meta, indent=1), private)  # the commit point
 
 
 def mark_latest(directory: Path, step: int) -> None:
     write_text_atomic(directory / LATEST, f"{step}\n")
-
-
-def empty_slot(slot: Path) -> None:
-    """Empty a snapshot slot before reuse: the meta first, so the slot is never half valid."""
-    slot.mkdir(parents=True, exist_ok=True)
-    for path in sorted(slot.iterdir(), key=lambda p: not p.name.startswith("meta")):
-        path.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# in-memory snapshots
-
-
-def snapshot_slots(directory: Path) -> list[Path]:
-    """The two in-memory snapshot slots of a checkpoint dir, written alternately (double buffering).
-
-    They live in shared memory ($NANOCHAT_SHM_DIR, default /dev/shm) under a name derived from the checkpoint
-    dir, so they survive the trainer process (crash, OOM kill, hang kill) but not the machine. Each slot is a
-    checkpoint directory of its own, with the same files, commit rule and verification, holding one checkpoint.
-    """
-    key = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("NANOCHAT_SHM_DIR", "/dev/shm")) / "nanochat-snapshots" / key
-    return [root / "slot0", root / "slot1"]
-
-
-def newest_snapshot(directory: Path, verify: bool = True) -> tuple[Path, Checkpoint] | None:
-    """(slot, checkpoint) of the newest valid snapshot of this checkpoint dir, if any."""
-    best = None
-    for slot in snapshot_slots(directory):
-        for ckpt in reversed(scan(slot, verify=False)):
-            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify) if verify else ckpt
-            if ckpt.valid and (best is None or ckpt.step > best[1].step):
-                best = (slot, ckpt)
-                break
-    return best
-
-
-def remove_snapshots(directory: Path) -> bool:
-    """Delete this checkpoint dir's snapshots (the run is complete, pruned or restarted from scratch)."""
-    root = snapshot_slots(directory)[0].parent
-    if not root.exists():
-        return False
-    shutil.rmtree(root, ignore_errors=True)
-    return True
-
-
-def find_resume_point(
-    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True
-) -> tuple[Path, Checkpoint] | None:
-    """Where to resume: the newest valid checkpoint on disk, or a newer valid in-memory snapshot (if `snapshots`)."""
-    disk = find_latest_valid(directory, warn)
-    snap = newest_snapshot(directory) if snapshots else None
-    if snap and (disk is None or snap[1].step > disk.step):
-        return snap
-    return (directory, disk) if disk else None
 
 
 def update_meta(directory: Path, step: int, **fields) -> None:
@@ -462,3 +527,26 @@ def update_meta(directory: Path, step: int, **fields) -> None:
     meta = json.loads(path.read_text())
     meta.update(fields)
     write_text_atomic(path, json.dumps(meta, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# lineage
+
+
+def run_id(directory: Path, disk: Checkpoint | None = None) -> str | None:
+    """The run id of this directory's lineage: `.run_id`, else the one the newest valid checkpoint records."""
+    try:
+        text = (directory / RUN_ID).read_text().strip()
+        if text:
+            return text
+    except OSError:
+        pass
+    return (disk.meta or {}).get("run_id") if disk else None
+
+
+def start_lineage(directory: Path, disk: Checkpoint | None = None) -> str:
+    """Make sure `.run_id` exists: keep the directory's lineage, or begin a new one (a fresh start)."""
+    rid = run_id(directory, disk) or uuid.uuid4().hex[:16]
+    if not (directory / RUN_ID).exists():
+        write_text_atomic(directory / RUN_ID, rid + "\n")
+    return rid

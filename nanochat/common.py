@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
 import sys
 from dataclasses import dataclass
@@ -10,6 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# The trainer's exit statuses, which the supervisor's policy reads (supervisor/policy.py):
+#   0        the step budget is reached (possibly with warnings, recorded in the final meta)
+#   2        refused: bad settings, an incompatible checkpoint, the directory in use; a restart cannot fix it
+#   74       storage error (EX_IOERR): disk full, EIO, a stale NFS handle; a restart with backoff may succeed
+#   128+sig  stopped by SIGINT/SIGTERM after saving a checkpoint
+EXIT_REFUSED = 2
+EXIT_STORAGE = 74
 
 
 def get_base_dir() -> Path:
@@ -55,8 +64,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Initialise the process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+def init_distributed(device_type: str, timeout: float = 1800.0) -> DistInfo:
+    """Initialise the process group when launched by torchrun (nccl on CUDA, gloo on CPU).
+
+    `timeout` bounds every collective, so it must cover the longest wait one rank can impose on the others: rank 0
+    writing a final or signal checkpoint while the rest wait at the save's agreement (see --dist_timeout)."""
     if device_type == "auto":
         device_type = autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -73,7 +85,7 @@ def init_distributed(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         # device_id binds the NCCL communicator eagerly, which makes the first collective fail fast.
         kwargs = {"device_id": device} if device_type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -85,14 +97,6 @@ def cleanup_distributed(barrier: bool = True) -> None:
             # threads still talk to it can make that peer abort ("terminate called without an active exception").
             dist.barrier()
         dist.destroy_process_group()
-
-
-def set_parent_death_signal(sig: int) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies, so no process outlives its supervisor."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: best effort
 
 
 def keep_freed_memory() -> bool:

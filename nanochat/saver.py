@@ -7,12 +7,16 @@ and where to write, and keeps the training loop from waiting:
   and reused (pinned on CUDA). One writer thread then serialises, checksums, fsyncs, commits the meta, moves
   latest_step.txt and prunes. At most one save is in flight; the next one first waits for it (and logs how long).
 - Final saves and saves on a signal are written before `save` returns.
-- A save can also go to an in-memory snapshot slot (shared memory, see checkpoint.snapshot_slots), alone or
+- A save can also go to an in-memory snapshot slot (shared memory, see nanochat/snapshots.py), alone or
   before the disk checkpoint of the same step. `settle()` waits until the snapshot in flight is committed; the
   trainer calls it before it reports the next step done, so a run that dies at any moment loses at most
   `snapshot_every` steps, even while a long disk write is still going on.
-- A failed snapshot (shared memory full, say) only warns and turns snapshots off; a failed disk save is raised
-  on every rank (by the next `save` or `finish` when it ran in the background) with a one-line message.
+- A failed snapshot (shared memory full, say) only warns and turns snapshots off. A failed disk save is raised on
+  every rank as a StorageError (by the next `save` or `finish` when it ran in the background) with a one-line
+  message, unless a later final or signal save succeeded: then a newer checkpoint is durable, and the failure is
+  only a warning (also recorded in that checkpoint's meta).
+- `start` takes the checkpoint dir's trainer lock (nanochat/locks.py) for the life of the process, so no second
+  writer can start while this one lives, and only then removes temp files of crashed saves.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint
-from nanochat.checkpoint import CheckpointError
+from nanochat import checkpoint, snapshots
+from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat.locks import DirLock
 
 
 @dataclass
@@ -58,7 +63,10 @@ class Saver:
     warn: Callable[[str], None] = print
     log: Callable[[str], None] = print
     async_save: bool = False
+    run_id: str | None = None  # the lineage whose snapshots this run may reuse (set by the trainer after start)
+    lock_wait: float = 60.0  # seconds to wait for a previous trainer still saving into the directory
     snapshots_off: bool = False  # set on rank 0 after a snapshot failed
+    warnings: list[str] = field(default_factory=list)  # earlier failures a later save made harmless
     records: list[SaveRecord] = field(default_factory=list)  # rank 0's saves, oldest first
     _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pending: Future | None = field(default=None, init=False, repr=False)  # the write in flight
@@ -66,14 +74,29 @@ class Saver:
     _error: BaseException | None = field(default=None, init=False, repr=False)
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)  # side stream for the copies
+    _lock: DirLock | None = field(default=None, init=False, repr=False)
 
     def start(self) -> None:
-        """Create the directory and remove temp debris of an earlier crash (rank 0, before any save)."""
+        """Rank 0, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
+        for a previous trainer to finish its save), then remove temp debris of crashed saves. Collective."""
+        error = None
         if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for p in checkpoint.clean_temp(self.directory):
-                self.warn(f"removed {p.name}, left by a save that crashed")
-        self._barrier()
+            try:
+                checkpoint.make_dir(self.directory)
+                self._lock = DirLock(self.directory, "trainer")
+                wait = lambda h: self.log(f"waiting up to {self.lock_wait:g}s for pid {h.get('pid')} (a trainer still"  # noqa: E731
+                                          f" running) to release {self.directory}")  # fmt: skip
+                self._lock.acquire(self.lock_wait, wait)  # a stale lock (a crashed trainer) is simply taken over
+                removed, kept = checkpoint.clean_temp(self.directory)
+                for p in removed:
+                    self.warn(f"removed {p.name}, left by a save that crashed")
+                for p in kept:
+                    self.warn(f"kept {p.name}: its writer is still alive")
+            except OSError as e:
+                error = StorageError(f"cannot use {self.directory} ({e.strerror or e}); fix it or set --checkpoint_dir")
+            except CheckpointError as e:
+                error = e
+        self._raise_if_any_failed(None, error, "preparing")
 
     def save(
         self,
@@ -98,14 +121,19 @@ class Saver:
                 try:
                     self._join()
                 except Exception as e:  # noqa: BLE001 - the previous background write failed
-                    if not wait:
+                    if not (wait and disk):
                         raise
-                    error = e  # a final or signal save is still written; the earlier failure is reported after
+                    # a final or signal save is still written; if it succeeds, a newer checkpoint is durable and the
+                    # earlier failure is only a warning, recorded in the new meta
+                    self.warnings.append(f"an earlier background save failed: {e}")
+                    self.warn(f"{self.warnings[-1]}; saving step {step} anyway")
                 memory = memory and not self.snapshots_off
+                if self.warnings:
+                    meta = {**meta, "warnings": list(self.warnings)}
                 if disk or memory:
                     self._save_rank0(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
             except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they hang)
-                error = error or e
+                error = e
         self._raise_if_any_failed(step, error)
 
     def settle(self) -> None:
@@ -141,7 +169,7 @@ class Saver:
         if memory:
             try:
                 slot = self._older_slot()
-            except OSError as e:
+            except (OSError, CheckpointError) as e:
                 self._snapshot_failed(e)
         if self.async_save and not wait:
             model_state, optim_state, copied = self._stage_all(model_state, optim_state)
@@ -159,11 +187,11 @@ class Saver:
         """The snapshot first (it is quick and the trainer may be waiting for it), then the disk checkpoint."""
         if slot is not None:
             try:
-                checkpoint.empty_slot(slot)
+                snapshots.prepare_slot(slot, self.directory)
                 self._ensure_space(slot, model_state, optim_state)
-                snap_meta = {**meta, "snapshot": True, "final": False}
+                snap_meta = {**meta, "snapshot": True, "final": False, "checkpoint_dir": str(self.directory)}
                 fault = lambda phase: self.fault("snapshot") if phase == "model" else None  # noqa: E731
-                checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault)
+                checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault, private=True)
                 rec.in_memory_at = time.perf_counter()
             except (OSError, CheckpointError) as e:
                 self._snapshot_failed(e)
@@ -173,8 +201,8 @@ class Saver:
         if not rec.disk:
             return
         d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
-        checkpoint.set_aside_damaged(d, rec.step, self.warn)
+        checkpoint.make_dir(d)
+        checkpoint.set_aside(d, rec.step, self.warn)
         self._ensure_space(d, model_state, optim_state)
         checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault)
         self.fault("latest")
@@ -192,7 +220,7 @@ class Saver:
         except CheckpointError as e:
             self._error = e
         except OSError as e:  # surfaces only at the next save: say which step failed
-            self._error = CheckpointError(
+            self._error = StorageError(
                 f"saving step {rec.step} to {self.directory} failed ({e.strerror or e}); earlier checkpoints are"
                 " intact: free disk space or fix the directory, then resume"
             )
@@ -256,24 +284,17 @@ class Saver:
 
     def _older_slot(self) -> Path:
         """The snapshot slot not holding the newest snapshot (the writer empties it first)."""
-        newest = checkpoint.newest_snapshot(self.directory, verify=False)
-        return next(p for p in checkpoint.snapshot_slots(self.directory) if newest is None or p != newest[0])
+        newest = snapshots.newest(self.directory, self.run_id, verify=False)
+        return next(p for p in snapshots.slots(self.directory) if newest is None or p != newest[0])
 
     def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
+        if d == self.directory:
+            for path in checkpoint.make_room(d, self.keep, need):
+                self.warn(f"low disk space: pruned {path.name} early")
         free = shutil.disk_usage(d).free
-        if free >= need:
-            return
-        if self.keep != -1 and d == self.directory:
-            # prune one more than usual now (the new checkpoint takes the freed slot), but only if that makes
-            # room: a save that cannot fit anyway must fail with every earlier checkpoint still in place
-            early = max(1, self.keep - 1)
-            if free + sum(c.size for c in checkpoint.plan_prune(d, early)) >= need:
-                for path in checkpoint.prune(d, early):
-                    self.warn(f"low disk space: pruned {path.name} early")
-                free = shutil.disk_usage(d).free
         if free < need and d == self.directory:
-            raise CheckpointError(
+            raise StorageError(
                 f"not enough disk space in {d} for the next checkpoint: need ~{_human(need)}, {_human(free)} free;"
                 " free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir"
             )
@@ -285,30 +306,31 @@ class Saver:
 
     # ---- all ranks -------------------------------------------------------------------------------------------
 
-    def _raise_if_any_failed(self, step: int | None, error: BaseException | None) -> None:
-        if not self._any_failed(error is not None):
+    def _raise_if_any_failed(self, step: int | None, error: BaseException | None, doing: str = "saving") -> None:
+        """Collective: every rank raises if rank 0 failed, with the same kind of error (so the same exit status):
+        a CheckpointError the user must fix (e.g. the directory is locked), or a StorageError worth a restart."""
+        refused = isinstance(error, CheckpointError) and not isinstance(error, StorageError)
+        kind = self._agree(2 if refused else int(error is not None))
+        if not kind:
             return
         at = f"step {step}" if step is not None else "the last step"
         if error is None:
-            raise CheckpointError(f"rank 0 failed to save the checkpoint at {at}; see its log")
+            what = f"saving the checkpoint at {at}" if doing == "saving" else f"{doing} {self.directory}"
+            raise (CheckpointError if kind == 2 else StorageError)(f"rank 0 failed {what}; see its log")
         if not isinstance(error, OSError):
             raise error
-        raise CheckpointError(
+        raise StorageError(
             f"saving {at} to {self.directory} failed ({error.strerror or error}); earlier checkpoints"
             " are intact: free disk space or fix the directory, then resume"
         ) from error
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def _any_failed(self, failed: bool) -> bool:
-        """Agree across ranks whether the save failed (a plain barrier would hang the others forever)."""
+    def _agree(self, code: int) -> int:
+        """The worst failure code of all ranks (a plain barrier would hang the others forever on a failure)."""
         if self.world_size == 1:
-            return failed
-        flag = torch.tensor([int(failed)], device=self.device)
+            return code
+        flag = torch.tensor([code], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return int(flag.item())
 
 
 def _human(nbytes: int) -> str:

@@ -24,18 +24,19 @@ from pathlib import Path
 import psutil
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
-from nanochat import checkpoint
-from nanochat.checkpoint import CheckpointError
+from nanochat import checkpoint, snapshots
+from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.common import (
+    EXIT_REFUSED,
+    EXIT_STORAGE,
     DistInfo,
     cleanup_distributed,
     get_base_dir,
     init_distributed,
     keep_freed_memory,
     print0,
-    set_parent_death_signal,
     warn0,
 )
 from nanochat.config import ConfigError, describe, parse_args
@@ -86,6 +87,7 @@ class TrainConfig:
     resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
     async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
     snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
+    dist_timeout: int = 1800  # seconds any collective may wait; must cover the longest save (rank 0 writes, all wait)
     # supervision and drills
     heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
     debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
@@ -110,6 +112,13 @@ class TrainConfig:
             raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
         if self.snapshot_every < 0:
             raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
+        if self.dist_timeout < 1:
+            raise ConfigError(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        if "/" in self.model_tag or "\\" in self.model_tag or ".." in self.model_tag:
+            raise ConfigError(
+                f"--model_tag={self.model_tag!r} must be a plain name (no '/', '\\' or '..'): it names a folder"
+                " under base_checkpoints/; use --checkpoint_dir for another place"
+            )
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
         try:
@@ -140,40 +149,60 @@ def should_compile(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set it; the loop agrees on it across ranks once per step and saves before exiting."""
+    """SIGINT/SIGTERM set it; the loop agrees on it across ranks once per step and saves before exiting.
+
+    The handler only records the signal: printing from a signal handler can re-enter a write that the signal
+    interrupted (a blocked stdout), so the loop reports it."""
 
     def __init__(self) -> None:
-        self.signum = 0
+        self.signum, self.count, self.reported = 0, 0, False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         # SIGUSR1: dump every thread's Python stack to stderr (the supervisor's hang diagnosis)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum:
-            print(f"got {name} again: already stopping, the checkpoint is being saved", flush=True)
-            return
-        self.signum = signum
-        print(f"got {name}: will save a checkpoint after the current step and exit", flush=True)
+        self.signum = self.signum or signum  # the first one counts; more only add to the count
+        self.count += 1
 
     def agreed(self, dist_info: DistInfo) -> int:
         """The signal any rank received (0 if none): every rank stops after the same step."""
-        if not dist_info.is_distributed:
-            return self.signum
-        flag = torch.tensor([self.signum], device=dist_info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        signum = self.signum
+        if dist_info.is_distributed:
+            flag = torch.tensor([signum], device=dist_info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        self.report()
+        return signum
+
+    def report(self) -> None:
+        """Say what this rank received (once, and how many more while stopping), from the loop, not the handler."""
+        if self.signum and not self.reported:
+            self.reported = True
+            print(f"got {signal.Signals(self.signum).name}: will save a checkpoint after the current step and exit",
+                  flush=True)  # fmt: skip
 
 
-def write_heartbeat(path: str, **fields) -> None:
-    """Atomic and cheap (no fsync: a lost heartbeat costs nothing, a torn one would confuse the supervisor)."""
-    if not path:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({**fields, "time": time.time(), "pid": os.getpid()}, f)
-    os.replace(tmp, path)
+class Heartbeat:
+    """Rank 0 rewrites a small JSON file every step; the supervisor watches it. Atomic and cheap (no fsync: a lost
+    heartbeat costs nothing, a torn one would confuse the supervisor) and best effort: a failed write (a full disk
+    under the run dir) warns once and never stops training."""
+
+    def __init__(self, path: str, enabled: bool, **fixed) -> None:
+        self.path, self.enabled, self.fixed, self.failed = path, bool(path) and enabled, fixed, False
+
+    def __call__(self, **fields) -> None:
+        if not self.enabled:
+            return
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({**self.fixed, **fields, "time": time.time(), "pid": os.getpid()}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self.failed:
+                warn0(f"cannot write the heartbeat file {self.path} ({e.strerror or e}); training goes on")
+            self.failed = True
 
 
 def rng_state(device: torch.device) -> dict:
@@ -228,12 +257,51 @@ def setup_wandb(cfg: TrainConfig, dist_info: DistInfo):
     return wandb.init(project="nanochat", name=cfg.run, config=asdict(cfg))
 
 
+def find_start(
+    ckpt_dir: Path, resume: bool, snapshots_ok: bool, dist_info: DistInfo
+) -> tuple[tuple[Path, checkpoint.Checkpoint] | None, str]:
+    """Where this run starts: (the checkpoint to resume from or None, the run id of the lineage). Rank 0 decides,
+    holding the trainer lock, and tells the others (its failure too, so that no rank waits for it forever). A fresh
+    start (--resume=False) archives the old checkpoints."""
+    found: list = [None, None, None]
+    if dist_info.master:
+        try:
+            point = None
+            if not resume and (archived := checkpoint.archive(ckpt_dir)):
+                print0(f"--resume=False: starting fresh; moved the old checkpoints to {archived} (nothing deleted)")
+            if resume:
+                point = checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=snapshots_ok)
+            run_id = checkpoint.start_lineage(ckpt_dir, point[1] if point else None)
+            if snapshots.drop_other_runs(ckpt_dir, run_id):
+                print0("dropped in-memory snapshots left by an earlier run of this checkpoint dir")
+            if point is None:
+                print0(f"no checkpoint to resume from in {ckpt_dir}: starting from scratch (run id {run_id})")
+            found = [point, run_id, None]
+        except OSError as e:
+            found[2] = StorageError(f"reading {ckpt_dir} failed ({e.strerror or e}); check the storage, then resume")
+        except CheckpointError as e:
+            found[2] = e
+    if dist_info.is_distributed:
+        dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
+    if found[2] is not None:
+        raise found[2]
+    return found[0], found[1]
+
+
+def record_error(e: BaseException) -> None:
+    """Write a refusal or storage error into torchrun's per-rank error file, like @record does for a crash, so the
+    supervisor reads the cause from the same place (best effort: on a full disk it cannot be written)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(Exception):
+            ErrorHandler().record_exception(e)
+
+
 @record
 def main(argv: list[str]) -> int:
     t_main = time.perf_counter()
     imported = time.time() - psutil.Process().create_time()  # the interpreter's start-up and our imports
     cfg, overrides = parse_args(TrainConfig(), argv)
-    dist_info = init_distributed(cfg.device_type)
+    dist_info = init_distributed(cfg.device_type, cfg.dist_timeout)
     t_pg = time.perf_counter()
     device, world = dist_info.device, dist_info.world_size
     stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
@@ -254,28 +322,16 @@ def main(argv: list[str]) -> int:
         fault=(lambda phase: fault.at_save(phase, dist_info.rank)) if fault else (lambda phase: None),
         warn=warn0, log=print0, async_save=cfg.async_save,
     )  # fmt: skip
-    resume_from = None  # (directory, checkpoint): the disk checkpoint dir or an in-memory snapshot slot
     # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
     one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
     if cfg.snapshot_every and not one_machine:
         warn0("--snapshot_every needs every rank on one machine (snapshots live in rank 0's /dev/shm); they are off")
         cfg.snapshot_every = 0
-    if not cfg.resume:
-        if dist_info.master and (archived := checkpoint.archive(ckpt_dir)):
-            print0(f"--resume=False: starting fresh; moved the existing checkpoints to {archived} (nothing deleted)")
-        if dist_info.master and checkpoint.remove_snapshots(ckpt_dir):
-            print0("--resume=False: dropped the in-memory snapshots of the previous run")
-        saver.start()
-    else:
-        saver.start()  # removes temp files of a crashed save before we look for checkpoints
-        found = [checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=one_machine) if dist_info.master else None]
-        if dist_info.is_distributed:
-            dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
-        resume_from = found[0]
-        if resume_from is None:
-            print0(f"no checkpoint in {ckpt_dir}: starting from scratch")
-        else:
-            check_compatible(resume_from[1].meta, model_cfg, ckpt_dir)  # before anything big is built
+    saver.start()  # holds the directory from here on, and removes temp files of crashed saves
+    resume_from, run_id = find_start(ckpt_dir, cfg.resume, one_machine, dist_info)
+    saver.run_id = run_id
+    if resume_from is not None:
+        check_compatible(resume_from[1].meta, model_cfg, ckpt_dir)  # before anything big is built
     t_found = time.perf_counter()
 
     # ---- model: allocated on the device, then initialised, or loaded further down (a resume skips the init) ------
@@ -287,6 +343,13 @@ def main(argv: list[str]) -> int:
     t_model = time.perf_counter()
     num_params, flops_per_token = model.num_params(), model.flops_per_token()
     print0(f"model: {model_cfg}\nparameters: {num_params:,} | FLOPs per token: {flops_per_token:.3e}")
+    # a final or signal save keeps the other ranks waiting in a collective: at a slow 100 MB/s, does it fit?
+    state_bytes = 3 * 4 * num_params  # fp32 weights + at most two optimizer moments each
+    if dist_info.is_distributed and state_bytes / 100e6 > cfg.dist_timeout / 2:
+        warn0(
+            f"a checkpoint of ~{state_bytes / 1e9:.1f} GB may take longer to write than half of --dist_timeout="
+            f"{cfg.dist_timeout}s on slow storage; raise --dist_timeout (and the supervisor's --grace-period)"
+        )
     train_model = torch.compile(model, dynamic=False) if should_compile(cfg, device) else model
     autocast = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -349,24 +412,27 @@ def main(argv: list[str]) -> int:
             )
     t_loaded = time.perf_counter()
     if step >= num_iterations:
-        print0(f"nothing to do: the checkpoint at step {step} already reaches num_iterations={num_iterations}")
+        if not resume_from[1].final:  # the budget was lowered below where the run already is
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations={num_iterations}"
+                " but is not a final one; raise --num_iterations to go on, or --resume=False to start fresh"
+            )
+        print0(f"nothing to do: the final checkpoint at step {step} already reaches num_iterations={num_iterations}")
         cleanup_distributed()
         return 0
 
     wandb_run = setup_wandb(cfg, dist_info)
     started_at = time.time()
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        set_parent_death_signal(signal.SIGTERM)  # torchrun gone (killed)? save and exit rather than linger
-    if dist_info.master:
-        write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="starting",
-                        device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
+    heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations, device_batch_size=B,
+                          total_batch_size=total_batch, max_seq_len=T, world_size=world,
+                          dist_timeout=cfg.dist_timeout)  # fmt: skip
+    heartbeat(step=step, phase="starting")
 
     def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:
-        if dist_info.master:
-            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="saving",
-                            reason=reason, device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
+        heartbeat(step=step, phase="saving", reason=reason)
         t0 = time.perf_counter()
         meta = {
+            "run_id": run_id,
             "num_iterations": num_iterations,
             "final": step == num_iterations,
             "stop_reason": reason,
@@ -395,9 +461,7 @@ def main(argv: list[str]) -> int:
             print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
 
     def run_eval(step: int) -> float:
-        if dist_info.master:
-            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, phase="evaluating",
-                            device_batch_size=B, total_batch_size=total_batch)  # fmt: skip
+        heartbeat(step=step, phase="evaluating")
         model.eval()
         loader = DataLoader(tokenizer, B, T, "val", dist_info.rank, world, device)
         with autocast:
@@ -459,10 +523,7 @@ def main(argv: list[str]) -> int:
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9**step)
         tok_per_s = total_batch / dt
-        if dist_info.master:
-            write_heartbeat(cfg.heartbeat_file, step=step, num_iterations=num_iterations, loss=debiased,
-                            tok_per_s=tok_per_s, phase="training", device_batch_size=B,
-                            total_batch_size=total_batch)  # fmt: skip
+        heartbeat(step=step, loss=debiased, tok_per_s=tok_per_s, phase="training")
         if step % cfg.log_every == 0 or step == num_iterations:
             mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * world):.1f}%" if peak else ""
             print0(
@@ -487,6 +548,9 @@ def main(argv: list[str]) -> int:
             if disk or memory:
                 save(step, "periodic", disk=disk, memory=memory)
         if signum and not last:
+            stop.report()  # a signal that arrived during the save
+            if stop.count > 1:
+                print(f"ignored {stop.count - 1} more signal(s) during the save: the first one decides", flush=True)
             print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
             cleanup_distributed()
             # Saved; only exiting is left, and the exit code must say why. Python restores the default handlers
@@ -496,7 +560,7 @@ def main(argv: list[str]) -> int:
                 signal.signal(sig, signal.SIG_IGN)
             return 128 + signum
         if last and dist_info.master:
-            checkpoint.remove_snapshots(ckpt_dir)  # the final checkpoint is durable: free the shared memory
+            snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory
         if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             val_bpb, val_bpb_step = run_eval(step), step
             if last and dist_info.master:
@@ -517,10 +581,14 @@ def main(argv: list[str]) -> int:
 def cli() -> None:
     try:
         code = main(sys.argv[1:])
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+        # Exit statuses the supervisor acts on (see nanochat/common.py): a storage error may pass with a restart,
+        # a refusal (settings, an incompatible checkpoint, the directory in use) never does.
+        storage = isinstance(e, StorageError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
         print(f"base_train: error: {e}", file=sys.stderr)
+        record_error(e)
         cleanup_distributed(barrier=False)
-        code = 2  # the supervisor reads 2 as "the settings are wrong": do not restart
+        code = EXIT_STORAGE if storage else EXIT_REFUSED
     # Done, or refused with exit 2, and nothing is in flight: leave without interpreter finalization. Under torchrun
     # with gloo, a worker sometimes aborts in C++ teardown at this point ("terminate called without an active
     # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt (or hide the 2).

@@ -1,4 +1,5 @@
-"""The supervising loop: launch an attempt, watch it, classify its end, ask the policy, act. Repeat.
+"""The supervising loop: launch an attempt, watch it, reap every process of it, gather the evidence, classify,
+record, ask the policy, act. Repeat.
 
 The agent never trains and never writes checkpoint files; it reads checkpoints only through nanochat.checkpoint.
 """
@@ -6,7 +7,9 @@ The agent never trains and never writes checkpoint files; it reads checkpoints o
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,17 +17,21 @@ from pathlib import Path
 import psutil
 
 from nanochat import checkpoint
-from supervisor import procs
+from nanochat.locks import DirLock, lock_holder
+from supervisor import memory, procs
 from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
-from supervisor.policy import AttemptSummary, Policy, decide
-from supervisor.records import Lock, RunDir, append_event, read_heartbeat
+from supervisor.policy import AttemptSummary, Batch, Policy, decide
+from supervisor.records import EventLog, RunDir, read_heartbeat
 from supervisor.states import Action, Outcome, RunState
+from supervisor.workers import Worker, Workers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; a scheduler should requeue the job
 EXIT_INTERRUPTED = 130  # stopped by Ctrl+C after saving
+KILL_WAIT = 5.0  # seconds between SIGTERM and SIGKILL when we take a tree down
+NOTICE_DELAY = 1.0  # a worker gone with an unknown status is announced only if torchrun outlives it this long
 
 
 @dataclass
@@ -37,29 +44,47 @@ class TrainOptions:
     nnodes: str = "1"
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
-    hang_timeout: float = 1800.0
-    startup_timeout: float = 3600.0
-    grace_period: float = 600.0
+    hang_timeout: float = 1800.0  # 0 = off
+    startup_timeout: float = 3600.0  # 0 = off
+    grace_period: float = 2100.0  # the trainer's --dist_timeout (default 1800) + 300
+    fresh_start: bool = False  # the user asked for --resume=False
+    num_iterations: int | None = None  # the step budget asked for, when known
     policy: Policy = field(default_factory=Policy)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
 @dataclass
-class Watch:
-    """What the watch loop learns about the attempt in flight."""
+class Attempt:
+    """One attempt in flight: its processes and what the watch loop has learnt about it."""
 
+    n: int
+    log_dir: Path
+    proc: subprocess.Popen
+    workers: Workers
+    oom: memory.OomCounters
+    fresh: bool  # launched with --resume=False
+    before: tuple[Path, checkpoint.Checkpoint] | None  # the resume point when it started
     started: float  # monotonic
     started_wall: float
     last_progress: float
     healthy: bool = False
     heartbeat: dict = field(default_factory=dict)
     hang: str = ""
-    stop_sent: float | None = None  # monotonic time the stop signal went to the workers
+    killed: str = ""  # why we killed the tree, if we did
+    stop_sent: float | None = None  # monotonic time the stop began
+    torchrun_stopped: float | None = None  # we stopped torchrun itself: a stop before any worker existed
     escalated: bool = False
     peak_rss: int = 0
     next_sample: float = 0.0
-    workers: list[psutil.Process] = field(default_factory=list)
     worker_died_at: float | None = None  # wall time we saw the first worker exit (before torchrun reacts)
+    notice: tuple[Worker, float] | None = None  # a worker gone with an unknown status, and when
+    announced: bool = False
+    exitcode: int | None = None
+    exited_at: float | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.log_dir / "torchrun.log"
 
 
 class Agent:
@@ -67,13 +92,17 @@ class Agent:
         self.opts = opts
         self.display = display
         self.run_dir = RunDir(opts.run_dir)
+        self.events = EventLog(self.run_dir, display.event)
+        self.run_id = secrets.token_hex(4)  # tags this invocation's processes: NANOCHAT_ATTEMPT_ID=<run id>-<n>
         self.state = RunState.STARTING
         self.signals: list[int] = []
         self.history: list[AttemptSummary] = []
         self.overrides: dict[str, str] = {}
-        self.batch: tuple[int | None, int | None] = (None, None)  # (device_batch_size, total_batch_size)
+        self.batch = Batch()
+        self.fresh = opts.fresh_start  # pass --resume=False until an attempt has shown a heartbeat
+        self.attempt_no = 0
         self.view = View(max_attempts=opts.policy.max_restarts + 1)
-        self._proc_cache: dict[int, psutil.Process] = {}
+        self._proc_cache: dict = {}
 
     # ---- state ---------------------------------------------------------------------------------------------
 
@@ -88,208 +117,365 @@ class Agent:
     def _on_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)
 
+    def _stop_code(self) -> int:
+        return EXIT_PREEMPTED if signal.SIGTERM in self.signals else EXIT_INTERRUPTED
+
     # ---- the run -------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        lock = Lock(self.opts.checkpoint_dir)
+        lock = DirLock(self.opts.checkpoint_dir, "supervisor")
         if msg := lock.acquire():
             self.display.event(msg)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        append_event(self.run_dir, "run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir))
+        self.events.append("run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir),
+                           run_id=self.run_id)  # fmt: skip
         try:
             code = self._loop()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             lock.release()
-        append_event(self.run_dir, "run_end", state=self.state.value, exit_code=code)
+        self.events.append("run_end", state=self.state.value, exit_code=code)
         return code
 
     def _loop(self) -> int:
-        attempt = 0
         while True:
-            attempt += 1
-            outcome, progressed = self._attempt(attempt)
-            self.history.append(AttemptSummary(outcome.kind, progressed))
+            if (code := self._wait_for_previous_trainer()) is not None:
+                return code
+            self.attempt_no = self.run_dir.next_attempt()
+            outcome, summary = self._attempt(self.attempt_no)
+            n = self.attempt_no
+            self.history.append(summary)
             self.view.restarts.append(outcome.kind.value)
-            decision = decide(outcome, self.history, self.opts.policy, *self.batch)
-            append_event(self.run_dir, "decision", attempt=attempt, action=decision.action.value,
-                         reason=decision.reason, delay=decision.delay,
-                         overrides=decision.trainer_overrides)  # fmt: skip
-            if decision.action is Action.FINISH:
-                if checkpoint.remove_snapshots(self.opts.checkpoint_dir):
-                    self.display.event("removed the run's in-memory snapshots: the final checkpoint is on disk")
+            decision = decide(outcome, self.history, self.opts.policy, self.batch)
+            self.events.append("decision", attempt=n, action=decision.action.value, reason=decision.reason,
+                               delay=decision.delay, overrides=decision.trainer_overrides,
+                               next_attempt=n + 1 if decision.action is Action.RESTART else None)  # fmt: skip
+            if decision.action is Action.FINISH:  # STARTING/HEALTHY -> SUCCEEDED
                 self._set_state(RunState.SUCCEEDED, decision.reason)
                 return EXIT_OK
-            if decision.action is Action.STOP:
+            if decision.action is Action.STOP:  # STOPPING -> STOPPED
                 self._set_state(RunState.STOPPED, decision.reason)
-                return EXIT_PREEMPTED if signal.SIGTERM in self.signals else EXIT_INTERRUPTED
-            if decision.action is Action.GIVE_UP:
+                return self._stop_code()
+            if decision.action is Action.GIVE_UP:  # STARTING/HEALTHY -> FAILED
                 self._set_state(RunState.FAILED, decision.reason)
-                logs = self.run_dir.attempt(attempt)
-                self.display.event(f"diagnosis: {outcome.kind.value}: {outcome.message}; read {logs}/torchrun.log")
+                self.display.event(f"diagnosis: {outcome.kind.value}: {outcome.message}; read {self._log_of(n)}")
                 return EXIT_FAILED
             self.overrides.update(decision.trainer_overrides)
             if decision.trainer_overrides:
                 self.display.event(f"next attempt changes: {decision.trainer_overrides}")
+            # STARTING/HEALTHY -> BACKOFF
             self._set_state(RunState.BACKOFF, f"{decision.reason} in {decision.delay:.0f}s")
-            deadline = time.monotonic() + decision.delay
-            while time.monotonic() < deadline and not self.signals:
-                time.sleep(min(self.opts.tick, deadline - time.monotonic()))
-            if self.signals:
-                self._set_state(RunState.STOPPED, "stop requested during backoff")
-                return EXIT_PREEMPTED if signal.SIGTERM in self.signals else EXIT_INTERRUPTED
-            self._set_state(RunState.STARTING, f"attempt {attempt + 1}")
+            if self._sleep(decision.delay):
+                self._set_state(RunState.STOPPED, "stop requested during backoff")  # BACKOFF -> STOPPED
+                return self._stop_code()
+            self._set_state(RunState.STARTING, f"attempt {n + 1}")  # BACKOFF -> STARTING
 
-    def _newest(self) -> checkpoint.Checkpoint | None:
-        """The newest valid checkpoint on disk, or a newer in-memory snapshot (it counts as progress too)."""
-        valid = [c for c in checkpoint.scan(self.opts.checkpoint_dir) if c.valid]
-        newest = valid[-1] if valid else None
-        snap = checkpoint.newest_snapshot(self.opts.checkpoint_dir, verify=False)
-        if snap and (newest is None or snap[1].step > newest.step):
-            return snap[1]
-        return newest
+    def _log_of(self, n: int) -> Path:
+        return self.run_dir.attempt(n) / "torchrun.log"
 
-    def _attempt(self, n: int) -> tuple[Outcome, bool]:
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, waking for signals; True if a stop was requested."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.signals:
+            time.sleep(max(0.0, min(self.opts.tick, deadline - time.monotonic())))
+        return bool(self.signals)
+
+    def _wait_for_previous_trainer(self) -> int | None:
+        """A trainer of an earlier supervisor (one that died) may still be finishing its save: starting ours now
+        would have it clean up that save's temp files mid-write. Wait for its trainer lock; None when clear."""
+        holder = lock_holder(self.opts.checkpoint_dir, "trainer")
+        if not holder:
+            return None
+        grace = self.opts.grace_period
+        self.display.event(f"waiting for the previous trainer pid {holder.get('pid')} to finish its save (it holds"
+                           f" the trainer lock in {self.opts.checkpoint_dir}; up to {grace:g}s)")  # fmt: skip
+        deadline = time.monotonic() + grace
+        while (holder := lock_holder(self.opts.checkpoint_dir, "trainer")) and time.monotonic() < deadline:
+            if self._sleep(min(1.0, self.opts.tick * 5)):
+                # STARTING -> STOPPED
+                self._set_state(RunState.STOPPED, "stop requested while waiting for the previous trainer")
+                return self._stop_code()
+        if holder:  # STARTING -> FAILED
+            self._set_state(RunState.FAILED, f"the previous trainer pid {holder.get('pid')} on {holder.get('host')}"
+                            f" still holds {self.opts.checkpoint_dir} after --grace-period={grace:g}s; stop it"
+                            " and run again")  # fmt: skip
+            return EXIT_FAILED
+        return None
+
+    # ---- one attempt: launch -> watch -> reap -> evidence -> classify -> record -----------------------------
+
+    def _attempt(self, n: int) -> tuple[Outcome, AttemptSummary]:
+        a = self._launch(n)
+        try:
+            self._watch(a)
+        finally:
+            self._reap(a)
+        # a fresh start that never got to its first heartbeat has not archived the old checkpoints yet: they are
+        # not this run's, and judge nothing
+        after = None if a.fresh and not a.heartbeat else self._resume_point()
+        progressed, budget = self._judge(a, after)
+        outcome = classify(self._evidence(a, after, progressed, budget))
+        self._record(a, outcome, after, progressed)
+        return outcome, AttemptSummary(outcome.kind, progressed, a.healthy)
+
+    def _resume_point(self) -> tuple[Path, checkpoint.Checkpoint] | None:
+        """The one answer to "the newest usable checkpoint": what the trainer will resume from."""
+        one_machine = self.opts.nnodes == "1" and not self.opts.rdzv_endpoint  # snapshots are per machine
+        return checkpoint.find_resume_point(self.opts.checkpoint_dir, warn=lambda msg: None, snapshots=one_machine)
+
+    def _launch(self, n: int) -> Attempt:
         opts = self.opts
-        log_dir = self.run_dir.attempt(n)
-        before = self._newest()
-        start_step = before.step if before else None
-        self.view.attempt, self.view.last_checkpoint = n, start_step
-        args = [*opts.trainer_args, "--resume=True", f"--checkpoint_dir={opts.checkpoint_dir}",
+        n, log_dir, problem = self.run_dir.make_attempt_dir(n)
+        self.attempt_no = n
+        if problem:
+            self.display.event(problem)
+        before = self._resume_point()
+        start_step = before[1].step if before and not self.fresh else None
+        self.view.attempt, self.view.tries, self.view.last_checkpoint = n, len(self.history) + 1, start_step
+        args = [*opts.trainer_args, f"--resume={not self.fresh}", f"--checkpoint_dir={opts.checkpoint_dir}",
                 f"--heartbeat_file={self.run_dir.heartbeat}"]  # fmt: skip
         args += [f"--{k}={v}" for k, v in self.overrides.items()]  # later settings win in the trainer's parser
         spec = procs.LaunchSpec(opts.script, args, opts.nproc_per_node, log_dir, opts.nnodes, opts.node_rank,
                                 opts.rdzv_endpoint)  # fmt: skip
-        ooms_before = procs.oom_kill_counts()
-        proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for_workers())
+        attempt_id = f"{self.run_id}-{n}"
+        oom = memory.OomCounters()
+        proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
+        oom.watch(proc.pid)
         t = time.monotonic()
-        watch = Watch(started=t, started_wall=time.time(), last_progress=t)
-        append_event(self.run_dir, "attempt_start", attempt=n, pid=proc.pid, cmd=spec.command(),
-                     start_step=start_step, overrides=dict(self.overrides), log_dir=str(log_dir))  # fmt: skip
-        self.display.event(f"attempt {n}: torchrun pid {proc.pid}, resuming from step {start_step or 0}")
-        try:
-            code = self._watch(proc, watch)
-            exited_at = time.time()  # when we noticed torchrun's exit (bench_recovery measures detection with it)
-        finally:
-            procs.kill_tree(proc.pid, signal.SIGKILL, timeout=5)  # normally a no-op: all exited already
-            self._sweep_session(proc.pid)
-        after = self._newest()
-        end_step = after.step if after else None
-        progressed = end_step is not None and (start_step is None or end_step > start_step)
-        budget = bool(after and after.final and after.step >= after.meta.get("num_iterations", 1 << 62))
-        ooms = procs.oom_kill_counts()
-        saved_on_stop = bool(progressed and after.meta.get("stop_reason", "").startswith("signal:"))
-        evidence = Evidence(
-            exitcode=code, attempt_log=log_dir / "torchrun.log", log_dir=log_dir,
-            stop_requested=bool(self.signals), saved_on_stop=saved_on_stop, hang=watch.hang, budget_reached=budget,
-            oom_kills=max((ooms[k] - ooms_before.get(k, 0) for k in ooms), default=0), peak_rss=watch.peak_rss,
-            memory_limit=procs.memory_limit(),
-        )  # fmt: skip
-        outcome = classify(evidence)
-        reached = watch.heartbeat.get("step")
-        lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
-        append_event(self.run_dir, "attempt_end", attempt=n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
-                     step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
-                     duration=time.monotonic() - watch.started, peak_rss=watch.peak_rss, exited_at=exited_at,
-                     worker_died_at=watch.worker_died_at)  # fmt: skip
-        self.view.last_checkpoint = end_step
-        lost_txt = f", {lost} steps lost" if lost else ""
-        self.display.event(f"attempt {n} ended: {outcome.kind.value}: {outcome.message} (checkpoint at step "
-                           f"{end_step}{lost_txt})")  # fmt: skip
-        return outcome, progressed
+        a = Attempt(n, log_dir, proc, Workers(attempt_id, opts.nproc_per_node), oom, self.fresh, before, t,
+                    time.time(), t)  # fmt: skip
+        self.events.append("attempt_start", attempt=n, attempt_id=attempt_id, pid=proc.pid, cmd=spec.command(),
+                           start_step=start_step, fresh=self.fresh, overrides=dict(self.overrides),
+                           log_dir=str(log_dir))  # fmt: skip
+        start = "starting fresh (--resume=False)" if self.fresh else f"resuming from step {start_step or 0}"
+        self.display.event(f"attempt {n}: torchrun pid {proc.pid}, {start}")
+        return a
 
-    def _watch(self, proc, watch: Watch) -> int:
-        """Wait for torchrun to exit, watching heartbeats, memory and our own signals. Returns its exit status."""
-        opts = self.opts
-        while True:
-            code = procs.wait_exit(proc, opts.tick)
-            if code is not None:
-                return code
+    def _watch(self, a: Attempt) -> None:
+        """Until torchrun exits: track workers, sample memory, read heartbeats, deliver a stop, detect hangs."""
+        while (code := procs.wait_exit(a.proc, self.opts.tick)) is None:
             now = time.monotonic()
-            if now >= watch.next_sample:
-                s = procs.sample(proc.pid, self._proc_cache)
-                watch.peak_rss = max(watch.peak_rss, s.rss)
-                watch.next_sample = now + 1.0
-                self.view.rss, self.view.cpu = s.rss, s.cpu_percent
-            self._read_heartbeat(watch, now)
-            self._check_workers(proc, watch)
+            self._track_workers(a, now)
+            self._sample(a, now)
+            self._read_heartbeat(a, now)
             if self.signals:
-                self._stop(proc, watch, now)
-            elif not watch.hang:
-                self._check_hang(proc, watch, now)
+                self._stop(a, now)
+            elif not a.hang:
+                self._check_hang(a, now)
             self.display.update(self.view)
+        a.exitcode, a.exited_at = code, time.time()  # bench_recovery measures detection with exited_at
 
-    def _check_workers(self, proc, watch: Watch) -> None:
-        """Notice a dead worker at once (torchrun then stops the rest, which takes a moment longer)."""
-        if not watch.workers:
-            watch.workers = procs.workers(proc.pid, self.opts.script)
-            return
-        if watch.worker_died_at is not None:
-            return
-        for w in watch.workers:
-            try:
-                dead = w.status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                dead = True
-            if dead:
-                watch.worker_died_at = time.time()
-                self.display.event(f"worker pid {w.pid} exited; torchrun is stopping the others")
-                return
+    def _track_workers(self, a: Attempt, now: float) -> None:
+        for w in a.workers.refresh(a.proc.pid):
+            a.oom.watch(w.pid)
+        for w in a.workers.check_exits():
+            a.worker_died_at = a.worker_died_at or w.ended
+            if w.exitcode is None and a.notice is None:
+                a.notice = (w, now)  # unknown status: announce only if torchrun outlives it (not a clean end)
+            elif w.exitcode:
+                self._announce(a, w)
+        if a.notice and now - a.notice[1] >= NOTICE_DELAY:
+            self._announce(a, a.notice[0])
 
-    def _read_heartbeat(self, watch: Watch, now: float) -> None:
+    def _announce(self, a: Attempt, w: Worker) -> None:
+        """Say at once that a worker died (torchrun takes a moment to stop the rest), unless it was expected."""
+        if a.announced or self.signals or a.killed:
+            return
+        a.announced, a.notice = True, None
+        how = "" if w.exitcode is None else " " + _exit_text(w.exitcode)
+        self.display.event(f"worker {w.name} exited{how}; torchrun is stopping the others")
+
+    def _sample(self, a: Attempt, now: float) -> None:
+        if now < a.next_sample:
+            return
+        s = procs.sample(procs.tree(a.proc.pid), self._proc_cache)
+        a.peak_rss, a.next_sample = max(a.peak_rss, s.rss), now + 1.0
+        self.view.rss, self.view.cpu = s.rss, s.cpu_percent
+
+    def _read_heartbeat(self, a: Attempt, now: float) -> None:
         hb = read_heartbeat(self.run_dir.heartbeat)
-        if not hb or hb.get("time", 0) < watch.started_wall:
+        if not hb or hb.get("time", 0) < a.started_wall:
             return  # nothing yet from this attempt
+        self.fresh = False  # the trainer has archived the old checkpoints (before its first heartbeat): resume now
         if hb.get("device_batch_size"):
-            self.batch = (hb.get("device_batch_size"), hb.get("total_batch_size"))
-        if (hb.get("step"), hb.get("phase")) != (watch.heartbeat.get("step"), watch.heartbeat.get("phase")):
-            watch.last_progress = now
-        watch.heartbeat = hb
+            self.batch = Batch(hb.get("device_batch_size"), hb.get("total_batch_size"), hb.get("max_seq_len"),
+                               hb.get("world_size"))  # fmt: skip
+        if (hb.get("step"), hb.get("phase")) != (a.heartbeat.get("step"), a.heartbeat.get("phase")):
+            a.last_progress = now
+        a.heartbeat = hb
         v = self.view
         v.step, v.num_iterations, v.loss, v.tok_per_s, v.phase = (
             hb.get("step"), hb.get("num_iterations"), hb.get("loss"), hb.get("tok_per_s"), hb.get("phase"))  # fmt: skip
-        if hb.get("phase") in ("training", "saving") and not watch.healthy:
-            watch.healthy = True
+        if hb.get("phase") in ("training", "saving") and not a.healthy:
+            a.healthy = True
             if self.state is RunState.STARTING:
-                self._set_state(RunState.HEALTHY, f"training at step {hb.get('step')}")
+                self._set_state(RunState.HEALTHY, f"training at step {hb.get('step')}")  # STARTING -> HEALTHY
 
-    def _check_hang(self, proc, watch: Watch, now: float) -> None:
-        opts = self.opts
-        if not watch.healthy and now - watch.started > opts.startup_timeout:
-            why = f"no training step within --startup-timeout={opts.startup_timeout:g}s"
-        elif watch.healthy and now - watch.last_progress > opts.hang_timeout:
-            why = f"no progress for --hang-timeout={opts.hang_timeout:g}s at step {watch.heartbeat.get('step')}"
-        else:
+    def _check_hang(self, a: Attempt, now: float) -> None:
+        if not (why := self._hang_reason(a, now)):
             return
-        watch.hang = why
-        self.display.event(f"hang: {why}; dumping stacks (SIGUSR1) into the attempt log, then stopping the tree")
-        procs.send(procs.workers(proc.pid, opts.script), signal.SIGUSR1)
+        a.hang = a.killed = why
+        self.display.event(f"hang: {why}; dumping stacks (SIGUSR1) into the attempt log, then SIGKILL to the tree")
+        procs.send([w.proc for w in a.workers.live()], signal.SIGUSR1)
         time.sleep(2.0)  # faulthandler writes at once; give the tee a moment to reach the log
-        procs.kill_tree(proc.pid, signal.SIGKILL)
+        procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGKILL)
 
-    def _stop(self, proc, watch: Watch, now: float) -> None:
+    def _hang_reason(self, a: Attempt, now: float) -> str:
+        """Why the attempt counts as hung now, or ''. A timeout of 0 is off."""
+        opts, phase = self.opts, a.heartbeat.get("phase")
+        if not a.healthy:
+            if opts.startup_timeout > 0 and now - a.started > opts.startup_timeout:
+                return f"no training step within --startup-timeout={opts.startup_timeout:g}s"
+            return ""
+        # a save may legitimately take as long as the grace period allows a stop-save
+        limit = max(opts.hang_timeout, opts.grace_period) if phase == "saving" else opts.hang_timeout
+        if opts.hang_timeout <= 0 or now - a.last_progress <= limit:
+            return ""
+        if limit != opts.hang_timeout:
+            return f"no progress for {limit:g}s in a save (the longer of --hang-timeout and --grace-period)"
+        return f"no progress for --hang-timeout={opts.hang_timeout:g}s at step {a.heartbeat.get('step')}"
+
+    def _stop(self, a: Attempt, now: float) -> None:
+        """Deliver the stop to every worker as it appears; escalate per worker after the grace period."""
         opts = self.opts
-        if watch.stop_sent is None:
-            sig = self.signals[0]
-            # Straight to the workers: torchrun would SIGKILL them 30 s after relaying, too soon for a big save.
-            n = procs.send(procs.workers(proc.pid, opts.script), sig)
-            watch.stop_sent = now
-            if self.state.running:
-                self._set_state(RunState.STOPPING, f"{signal.Signals(sig).name} sent to {n} workers; saving a "
-                                f"checkpoint (grace period {opts.grace_period:g}s; Ctrl+C again to kill)")  # fmt: skip
+        if a.killed:
+            return
+        if len(self.signals) > 1:
+            a.killed = "a second stop signal: SIGKILL to the whole tree"
+            self.display.event(a.killed)
+            procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGKILL)
+            return
+        if a.stop_sent is None:
+            a.stop_sent = now
             self.view.phase = "saving on stop"
-        elif not watch.escalated and (len(self.signals) > 1 or now - watch.stop_sent > opts.grace_period):
-            watch.escalated = True
-            why = "second signal" if len(self.signals) > 1 else f"grace period of {opts.grace_period:g}s over"
-            self.display.event(f"{why}: SIGTERM, then SIGKILL, to the whole tree")
-            procs.kill_tree(proc.pid, signal.SIGTERM, timeout=5)
+        self._deliver_stop(a, now)
+        signalled = [now - w.signalled for w in a.workers.live() if w.signalled is not None]
+        if a.torchrun_stopped is not None:
+            signalled.append(now - a.torchrun_stopped)
+        if signalled and max(signalled) > opts.grace_period:
+            a.killed = f"the grace period of {opts.grace_period:g}s was over: SIGTERM, then SIGKILL, to the whole tree"
+            self.display.event(a.killed)
+            procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGTERM, timeout=KILL_WAIT)
 
-    def _sweep_session(self, sid: int) -> None:
-        """Kill anything left in torchrun's session (a worker orphaned by a torchrun that died first)."""
-        for p in psutil.process_iter():
-            try:
-                if p.pid != os.getpid() and os.getsid(p.pid) == sid:
-                    p.kill()
-            except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-                continue
+    def _deliver_stop(self, a: Attempt, now: float) -> None:
+        sig = self.signals[0]
+        name = signal.Signals(sig).name
+        fresh = [w for w in a.workers.live() if w.signalled is None]
+        for w in fresh:
+            if procs.send([w.proc], sig):
+                w.signalled = now  # its own grace period starts now
+        if fresh:
+            # straight to the workers: torchrun would SIGKILL them 30 s after relaying, too soon for a big save
+            why = (f"{name} sent to worker {', '.join(w.name for w in fresh)}; saving a checkpoint (grace period"
+                   f" {self.opts.grace_period:g}s; Ctrl+C again to kill)")  # fmt: skip
+            self._stopping(why)
+        elif not a.workers.all and a.torchrun_stopped is None:
+            a.torchrun_stopped = now
+            os.kill(a.proc.pid, signal.SIGTERM)
+            self._stopping(f"{name} before any worker started: stopping torchrun (nothing to save yet)")
+
+    def _stopping(self, why: str) -> None:
+        if self.state.running:
+            self._set_state(RunState.STOPPING, why)  # STARTING/HEALTHY -> STOPPING
+        else:
+            self.display.event(why)
+
+    def _reap(self, a: Attempt) -> None:
+        """The attempt ends only when all its processes are gone. Workers that outlived torchrun got SIGTERM (the
+        parent-death signal, or ours) and are saving: they get the grace period; anything else goes at once."""
+        if a.proc.poll() is None:  # we got here by an exception: take it all down
+            a.killed = a.killed or "the supervisor itself failed"
+            procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGKILL)
+        if a.exitcode is None:
+            a.exitcode, a.exited_at = a.proc.wait(), time.time()
+        left = a.workers.leftovers()
+        if not left:
+            return
+        pids = ", ".join(str(p.pid) for p in left)
+        if a.healthy and not a.killed and len(self.signals) < 2:
+            self._await_orphans(a, left, pids)
+            return
+        # killed by us or by a second signal: at once; never trained: nothing to save, a moment to exit
+        sig = signal.SIGKILL if a.killed or len(self.signals) > 1 else signal.SIGTERM
+        self.display.event(
+            f"{len(left)} processes of attempt {a.n} outlived torchrun (pids {pids}): "
+            f"{signal.Signals(sig).name}" + (", then SIGKILL" if sig == signal.SIGTERM else "")
+        )
+        procs.send(left, sig)
+        procs.send(psutil.wait_procs(left, timeout=KILL_WAIT)[1], signal.SIGKILL)
+
+    def _await_orphans(self, a: Attempt, left: list[psutil.Process], pids: str) -> None:
+        grace = self.opts.grace_period
+        now = time.monotonic()
+        for w in a.workers.live():
+            if w.signalled is None and procs.send([w.proc], signal.SIGTERM):
+                w.signalled = now  # they had the parent-death signal already; a second SIGTERM is harmless
+        self.display.event(
+            f"torchrun (pid {a.proc.pid}) is gone but its workers live on (pids {pids}): they got"
+            f" SIGTERM and are saving; waiting up to {grace:g}s (Ctrl+C again to kill them)"
+        )
+        self.view.phase, next_scan = "orphaned workers saving", now + 1.0
+        while left:
+            time.sleep(self.opts.tick)
+            now = time.monotonic()
+            self._read_heartbeat(a, now)
+            self.display.update(self.view)
+            live = a.workers.live()
+            if len(self.signals) > 1:
+                doomed, why = left, "a second stop signal"
+            elif live:
+                doomed, why = [w.proc for w in live if now - (w.signalled or now) > grace], "the grace period is over"
+            else:
+                doomed, why = left, ""  # the workers are done: what they left behind has nothing to save
+            if doomed:
+                if why:
+                    self.display.event(f"{why}: SIGKILL to {', '.join(str(p.pid) for p in doomed)}")
+                procs.send(doomed, signal.SIGKILL)
+                psutil.wait_procs(doomed, timeout=KILL_WAIT)
+            if doomed or now >= next_scan:
+                left, next_scan = a.workers.leftovers(), now + 1.0
+
+    # ---- judging, evidence, recording ----------------------------------------------------------------------
+
+    def _judge(self, a: Attempt, after) -> tuple[bool, bool]:
+        """(progressed, budget reached) by the verified resume point, before and after the attempt."""
+        if after is None:
+            return False, False
+        key = lambda point: (str(point[0]), point[1].step, (point[1].meta or {}).get("saved_at"))  # noqa: E731
+        newer = a.before is None or a.fresh or after[1].step > a.before[1].step
+        progressed = newer and (a.before is None or key(after) != key(a.before))
+        ckpt, budget = after[1], self.opts.num_iterations
+        reached = ckpt.final and ckpt.step >= (ckpt.meta or {}).get("num_iterations", 1 << 62)
+        asked = a.exitcode == 0 and budget is not None and budget > 0 and ckpt.step >= budget
+        return progressed, bool(reached or asked)
+
+    def _evidence(self, a: Attempt, after, progressed: bool, budget: bool) -> Evidence:
+        stop_reason = (after[1].meta or {}).get("stop_reason", "") if after else ""
+        pids = {w.pid for w in a.workers.all} | {a.proc.pid}
+        return Evidence(
+            exitcode=a.exitcode, attempt_log=a.log, log_dir=a.log_dir, torchrun_pid=a.proc.pid,
+            stop_requested=bool(self.signals), saved_on_stop=progressed and stop_reason.startswith("signal:"),
+            hang=a.hang, killed=a.killed, budget_reached=budget, workers=[w.to_dict() for w in a.workers.all],
+            oom_cgroup=a.oom.cgroup_increase(), oom_host=a.oom.host_increase(),
+            oom_kernel=memory.kernel_oom_kills(pids, a.started_wall) if a.exitcode else {},
+            peak_rss=a.peak_rss, memory_limit=memory.memory_limit(),
+            disks=memory.disk_space([self.opts.checkpoint_dir, self.run_dir.path]),
+        )  # fmt: skip
+
+    def _record(self, a: Attempt, outcome: Outcome, after, progressed: bool) -> None:
+        end_step = after[1].step if after else None
+        reached = a.heartbeat.get("step")
+        lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
+        self.events.append("attempt_end", attempt=a.n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
+                           step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
+                           healthy=a.healthy, duration=time.monotonic() - a.started, peak_rss=a.peak_rss,
+                           exited_at=a.exited_at, worker_died_at=a.worker_died_at)  # fmt: skip
+        self.view.last_checkpoint = end_step
+        lost_txt = f", {lost} steps lost" if lost else ""
+        self.display.event(f"attempt {a.n} ended: {outcome.kind.value}: {outcome.message} (checkpoint at step "
+                           f"{end_step}{lost_txt})")  # fmt: skip
+
+
+def _exit_text(code: int) -> str:
+    return f"killed by {procs.signal_name(code)}" if code < 0 else f"with status {code}"

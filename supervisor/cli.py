@@ -15,14 +15,17 @@ from typing import Annotated
 
 import typer
 
-from nanochat import checkpoint
+from nanochat import checkpoint, snapshots
 from nanochat.common import get_base_dir
 from nanochat.config import ConfigError, parse_args
-from supervisor.records import LockError, RunDir, lock_holder, read_events
+from nanochat.locks import LockError, lock_holder
+from supervisor.records import RunDir, read_events
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 DEFAULT_SCRIPT = "scripts.base_train"
+DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
+GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
 
 
 class UsageProblem(Exception):
@@ -80,9 +83,19 @@ def train(
     ] = 3,  # noqa: E501
     backoff: Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")] = 5.0,
     backoff_cap: Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")] = 300.0,
-    hang_timeout: Annotated[float, typer.Option(help="Seconds without a step before a run counts as hung.")] = 1800.0,
-    startup_timeout: Annotated[float, typer.Option(help="Seconds allowed until the first step.")] = 3600.0,
-    grace_period: Annotated[float, typer.Option(help="Seconds to wait for the final save after Ctrl+C.")] = 600.0,
+    hang_timeout: Annotated[
+        float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
+    ] = 1800.0,
+    startup_timeout: Annotated[
+        float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")
+    ] = 3600.0,
+    grace_period: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
+            " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
+        ),
+    ] = None,
     oom_shrink: Annotated[bool, typer.Option(help="Halve the device batch after a CUDA OOM.")] = True,
     progress_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30,
 ) -> None:
@@ -98,13 +111,16 @@ def train(
     for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):
         if value < 0 or (name == "max_no_progress" and value < 1):
             raise UsageProblem(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_no_progress' else '>= 0'}")
-    for name, value in (("hang_timeout", hang_timeout), ("startup_timeout", startup_timeout), ("backoff", backoff)):
-        if value < 0:
+    timings = {"hang_timeout": hang_timeout, "startup_timeout": startup_timeout, "backoff": backoff,
+               "backoff_cap": backoff_cap, "grace_period": grace_period}  # fmt: skip
+    for name, value in timings.items():
+        if value is not None and value < 0:
             raise UsageProblem(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value}")
     settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
                 "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,
                 "model_tag": model_tag}  # fmt: skip
     trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + extra
+    dist_timeout, fresh, budget = DEFAULT_DIST_TIMEOUT, False, None
     if script == DEFAULT_SCRIPT:  # check the trainer's settings now, not after torchrun has started
         from scripts.base_train import TrainConfig
 
@@ -115,13 +131,19 @@ def train(
         depth, model_tag = cfg.depth, cfg.model_tag or None
         if cfg.checkpoint_dir and checkpoint_dir is None:
             checkpoint_dir = Path(cfg.checkpoint_dir)
+        dist_timeout, fresh = cfg.dist_timeout, not cfg.resume
+        budget = cfg.num_iterations if cfg.num_iterations > 0 else None
     ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
     nproc = nproc_per_node or gpu_count() or 1
     policy = Policy(max_restarts, max_no_progress, backoff, backoff_cap, oom_shrink)
+    grace = grace_period if grace_period is not None else dist_timeout + GRACE_MARGIN
     opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
-                        hang_timeout, startup_timeout, grace_period, policy)  # fmt: skip
+                        hang_timeout, startup_timeout, grace, fresh, budget, policy)  # fmt: skip
     display = make_display(progress_every)
     display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
+    if grace <= dist_timeout:
+        display.event(f"warning: --grace-period={grace:g}s is not longer than the trainer's --dist_timeout="
+                      f"{dist_timeout}s: a stop may kill a save the other ranks still wait for")  # fmt: skip
     try:
         code = Agent(opts, display).run()
     except LockError as e:
@@ -138,8 +160,9 @@ def train(
 def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
     ckpts = checkpoint.scan(ckpt_dir, verify=verify)
     marker, marker_problem = checkpoint.read_latest_marker(ckpt_dir)
-    valid = [c for c in ckpts if c.valid]
-    newest = valid[-1] if valid else None
+    warnings: list[str] = []
+    point = checkpoint.find_resume_point(ckpt_dir, warn=warnings.append)  # what a resume would start from
+    newest = point[1] if point else None
     budget = newest.meta.get("num_iterations") if newest else None
     events = read_events(RunDir(run_path))
     attempts = [
@@ -167,17 +190,29 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
         "latest_marker": marker,
         "latest_marker_problem": marker_problem,
         "newest_valid_step": newest.step if newest else None,
+        "resume_from": str(point[0]) if point else None,
+        "resume_warnings": warnings,
         "num_iterations": budget,
         "complete": bool(newest and newest.final and budget is not None and newest.step >= budget),
         "attempts": attempts,
         "snapshots": [
             {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
-            for slot in checkpoint.snapshot_slots(ckpt_dir)
+            for slot in snapshots.slots(ckpt_dir)
             for c in checkpoint.scan(slot)
         ],
         "supervisor": holder,
+        "waiting": waiting(events) if holder else None,
         "disk_free": shutil.disk_usage(ckpt_dir).free,
     }
+
+
+def waiting(events: list[dict]) -> dict | None:
+    """What a live supervisor in backoff waits for, from its last decision: {seconds left, attempt, reason}."""
+    last = events[-1] if events else {}
+    if last.get("event") != "decision" or last.get("action") != "restart":
+        return None
+    left = max(0.0, last.get("time", 0) + (last.get("delay") or 0) - time.time())
+    return {"seconds": round(left, 1), "attempt": last.get("next_attempt"), "reason": last.get("reason", "")}
 
 
 @app.command()
@@ -227,10 +262,13 @@ def print_status(info: dict) -> None:
     for snap in info["snapshots"]:
         state = "valid" if snap["valid"] else f"INVALID: {snap['problem']}"
         console.print(f"in-memory snapshot: step {snap['step']} in {snap['slot']} ({state})")
-    sup = info["supervisor"]
-    console.print(
-        f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
-    )
+    for warning in info["resume_warnings"]:
+        console.print(f"warning: {warning}")
+    sup, wait = info["supervisor"], info["waiting"]
+    line = f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
+    if wait:
+        line += f", waiting {wait['seconds']:.0f}s before attempt {wait['attempt']}: {wait['reason']}"
+    console.print(line)
     console.print(f"disk free: {info['disk_free'] / 1e9:.1f} GB")
 
 
@@ -248,8 +286,19 @@ def prune(
     dry_run: Annotated[bool, typer.Option(help="Only show what would be deleted.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     force: Annotated[bool, typer.Option(help="Prune even while a supervisor is running on this dir.")] = False,
+    stale_snapshots: Annotated[
+        bool,
+        typer.Option(
+            "--snapshots",
+            help="Instead of checkpoints, remove your in-memory snapshots (/dev/shm) that no run needs any more: their"
+            " checkpoint dir is gone or holds another run, or they are not newer than its newest checkpoint.",
+        ),
+    ] = False,
 ) -> None:
     """Delete old checkpoints by the checkpoint module's rules: never the newest valid, the final or a damaged one."""
+    if stale_snapshots:
+        prune_snapshots(dry_run, yes)
+        return
     if keep < 1:
         raise UsageProblem(f"--keep must be >= 1, got {keep}")
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
@@ -274,10 +323,26 @@ def prune(
         raise typer.Exit(1)
     removed = checkpoint.prune(ckpt_dir, keep)
     print(f"deleted {len(removed)} files, freed {freed / 1e6:.1f} MB")
-    snap, newest = checkpoint.newest_snapshot(ckpt_dir, verify=False), checkpoint.scan(ckpt_dir)
-    disk_step = max((c.step for c in newest if c.valid), default=-1)
-    if snap and snap[1].step <= disk_step and checkpoint.remove_snapshots(ckpt_dir):
+    point = checkpoint.find_resume_point(ckpt_dir, warn=lambda msg: None)
+    if point and point[0] == ckpt_dir and snapshots.remove(ckpt_dir):  # a resume would not use them
         print("removed the in-memory snapshots (not newer than the newest checkpoint)")
+
+
+def prune_snapshots(dry_run: bool, yes: bool) -> None:
+    """`prune --snapshots`: this user's snapshot folders that no live or future run needs."""
+    found = snapshots.stale()
+    if not found:
+        print(f"no stale in-memory snapshots under {snapshots.root()}")
+        return
+    sizes = {home: sum(p.stat().st_size for p in home.rglob("*") if p.is_file()) for home, _ in found}
+    for home, why in found:
+        print(f"{'would remove' if dry_run else 'remove'} {home} ({sizes[home] / 1e6:.1f} MB): {why}")
+    if dry_run:
+        return
+    if not yes and not typer.confirm("remove these snapshots?", default=False):
+        raise typer.Exit(1)
+    removed = [home for home, _ in found if snapshots.remove_home(home)]
+    print(f"removed {len(removed)} snapshot folders, freed {sum(sizes[h] for h in removed) / 1e6:.1f} MB")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ from rich.table import Table
 class View:
     """The numbers on screen; the agent fills it in, the display only reads it."""
 
-    max_attempts: int
-    attempt: int = 0
+    max_attempts: int  # attempts this invocation may make
+    attempt: int = 0  # the attempt's number in the run dir (it counts on across invocations)
+    tries: int = 0  # attempts made by this invocation so far
     state: str = "starting"
     phase: str | None = None
     step: int | None = None
@@ -71,7 +72,12 @@ class LiveDisplay(Display):
         if view.step is not None:
             self.progress.update(self.task, completed=view.step, total=view.num_iterations)
         table = Table.grid(padding=(0, 2))
-        table.add_row("attempt", f"{view.attempt} of {view.max_attempts}", "state", f"{view.state} ({view.phase})")
+        table.add_row(
+            "attempt",
+            f"{view.attempt} ({view.tries} of {view.max_attempts} here)",
+            "state",
+            f"{view.state} ({view.phase})",
+        )
         loss = f"{view.loss:.4f}" if view.loss is not None else "-"
         tps = f"{view.tok_per_s:,.0f}" if view.tok_per_s else "-"
         table.add_row("loss", loss, "tokens/s", tps)

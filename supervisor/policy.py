@@ -6,16 +6,14 @@ from dataclasses import dataclass
 
 from supervisor.states import Action, AttemptClass, Decision, Outcome
 
-EXIT_USAGE = 2  # the trainer's exit status for bad settings, an incompatible checkpoint or a full disk
-
 
 @dataclass(frozen=True)
 class Policy:
     max_restarts: int = 5  # restarts after the first attempt
     max_no_progress: int = 3  # consecutive attempts without a new checkpoint before we call it a crash loop
-    backoff: float = 5.0  # seconds before the first restart; doubles with each attempt that made no progress
+    backoff: float = 5.0  # seconds before the first restart; doubles with each attempt that never got to training
     backoff_cap: float = 300.0
-    oom_shrink: bool = True  # on cuda_oom, halve the device batch (gradient accumulation keeps the total)
+    oom_shrink: bool = True  # on cuda_oom, shrink the device batch (gradient accumulation keeps the total)
 
 
 @dataclass(frozen=True)
@@ -23,48 +21,81 @@ class AttemptSummary:
     """What the policy needs to know about each attempt so far."""
 
     kind: AttemptClass
-    progressed: bool  # a newer valid checkpoint exists than when the attempt started
+    progressed: bool  # a newer usable checkpoint exists than when the attempt started
+    healthy: bool = False  # the attempt reached training (a heartbeat with phase training or saving)
 
 
-def decide(
-    outcome: Outcome,
-    history: list[AttemptSummary],
-    policy: Policy,
-    device_batch_size: int | None = None,
-    total_batch_size: int | None = None,
-) -> Decision:
+@dataclass(frozen=True)
+class Batch:
+    """The batch geometry of the last attempt, from the trainer's heartbeat; None where unknown."""
+
+    device_batch_size: int | None = None
+    total_batch_size: int | None = None  # tokens per optimizer step
+    max_seq_len: int | None = None
+    world_size: int | None = None
+
+
+def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batch: Batch = Batch()) -> Decision:
     """Map the attempt that just ended (the last entry of `history`) to: finish, stop, restart (how), or give up."""
     if outcome.kind is AttemptClass.COMPLETED:
         return Decision(Action.FINISH, "the step budget is reached")
     if outcome.kind is AttemptClass.STOPPED:
         return Decision(Action.STOP, "stopped on request")
-    if outcome.kind is AttemptClass.CRASH and outcome.worker_exitcode == EXIT_USAGE:
-        return Decision(Action.GIVE_UP, f"the trainer stopped on a problem a restart cannot fix: {outcome.message}")
+    if outcome.kind is AttemptClass.REFUSED:
+        return Decision(Action.GIVE_UP, f"the trainer refused to run, and a restart cannot fix that: {outcome.message}")
     restarts = len(history) - 1
     if restarts >= policy.max_restarts:
         return Decision(Action.GIVE_UP, f"--max-restarts={policy.max_restarts} used up; last: {outcome.message}")
-    streak = 0
-    for attempt in reversed(history):
-        if attempt.progressed:
-            break
-        streak += 1
-    if streak >= policy.max_no_progress:
+    no_progress = _streak(history, lambda a: a.progressed)
+    if no_progress >= policy.max_no_progress:
         return Decision(
             Action.GIVE_UP,
-            f"crash loop: {streak} attempts in a row ended without a new checkpoint"
+            f"crash loop: {no_progress} attempts in a row ended without a new checkpoint"
             f" (--max-no-progress={policy.max_no_progress}); last: {outcome.kind.value}: {outcome.message}",
         )
     overrides: dict[str, str] = {}
     if outcome.kind is AttemptClass.CUDA_OOM and policy.oom_shrink:
-        if device_batch_size is None:
-            return Decision(Action.GIVE_UP, "CUDA out of memory, and the device batch size is unknown")
-        if device_batch_size <= 1:
-            return Decision(
-                Action.GIVE_UP,
-                "CUDA out of memory at device_batch_size=1: use a smaller --depth or --max_seq_len",
-            )
-        overrides["device_batch_size"] = str(device_batch_size // 2)
-        if total_batch_size:  # pin the total so only the accumulation changes, never the training itself
-            overrides["total_batch_size"] = str(total_batch_size)
-    delay = min(policy.backoff_cap, policy.backoff * 2 ** max(streak - 1, 0))
+        smaller, why_not = smaller_batch(batch)
+        if smaller is None:
+            return Decision(Action.GIVE_UP, why_not)
+        overrides["device_batch_size"] = str(smaller)
+        if batch.total_batch_size:  # pin the total so only the accumulation changes, never the training itself
+            overrides["total_batch_size"] = str(batch.total_batch_size)
+    # The backoff protects against fast failure loops (a broken node, a full disk): an attempt that got as far as
+    # training resets it even if it saved nothing, while the crash-loop guard above still counts it.
+    failing = _streak(history, lambda a: a.progressed or a.healthy)
+    delay = min(policy.backoff_cap, policy.backoff * 2 ** max(failing - 1, 0))
     return Decision(Action.RESTART, f"{outcome.kind.value}: restarting with resume", delay, overrides)
+
+
+def _streak(history: list[AttemptSummary], resets) -> int:
+    """How many attempts at the end of `history` in a row did not satisfy `resets`."""
+    n = 0
+    for attempt in reversed(history):
+        if resets(attempt):
+            break
+        n += 1
+    return n
+
+
+def smaller_batch(batch: Batch) -> tuple[int | None, str]:
+    """(the device batch for the next attempt, or None and why not) after a CUDA OOM.
+
+    The largest size <= half the current one that divides the rows each rank contributes per optimizer step
+    (total_batch_size / (max_seq_len * world_size)): the trainer refuses any other, since gradient accumulation
+    must come out whole. With rows=5 and a batch of 5, half is 2, which does not divide 5: the answer is 1.
+    """
+    size = batch.device_batch_size
+    if size is None:
+        return None, "CUDA out of memory, and the device batch size is unknown (no heartbeat from the trainer)"
+    if size // 2 < 1:
+        return None, f"CUDA out of memory at device_batch_size={size}: use a smaller --depth or --max_seq_len"
+    if not (batch.total_batch_size and batch.max_seq_len and batch.world_size):
+        return size // 2, ""  # geometry unknown (an older trainer): halve, the trainer checks the rest
+    rows, rest = divmod(batch.total_batch_size, batch.max_seq_len * batch.world_size)
+    if rest or rows < 1:
+        return None, (
+            f"CUDA out of memory, and total_batch_size={batch.total_batch_size} is not a multiple of max_seq_len x"
+            f" world_size = {batch.max_seq_len * batch.world_size}: set --device_batch_size yourself"
+        )
+    return next(d for d in range(size // 2, 0, -1) if rows % d == 0), ""

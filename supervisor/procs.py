@@ -1,4 +1,4 @@
-"""Launching torchrun in its own session, finding its workers, signalling and reaping the whole tree."""
+"""Launching torchrun in its own session, signalling and reaping its tree, and reading processes' state."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from nanochat.common import set_parent_death_signal
+from nanochat.lifeline import die_with_parent
+
+ATTEMPT_ENV = "NANOCHAT_ATTEMPT_ID"  # set for torchrun, inherited by every process of the attempt
 
 
 @dataclass(frozen=True)
@@ -51,10 +54,9 @@ class LaunchSpec:
         return cmd
 
 
-def launch(spec: LaunchSpec, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start torchrun in a new session (the terminal's Ctrl+C reaches only us), output into `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+def launch(spec: LaunchSpec, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start torchrun in a new session (the terminal's Ctrl+C reaches only us), output into a fresh `log_path`."""
+    with open(log_path, "wb") as log:
         return subprocess.Popen(
             spec.command(),
             stdin=subprocess.DEVNULL,
@@ -62,8 +64,46 @@ def launch(spec: LaunchSpec, log_path: Path, env: dict[str, str] | None = None) 
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=env,
-            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
+            preexec_fn=_die_with(os.getpid()),
         )
+
+
+def _die_with(parent: int):
+    """preexec_fn: torchrun gets SIGTERM when we die; if we died before it was armed (the fork race), exit."""
+
+    def arm() -> None:
+        if not die_with_parent(signal.SIGTERM, parent):
+            os._exit(1)
+
+    return arm
+
+
+def environ_for(attempt_id: str) -> dict[str, str]:
+    """Our environment for torchrun, tagged with the attempt id: every process of the attempt inherits the tag, so
+    /proc/<pid>/environ finds them all, even workers orphaned by a dead torchrun."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env[ATTEMPT_ENV] = attempt_id
+    return env
+
+
+def attempt_processes(attempt_id: str) -> list[psutil.Process]:
+    """Every live process (not a zombie) started with this attempt id in its environment."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(ATTEMPT_ENV) == attempt_id and alive(p):
+                found.append(p)
+        except (psutil.Error, OSError):
+            continue  # gone, or not ours to read
+    return found
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def tree(pid: int) -> list[psutil.Process]:
@@ -73,22 +113,6 @@ def tree(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
-
-
-def workers(pid: int, script: str) -> list[psutil.Process]:
-    """torchrun's worker processes: its children running `script`."""
-    try:
-        children = psutil.Process(pid).children()
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for child in children:
-        try:
-            if script in " ".join(child.cmdline()):
-                found.append(child)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def send(procs: list[psutil.Process], sig: int) -> int:
@@ -103,86 +127,28 @@ def send(procs: list[psutil.Process], sig: int) -> int:
     return reached
 
 
-def kill_tree(pid: int, sig: int = signal.SIGTERM, timeout: float = 5.0) -> None:
-    """Signal the whole tree, wait on one deadline, then SIGKILL whatever is left. Gone already is fine."""
-    procs = tree(pid)
-    if not procs:
-        return
-    send(procs, sig)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    if alive:
-        send(alive, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=timeout)
+def kill_tree(child: subprocess.Popen, extra: list[psutil.Process], sig: int, timeout: float = 5.0) -> None:
+    """Signal `child` (our torchrun), its descendants and `extra`; wait on one deadline, then SIGKILL the rest.
 
-
-@dataclass
-class TreeSample:
-    rss: int  # bytes, the whole tree
-    cpu_percent: float
-    num_procs: int
-
-
-def sample(pid: int, cache: dict[int, psutil.Process]) -> TreeSample:
-    """RSS and CPU of the tree. `cache` keeps Process objects so cpu_percent has an interval to measure over."""
-    rss, cpu, n = 0, 0.0, 0
-    for p in tree(pid):
-        proc = cache.setdefault(p.pid, p)
+    Our own child is waited for through Popen only: psutil's wait would reap it, and Popen would then report
+    exit status 0 for a process we killed.
+    """
+    others = [p for p in tree(child.pid) if p.pid != child.pid]
+    others += [p for p in extra if p.pid not in {o.pid for o in others} and p.pid != child.pid]
+    if child.poll() is None:
         try:
-            rss += proc.memory_info().rss
-            cpu += proc.cpu_percent(None)
-            n += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return TreeSample(rss, cpu, n)
-
-
-def memory_limit() -> int:
-    """The memory this supervisor's processes may use: the memory cgroup's limit if set, else physical RAM."""
-    limit = psutil.virtual_memory().total
-    cg = memory_cgroup()
-    if cg:
-        name = "memory.max" if cg[1] == 2 else "memory.limit_in_bytes"
-        try:
-            text = (cg[0] / name).read_text().strip()
-            if text.isdigit():
-                limit = min(limit, int(text))
-        except OSError:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
             pass
-    return limit
-
-
-def memory_cgroup(pid: int | str = "self") -> tuple[Path, int] | None:
-    """(directory, cgroup version) of the memory cgroup of `pid`, v1 or v2."""
-    try:
-        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):  # v1: a hierarchy of its own
-            return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
-    for line in lines:
-        if line.startswith("0::"):  # v2: the unified hierarchy
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/"), 2
-    return None
-
-
-def oom_kill_counts(pid: int | str = "self") -> dict[str, int]:
-    """The kernel's OOM-kill counters that can be read here: the memory cgroup of `pid` and the whole host."""
-    sources = [("host", Path("/proc/vmstat"))]
-    cg = memory_cgroup(pid)
-    if cg:
-        sources.append(("cgroup", cg[0] / ("memory.events" if cg[1] == 2 else "memory.oom_control")))
-    counts = {}
-    for name, path in sources:
-        try:
-            for line in path.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    counts[name] = int(value)
-        except (OSError, ValueError):
-            continue
-    return counts
+    send(others, sig)
+    deadline = time.monotonic() + timeout
+    _, left = psutil.wait_procs(others, timeout=timeout)
+    if wait_exit(child, max(0.0, deadline - time.monotonic())) is None:
+        child.kill()
+        wait_exit(child, timeout)
+    if left:
+        send(left, signal.SIGKILL)
+        psutil.wait_procs(left, timeout=timeout)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -193,11 +159,48 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
         return None
 
 
+def zombie_status(pid: int) -> int | None:
+    """The exit status of a dead process its parent has not reaped yet, Popen-style (negative: the signal),
+    from /proc/<pid>/stat; None if it is not a zombie or cannot be read. Nothing is reaped."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    if len(fields) < 50 or fields[0] != "Z":
+        return None
+    status = int(fields[49])  # field 52 of proc(5): exit_code, as waitpid(2) reports it
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def signal_name(code: int) -> str:
+    """SIGKILL for -9 (a Popen status) or 137 (a shell-style 128+n status)."""
+    try:
+        return signal.Signals(-code if code < 0 else code - 128).name
+    except ValueError:
+        return f"signal {abs(code)}"
+
+
+@dataclass
+class TreeSample:
+    rss: int  # bytes, the whole tree
+    cpu_percent: float
+    num_procs: int
+
+
+def sample(procs: list[psutil.Process], cache: dict[int, psutil.Process]) -> TreeSample:
+    """RSS and CPU of these processes. `cache` keeps Process objects so cpu_percent has an interval to measure."""
+    rss, cpu, n = 0, 0.0, 0
+    for p in procs:
+        proc = cache.setdefault(p.pid, p)
+        try:
+            rss += proc.memory_info().rss
+            cpu += proc.cpu_percent(None)
+            n += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return TreeSample(rss, cpu, n)
+
+
 def pid_alive(pid: int) -> bool:
     return psutil.pid_exists(pid)
-
-
-def environ_for_workers() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env

@@ -1,23 +1,24 @@
-"""What the supervisor keeps on disk: the run dir layout, the event log, the heartbeat it reads, and the lock."""
+"""What the supervisor keeps on disk: the run dir layout, the event log and the heartbeat it reads. (The locks on
+the checkpoint dir are nanochat/locks.py's: one owner for the trainer's and the supervisor's.)"""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import socket
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from supervisor.procs import pid_alive
-
-LOCK_NAME = ".nanochat-run.lock"  # in the checkpoint dir: the resource two supervisors must not share
 
 
 @dataclass(frozen=True)
 class RunDir:
-    """<run dir>/events.jsonl, heartbeat.json and attempt-NNN/ (torchrun.log + torchrun's per-rank logs)."""
+    """<run dir>/events.jsonl, heartbeat.json and attempt-NNN/ (torchrun.log + torchrun's per-rank logs).
+
+    Attempts are numbered across invocations of `nanochat-run train` on one run dir, and an attempt dir is never
+    reused: the classifier reads evidence only from the attempt at hand.
+    """
 
     path: Path
 
@@ -32,6 +33,29 @@ class RunDir:
     def attempt(self, n: int) -> Path:
         return self.path / f"attempt-{n:03d}"
 
+    def next_attempt(self) -> int:
+        """One past the highest attempt number in the event log or on disk."""
+        logged = [e["attempt"] for e in read_events(self) if isinstance(e.get("attempt"), int)]
+        n = max(logged, default=0) + 1
+        while self.attempt(n).exists():
+            n += 1
+        return n
+
+    def make_attempt_dir(self, n: int) -> tuple[int, Path, str]:
+        """(number, dir, problem) for a new attempt: attempt-NNN, or the next free number if NNN appeared in the
+        meantime. If the run dir cannot take it (a full disk), a temp dir elsewhere, and the problem says so."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            while True:
+                try:
+                    self.attempt(n).mkdir()
+                    return n, self.attempt(n), ""
+                except FileExistsError:
+                    n += 1
+        except OSError as e:
+            where = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
+            return n, where, f"cannot create {self.attempt(n)} ({e}); this attempt's logs go to {where}"
+
 
 def append_event(run_dir: RunDir, event: str, **fields) -> dict:
     record = {"event": event, "time": time.time(), **fields}
@@ -44,6 +68,23 @@ def append_event(run_dir: RunDir, event: str, **fields) -> dict:
         f.flush()
         os.fsync(f.fileno())
     return record
+
+
+class EventLog:
+    """The run's event log, best effort: the supervisor must not die of its own records (a full disk, a read-only
+    run dir). The first failure is reported once; later ones are silent, and the run goes on."""
+
+    def __init__(self, run_dir: RunDir, warn: Callable[[str], None]):
+        self.run_dir, self.warn, self.failed = run_dir, warn, False
+
+    def append(self, event: str, **fields) -> dict:
+        try:
+            return append_event(self.run_dir, event, **fields)
+        except OSError as e:
+            if not self.failed:
+                self.warn(f"cannot write the event log {self.run_dir.events} ({e}); going on without it")
+            self.failed = True
+            return {"event": event, **fields}
 
 
 def read_events(run_dir: RunDir) -> list[dict]:
@@ -64,71 +105,3 @@ def read_heartbeat(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-class LockError(RuntimeError):
-    pass
-
-
-class Lock:
-    """An exclusive flock on a file in the checkpoint dir. The kernel drops it when we die, so a lock file whose
-    flock can be taken is stale, whatever pid it names: we take it over and say so."""
-
-    def __init__(self, checkpoint_dir: Path):
-        self.path = checkpoint_dir / LOCK_NAME
-        self.fd: int | None = None
-
-    def acquire(self) -> str:
-        """Take the lock; returns a message if a stale lock was taken over, else ''. Raises LockError if held."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = read_lock(self.path.parent) or {}
-            raise LockError(
-                f"another supervisor (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is driving"
-                f" {self.path.parent}; stop it first, or use another --model-tag / --checkpoint-dir"
-            ) from None
-        previous = read_lock(self.path.parent)
-        os.ftruncate(fd, 0)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        os.pwrite(fd, json.dumps(info).encode(), 0)
-        os.fsync(fd)
-        self.fd = fd
-        if previous and previous.get("pid") and previous.get("pid") != os.getpid():
-            return f"took over a stale lock from pid {previous['pid']} (no longer running)"
-        return ""
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-
-def read_lock(checkpoint_dir: Path) -> dict | None:
-    try:
-        text = (checkpoint_dir / LOCK_NAME).read_text()
-        return json.loads(text) if text.strip() else None
-    except (OSError, ValueError):
-        return None
-
-
-def lock_holder(checkpoint_dir: Path) -> dict | None:
-    """The live supervisor holding the lock, or None (no lock file, or a stale one)."""
-    path = checkpoint_dir / LOCK_NAME
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None  # nobody holds it
-    except BlockingIOError:
-        info = read_lock(checkpoint_dir) or {}
-        info["alive"] = bool(info.get("pid")) and pid_alive(int(info["pid"]))
-        return info
-    finally:
-        os.close(fd)

@@ -9,13 +9,16 @@ from dataclasses import asdict, dataclass, field
 class RunState(enum.Enum):
     """The life of one supervised run; `Agent._set_state` is the only place that changes it.
 
-        STARTING --first heartbeat--> HEALTHY --torchrun exits--> (classify, then `decide`)
+        STARTING --first heartbeat--> HEALTHY --torchrun exits--> (reap, classify, then `decide`)
             |                            |                          |-- completed ----------> SUCCEEDED
             |  (exit, hang or startup    |                          |-- restart -> BACKOFF --> STARTING
             |   timeout: same path)      |                          '-- give up -----------> FAILED
             '----------------------------+--Ctrl+C / SIGTERM--> STOPPING --saved or grace over--> STOPPED
 
-    BACKOFF also goes to STOPPED when a stop is requested while waiting. SUCCEEDED, FAILED and STOPPED are final.
+    An attempt ends only when every process it started is gone: torchrun, its workers (even orphaned ones, which
+    get the grace period to finish a save) and anything they started. BACKOFF also goes to STOPPED when a stop is
+    requested while waiting; STARTING waits first for a previous trainer that still holds the trainer lock.
+    SUCCEEDED, FAILED and STOPPED are final.
     """
 
     STARTING = "starting"
@@ -36,15 +39,27 @@ class RunState(enum.Enum):
 
 
 class AttemptClass(enum.Enum):
-    """How one attempt (one torchrun) ended. Exactly one per attempt."""
+    """How one attempt (one torchrun) ended. Exactly one per attempt; `policy.decide` maps it to an action:
+
+        COMPLETED ------------------------------------------------> finish
+        STOPPED --------------------------------------------------> stop (exit 130 / 75)
+        REFUSED --------------------------------------------------> give up at once (a restart cannot fix it)
+        CRASH, STORAGE, HOST_OOM, HANG, SIGNAL, NCCL_TIMEOUT -----> restart with backoff, resume
+        CUDA_OOM -------------------------------------------------> restart with a smaller device batch
+        (any restart) -- --max-restarts used up, or --max-no-progress attempts without a new checkpoint --> give up
+
+    The backoff before a restart doubles with each attempt in a row that never reached training.
+    """
 
     COMPLETED = "completed"  # exit 0 with the step budget reached
     STOPPED = "stopped"  # we asked (Ctrl+C / SIGTERM) and the trainer saved and exited
+    REFUSED = "refused"  # trainer exit 2: bad settings or an incompatible checkpoint
+    STORAGE = "storage"  # trainer exit 74, or a failure with no error file on a full filesystem
     CRASH = "crash"  # a Python exception (read from the torchrun error file) or a plain non-zero exit
-    HOST_OOM = "host_oom"  # a worker SIGKILLed by the kernel's OOM killer
+    HOST_OOM = "host_oom"  # a process SIGKILLed by the kernel's OOM killer
     CUDA_OOM = "cuda_oom"  # torch.OutOfMemoryError in the error file
     HANG = "hang"  # no heartbeat progress for --hang-timeout (or --startup-timeout before the first step)
-    SIGNAL = "signal"  # killed by some other signal
+    SIGNAL = "signal"  # killed by some other signal (a worker, or torchrun itself)
     NCCL_TIMEOUT = "nccl_timeout"  # a collective timed out (NCCL watchdog or gloo timeout)
 
 

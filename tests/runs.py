@@ -20,6 +20,8 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name
+from nanochat.common import EXIT_REFUSED
+from nanochat.locks import LOCKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +160,9 @@ def temp_files(d: Path) -> list[str]:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file's bytes, except the lock files (each trainer writes its pid into the lock it takes)."""
+    locks = set(LOCKS.values())
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name not in locks}
 
 
 def step_lines(out: str) -> list[int]:
@@ -207,9 +211,10 @@ def assert_same_final_state(d: Path, reference: Path, step: int = 12) -> None:
     assert got_meta["smooth_loss"] == want_meta["smooth_loss"]
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The run failed the way users should see it fail: exit 2 and one `base_train: error:` line, no traceback."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+def one_line_error(proc: subprocess.CompletedProcess, code: int = EXIT_REFUSED) -> str:
+    """The run failed the way users should see it fail: one `base_train: error:` line, no traceback, and the exit
+    status the supervisor acts on (2: refused, never restarted; 74: a storage error, restarted with backoff)."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("base_train: error:")]
     assert len(errors) == 1, proc.stderr

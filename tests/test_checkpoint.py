@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -109,14 +110,30 @@ def test_checkpoints_of_the_crc32_era_still_verify(tmp_path: Path) -> None:
 
 
 def test_a_failed_background_write_does_not_cost_the_final_save(tmp_path: Path) -> None:
-    """The error of a periodic write surfaces at the next save, but a final (waited) save is written first."""
-    saver = Saver(tmp_path, keep=-1, warn=pytest.fail, log=lambda m: None, async_save=True)
+    """A periodic write that failed in the background is superseded by a final (waited) save that succeeds: the run
+    completes (no error raised: the trainer exits 0), and the failure is a warning recorded in the final meta."""
+    warnings: list[str] = []
+    saver = Saver(tmp_path, keep=-1, warn=warnings.append, log=lambda m: None, async_save=True)
     model, optim = states(1)
     saver.save(2, {**model, "bad": lambda: None}, optim, {}, {}, wait=False)  # cannot be pickled, in the writer
-    with pytest.raises(AttributeError, match="pickle"):
-        saver.save(4, model, optim, {"final": True}, {}, wait=True)
+    saver.save(4, model, optim, {"final": True}, {}, wait=True)
+    saver.finish()
     assert [c.step for c in checkpoint.scan(tmp_path) if c.valid] == [4]
-    assert checkpoint.find_latest_valid(tmp_path, pytest.fail).step == 4
+    final = checkpoint.find_latest_valid(tmp_path, pytest.fail)
+    assert final.step == 4 and final.final
+    assert len(warnings) == 1 and "an earlier background save failed" in warnings[0] and "pickle" in warnings[0]
+    assert final.meta["warnings"] == [warnings[0].removesuffix("; saving step 4 anyway")]
+
+
+def test_a_failed_background_write_stops_the_next_periodic_save_as_a_storage_error(tmp_path: Path) -> None:
+    """Without a later final save, the background failure is raised at the next periodic save: the trainer exits 74
+    (a restart may help); an OSError becomes a StorageError that names the step and the directory."""
+    saver = Saver(tmp_path / "gone", keep=-1, warn=pytest.fail, log=lambda m: None, async_save=True)
+    model, optim = states(1)
+    (tmp_path / "gone").write_text("a file where the checkpoint dir should be")
+    saver.save(2, model, optim, {}, {}, wait=False)
+    with pytest.raises(checkpoint.StorageError, match=r"saving step 2 to .*gone failed"):
+        saver.save(4, model, optim, {}, {}, wait=False)
 
 
 def test_save_writes_model_optim_meta_and_marker_and_loads_back(tmp_path: Path) -> None:
@@ -326,9 +343,9 @@ def prunable(tmp_path: Path) -> Path:
     [
         (1, [2, 3, 6, 10]),  # newest valid only (+ the final, the damaged and newer debris)
         (2, [2, 3, 6]),
-        # the listing checks sizes only, so the checksum-damaged 7 takes one of the three slots (7, 10, 12); it is
-        # verified before it could be deleted, never after, so it is kept either way
-        (3, [2, 3, 6]),
+        # the kept set is verified: the checksum-damaged 7 (same size, only its checksum tells) takes no slot, so
+        # the three kept are 12, 10 and 6; 7 itself is kept too (damaged: the user decides)
+        (3, [2, 3]),
         (6, [3]),  # six valid ones, the final among them: only the older debris goes
         (-1, []),  # keep everything
     ],
@@ -341,6 +358,39 @@ def test_plan_prune_and_prune(prunable: Path, keep: int, deleted: list[int]) -> 
     assert steps_on_disk(prunable) == [s for s in (2, 3, 4, 6, 7, 8, 10, 12, 14) if s not in deleted]
     assert checkpoint.inspect(prunable, 4).final and checkpoint.inspect(prunable, 12).valid  # never pruned
     assert (prunable / "model_000007.pt").exists() and (prunable / "optim_000008.pt").exists()  # damaged: kept
+
+
+def test_a_rotted_newest_checkpoint_never_costs_the_valid_ones(tmp_path: Path) -> None:
+    """The hostile-review case: keep=1, the newest checkpoint (30) rots at the same size, resume falls back to 20.
+    The next save (25) must keep 25, the newest *verified* checkpoint, not prune it and 20 for the corrupt 30."""
+    for step in (20, 30):
+        save(tmp_path, step)
+    garble(tmp_path / "model_000030.pt")
+    assert checkpoint.find_resume_point(tmp_path, lambda w: None)[1].step == 20
+    assert [c.step for c in checkpoint.plan_prune(tmp_path, 1)] == []  # 20 is the newest verified: kept
+    save(tmp_path, 25, keep=1)  # prunes after the commit, as the trainer's saver does
+    assert steps_on_disk(tmp_path) == [25, 30]
+    point = checkpoint.find_resume_point(tmp_path, lambda w: None)
+    assert point[1].step == 25 and point[1].valid
+    assert (tmp_path / "model_000030.pt").exists()  # the damaged one is the user's to look at
+
+
+def test_a_checkpoint_that_checksums_but_does_not_load_safely_is_skipped(tmp_path: Path) -> None:
+    """A forged meta with matching checksums over a file that weights_only refuses (a pickled object): invalid
+    like any damaged checkpoint, skipped with a warning; resume falls back and prune never counts it."""
+    for step in (4, 8):
+        save(tmp_path, step)
+    path = tmp_path / "model_000008.pt"
+    torch.save({"w": torch.zeros(2), "evil": Path("/tmp")}, path)  # an object weights_only does not allow
+    edit_meta(tmp_path, 8, lambda m: m["files"][path.name].update(size=path.stat().st_size,
+                                                                 xxh3_64=checkpoint.file_digest(path)))  # fmt: skip
+    bad = checkpoint.inspect(tmp_path, 8)
+    assert not bad.valid and "model_000008.pt does not load safely (UnpicklingError" in bad.problem
+    assert checkpoint.inspect(tmp_path, 8, verify=False).valid  # sizes alone cannot tell
+    warnings: list[str] = []
+    assert checkpoint.find_resume_point(tmp_path, warnings.append)[1].step == 4
+    assert len(warnings) == 1 and "skipping the checkpoint at step 8" in warnings[0] and "load safely" in warnings[0]
+    assert checkpoint.plan_prune(tmp_path, 1) == []
 
 
 def test_prune_refuses_keep_zero(prunable: Path) -> None:
@@ -403,16 +453,22 @@ def test_archive_twice_in_the_same_second_does_not_collide(tmp_path: Path) -> No
         assert checkpoint.inspect(dest, 2).valid
 
 
-def test_clean_temp_removes_only_temp_files(tmp_path: Path) -> None:
-    assert checkpoint.clean_temp(tmp_path / "missing") == []
+def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> None:
+    assert checkpoint.clean_temp(tmp_path / "missing") == ([], [])
     save(tmp_path, 4)
-    debris = [tmp_path / f"{TMP_PREFIX}model_000008.pt.123", tmp_path / f"{TMP_PREFIX}{LATEST}.9"]
-    for p in debris:
-        p.write_bytes(b"half a file")
-    (tmp_path / "notes.txt").write_text("mine")
-    keep = {name: data for name, data in snapshot(tmp_path).items() if not name.startswith(TMP_PREFIX)}
-    assert sorted(checkpoint.clean_temp(tmp_path)) == sorted(debris)
-    assert snapshot(tmp_path) == keep
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        debris = [tmp_path / f"{TMP_PREFIX}model_000008.pt.{dead.pid}", tmp_path / f"{TMP_PREFIX}{LATEST}.{dead.pid}"]
+        in_flight = tmp_path / f"{TMP_PREFIX}optim_000008.pt.{alive.pid}"  # a save still being written
+        for p in [*debris, in_flight]:
+            p.write_bytes(b"half a file")
+        (tmp_path / "notes.txt").write_text("mine")
+        keep = {name: data for name, data in snapshot(tmp_path).items() if name not in {p.name for p in debris}}
+        assert checkpoint.clean_temp(tmp_path) == (sorted(debris), [in_flight])
+        assert snapshot(tmp_path) == keep
+        alive.kill()
+    assert checkpoint.clean_temp(tmp_path) == ([in_flight], [])
 
 
 def test_saver_start_removes_temp_debris_with_a_warning(tmp_path: Path) -> None:
@@ -428,7 +484,8 @@ def test_resaving_a_damaged_step_keeps_the_damaged_files_and_says_so(tmp_path: P
     truncate(tmp_path / "model_000004.pt")
     damaged = snapshot(tmp_path)
     warnings = save(tmp_path, 4)
-    assert len(warnings) == 1 and "step 4 had a damaged checkpoint" in warnings[0] and ".damaged" in warnings[0]
+    assert len(warnings) == 1 and "step 4 already had a checkpoint (model_000004.pt has" in warnings[0]
+    assert ".damaged" in warnings[0]
     assert checkpoint.inspect(tmp_path, 4).valid
     kept = {p.name.split(".")[0]: p.read_bytes() for p in tmp_path.glob("*.damaged")}
     assert kept == {name.split(".")[0]: data for name, data in damaged.items() if name != LATEST}
@@ -458,8 +515,11 @@ def test_load_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
     Saver(ckpt_dir, warn=pytest.fail, log=lambda m: None).save(
         3, {**model, "evil": Payload(str(sentinel))}, optim, {}, {}
     )
-    ckpt = checkpoint.find_latest_valid(ckpt_dir, pytest.fail)
-    assert ckpt.step == 3 and ckpt.valid
+    warnings: list[str] = []
+    assert checkpoint.find_latest_valid(ckpt_dir, warnings.append) is None  # verification loads it safely: refused
+    assert "model_000003.pt does not load safely (UnpicklingError" in warnings[0]
+    ckpt = checkpoint.inspect(ckpt_dir, 3, verify=False)
+    assert ckpt.step == 3 and ckpt.valid  # sizes (and checksums) match: only safe loading tells
     with pytest.raises(pickle.UnpicklingError, match="[Ww]eights only load failed"):
         checkpoint.load(ckpt_dir, ckpt)
     assert not sentinel.exists()

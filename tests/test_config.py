@@ -63,6 +63,10 @@ def test_bools_and_bare_flags():
         (["--eval_every=0"], "--eval_every and --sample_every take a step count, or -1"),
         (["--warmup_ratio=0.9", "--warmdown_ratio=0.5"], "--warmup_ratio + --warmdown_ratio"),
         (["--compile=sometimes"], "--compile must be auto, True or False"),
+        (["--model_tag=../../x"], "--model_tag='../../x' must be a plain name (no '/', '\\' or '..')"),
+        (["--model_tag=a/b"], "--model_tag='a/b' must be a plain name"),
+        (["--model_tag=.."], "--model_tag='..' must be a plain name"),
+        (["--dist_timeout=0"], "--dist_timeout must be >= 1 second"),
     ],
 )
 def test_config_errors_name_the_key(argv, message):
@@ -77,6 +81,8 @@ def test_config_errors_name_the_key(argv, message):
     [
         (["--dpeth=4"], "base_train: error: unknown setting --dpeth; did you mean --depth?"),
         (["--depth=x"], "base_train: error: --depth: expected an integer, got 'x'"),
+        (["--model_tag=../escape"], "base_train: error: --model_tag='../escape' must be a plain name (no '/', '\\' or"
+         " '..'): it names a folder under base_checkpoints/; use --checkpoint_dir for another place"),
     ],
 )
 def test_trainer_config_error_is_one_line_without_traceback(argv, message, tmp_path):

@@ -6,15 +6,18 @@ come through --debug_fault. The runs they start from are the session fixtures in
 from __future__ import annotations
 
 import errno
+import json
 import re
 import resource
 import signal
 from pathlib import Path
 
 import pytest
+import torch
 
-from nanochat import checkpoint
+from nanochat import checkpoint, snapshots
 from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name
+from nanochat.common import EXIT_STORAGE
 from tests.runs import (
     assert_finished,
     assert_same_final_state,
@@ -97,13 +100,13 @@ def test_snapshot_loses_at_most_k_steps_and_resumes_bit_exact(reference_1, tmp_p
     done = "saving snapshot in shared memory in the background" if mode == "async" else "saved snapshot in shared"
     assert f"step 00006 | {done}" in proc.stdout
     assert not list(d.glob("meta_*.json"))  # nothing on disk: only the snapshots can save us
-    slots = [sorted(p.name for p in slot.iterdir()) for slot in checkpoint.snapshot_slots(d)]
+    slots = [sorted(p.name for p in slot.iterdir()) for slot in snapshots.slots(d)]
     assert {"meta_000004.json", "meta_000006.json"} <= {n for names in slots for n in names}  # double-buffered
     proc = train(env, d, *args)
     assert "resume: the in-memory snapshot at step 6" in proc.stdout and f"resumed from step 6 in {d}" in proc.stdout
     assert_finished(proc, d)
     assert_same_final_state(d, reference_1[0])
-    assert not checkpoint.snapshot_slots(d)[0].parent.exists()  # dropped once the final checkpoint is durable
+    assert not snapshots.slots(d)[0].parent.exists()  # dropped once the final checkpoint is durable
 
 
 def test_kill_in_the_middle_of_a_snapshot_falls_back_to_the_other_slot(reference_1, tmp_path, menv, monkeypatch):
@@ -115,11 +118,11 @@ def test_kill_in_the_middle_of_a_snapshot_falls_back_to_the_other_slot(reference
     proc = train(env, d, "--save_every=4", "--snapshot_every=2", "--debug_fault=sigkill@step:5")
     assert proc.returncode == -signal.SIGKILL
     assert re.search(r"step 00004 \| saved checkpoint to .* and snapshot in shared memory", proc.stdout)
-    assert checkpoint.newest_snapshot(d)[1].step == 4 and checkpoint.find_latest_valid(d).step == 4
+    assert snapshots.newest(d, checkpoint.run_id(d))[1].step == 4 and checkpoint.find_latest_valid(d).step == 4
     proc = train(env, d, "--save_every=100", "--snapshot_every=2", "--debug_fault=sigkill@save:snapshot")
     assert proc.returncode == -signal.SIGKILL and "debug_fault: sigkill at save phase snapshot" in proc.stdout
     assert "step 00006 | saving snapshot" not in proc.stdout  # killed inside the write of step 6
-    assert checkpoint.newest_snapshot(d)[1].step == 4
+    assert snapshots.newest(d, checkpoint.run_id(d))[1].step == 4
     proc = train(env, d, "--save_every=100", "--snapshot_every=2")
     assert f"resumed from step 4 in {d}" in proc.stdout  # 6 - 4 = K steps lost, not more
     assert_finished(proc, d)
@@ -134,12 +137,12 @@ def test_snapshot_older_than_the_disk_checkpoint_is_ignored_and_resume_false_dro
     d = tmp_path / "ckpt"
     proc = train(env, d, "--snapshot_every=3", "--save_every=4", "--debug_fault=sigkill@step:5")
     assert proc.returncode == -signal.SIGKILL
-    assert checkpoint.newest_snapshot(d)[1].step == 3  # older than the disk checkpoint at 4
+    assert snapshots.newest(d, checkpoint.run_id(d))[1].step == 3  # older than the disk checkpoint at 4
     proc = train(env, d, "--snapshot_every=3", "--save_every=4", "--num_iterations=6", "--debug_fault=sigkill@step:6")
     assert f"resumed from step 4 in {d}" in proc.stdout and "in-memory snapshot" not in proc.stdout
     assert proc.returncode == -signal.SIGKILL  # a new fault spec: it fires at step 6, after no new snapshot
     proc = train(env, d, "--resume=False", "--num_iterations=2")
-    assert "dropped the in-memory snapshots of the previous run" in proc.stdout
+    assert "dropped in-memory snapshots left by an earlier run of this checkpoint dir" in proc.stdout
 
 
 # ---- damaged files -----------------------------------------------------------------------------------------
@@ -154,6 +157,15 @@ def _garble(path: Path) -> None:
     for i in range(0, len(data), 101):
         data[i] ^= 0x5A
     path.write_bytes(bytes(data))
+
+
+def _forge(path: Path) -> None:
+    """Replace a checkpoint file by one that weights_only refuses, and make the meta vouch for it (size, xxh3)."""
+    torch.save({"weights": torch.zeros(3), "object": Path("/")}, path)
+    meta_path = path.with_name(file_name("meta", int(path.stem.split("_")[1])))
+    meta = json.loads(meta_path.read_text())
+    meta["files"][path.name] = {"size": path.stat().st_size, "xxh3_64": checkpoint.file_digest(path)}
+    meta_path.write_text(json.dumps(meta))
 
 
 MARKER_GARBAGE = r"latest_step.txt holds .*garbage.*, not a step number; looking for the newest valid checkpoint"
@@ -176,6 +188,11 @@ DAMAGE = {
         lambda d: (d / "model_000008.pt").unlink() or (d / LATEST).write_text("99\n"),
         [MARKER_NOWHERE, r"skipping the checkpoint at step 8: model_000008.pt is missing"],
         (),
+    ),
+    "forged meta over a file that does not load safely": (
+        lambda d: _forge(d / "model_000008.pt"),
+        [r"skipping the checkpoint at step 8: model_000008.pt does not load safely \(UnpicklingError"],
+        NOT_RESAVED,
     ),
     "broken JSON meta": (
         lambda d: (d / "meta_000008.json").write_text((d / "meta_000008.json").read_text()[:200]),
@@ -203,7 +220,7 @@ def test_damaged_newest_checkpoint_falls_back(reference_1, crashed_1, tmp_path, 
         assert {name: data for name, data in snapshot(d).items() if name in damaged} == damaged
         assert steps(d) == [8, 12]  # 4 pruned (keep 1)
     else:  # re-saving step 8 set the damaged files aside first, and said so
-        assert re.search(r"step 8 had a damaged checkpoint \(.+\); kept it as \*\.[\d-]+\.damaged", proc.stderr)
+        assert re.search(r"step 8 already had a checkpoint \(.+\); kept its files as \*\.[\d-]+\.damaged", proc.stderr)
         renamed = {p.name.split(".")[0]: p.read_bytes() for p in d.glob("*.damaged")}
         assert renamed == {name.split(".")[0]: data for name, data in damaged.items()}
         assert steps(d) == [4, 8, 12] and checkpoint.inspect(d, 8).valid
@@ -215,7 +232,7 @@ def test_damaged_newest_checkpoint_falls_back(reference_1, crashed_1, tmp_path, 
 def test_pre_save_space_check_fails_cleanly_on_a_small_filesystem(small_fs, menv) -> None:
     d = small_fs("4m") / "ckpt"  # room for two ~1.2 MB checkpoints; the check wants ~2.3 MB free for a third
     proc = train(menv, d)
-    error = one_line_error(proc)
+    error = one_line_error(proc, EXIT_STORAGE)
     assert re.fullmatch(
         rf"base_train: error: not enough disk space in {d} for the next checkpoint: need ~[\d.]+ MB, [\d.]+ MB"
         r" free; free space, lower --keep_last_n_checkpoints, or set --checkpoint_dir",
@@ -236,7 +253,7 @@ def test_disk_filling_up_during_a_save(crashed_1, small_fs, start) -> None:
             while True:
                 f.write(b"\0" * 65536)
         assert full.value.errno == errno.ENOSPC
-    assert t.finish() == 2
+    assert t.finish() == EXIT_STORAGE
     errors = [line for _, line in t.lines if line.startswith("base_train: error:")]
     assert errors == [
         f"base_train: error: saving step 12 to {d} failed (No space left on device); earlier checkpoints are"
@@ -257,7 +274,7 @@ def _limit_file_size() -> None:
 def test_file_size_limit_during_a_save(reference_1, crashed_1, tmp_path, menv) -> None:
     """Works without root (where a tmpfs cannot be mounted): a write fails with EFBIG in the middle of the save."""
     d = copy(crashed_1, tmp_path)
-    error = one_line_error(train(menv, d, preexec_fn=_limit_file_size))
+    error = one_line_error(train(menv, d, preexec_fn=_limit_file_size), EXIT_STORAGE)
     assert error == (
         f"base_train: error: saving step 12 to {d} failed (File too large); earlier checkpoints are intact:"
         " free disk space or fix the directory, then resume"

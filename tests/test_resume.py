@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from nanochat import checkpoint
-from nanochat.checkpoint import LATEST, file_name
+from nanochat.checkpoint import LATEST, RUN_ID, file_name
 from nanochat.dataset import data_dir, train_val_shards
+from nanochat.locks import LOCKS
 from nanochat.tokenizer import tokenizer_dir
 from scripts.base_train import TrainConfig
 from tests.runs import (
@@ -89,7 +90,7 @@ def test_save_cadence_and_pruning(reference_1, tmp_path, menv, save_every, keep,
     assert steps(d) == on_disk
     assert all(c.valid for c in checkpoint.scan(d, verify=True))
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [LATEST, *(file_name(k, s) for s in on_disk for k in ("model", "optim", "meta"))]
+        [LATEST, RUN_ID, LOCKS["trainer"], *(file_name(k, s) for s in on_disk for k in ("model", "optim", "meta"))]
     )
 
 
@@ -223,7 +224,7 @@ def test_second_signal_during_the_save_does_not_corrupt_it(tmp_path, start) -> N
     t.wait_for(r"^debug_fault: sleeping 3s inside the save")  # the model file is half written now
     t.proc.send_signal(signal.SIGINT)
     assert t.finish() == 128 + signal.SIGTERM  # the first signal decides
-    assert "got SIGINT again: already stopping, the checkpoint is being saved" in t.stdout
+    assert "ignored 1 more signal(s) during the save: the first one decides" in t.stdout
     step = check_signal_checkpoint(t, d, signal.SIGTERM)
     model, optim = checkpoint.load(d, checkpoint.find_latest_valid(d, pytest.fail))
     assert model and optim["adamw"]["state"] and float(optim["adamw"]["state"][0]["step"]) == step
@@ -285,7 +286,7 @@ def test_resume_false_archives_the_old_checkpoints_and_starts_fresh(reference_1,
     before = {name: data for name, data in snapshot(d).items() if not name.startswith(".fault-fired")}
     proc = train(menv, d, "--resume=False")
     m = re.search(
-        rf"^--resume=False: starting fresh; moved the existing checkpoints to ({d}/archived-[\d-]+)", proc.stdout, re.M
+        rf"^--resume=False: starting fresh; moved the old checkpoints to ({d}/archived-[\d-]+)", proc.stdout, re.M
     )
     assert m and "(nothing deleted)" in proc.stdout, proc.stdout
     archived = Path(m.group(1))

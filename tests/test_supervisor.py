@@ -1,30 +1,34 @@
-"""The supervisor's parts, in-process: restart policy, classification, lock, event log, run states, CLI usage errors.
+"""The supervisor's parts, in-process: restart policy, lock, event log, run states, the CLI's contract.
 
-The end-to-end behaviour with real torchrun processes is in test_supervisor_e2e.py.
+Classification is in test_supervisor_classify.py, process handling against a stand-in torchrun in
+test_supervisor_procs.py, and the end-to-end behaviour with real torchrun in test_supervisor_e2e.py and
+test_supervisor_chaos.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from nanochat.locks import LOCKS, DirLock, LockError, lock_holder
 from supervisor import cli
 from supervisor.agent import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, Agent, TrainOptions
-from supervisor.classify import Evidence, classify, read_error_files, root_cause
-from supervisor.policy import AttemptSummary, Policy, decide
-from supervisor.records import LOCK_NAME, Lock, LockError, RunDir, append_event, lock_holder, read_events
+from supervisor.policy import AttemptSummary, Batch, Policy, decide, smaller_batch
+from supervisor.records import RunDir, append_event, read_events
 from supervisor.states import Action, AttemptClass, Outcome, RunState
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 C = AttemptClass
+LOCK_NAME = LOCKS["supervisor"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # policy
@@ -34,8 +38,8 @@ def outcome(kind: AttemptClass, message: str = "boom") -> Outcome:
     return Outcome(kind, message, exitcode=1)
 
 
-def history(*progressed: bool, kind: AttemptClass = C.CRASH) -> list[AttemptSummary]:
-    return [AttemptSummary(kind, p) for p in progressed]
+def history(*progressed: bool, kind: AttemptClass = C.CRASH, healthy: bool = False) -> list[AttemptSummary]:
+    return [AttemptSummary(kind, p, healthy) for p in progressed]
 
 
 def test_completed_finishes_even_with_no_restarts_left():
@@ -50,9 +54,9 @@ def test_stopped_stops_and_never_restarts():
     assert d.action is Action.STOP
 
 
-@pytest.mark.parametrize("kind", [C.CRASH, C.HOST_OOM, C.HANG, C.SIGNAL, C.NCCL_TIMEOUT, C.CUDA_OOM])
+@pytest.mark.parametrize("kind", [C.CRASH, C.STORAGE, C.HOST_OOM, C.HANG, C.SIGNAL, C.NCCL_TIMEOUT, C.CUDA_OOM])
 def test_every_failure_class_restarts_with_resume(kind):
-    d = decide(outcome(kind), history(True, kind=kind), Policy(backoff=2.0), device_batch_size=4, total_batch_size=512)
+    d = decide(outcome(kind), history(True, kind=kind), Policy(backoff=2.0), Batch(4, 512))
     assert d.action is Action.RESTART and d.delay == 2.0
     assert kind.value in d.reason
 
@@ -66,13 +70,36 @@ def test_backoff_doubles_per_attempt_without_progress_and_is_capped():
     assert decide(outcome(C.CRASH), history(True), Policy(backoff=0.0)).delay == 0.0
 
 
-def test_trainer_usage_exit_gives_up_at_once():
-    # exit status 2 from the trainer: bad settings, an incompatible checkpoint, a full disk; a restart cannot help
-    bad = Outcome(C.CRASH, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
+def test_refused_gives_up_at_once():
+    # exit status 2 from the trainer: bad settings or an incompatible checkpoint; a restart cannot help
+    bad = Outcome(C.REFUSED, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
     d = decide(bad, history(True), Policy(max_restarts=5, max_no_progress=5))
-    assert d.action is Action.GIVE_UP and "ConfigError" in d.reason
+    assert d.action is Action.GIVE_UP and "ConfigError" in d.reason and "refused" in d.reason
     d = decide(Outcome(C.CRASH, "x", exitcode=1, worker_exitcode=1), history(True), Policy())
     assert d.action is Action.RESTART
+
+
+def test_storage_restarts_with_backoff_until_the_crash_loop_guard():
+    policy = Policy(max_restarts=10, max_no_progress=2, backoff=4.0)
+    d = decide(outcome(C.STORAGE, "disk full: /x has 0 bytes free"), history(True, False, kind=C.STORAGE), policy)
+    assert d.action is Action.RESTART and d.delay == 4.0
+    d = decide(outcome(C.STORAGE, "disk full: /x has 0 bytes free"), history(False, False, kind=C.STORAGE), policy)
+    assert d.action is Action.GIVE_UP and "crash loop" in d.reason and "storage: disk full" in d.reason
+
+
+def test_backoff_resets_after_an_attempt_that_reached_training():
+    # fast failures back off exponentially; an attempt that trained (even if it saved nothing) resets the backoff,
+    # while the crash-loop guard still counts it as an attempt without progress
+    policy = Policy(max_restarts=100, max_no_progress=100, backoff=3.0, backoff_cap=100.0)
+    fast = [AttemptSummary(C.CRASH, False, False)] * 3
+    assert decide(outcome(C.CRASH), fast, policy).delay == 12.0
+    trained = [*fast, AttemptSummary(C.SIGNAL, False, True)]
+    assert decide(outcome(C.SIGNAL), trained, policy).delay == 3.0
+    assert decide(outcome(C.CRASH), [*trained, AttemptSummary(C.CRASH, False, False)], policy).delay == 3.0
+    assert decide(outcome(C.CRASH), [*trained, *fast[:2]], policy).delay == 6.0
+    guard = Policy(max_restarts=100, max_no_progress=3, backoff=3.0)
+    d = decide(outcome(C.CRASH), [AttemptSummary(C.CRASH, False, True)] * 3, guard)
+    assert d.action is Action.GIVE_UP and "crash loop" in d.reason
 
 
 def test_max_restarts_counts_restarts_after_the_first_attempt():
@@ -99,284 +126,49 @@ def test_crash_loop_gives_up_after_max_no_progress_attempts():
 
 
 def test_cuda_oom_halves_the_device_batch_and_pins_the_total():
-    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), device_batch_size=8, total_batch_size=524288)
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), Batch(8, 524288, 2048, 8))
     assert d.action is Action.RESTART
     assert d.trainer_overrides == {"device_batch_size": "4", "total_batch_size": "524288"}
-    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), device_batch_size=3, total_batch_size=None)
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), Batch(3, None))
     assert d.trainer_overrides == {"device_batch_size": "1"}  # no total known: nothing to pin
-    d = decide(outcome(C.CRASH), history(True), Policy(), device_batch_size=8, total_batch_size=512)
+    d = decide(outcome(C.CRASH), history(True), Policy(), Batch(8, 512, 16, 2))
     assert d.trainer_overrides == {}  # only a CUDA OOM changes the batch
 
 
-def test_cuda_oom_at_batch_one_or_unknown_batch_gives_up():
-    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), device_batch_size=1, total_batch_size=512)
-    assert d.action is Action.GIVE_UP and "device_batch_size=1" in d.reason
-    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), device_batch_size=None, total_batch_size=None)
+@pytest.mark.parametrize(
+    ("batch", "expected"),
+    [
+        (Batch(8, 64 * 8 * 2, 64, 2), 4),  # 8 rows per rank: halving divides
+        (Batch(5, 64 * 5 * 1, 64, 1), 1),  # 5 rows, accumulation 1: 2 does not divide 5, 1 does
+        (Batch(12, 64 * 12 * 1, 64, 1), 6),
+        (Batch(12, 64 * 36 * 1, 64, 1), 6),  # 36 rows: 6 divides
+        (Batch(10, 64 * 30 * 1, 64, 1), 5),
+        (Batch(16, 64 * 48 * 2, 64, 2), 8),  # 48 rows per rank: 8 divides
+        (Batch(9, 64 * 27 * 1, 64, 1), 3),  # 27 rows: 4 does not divide, 3 does
+        (Batch(6, None, None, None), 3),  # geometry unknown (an older trainer): plain halving
+    ],
+)
+def test_cuda_oom_shrink_picks_a_batch_that_divides_the_rows_per_rank(batch, expected):
+    assert smaller_batch(batch) == (expected, "")
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), batch)
+    assert d.action is Action.RESTART and d.trainer_overrides["device_batch_size"] == str(expected)
+
+
+def test_cuda_oom_at_batch_one_or_unknown_batch_gives_up_with_advice():
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), Batch(1, 512, 256, 2))
+    assert d.action is Action.GIVE_UP and "device_batch_size=1" in d.reason and "smaller --depth" in d.reason
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), Batch())
     assert d.action is Action.GIVE_UP and "unknown" in d.reason
+    d = decide(outcome(C.CUDA_OOM), history(True), Policy(), Batch(4, 1000, 64, 2))  # not whole rows
+    assert d.action is Action.GIVE_UP and "--device_batch_size" in d.reason
 
 
 def test_no_oom_shrink_restarts_unchanged():
     policy = Policy(oom_shrink=False)
-    d = decide(outcome(C.CUDA_OOM), history(True), policy, device_batch_size=8, total_batch_size=512)
+    d = decide(outcome(C.CUDA_OOM), history(True), policy, Batch(8, 512))
     assert d.action is Action.RESTART and d.trainer_overrides == {}
-    d = decide(outcome(C.CUDA_OOM), history(True), policy, device_batch_size=1, total_batch_size=512)
+    d = decide(outcome(C.CUDA_OOM), history(True), policy, Batch(1, 512))
     assert d.action is Action.RESTART and d.trainer_overrides == {}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# classification over attempt dirs laid out like torchrun's
-
-
-SEP = "=" * 60
-LINE = "-" * 60
-
-
-def failure_block(rank: int, exitcode: int, error_file: str | None, traceback: str = "") -> str:
-    """One entry of torchrun's failure summary, as torch.distributed.elastic prints it."""
-    pid = 1000 + rank
-    name = signal.Signals(-exitcode).name if exitcode < 0 else ""
-    return (
-        f"  time      : 2026-01-01_00:00:00\n  host      : localhost\n"
-        f"  rank      : {rank} (local_rank: {rank})\n"
-        f"  exitcode  : {exitcode} (pid: {pid}) {f' ({name})' if name else ''}\n"
-        f"  error_file: {error_file or '<N/A>'}\n"
-        f"  traceback : {traceback or f'Signal {-exitcode} ({name}) received by PID {pid}'}\n"
-    )
-
-
-class Attempt:
-    """An attempt dir as torchrun leaves it: torchrun.log plus <run id>/attempt_0/<local rank>/error.json."""
-
-    def __init__(self, root: Path):
-        self.dir = root / "attempt-001"
-        self.ranks = self.dir / "5f0c-run_abc" / "attempt_0"
-        self.ranks.mkdir(parents=True)
-        self.log = self.dir / "torchrun.log"
-        self.log.write_text("[default0]:step 00001/00030 | loss 6.2\n[default0]:step 00002/00030 | loss 6.1\n")
-
-    def error_file(self, rank: int, exc_line: str, timestamp: int = 1700000000, raw: str | None = None) -> str:
-        path = self.ranks / str(rank) / "error.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if raw is None:
-            stack = f'Traceback (most recent call last):\n  File "scripts/base_train.py", line 1\n{exc_line}\n'
-            extra = {"py_callstack": stack, "timestamp": str(timestamp)}
-            raw = json.dumps({"message": {"message": exc_line, "extraInfo": extra}})
-        path.write_text(raw)
-        return str(path)
-
-    def torchrun_failed(self, root: tuple[int, int, str | None], others: list[tuple[int, int, str | None]] = ()):
-        """Append torchrun's ChildFailedError summary: other failures first, then the root cause."""
-        text = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n" + SEP + "\n"
-        text += "scripts.base_train FAILED\n" + LINE + "\nFailures:\n"
-        if not others:
-            text += "  <NO_OTHER_FAILURES>\n"
-        for i, (rank, code, err) in enumerate(others, 1):
-            text += f"[{i}]:\n" + failure_block(rank, code, err, "Traceback (most recent call last):\n  ...")
-        text += LINE + "\nRoot Cause (first observed failure):\n[0]:\n"
-        text += failure_block(*root, "" if root[1] < 0 else "Traceback (most recent call last):\n  ...")
-        text += SEP + "\n"
-        with open(self.log, "a") as f:
-            f.write(text)
-
-    def evidence(self, exitcode: int | None = 1, **kw) -> Evidence:
-        return Evidence(exitcode=exitcode, attempt_log=self.log, log_dir=self.dir, **kw)
-
-
-PEER_GONE = "RuntimeError: [../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:4567"
-
-
-@pytest.fixture
-def att(tmp_path: Path) -> Attempt:
-    return Attempt(tmp_path)
-
-
-def test_sigkilled_worker_with_oom_counter_up_is_host_oom(att):
-    # rank 1 notices its peer is gone and leaves an error file; the root cause is rank 0, killed without one
-    peer = att.error_file(1, PEER_GONE, timestamp=1700000005)
-    att.torchrun_failed(root=(0, -9, None), others=[(1, 1, peer)])
-    out = classify(att.evidence(1, oom_kills=1, peak_rss=10, memory_limit=100))
-    assert out.kind is C.HOST_OOM
-    assert "OOM killer" in out.message and out.evidence == {"oom_kills": 1}
-    assert (out.rank, out.worker_exitcode, out.exitcode) == (0, -9, 1)
-
-
-def test_sigkilled_worker_near_the_memory_limit_is_host_oom(att):
-    att.torchrun_failed(root=(1, -9, None))
-    out = classify(att.evidence(1, oom_kills=0, peak_rss=95, memory_limit=100))
-    assert out.kind is C.HOST_OOM and "95%" in out.message and out.rank == 1
-    out = classify(att.evidence(1, oom_kills=0, peak_rss=90, memory_limit=100))
-    assert out.kind is C.HOST_OOM  # 90% is the threshold
-
-
-def test_sigkilled_worker_without_memory_evidence_is_signal(att):
-    peer = att.error_file(1, PEER_GONE)
-    att.torchrun_failed(root=(0, -9, None), others=[(1, 1, peer)])
-    out = classify(att.evidence(1, oom_kills=0, peak_rss=80, memory_limit=100))
-    assert out.kind is C.SIGNAL and "SIGKILL" in out.message
-    assert (out.rank, out.worker_exitcode) == (0, -9)
-    out = classify(att.evidence(1, oom_kills=0, peak_rss=99, memory_limit=0))  # unknown limit: no guess
-    assert out.kind is C.SIGNAL
-
-
-def test_sigkill_wins_when_torchrun_names_the_peer_that_raised_first(att):
-    # same-second timestamps: torchrun may name rank 1's "peer gone" as the root cause of rank 0's SIGKILL
-    peer = att.error_file(1, PEER_GONE)
-    att.torchrun_failed(root=(1, 1, peer), others=[(0, -9, None)])
-    out = classify(att.evidence(1, oom_kills=0, peak_rss=10, memory_limit=100))
-    assert out.kind is C.SIGNAL and "SIGKILL" in out.message
-    assert (out.rank, out.worker_exitcode) == (0, -9)
-
-
-@pytest.mark.parametrize(("code", "name"), [(-15, "SIGTERM"), (-6, "SIGABRT"), (137, "SIGKILL"), (143, "SIGTERM")])
-def test_other_signals_and_shell_style_exit_codes(att, code, name):
-    att.torchrun_failed(root=(0, code, None))
-    out = classify(att.evidence(1, oom_kills=0))
-    assert out.kind is C.SIGNAL and name in out.message
-
-
-def test_torchrun_itself_killed(att):
-    out = classify(att.evidence(-9, oom_kills=0))
-    assert out.kind is C.SIGNAL and "SIGKILL" in out.message and out.worker_exitcode is None
-    assert classify(att.evidence(-9, oom_kills=2)).kind is C.HOST_OOM
-
-
-def test_cuda_oom_error_file(att):
-    err = att.error_file(0, "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    att.torchrun_failed(root=(0, 1, err))
-    out = classify(att.evidence(1))
-    assert out.kind is C.CUDA_OOM
-    assert out.message == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert out.error_file == err and out.rank == 0 and out.worker_exitcode == 1
-
-
-def test_nccl_watchdog_timeout(att):
-    msg = (
-        "RuntimeError: [Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=12, OpType=ALLREDUCE)"
-        " ran for 600000 milliseconds before timing out."
-    )
-    err = att.error_file(1, msg)
-    att.torchrun_failed(root=(1, 1, err))
-    out = classify(att.evidence(1))
-    assert out.kind is C.NCCL_TIMEOUT and "Watchdog caught collective operation timeout" in out.message
-    assert out.rank == 1
-
-
-def test_plain_exception_is_a_crash_with_the_exception_line(att):
-    err = att.error_file(1, "RuntimeError: debug_fault: injected crash at step 12")
-    att.torchrun_failed(root=(1, 1, err))
-    out = classify(att.evidence(1))
-    assert out.kind is C.CRASH and out.message == "RuntimeError: debug_fault: injected crash at step 12"
-    assert out.error_file == err and out.rank == 1
-    assert json.loads(json.dumps(out.to_dict()))["kind"] == "crash"
-
-
-def test_multiline_exception_message_keeps_its_last_line(att):
-    err = att.error_file(0, "ValueError: first line\nmore detail\nKeyError: 'the real one'")
-    att.torchrun_failed(root=(0, 1, err))
-    assert classify(att.evidence(1)).message == "KeyError: 'the real one'"
-
-
-def test_root_cause_error_file_wins_over_earlier_ones(att):
-    # a consequence can carry an earlier timestamp (clock skew, or a rank that failed on its own first);
-    # torchrun's root cause names which file to believe
-    att.error_file(0, PEER_GONE, timestamp=1700000000)
-    err = att.error_file(1, "OutOfMemoryError: CUDA out of memory", timestamp=1700000009)
-    att.torchrun_failed(root=(1, 1, err), others=[(0, 1, str(att.ranks / "0" / "error.json"))])
-    out = classify(att.evidence(1))
-    assert out.kind is C.CUDA_OOM and out.error_file == err
-
-
-def test_without_a_root_cause_the_earliest_error_file_is_used(att):
-    att.error_file(1, PEER_GONE, timestamp=1700000009)
-    first = att.error_file(0, "ZeroDivisionError: division by zero", timestamp=1700000001)
-    out = classify(att.evidence(1))
-    assert out.kind is C.CRASH and out.message == "ZeroDivisionError: division by zero" and out.error_file == first
-    assert [e["local_rank"] for e in read_error_files(att.dir)] == [0, 1]
-
-
-def test_nonzero_exit_without_any_evidence(att):
-    out = classify(att.evidence(3))
-    assert out.kind is C.CRASH and "status 3" in out.message and "no error file" in out.message
-
-
-def test_hang(att):
-    why = "no progress for --hang-timeout=5s at step 7"
-    out = classify(att.evidence(-9, hang=why))
-    assert out.kind is C.HANG and out.message == why
-
-
-def test_stop_requested_is_stopped_whatever_the_exit(att):
-    att.error_file(0, "KeyboardInterrupt")
-    out = classify(att.evidence(1, stop_requested=True, saved_on_stop=True))
-    assert out.kind is C.STOPPED and "saved a checkpoint" in out.message
-    out = classify(att.evidence(-9, stop_requested=True, saved_on_stop=False))
-    assert out.kind is C.STOPPED and "without a new checkpoint" in out.message
-
-
-def test_budget_reached_is_completed(att):
-    assert classify(att.evidence(0, budget_reached=True)).kind is C.COMPLETED
-    # Ctrl+C arriving after the final save: the run is still done
-    assert classify(att.evidence(1, budget_reached=True, stop_requested=True)).kind is C.COMPLETED
-    out = classify(att.evidence(0, budget_reached=False))
-    assert out.kind is C.CRASH and "before the step budget" in out.message
-
-
-def test_root_cause_parser(att):
-    att.torchrun_failed(root=(1, -9, None), others=[(0, -15, "/x/0/error.json")])
-    assert root_cause(att.log) == {"rank": 1, "exitcode": -9}
-    att.torchrun_failed(root=(0, 1, "/x/0/error.json"))  # a later summary (torchrun printed twice): the last wins
-    assert root_cause(att.log) == {"rank": 0, "exitcode": 1, "error_file": "/x/0/error.json"}
-    assert root_cause(att.dir / "missing.log") == {}
-
-
-GARBAGE_ERROR_FILES = [
-    "",
-    "not json",
-    "[1, 2, 3]",
-    '"a string"',
-    "42",
-    '{"message": 5}',
-    '{"message": {"message": 5}}',
-    '{"message": {"message": "x", "extraInfo": []}}',
-    '{"message": {"message": "x", "extraInfo": {"timestamp": [1]}}}',
-    '{"message": {"message": "x", "extraInfo": {"timestamp": "soon"}}}',
-    '{"message": null}',
-    "\x00\xff\xfe garbage",
-]
-
-
-@pytest.mark.parametrize("raw", GARBAGE_ERROR_FILES)
-def test_classify_never_raises_on_garbage_error_files(att, raw):
-    att.error_file(0, "", raw=raw)
-    att.torchrun_failed(root=(0, 1, str(att.ranks / "0" / "error.json")))
-    out = classify(att.evidence(1))
-    assert isinstance(out, Outcome) and out.kind is C.CRASH and out.message
-
-
-@pytest.mark.parametrize("raw", GARBAGE_ERROR_FILES)
-def test_a_garbage_error_file_does_not_hide_a_good_one(att, raw):
-    att.error_file(0, "", raw=raw)
-    att.error_file(1, "OutOfMemoryError: CUDA out of memory")
-    out = classify(att.evidence(1))
-    assert out.kind is C.CUDA_OOM, out
-
-
-def test_classify_never_raises_on_garbage_logs(tmp_path):
-    rng = random.Random(0)
-    (tmp_path / "dir.log").mkdir()
-    logs = [tmp_path / "missing.log", tmp_path / "dir.log", tmp_path / "bin.log", tmp_path / "half.log"]
-    logs[2].write_bytes(bytes(rng.randrange(256) for _ in range(5000)))
-    logs[3].write_text("Root Cause (first observed failure):\n[0]:\n  rank      : x\n  exitcode  : -\n  error_file:")
-    log_dirs = [tmp_path / "missing", tmp_path / "bin.log", tmp_path]
-    for log in logs:
-        for log_dir in log_dirs:
-            for code in (None, 0, 1, -9, 137, 255, -1000, 10**6):
-                for kw in ({}, {"oom_kills": 3}, {"peak_rss": 10, "memory_limit": 10}, {"memory_limit": -1}):
-                    out = classify(Evidence(exitcode=code, attempt_log=log, log_dir=log_dir, **kw))
-                    assert isinstance(out, Outcome) and isinstance(out.kind, AttemptClass) and out.message
-    # wrong types altogether still come back as an Outcome
-    out = classify(Evidence(exitcode="?", attempt_log=None, log_dir=None))  # type: ignore[arg-type]
-    assert out.kind is C.CRASH and "unclassifiable" in out.message
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,8 +179,8 @@ HOLDER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from supervisor.records import Lock
-    Lock(Path(sys.argv[1])).acquire()
+    from nanochat.locks import DirLock
+    DirLock(Path(sys.argv[1]), "supervisor").acquire()
     print("locked", flush=True)
     sys.stdin.read()
     """
@@ -403,7 +195,7 @@ def hold_lock_in_child(directory: Path) -> subprocess.Popen:
 
 
 def test_lock_acquire_writes_our_pid_and_release_clears_it(tmp_path):
-    lock = Lock(tmp_path / "ckpt")
+    lock = DirLock(tmp_path / "ckpt", "supervisor")
     assert lock.acquire() == ""  # the directory is created, nothing to take over
     info = json.loads((tmp_path / "ckpt" / LOCK_NAME).read_text())
     assert info["pid"] == os.getpid() and info["host"] and info["started"] > 0
@@ -412,14 +204,14 @@ def test_lock_acquire_writes_our_pid_and_release_clears_it(tmp_path):
     lock.release()
     assert (tmp_path / "ckpt" / LOCK_NAME).read_text() == ""
     assert lock_holder(tmp_path / "ckpt") is None
-    assert Lock(tmp_path / "ckpt").acquire() == ""  # a cleanly released lock is not "stale"
+    assert DirLock(tmp_path / "ckpt", "supervisor").acquire() == ""  # a cleanly released lock is not "stale"
 
 
 def test_lock_contention_names_the_holder_and_stale_lock_is_taken_over(tmp_path):
     proc = hold_lock_in_child(tmp_path)
     try:
-        with pytest.raises(LockError, match=rf"another supervisor \(pid {proc.pid} on .*\) is driving"):
-            Lock(tmp_path).acquire()
+        with pytest.raises(LockError, match=rf"another supervisor \(pid {proc.pid} on .*\) is using"):
+            DirLock(tmp_path, "supervisor").acquire()
         holder = lock_holder(tmp_path)
         assert holder["pid"] == proc.pid and holder["alive"] is True
     finally:
@@ -427,7 +219,7 @@ def test_lock_contention_names_the_holder_and_stale_lock_is_taken_over(tmp_path)
         proc.wait()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == proc.pid
     assert lock_holder(tmp_path) is None
-    lock = Lock(tmp_path)
+    lock = DirLock(tmp_path, "supervisor")
     msg = lock.acquire()
     assert msg == f"took over a stale lock from pid {proc.pid} (no longer running)"
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
@@ -436,7 +228,7 @@ def test_lock_contention_names_the_holder_and_stale_lock_is_taken_over(tmp_path)
 
 def test_lock_file_with_garbage_is_taken_quietly(tmp_path):
     (tmp_path / LOCK_NAME).write_text("{not json")
-    lock = Lock(tmp_path)
+    lock = DirLock(tmp_path, "supervisor")
     assert lock.acquire() == ""
     lock.release()
 
@@ -527,7 +319,8 @@ def scripted(agent: Agent, results: list[tuple[Outcome, bool]], on_attempt=None)
         calls.append(n)
         if on_attempt:
             on_attempt(n)
-        return results[n - 1]
+        out, progressed = results[len(calls) - 1]
+        return out, AttemptSummary(out.kind, progressed)
 
     agent._attempt = fake_attempt
     return calls
@@ -558,7 +351,7 @@ def test_loop_gives_up_with_a_diagnosis(tmp_path):
 
 def test_loop_gives_up_at_once_when_the_trainer_rejects_its_settings(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
-    bad = Outcome(C.CRASH, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
+    bad = Outcome(C.REFUSED, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
     calls = scripted(agent, [(bad, False)])
     assert agent._loop() == EXIT_FAILED and calls == [1]
 
@@ -581,7 +374,7 @@ def test_a_signal_during_backoff_stops_without_another_attempt(tmp_path, sig, co
 
 def test_loop_passes_the_cuda_oom_overrides_to_the_next_attempt(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
-    agent.batch = (8, 4096)
+    agent.batch = Batch(8, 4096, 64, 2)
     scripted(agent, [(outcome(C.CUDA_OOM), True), (outcome(C.COMPLETED), True)])
     assert agent._loop() == EXIT_OK
     assert agent.overrides == {"device_batch_size": "4", "total_batch_size": "4096"}
@@ -621,6 +414,8 @@ USAGE_CASES = {
     "negative max-restarts": (["train", "--max-restarts", "-1"], ["--max-restarts must be >= 0"]),
     "zero max-no-progress": (["train", "--max-no-progress", "0"], ["--max-no-progress must be >= 1"]),
     "negative hang-timeout": (["train", "--hang-timeout", "-5"], ["--hang-timeout must be >= 0"]),
+    "negative startup-timeout": (["train", "--startup-timeout", "-1"], ["--startup-timeout must be >= 0"]),
+    "negative grace-period": (["train", "--grace-period", "-1"], ["--grace-period must be >= 0"]),
     "not a number": (["train", "--max-restarts", "many"], ["--max-restarts"]),
     "keep 0": (["prune", "--keep", "0", "--checkpoint-dir", "{tmp}"], ["--keep must be >= 1"]),
     "missing dir (prune)": (["prune", "--checkpoint-dir", "{tmp}/nope"], ["no checkpoint dir at", "nope"]),
@@ -660,3 +455,111 @@ def test_cli_status_of_an_empty_checkpoint_dir(monkeypatch, capsys, empty_ckpt):
     assert info["checkpoints"] == [] and info["newest_valid_step"] is None and info["complete"] is False
     assert info["attempts"] == [] and info["supervisor"] is None
     assert info["run_dir"] == str(empty_ckpt.resolve().with_name("ckpt.run"))
+
+
+@pytest.fixture
+def launched(monkeypatch) -> list[TrainOptions]:
+    """`train` runs up to the agent; the agent records its options instead of running (the launch is the edge)."""
+    seen: list[TrainOptions] = []
+
+    def run(self: Agent) -> int:
+        seen.append(self.opts)
+        return 0
+
+    monkeypatch.setattr(Agent, "run", run)
+    return seen
+
+
+def test_cli_grace_period_defaults_to_the_trainers_dist_timeout_plus_300(monkeypatch, capsys, tmp_path, launched):
+    ckpt = str(tmp_path / "c")
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--checkpoint-dir", ckpt)
+    assert code == 0, err
+    assert launched[-1].grace_period == 2100 and "warning" not in out
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--checkpoint-dir", ckpt, "--", "--dist_timeout=600")
+    assert code == 0 and launched[-1].grace_period == 900
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--checkpoint-dir", ckpt, "--grace-period", "60")
+    assert code == 0 and launched[-1].grace_period == 60
+    warnings = [line for line in out.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "--grace-period=60s is not longer than the trainer's --dist_timeout=1800s" in out
+
+
+def test_cli_zero_timeouts_mean_off_and_resume_false_is_honoured(monkeypatch, capsys, tmp_path, launched):
+    args = ["train", "--checkpoint-dir", str(tmp_path / "c"), "--hang-timeout", "0", "--startup-timeout", "0"]
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--num-iterations", "20", "--", "--resume=False")
+    assert code == 0, err
+    opts = launched[-1]
+    assert (opts.hang_timeout, opts.startup_timeout, opts.fresh_start, opts.num_iterations) == (0, 0, True, 20)
+    assert "--resume=False" in opts.trainer_args  # and the agent adds --resume=False/True per attempt after it
+    run_cli(monkeypatch, capsys, "train", "--checkpoint-dir", str(tmp_path / "c"))
+    assert launched[-1].fresh_start is False and launched[-1].num_iterations is None
+
+
+def test_zero_timeouts_never_call_a_run_hung(tmp_path):
+    agent = Agent(TrainOptions("s", [], tmp_path / "c", tmp_path / "r", hang_timeout=0, startup_timeout=0), Recorder())
+    a = SimpleNamespace(healthy=False, started=0.0, last_progress=0.0, heartbeat={})
+    assert agent._hang_reason(a, now=1e9) == ""
+    a.healthy = True
+    assert agent._hang_reason(a, now=1e9) == ""
+
+
+def test_a_save_is_not_a_hang_before_the_grace_period(tmp_path):
+    opts = TrainOptions("s", [], tmp_path / "c", tmp_path / "r", hang_timeout=10, startup_timeout=30, grace_period=100)
+    agent = Agent(opts, Recorder())
+    a = SimpleNamespace(healthy=True, started=0.0, last_progress=0.0, heartbeat={"phase": "saving", "step": 9})
+    assert agent._hang_reason(a, now=50) == ""  # 50 s into a save: past --hang-timeout, within the grace period
+    assert "no progress for 100s in a save" in agent._hang_reason(a, now=101)
+    a.heartbeat = {"phase": "training", "step": 9}
+    assert agent._hang_reason(a, now=11) == "no progress for --hang-timeout=10s at step 9"
+    a.healthy = False
+    assert agent._hang_reason(a, now=29) == ""
+    assert agent._hang_reason(a, now=31) == "no training step within --startup-timeout=30s"
+
+
+def test_status_says_why_a_live_supervisor_waits(tmp_path):
+    run = RunDir(tmp_path / "run")
+    append_event(run, "attempt_end", attempt=3)
+    assert cli.waiting(read_events(run)) is None
+    append_event(run, "decision", attempt=3, action="restart", reason="crash: restarting with resume", delay=40.0,
+                 next_attempt=4)  # fmt: skip
+    wait = cli.waiting(read_events(run))
+    assert wait["attempt"] == 4 and 35 < wait["seconds"] <= 40 and wait["reason"] == "crash: restarting with resume"
+    append_event(run, "attempt_start", attempt=4)
+    assert cli.waiting(read_events(run)) is None  # it is no longer waiting
+
+
+def test_cli_status_prints_the_backoff_of_a_live_supervisor(monkeypatch, capsys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    lock = DirLock(ckpt, "supervisor")
+    lock.acquire()
+    try:
+        append_event(RunDir(tmp_path / "ckpt.run"), "decision", attempt=2, action="restart", delay=300.0,
+                     reason="signal: restarting with resume", next_attempt=3)  # fmt: skip
+        code, out, err = run_cli(monkeypatch, capsys, "status", "--checkpoint-dir", str(ckpt))
+        assert code == 0, err
+        line = " ".join(out.split())
+        assert re.search(r"supervisor: running, pid \d+ on \S+, waiting (29\d|300)s before attempt 3: signal:", line)
+        code, out, err = run_cli(monkeypatch, capsys, "status", "--json", "--checkpoint-dir", str(ckpt))
+        assert json.loads(out)["waiting"]["attempt"] == 3
+    finally:
+        lock.release()
+
+
+def test_cli_prune_snapshots_removes_only_what_no_run_needs(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))
+    top = tmp_path / "shm" / f"nanochat-snapshots-{os.getuid()}"
+    orphan, debris = top / "0123456789abcdef", top / "fedcba9876543210"
+    for d in (top, orphan, debris):
+        d.mkdir(parents=True, mode=0o700)
+        d.chmod(0o700)
+    (orphan / "origin").write_text(f"{tmp_path / 'gone'}\n")  # its checkpoint dir no longer exists
+    (orphan / "slot0").mkdir()
+    (orphan / "slot0" / "model_000004.pt").write_bytes(b"x" * 1000)
+    code, out, err = run_cli(monkeypatch, capsys, "prune", "--snapshots", "--dry-run")
+    assert code == 0, err
+    assert f"would remove {orphan}" in out and f"{tmp_path / 'gone'} no longer exists" in out
+    assert f"would remove {debris}" in out and orphan.exists() and debris.exists()
+    code, out, err = run_cli(monkeypatch, capsys, "prune", "--snapshots", "--yes")
+    assert code == 0, err
+    assert "removed 2 snapshot folders" in out and not orphan.exists() and not debris.exists()
+    code, out, err = run_cli(monkeypatch, capsys, "prune", "--snapshots")
+    assert code == 0 and "no stale in-memory snapshots" in out

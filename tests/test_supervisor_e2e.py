@@ -10,169 +10,37 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from nanochat import checkpoint
-from supervisor import procs
-from supervisor.records import LOCK_NAME, Lock, RunDir, read_events, read_heartbeat
+from nanochat.locks import LOCKS, DirLock
+from supervisor import memory
+from tests.supervised import (
+    NANOCHAT_RUN,
+    Run,
+    assert_no_orphans,
+    assert_one_line_error,
+    cli,
+    kill_leftovers,
+    last_value,
+    leftovers,
+    make_env,
+    newest,
+    supervisor_runs,
+    train_cmd,
+)
 
 pytestmark = pytest.mark.slow
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-_SCRIPT = Path(sys.executable).with_name("nanochat-run")
-NANOCHAT_RUN = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "supervisor.cli"]
-TINY = ["--head_dim=32", "--max_seq_len=64", "--device_batch_size=2", "--total_batch_size=256", "--eval_every=-1",
-        "--eval_tokens=512", "--sample_every=-1"]  # fmt: skip
-
-
-def make_env(base_dir: Path) -> dict[str, str]:
-    return {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def leftovers(marker: str) -> list[psutil.Process]:
-    """Live processes (not zombies: those are dead, only not yet reaped) whose command line mentions `marker`."""
-    found = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and marker in " ".join(p.cmdline()):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
-def describe(ps: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in ps:
-        try:
-            out.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:200]}")
-        except psutil.Error:
-            continue
-    return out
-
-
-def kill_leftovers(marker: str) -> None:
-    ps = leftovers(marker)
-    procs.send(ps, signal.SIGKILL)
-    psutil.wait_procs(ps, timeout=10)
-
-
-class Run:
-    """One `nanochat-run train` process and what it leaves on disk."""
-
-    def __init__(self, cmd: list[str], ckpt: Path, env: dict[str, str], preexec_fn: Callable | None = None):
-        self.cmd, self.ckpt, self.run_dir = cmd, ckpt, RunDir(ckpt.with_name(ckpt.name + ".run"))
-        self.out_path = ckpt.with_name(f"{ckpt.name}.supervisor-{time.time_ns()}.out")
-        self.started = time.time()
-        with open(self.out_path, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                         cwd=REPO_ROOT, preexec_fn=preexec_fn)  # fmt: skip
-        self.code: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def output(self) -> str:
-        return self.out_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = 180) -> int:
-        try:
-            self.code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the supervisor did not exit within {timeout}s; its output:\n{self.output[-4000:]}")
-        return self.code
-
-    def finish(self, expect: int, timeout: float = 180) -> str:
-        """Wait for the exit, check its code and that nothing it started is left; returns its output."""
-        code = self.wait(timeout)
-        assert code == expect, f"exit {code}, expected {expect}; output:\n{self.output[-6000:]}"
-        assert_no_orphans(self.ckpt)
-        return self.output
-
-    def events(self, kind: str | None = None) -> list[dict]:
-        return [e for e in read_events(self.run_dir) if kind is None or e["event"] == kind]
-
-    def classes(self) -> list[str]:
-        return [e["class"] for e in self.events("attempt_end")]
-
-    def heartbeat(self) -> dict:
-        hb = read_heartbeat(self.run_dir.heartbeat) or {}
-        return hb if hb.get("time", 0) >= self.started else {}
-
-    def wait_for(self, what: str, ready: Callable[[], bool], timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if self.proc.poll() is not None:
-                pytest.fail(f"the supervisor exited ({self.proc.returncode}) before {what}:\n{self.output[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout}s; output:\n{self.output[-4000:]}")
-            time.sleep(0.1)
-
-    def wait_for_step(self, step: int, timeout: float = 90) -> dict:
-        self.wait_for(f"step {step}", lambda: (self.heartbeat().get("step") or 0) >= step, timeout)
-        return self.heartbeat()
-
-    def attempt_log(self, n: int) -> str:
-        return (self.run_dir.attempt(n) / "torchrun.log").read_text(errors="replace")
-
-
-def assert_no_orphans(ckpt: Path) -> None:
-    """Nothing that names this test's checkpoint dir (torchrun, the workers: scripts.base_train) may survive."""
-    left = leftovers(str(ckpt))
-    assert not left, "processes left behind by the supervisor:\n" + "\n".join(describe(left))
-
-
-def train_cmd(ckpt: Path, *sup_args: str, iters: int = 30, save_every: int = 5, trainer: tuple = ()) -> list[str]:
-    return [*NANOCHAT_RUN, "train", "--depth", "1", "--num-iterations", str(iters), "--save-every", str(save_every),
-            "--checkpoint-dir", str(ckpt), "--nproc-per-node", "2", "--backoff", "0", *sup_args,
-            "--", *TINY, *trainer]  # fmt: skip
+LOCK_NAME = LOCKS["supervisor"]
 
 
 @pytest.fixture
 def supervise(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., Run]]:
-    """supervise(*supervisor args, ckpt=..., iters=..., save_every=..., trainer=(...), preexec_fn=...) -> Run."""
-    runs: list[Run] = []
-
-    def start(*sup_args: str, ckpt: Path | None = None, preexec_fn: Callable | None = None, **kw) -> Run:
-        ckpt = ckpt or tmp_path / "ckpt"
-        run = Run(train_cmd(ckpt, *sup_args, **kw), ckpt, env, preexec_fn)
-        runs.append(run)
-        return run
-
-    yield start
-    for run in runs:  # a failed test must not leave a training run behind for the next one
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
-        kill_leftovers(str(run.ckpt))
-
-
-def newest(ckpt: Path) -> checkpoint.Checkpoint:
-    valid = [c for c in checkpoint.scan(ckpt, verify=True) if c.valid]
-    assert valid, f"no valid checkpoint in {ckpt}"
-    return valid[-1]
-
-
-def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*NANOCHAT_RUN, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
-                          timeout=timeout)  # fmt: skip
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nanochat-run: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr
+    yield from supervisor_runs(tmp_path, env)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +104,14 @@ def test_stop_signal_saves_at_the_current_step_and_exits(supervise, sig, code):
     assert [d["action"] for d in run.events("decision")] == ["stop"]
     assert run.events("run_end")[-1]["exit_code"] == code
     assert "-> stopping" in out and "-> stopped" in out
+    if sig == signal.SIGINT:
+        # a budget lowered below this (non-final) checkpoint: the trainer refuses (exit 2), and that is the end
+        lower = supervise(ckpt=run.ckpt, iters=stopped_at - 1, save_every=100000)
+        out = lower.finish(1, timeout=120)
+        ends = lower.own("attempt_end")
+        assert [e["class"] for e in ends] == ["refused"], out[-3000:]
+        assert ends[0]["outcome"]["worker_exitcode"] == 2 and "past --num_iterations" in ends[0]["outcome"]["message"]
+        assert [d["action"] for d in lower.own("decision")] == ["give_up"] and "diagnosis: refused:" in out
 
 
 def test_ctrl_c_waits_for_a_save_longer_than_torchruns_30s(supervise):
@@ -284,7 +160,7 @@ CGROUP_LIMIT = 1536 << 20  # a normal tiny run with 2 workers peaks near 0.9 GB 
 @pytest.fixture
 def memory_cgroup(tmp_path: Path) -> Iterator[Path]:
     """A fresh v1 memory cgroup under ours, limited to CGROUP_LIMIT; killed empty and removed afterwards."""
-    mine = procs.memory_cgroup()
+    mine = memory.memory_cgroup()
     if mine is None or mine[1] != 1:
         pytest.skip(f"needs a cgroup v1 memory controller; this process is in {mine}")
     cg = mine[0] / f"nanochat-e2e-{os.getpid()}-{tmp_path.name}"
@@ -334,19 +210,14 @@ def test_host_oom_in_a_memory_cgroup(supervise, memory_cgroup: Path):
     assert run.classes() == ["host_oom", "completed"], out[-4000:]
     oom = run.events("attempt_end")[0]["outcome"]
     assert oom["worker_exitcode"] == -9 and oom["rank"] == 0
-    assert "OOM killer" in oom["message"] and oom["evidence"]["oom_kills"] >= 1
+    # the worker's own memory cgroup is the best evidence, and the one named
+    assert "OOM killer" in oom["message"] and oom["evidence"] == {"source": "cgroup", "oom_kills": 1}
     assert "debug_fault: memhog at step 3" in run.attempt_log(1)
     assert newest(run.ckpt).final
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. CUDA OOM: the next attempt halves the device batch and pins the total batch
-
-
-def last_value(cmd: list[str], key: str) -> str:
-    values = [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{key}=")]
-    assert values, f"--{key} not in {cmd}"
-    return values[-1]  # the trainer's parser lets the last one win
 
 
 def test_cuda_oom_halves_the_device_batch(supervise):
@@ -391,7 +262,7 @@ def test_max_restarts_is_honoured(supervise):
     assert all(e["outcome"]["worker_exitcode"] == -9 and e["outcome"]["rank"] == 0 for e in ends)
     assert "--max-restarts=1 used up" in run.events("decision")[-1]["reason"]
     assert len(run.events("attempt_start")) == 2
-    assert "diagnosis: signal: a worker was killed by SIGKILL" in out
+    assert re.search(r"diagnosis: signal: a worker \(rank 0, pid \d+\) was killed by SIGKILL", out), out[-3000:]
     assert newest(run.ckpt).step == 5
 
 
@@ -478,7 +349,7 @@ def test_status_and_prune(crashed_run: Run, supervise, env, tmp_path: Path):
     assert [c.step for c in checkpoint.scan(ckpt)] == [5, 10, 15, 20, 25, 30, 40]
 
     # a live lock holder (this test process) blocks a real prune, --force overrides
-    lock = Lock(ckpt)
+    lock = DirLock(ckpt, "supervisor")
     lock.acquire()
     try:
         refused = cli(env, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(ckpt))

@@ -1,0 +1,179 @@
+"""In-memory snapshots: checkpoints in shared memory that survive the trainer process but not the machine.
+
+Layout, under a private per-user folder (0700, checked with lstat: never a symlink, never someone else's):
+
+    $NANOCHAT_SHM_DIR (default /dev/shm) /nanochat-snapshots-<uid>/<hash of the checkpoint dir>/
+        origin           the checkpoint dir these snapshots belong to
+        slot0/, slot1/   written alternately (double buffering); each a checkpoint dir of one checkpoint,
+                         files 0600, with the same commit rule and verification as on disk
+
+A snapshot's meta records the run id of its lineage (checkpoint.run_id): only that run ever resumes from it, so
+after `rm -rf` of a checkpoint dir a fresh run with the same path starts fresh. Snapshots nobody needs any more
+(their checkpoint dir is gone or holds another run, or a newer checkpoint is on disk) are listed by `stale` and
+removed by `nanochat-run prune --snapshots`, and at the start of a run whose lineage does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from nanochat.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    find_latest_valid,
+    inspect,
+    make_dir,
+    run_id,
+    scan,
+    write_text_atomic,
+)
+from nanochat.locks import lock_holder
+
+
+def root() -> Path:
+    """This user's folder for snapshots: `$NANOCHAT_SHM_DIR` (default /dev/shm) `/nanochat-snapshots-<uid>`."""
+    return Path(os.environ.get("NANOCHAT_SHM_DIR", "/dev/shm")) / f"nanochat-snapshots-{os.getuid()}"
+
+
+def _private(path: Path, create: bool) -> bool:
+    """`path` is a real directory owned by us that nobody else can enter (made 0700 if `create`). Anything else
+    (a symlink, another owner, group or world access: planted by someone on a shared machine) raises."""
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        why = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+    elif st.st_uid != os.getuid():
+        why = f"owned by uid {st.st_uid}"
+    elif st.st_mode & 0o077:
+        why = f"mode {stat.filemode(st.st_mode)}: others can get in"
+    else:
+        return True
+    raise CheckpointError(
+        f"{path} is not a private directory of yours ({why}), so snapshots are not used; remove it, or point"
+        " NANOCHAT_SHM_DIR elsewhere"
+    )
+    return True
+
+
+def _slot_home(directory: Path) -> Path:
+    key = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:16]
+    return root() / key
+
+
+def slots(directory: Path) -> list[Path]:
+    """The two in-memory snapshot slots of a checkpoint dir, written alternately (double buffering).
+
+    They live in shared memory under a private per-user folder (`root`), in a subfolder derived from the
+    checkpoint dir, so they survive the trainer process (crash, OOM kill, hang kill) but not the machine. Each slot
+    is a checkpoint directory of its own, with the same files, commit rule and verification, holding one checkpoint
+    whose meta records the run id: only the same lineage ever resumes from it.
+    """
+    home = _slot_home(directory)
+    return [home / "slot0", home / "slot1"]
+
+
+def prepare_slot(slot: Path, directory: Path) -> None:
+    """Create (privately) and empty a snapshot slot before reuse: the meta first, so it is never half valid."""
+    home = slot.parent
+    make_dir(home.parent.parent)
+    for d in (home.parent, home, slot):
+        _private(d, create=True)
+    if not (home / "origin").exists():  # which checkpoint dir these snapshots belong to (prune --snapshots)
+        write_text_atomic(home / "origin", str(directory.resolve()) + "\n", private=True)
+    for path in sorted(slot.iterdir(), key=lambda p: not p.name.startswith("meta")):
+        path.unlink(missing_ok=True)
+
+
+def newest(directory: Path, run: str | None, verify: bool = True) -> tuple[Path, Checkpoint] | None:
+    """(slot, checkpoint) of the newest valid snapshot of this checkpoint dir written by run `run`, if any."""
+    home = _slot_home(directory)
+    if run is None or not _private(home.parent, create=False) or not _private(home, create=False):
+        return None
+    best = None
+    for slot in slots(directory):
+        if slot.is_symlink():
+            continue
+        for ckpt in reversed(scan(slot, verify=False)):
+            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify) if verify else ckpt
+            if ckpt.valid and ckpt.meta.get("run_id") == run and (best is None or ckpt.step > best[1].step):
+                best = (slot, ckpt)
+                break
+    return best
+
+
+def remove(directory: Path) -> bool:
+    """Delete this checkpoint dir's snapshots (the run is complete, pruned or restarted from scratch)."""
+    return remove_home(_slot_home(directory))
+
+
+def remove_home(home: Path) -> bool:
+    if not home.exists() or home.is_symlink():
+        return False
+    shutil.rmtree(home, ignore_errors=True)
+    return True
+
+
+def stale() -> list[tuple[Path, str]]:
+    """This user's snapshot folders that no run needs, with the reason: their checkpoint dir is gone or holds
+    another run now, or they are not newer than its newest valid checkpoint. Folders of a live trainer are kept."""
+    top = root()
+    try:
+        if not _private(top, create=False):
+            return []
+    except CheckpointError:
+        return []
+    found = []
+    for home in sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink()):
+        try:
+            origin = Path((home / "origin").read_text().strip())
+        except OSError:
+            found.append((home, "no record of its checkpoint dir (debris)"))
+            continue
+        if not origin.is_dir():
+            found.append((home, f"{origin} no longer exists"))
+        elif lock_holder(origin, "trainer"):
+            continue
+        elif (why := _unneeded(origin)) is not None:
+            found.append((home, why))
+    return found
+
+
+def drop_other_runs(directory: Path, run: str) -> bool:
+    """At the start of run `run`: remove this checkpoint dir's snapshots if another run (an earlier lineage of the
+    same path, e.g. before an `rm -rf`) wrote them. Returns whether anything was removed."""
+    home = _slot_home(directory)
+    try:
+        if not _private(home, create=False):
+            return False
+    except CheckpointError:
+        return False
+    held = [c for s in slots(directory) for c in scan(s) if c.committed]
+    if held and all((c.meta or {}).get("run_id") == run for c in held):
+        return False
+    return remove_home(home)
+
+
+def _unneeded(origin: Path) -> str | None:
+    disk = find_latest_valid(origin, warn=lambda msg: None)
+    run = run_id(origin, disk)
+    held = [c for s in slots(origin) for c in scan(s) if c.valid]
+    if not held:
+        return "holds no valid snapshot"
+    if not any(c.meta.get("run_id") == run for c in held):
+        return f"written by another run than the one in {origin} now"
+    if not (snap := newest(origin, run)):
+        return "holds no valid snapshot of the current run"
+    if disk and disk.step >= snap[1].step:
+        return f"not newer than the checkpoint at step {disk.step} in {origin}"
+    return None
