@@ -6,10 +6,12 @@ The agent never trains and never writes checkpoint files; it reads checkpoints o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +242,13 @@ class Agent:
                                 opts.rdzv_endpoint)  # fmt: skip
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
-        proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
+        try:
+            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
+        except OSError as e:  # the log cannot be created (a full disk): log elsewhere rather than not run
+            log_dir = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
+            self.display.event(f"cannot create {spec.log_dir / 'torchrun.log'} ({e}); this attempt logs to {log_dir}")
+            spec = dataclasses.replace(spec, log_dir=log_dir)
+            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
         oom.watch(proc.pid)
         t = time.monotonic()
         a = Attempt(n, log_dir, proc, Workers(attempt_id, opts.nproc_per_node), oom, self.fresh, before, t,
@@ -413,7 +421,8 @@ class Agent:
                 w.signalled = now  # they had the parent-death signal already; a second SIGTERM is harmless
         self.display.event(
             f"torchrun (pid {a.proc.pid}) is gone but its workers live on (pids {pids}): they got"
-            f" SIGTERM and are saving; waiting up to {grace:g}s (Ctrl+C again to kill them)"
+            f" SIGTERM and are saving; waiting up to {grace:g}s (Ctrl+C {'again' if self.signals else 'twice'} to kill"
+            " them)"
         )
         self.view.phase, next_scan = "orphaned workers saving", now + 1.0
         while left:
@@ -472,9 +481,9 @@ class Agent:
                            healthy=a.healthy, duration=time.monotonic() - a.started, peak_rss=a.peak_rss,
                            exited_at=a.exited_at, worker_died_at=a.worker_died_at)  # fmt: skip
         self.view.last_checkpoint = end_step
+        where = f"checkpoint at step {end_step}" if end_step is not None else "no checkpoint yet"
         lost_txt = f", {lost} steps lost" if lost else ""
-        self.display.event(f"attempt {a.n} ended: {outcome.kind.value}: {outcome.message} (checkpoint at step "
-                           f"{end_step}{lost_txt})")  # fmt: skip
+        self.display.event(f"attempt {a.n} ended: {outcome.kind.value}: {outcome.message} ({where}{lost_txt})")
 
 
 def _exit_text(code: int) -> str:

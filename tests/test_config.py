@@ -81,8 +81,11 @@ def test_config_errors_name_the_key(argv, message):
     [
         (["--dpeth=4"], "base_train: error: unknown setting --dpeth; did you mean --depth?"),
         (["--depth=x"], "base_train: error: --depth: expected an integer, got 'x'"),
-        (["--model_tag=../escape"], "base_train: error: --model_tag='../escape' must be a plain name (no '/', '\\' or"
-         " '..'): it names a folder under base_checkpoints/; use --checkpoint_dir for another place"),
+        (
+            ["--model_tag=../escape"],
+            "base_train: error: --model_tag='../escape' must be a plain name (no '/', '\\' or"
+            " '..'): it names a folder under base_checkpoints/; use --checkpoint_dir for another place",
+        ),
     ],
 )
 def test_trainer_config_error_is_one_line_without_traceback(argv, message, tmp_path):

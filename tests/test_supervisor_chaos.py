@@ -60,7 +60,6 @@ def test_killed_torchrun_leaves_no_orphans_and_its_workers_save_first(supervise)
         assert end["outcome"]["exitcode"] == -signal.SIGKILL  # the real status, not the 0 of a reaped child
         assert end["outcome"]["message"].startswith(f"torchrun (pid {torchrun.pid}) was killed by SIGKILL")
     assert "its workers saved a checkpoint on the way out" in ends[1]["outcome"]["message"]
-    assert f"torchrun (pid {second.pid}) is gone but its workers live on" in out
     saved = [c for c in checkpoint.scan(run.ckpt, verify=True) if c.meta.get("stop_reason") == "signal:SIGTERM"]
     assert len(saved) == 1 and saved[0].valid and saved[0].step >= 3
     assert ends[1]["checkpoint_step"] == saved[0].step and ends[1]["progressed"]

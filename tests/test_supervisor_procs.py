@@ -42,6 +42,7 @@ def on_signal(signum, frame):
         os._exit(128 + signum)
 signal.signal(signal.SIGTERM, on_signal)
 signal.signal(signal.SIGINT, on_signal)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})  # blocked until now: none is lost
 if rank == "0" and scenario not in ("startup",):
     with open(heartbeat + ".tmp", "w") as f:
         json.dump({"time": time.time(), "pid": os.getpid(), "step": 1, "phase": "training"}, f)
@@ -61,8 +62,10 @@ if scenario == "late":  # workers appear only after a while (a slow rendezvous),
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 if scenario == "startup":  # torchrun before its workers exist
     time.sleep(60)
+block = lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 kids = [subprocess.Popen([sys.executable, "-c", WORKER, heartbeat, scenario], start_new_session=True,
-                         env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+                         env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)}, preexec_fn=block)
+        for r in range(2)]
 if scenario in ("orphans", "stubborn"):
     while not os.path.exists(heartbeat):
         time.sleep(0.05)

@@ -6,6 +6,7 @@ cannot be written, the step budget is lowered below a checkpoint, a checkpoint d
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -133,3 +134,13 @@ def test_a_deleted_checkpoint_dir_does_not_resurrect_through_its_snapshots(tmp_p
     assert "no checkpoint to resume from" in proc.stdout and "resume: the in-memory snapshot" not in proc.stdout
     assert_finished(proc, d)
     assert not snapshots.slots(d)[0].parent.exists()
+
+
+def test_the_collective_timeout_is_the_dist_timeout_setting(tmp_path: Path, menv) -> None:
+    """Rank 0 writes the checkpoint while rank 1 waits in the save's agreement: --dist_timeout bounds that wait.
+    A 3 s timeout against an 8 s save proves the setting reaches the process group (the default covers 30 min)."""
+    d = tmp_path / "ckpt"
+    proc = train(menv, d, "--dist_timeout=3", "--debug_fault=sleep@save:8", nproc=2, timeout=120)
+    assert proc.returncode != 0
+    assert "debug_fault: sleeping 8s inside the save" in proc.stdout
+    assert re.search(r"[Tt]imed out|[Tt]imeout", proc.stdout + proc.stderr), proc.stderr[-3000:]

@@ -1,0 +1,177 @@
+"""What every training phase shares around its loop (base training today; midtraining, SFT and RL next): where a
+run starts (resume point and lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and
+SIGTERM into "save after this step", the heartbeat the supervisor watches, RNG state for exact resume, the replica
+check, and the exit statuses. A phase script keeps only what differs: its data, its loss, its schedule.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+from nanochat import checkpoint, snapshots
+from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
+from nanochat.config import ConfigError
+
+
+def find_start(
+    ckpt_dir: Path, resume: bool, snapshots_ok: bool, dist_info: DistInfo
+) -> tuple[tuple[Path, checkpoint.Checkpoint] | None, str]:
+    """Where this run starts: (the checkpoint to resume from or None, the run id of the lineage). Rank 0 decides,
+    holding the trainer lock, and tells the others (its failure too, so that no rank waits for it forever). A fresh
+    start (--resume=False) archives the old checkpoints."""
+    found: list = [None, None, None]
+    if dist_info.master:
+        try:
+            point = None
+            if not resume and (archived := checkpoint.archive(ckpt_dir)):
+                print0(f"--resume=False: starting fresh; moved the old checkpoints to {archived} (nothing deleted)")
+            if resume:
+                point = checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=snapshots_ok)
+            run_id = checkpoint.start_lineage(ckpt_dir, point[1] if point else None)
+            if snapshots.drop_other_runs(ckpt_dir, run_id):
+                print0("dropped in-memory snapshots left by an earlier run of this checkpoint dir")
+            if point is None:
+                print0(f"no checkpoint to resume from in {ckpt_dir}: starting from scratch (run id {run_id})")
+            found = [point, run_id, None]
+        except OSError as e:
+            found[2] = StorageError(f"reading {ckpt_dir} failed ({e.strerror or e}); check the storage, then resume")
+        except CheckpointError as e:
+            found[2] = e
+    if dist_info.is_distributed:
+        dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
+    if found[2] is not None:
+        raise found[2]
+    return found[0], found[1]
+
+
+def record_error(e: BaseException) -> None:
+    """Write a refusal or storage error into torchrun's per-rank error file, like @record does for a crash, so the
+    supervisor reads the cause from the same place (best effort: on a full disk it cannot be written)."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with contextlib.suppress(Exception):
+            ErrorHandler().record_exception(e)
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set it; the loop agrees on it across ranks once per step and saves before exiting.
+
+    The handler only records the signal: printing from a signal handler can re-enter a write that the signal
+    interrupted (a blocked stdout), so the loop reports it."""
+
+    def __init__(self) -> None:
+        self.signum, self.count, self.reported = 0, 0, False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+        # SIGUSR1: dump every thread's Python stack to stderr (the supervisor's hang diagnosis)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = self.signum or signum  # the first one counts; more only add to the count
+        self.count += 1
+
+    def agreed(self, dist_info: DistInfo) -> int:
+        """The signal any rank received (0 if none): every rank stops after the same step."""
+        signum = self.signum
+        if dist_info.is_distributed:
+            flag = torch.tensor([signum], device=dist_info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        self.report()
+        return signum
+
+    def report(self) -> None:
+        """Say what this rank received (once, and how many more while stopping), from the loop, not the handler."""
+        if self.signum and not self.reported:
+            self.reported = True
+            print(f"got {signal.Signals(self.signum).name}: will save a checkpoint after the current step and exit",
+                  flush=True)  # fmt: skip
+
+
+class Heartbeat:
+    """Rank 0 rewrites a small JSON file every step; the supervisor watches it. Atomic and cheap (no fsync: a lost
+    heartbeat costs nothing, a torn one would confuse the supervisor) and best effort: a failed write (a full disk
+    under the run dir) warns once and never stops training."""
+
+    def __init__(self, path: str, enabled: bool, **fixed) -> None:
+        self.path, self.enabled, self.fixed, self.failed = path, bool(path) and enabled, fixed, False
+
+    def __call__(self, **fields) -> None:
+        if not self.enabled:
+            return
+        tmp = f"{self.path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump({**self.fixed, **fields, "time": time.time(), "pid": os.getpid()}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if not self.failed:
+                warn0(f"cannot write the heartbeat file {self.path} ({e.strerror or e}); training goes on")
+            self.failed = True
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cpu"])), dtype=torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(
+            torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8), device
+        )
+
+
+def check_replicas(model: torch.nn.Module, dist_info: DistInfo) -> str:
+    """Every rank must end a step with bit-identical weights; compare a CRC32 of them across ranks."""
+    crc = 0
+    for p in model.state_dict().values():
+        crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
+    crcs = [crc]
+    if dist_info.is_distributed:
+        crcs = [None] * dist_info.world_size
+        dist.all_gather_object(crcs, crc)
+    if len(set(crcs)) != 1:
+        raise RuntimeError(f"ranks disagree on the weights (CRC32 per rank: {crcs}): replicas diverged")
+    return f"{crc:08x}"
+
+
+def run_and_exit(name: str, main: Callable[[list[str]], int], argv: list[str]) -> None:
+    """Run a training script's main and exit with a status the supervisor acts on (see nanochat/common.py): a
+    storage error may pass with a restart, a refusal (settings, an incompatible checkpoint, the directory in use)
+    never does. Either is one `<name>: error:` line, also written to torchrun's per-rank error file."""
+    try:
+        code = main(argv)
+    except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
+        storage = isinstance(e, StorageError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+        with contextlib.suppress(OSError):  # our stderr may be a log file on the very disk that is full
+            print(f"{name}: error: {e}", file=sys.stderr)
+        record_error(e)
+        cleanup_distributed(barrier=False)
+        code = EXIT_STORAGE if storage else EXIT_REFUSED
+    # Done, or refused with exit 2, and nothing is in flight: leave without interpreter finalization. Under torchrun
+    # with gloo, a worker sometimes aborts in C++ teardown at this point ("terminate called without an active
+    # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt (or hide the 2).
+    # Any other exception propagates: @record has written the error file, and a normal exit lets a background
+    # checkpoint write finish first (even if the teardown then aborts, the error file names the cause).
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):
+            stream.flush()
+    os._exit(code or 0)
