@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ LATEST = "latest_step.txt"
 RUN_ID = ".run_id"
 TMP_PREFIX = ".tmp."
 _NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
-_TMP_PID = re.compile(r"\.(\d+)$")
+_TMP_WRITER = re.compile(r"\.(\d+)(?:-(\d+))?$")  # .<pid>-<process start time>
 _KINDS = ("model", "optim")  # the payload files a meta vouches for
 _TORCH_CRC_LOCK = threading.Lock()
 
@@ -155,7 +155,7 @@ def _write_atomic(
 
     The temp file is created exclusively and never through a symlink; `private` makes it 0600 (snapshots in
     shared memory), otherwise the umask decides as for any file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{writer_id()}")
     writer = None
     try:
         tmp.unlink(missing_ok=True)  # our own pid's debris (a retried save); nobody else writes under our pid
@@ -310,12 +310,38 @@ def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> C
         warn(f"{directory}: {problem}; looking for the newest valid checkpoint instead")
     elif marker not in on_disk:
         warn(f"{directory}: {LATEST} points at step {marker}, which has no files; using the newest valid checkpoint")
+    return next(valid_newest_first(directory, warn), None)
+
+
+def valid_newest_first(
+    directory: Path, warn: Callable[[str], None] = lambda msg: None, cache: dict | None = None
+) -> Iterator[Checkpoint]:
+    """The valid checkpoints of a directory, newest first, each fully verified, warning about each invalid one it
+    skips: the one walk behind both the resume point (`find_latest_valid`) and the kept set (`plan_prune`), so
+    the checkpoint a run resumes from is always the first one pruning keeps. `cache` (a dict the caller keeps)
+    remembers verified checkpoints by their files' identity (inode, size, mtime): a saver verifies each checkpoint
+    once, not at every prune; a file replaced or rewritten is verified again."""
+    on_disk = _steps_on_disk(directory)
     for step in sorted(on_disk, reverse=True):
-        ckpt = inspect(directory, step, on_disk[step], verify=True)
+        paths = on_disk[step]
+        key = tuple((p.name, *_identity(p)) for p in sorted(paths))
+        ckpt = cache.get(key) if cache is not None else None
+        if ckpt is None:
+            ckpt = inspect(directory, step, paths, verify=True)
+            if cache is not None and ckpt.valid:
+                cache[key] = ckpt
         if ckpt.valid:
-            return ckpt
-        warn(f"skipping the checkpoint at step {step}: {ckpt.problem}; falling back to an older one")
-    return None
+            yield ckpt
+        else:
+            warn(f"skipping the checkpoint at step {step}: {ckpt.problem}; falling back to an older one")
+
+
+def _identity(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return (None,)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def find_resume_point(
@@ -370,46 +396,47 @@ def _to_device(obj, device):
 # pruning and cleanup
 
 
-def plan_prune(directory: Path, keep: int) -> list[Checkpoint]:
+def plan_prune(directory: Path, keep: int, cache: dict | None = None) -> list[Checkpoint]:
     """What pruning to the newest `keep` valid checkpoints would delete (keep=-1: nothing).
 
     The kept set is made of *verified* checkpoints, newest first: a newer checkpoint whose bytes rotted at the same
     size takes no keep slot, so the newest verified checkpoint is never deleted. Never deleted either: a final
     checkpoint, or a damaged one (the user decides about those). Uncommitted files (no meta) older than the newest
-    kept checkpoint are debris and go too. Verification reads the kept checkpoints and the ones to delete.
+    kept checkpoint are debris and go too. Verification reads each checkpoint (once per `cache`, see
+    `valid_newest_first`).
     """
     if keep == -1:
         return []
     if keep < 1:
         raise CheckpointError(f"cannot keep {keep} checkpoints: keep at least 1 (or -1 for all)")
-    ckpts = scan(directory, verify=False)
     kept: list[Checkpoint] = []
     doomed: list[Checkpoint] = []
-    for c in reversed([c for c in ckpts if c.valid]):  # sizes match: candidates, newest first
+    for c in valid_newest_first(directory, cache=cache):
         if len(kept) < keep:
-            if (c := inspect(directory, c.step, c.paths)).valid:
-                kept.append(c)
-        elif not c.final and (c := inspect(directory, c.step, c.paths)).valid:
+            kept.append(c)
+        elif not c.final:
             doomed.append(c)
     if not kept:
         return []
-    doomed += [c for c in ckpts if not c.committed and c.step < kept[0].step]
+    doomed += [c for c in scan(directory, verify=False) if not c.committed and c.step < kept[0].step]
     return sorted(doomed, key=lambda c: c.step)
 
 
-def prune(directory: Path, keep: int, hook: Callable[[str], None] | None = None) -> list[Path]:
+def prune(
+    directory: Path, keep: int, hook: Callable[[str], None] | None = None, cache: dict | None = None
+) -> list[Path]:
     """Delete what plan_prune names: the meta first, so a crash mid-prune leaves no half-valid checkpoint."""
-    return _delete(directory, plan_prune(directory, keep), hook)
+    return _delete(directory, plan_prune(directory, keep, cache), hook)
 
 
-def make_room(directory: Path, keep: int, need: int) -> list[Path]:
+def make_room(directory: Path, keep: int, need: int, cache: dict | None = None) -> list[Path]:
     """Before a save of `need` bytes that does not fit: prune one more than usual (to keep-1, at least 1), so the
     new checkpoint takes the freed slot, but only if that makes room. A save that cannot fit anyway must fail with
     every earlier checkpoint still in place. Returns what was deleted."""
     free = shutil.disk_usage(directory).free
     if free >= need or keep == -1:
         return []
-    doomed = plan_prune(directory, max(1, keep - 1))
+    doomed = plan_prune(directory, max(1, keep - 1), cache)
     if free + sum(c.size for c in doomed) < need:
         return []
     return _delete(directory, doomed)
@@ -430,19 +457,43 @@ def _delete(directory: Path, doomed: list[Checkpoint], hook: Callable[[str], Non
 
 
 def clean_temp(directory: Path) -> tuple[list[Path], list[Path]]:
-    """Remove temp files left by crashed saves: (removed, kept). A temp file whose writer pid is still alive is
-    kept (a save in flight, e.g. of a trainer whose supervisor died); call while holding the trainer lock."""
+    """Remove temp files left by crashed saves: (removed, kept). A temp file whose writer is still alive is kept
+    (a save in flight). Call while holding the trainer lock, which already keeps any other trainer out: this is
+    the second line. The writer is named by pid and process start time, so a reused pid (a restarted container)
+    does not keep a dead writer's debris forever."""
     removed, kept = [], []
     for p in sorted(directory.glob(f"{TMP_PREFIX}*")) if directory.is_dir() else []:
-        m = _TMP_PID.search(p.name)
+        m = _TMP_WRITER.search(p.name)
         if not p.is_file():
             continue
-        if m and int(m.group(1)) != os.getpid() and pid_alive(int(m.group(1))):
+        if m and m.group(0)[1:] != writer_id() and _writer_alive(int(m.group(1)), m.group(2)):
             kept.append(p)
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed, kept
+
+
+def writer_id(pid: int | None = None) -> str:
+    """`<pid>-<start time>` of a process (the start time in clock ticks since boot, from /proc; the pid alone where
+    there is no /proc): what a temp file's name says about who is writing it."""
+    pid = os.getpid() if pid is None else pid
+    start = _start_time(pid)
+    return f"{pid}-{start}" if start is not None else str(pid)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
+
+
+def _writer_alive(pid: int, start: str | None) -> bool:
+    if not pid_alive(pid):
+        return False
+    return start is None or _start_time(pid) in (None, start)
 
 
 def pid_alive(pid: int) -> bool:

@@ -75,6 +75,7 @@ class Saver:
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)  # side stream for the copies
     _lock: DirLock | None = field(default=None, init=False, repr=False)
+    _verified: dict = field(default_factory=dict, init=False, repr=False)  # checkpoints verified once (pruning)
 
     def start(self) -> None:
         """Rank 0, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
@@ -207,7 +208,7 @@ class Saver:
         checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault)
         self.fault("latest")
         checkpoint.mark_latest(d, rec.step)
-        pruned = checkpoint.prune(d, self.keep, self.fault)
+        pruned = checkpoint.prune(d, self.keep, self.fault, self._verified)
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
         rec.durable_at = time.perf_counter()
@@ -290,7 +291,7 @@ class Saver:
     def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
         if d == self.directory:
-            for path in checkpoint.make_room(d, self.keep, need):
+            for path in checkpoint.make_room(d, self.keep, need, self._verified):
                 self.warn(f"low disk space: pruned {path.name} early")
         free = shutil.disk_usage(d).free
         if free < need and d == self.directory:

@@ -124,6 +124,48 @@ class Heartbeat:
             self.failed = True
 
 
+def save_due(
+    step: int,
+    last: bool,
+    stop: StopFlag,
+    dist_info: DistInfo,
+    save_every: int,
+    snapshot_every: int,
+    save: Callable[..., None],
+) -> int:
+    """After step `step` is done (its heartbeat and log line out): agree on a stop across ranks, then save what the
+    step owes, through `save(step, reason, disk=..., memory=...)`: the final checkpoint, a checkpoint on a signal
+    (both written before this returns), or a periodic checkpoint and/or in-memory snapshot. Returns the agreed
+    signal (0 if none); when it is set and this was not the last step, the caller returns `stopped(...)`. Eval
+    and samples come after this, so a crash in them never costs the checkpoint."""
+    signum = stop.agreed(dist_info)
+    if last or signum:
+        save(step, "completed" if last else f"signal:{signal.Signals(signum).name}")
+        return signum
+    # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never makes a
+    # crash cost more than snapshot_every steps
+    disk = save_every > 0 and step % save_every == 0
+    memory = snapshot_every > 0 and step % snapshot_every == 0
+    if disk or memory:
+        save(step, "periodic", disk=disk, memory=memory)
+    return 0
+
+
+def stopped(stop: StopFlag, signum: int, step: int) -> int:
+    """Leave after the checkpoint on a signal was saved: report, tear down, and return the exit status 128+signal."""
+    stop.report()  # a signal that arrived during the save
+    if stop.count > 1:
+        print(f"ignored {stop.count - 1} more signal(s) during the save: the first one decides", flush=True)
+    print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
+    cleanup_distributed()
+    # Saved; only exiting is left, and the exit code must say why. Python restores the default handlers during
+    # shutdown, so torchrun's SIGTERM to the workers still running once one has exited would kill this one as -15
+    # instead; ignored signals stay ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    return 128 + signum
+
+
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if device.type == "cuda":

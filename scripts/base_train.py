@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +46,9 @@ from nanochat.train_loop import (
     find_start,
     rng_state,
     run_and_exit,
+    save_due,
     set_rng_state,
+    stopped,
 )
 
 
@@ -414,34 +415,18 @@ def main(argv: list[str]) -> int:
             fault.at_step(step, dist_info.rank)
 
         last = step == num_iterations
-        signum = stop.agreed(dist_info)
-        if last or signum:
-            save(step, "completed" if last else f"signal:{signal.Signals(signum).name}")
-        else:
-            # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never
-            # makes a crash cost more than snapshot_every steps
-            disk = cfg.save_every > 0 and step % cfg.save_every == 0
-            memory = cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0
-            if disk or memory:
-                save(step, "periodic", disk=disk, memory=memory)
+        signum = save_due(step, last, stop, dist_info, cfg.save_every, cfg.snapshot_every, save)
         if signum and not last:
-            stop.report()  # a signal that arrived during the save
-            if stop.count > 1:
-                print(f"ignored {stop.count - 1} more signal(s) during the save: the first one decides", flush=True)
-            print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
-            cleanup_distributed()
-            # Saved; only exiting is left, and the exit code must say why. Python restores the default handlers
-            # during shutdown, so torchrun's SIGTERM to the workers still running once one has exited would kill
-            # this one as -15 instead; ignored signals stay ignored.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, signal.SIG_IGN)
-            return 128 + signum
+            return stopped(stop, signum, step)
         if last and dist_info.master:
             snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory
         if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
             val_bpb, val_bpb_step = run_eval(step), step
             if last and dist_info.master:
-                checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+                try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
+                    checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+                except OSError as e:
+                    warn0(f"could not add the final val bpb to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
         if cfg.sample_every > 0 and (last or step % cfg.sample_every == 0):
             sample(step)
 

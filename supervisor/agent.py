@@ -65,6 +65,7 @@ class Attempt:
     workers: Workers
     oom: memory.OomCounters
     fresh: bool  # launched with --resume=False
+    lineage: str | None  # the checkpoint dir's run id at launch: a fresh start makes a new one
     before: tuple[Path, checkpoint.Checkpoint] | None  # the resume point when it started
     started: float  # monotonic
     started_wall: float
@@ -211,11 +212,14 @@ class Agent:
         a = self._launch(n)
         try:
             self._watch(a)
+            self._read_heartbeat(a, time.monotonic())  # the last one, written just before torchrun exited
         finally:
             self._reap(a)
-        # a fresh start that never got to its first heartbeat has not archived the old checkpoints yet: they are
-        # not this run's, and judge nothing
-        after = None if a.fresh and not a.heartbeat else self._resume_point()
+        if a.fresh and checkpoint.run_id(self.opts.checkpoint_dir) != a.lineage:
+            self.fresh = False  # the trainer started the new lineage (archiving the old checkpoints): resume now
+        # a fresh start that never got that far has not archived the old checkpoints yet: they are not this
+        # run's, and judge nothing
+        after = None if self.fresh else self._resume_point()
         progressed, budget = self._judge(a, after)
         outcome = classify(self._evidence(a, after, progressed, budget))
         self._record(a, outcome, after, progressed)
@@ -251,7 +255,8 @@ class Agent:
             proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
         oom.watch(proc.pid)
         t = time.monotonic()
-        a = Attempt(n, log_dir, proc, Workers(attempt_id, opts.nproc_per_node), oom, self.fresh, before, t,
+        lineage = checkpoint.run_id(opts.checkpoint_dir)
+        a = Attempt(n, log_dir, proc, Workers(attempt_id, opts.nproc_per_node), oom, self.fresh, lineage, before, t,
                     time.time(), t)  # fmt: skip
         self.events.append("attempt_start", attempt=n, attempt_id=attempt_id, pid=proc.pid, cmd=spec.command(),
                            start_step=start_step, fresh=self.fresh, overrides=dict(self.overrides),
@@ -358,10 +363,14 @@ class Agent:
             a.stop_sent = now
             self.view.phase = "saving on stop"
         self._deliver_stop(a, now)
+        # each worker has the grace period from its own signal: escalate only once the last one to get it is over
+        # (its peers wait for it in their collectives anyway); with no worker left, torchrun has it from the stop
         signalled = [now - w.signalled for w in a.workers.live() if w.signalled is not None]
         if a.torchrun_stopped is not None:
             signalled.append(now - a.torchrun_stopped)
-        if signalled and max(signalled) > opts.grace_period:
+        if not a.workers.live():
+            signalled.append(now - a.stop_sent)
+        if signalled and min(signalled) > opts.grace_period:
             a.killed = f"the grace period of {opts.grace_period:g}s was over: SIGTERM, then SIGKILL, to the whole tree"
             self.display.event(a.killed)
             procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGTERM, timeout=KILL_WAIT)
@@ -454,10 +463,10 @@ class Agent:
         key = lambda point: (str(point[0]), point[1].step, (point[1].meta or {}).get("saved_at"))  # noqa: E731
         newer = a.before is None or a.fresh or after[1].step > a.before[1].step
         progressed = newer and (a.before is None or key(after) != key(a.before))
-        ckpt, budget = after[1], self.opts.num_iterations
-        reached = ckpt.final and ckpt.step >= (ckpt.meta or {}).get("num_iterations", 1 << 62)
-        asked = a.exitcode == 0 and budget is not None and budget > 0 and ckpt.step >= budget
-        return progressed, bool(reached or asked)
+        ckpt, asked = after[1], self.opts.num_iterations
+        # the budget asked for now wins over the one the checkpoint was saved under (it may have been raised)
+        budget = asked if asked is not None and asked > 0 else (ckpt.meta or {}).get("num_iterations", 1 << 62)
+        return progressed, bool(ckpt.final and ckpt.step >= budget)
 
     def _evidence(self, a: Attempt, after, progressed: bool, budget: bool) -> Evidence:
         stop_reason = (after[1].meta or {}).get("stop_reason", "") if after else ""

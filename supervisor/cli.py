@@ -43,7 +43,10 @@ def resolve_dirs(
     if checkpoint_dir is None:
         from scripts.base_train import TrainConfig
 
-        tag = model_tag or f"d{depth or TrainConfig().depth}"
+        try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/
+            tag = TrainConfig(model_tag=model_tag or "", depth=depth or TrainConfig().depth).tag
+        except ConfigError as e:
+            raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
         checkpoint_dir = get_base_dir() / "base_checkpoints" / tag
     checkpoint_dir = checkpoint_dir.expanduser().resolve()
     return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()

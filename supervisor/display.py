@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,22 @@ class Display:
     """Plain output: one timestamped line per event and a progress line every `every` seconds."""
 
     def __init__(self, every: float = 30.0):
-        self.every, self._next = every, 0.0
+        self.every, self._next, self.broken = every, 0.0, False
 
     def event(self, msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        self._best_effort(print, f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def _best_effort(self, write, *args, **kwargs) -> None:
+        """Our output may be a file on the very disk that filled up: losing a line must never stop the supervisor
+        (it would take the run down with it). The first failure is said once on stderr, if that still works."""
+        try:
+            write(*args, **kwargs)
+        except OSError as e:
+            if not self.broken:
+                self.broken = True
+                with contextlib.suppress(OSError):
+                    print(f"nanochat-run: cannot write to the output ({e.strerror or e}); going on without it",
+                          file=sys.stderr, flush=True)  # fmt: skip
 
     def update(self, view: View) -> None:
         if view.step is None or time.monotonic() < self._next:
@@ -66,7 +79,7 @@ class LiveDisplay(Display):
         self.live.start()
 
     def event(self, msg: str) -> None:
-        self.live.console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
+        self._best_effort(self.live.console.print, f"[dim]{time.strftime('%H:%M:%S')}[/dim] {msg}")
 
     def update(self, view: View) -> None:
         if view.step is not None:
@@ -83,7 +96,7 @@ class LiveDisplay(Display):
         table.add_row("loss", loss, "tokens/s", tps)
         table.add_row("checkpoint", str(view.last_checkpoint or "-"), "memory", f"{view.rss / 2**30:.2f} GiB")
         table.add_row("restarts", ", ".join(view.restarts) or "none", "cpu", f"{view.cpu:.0f}%")
-        self.live.update(Group(self.progress, table))
+        self._best_effort(self.live.update, Group(self.progress, table))
 
     def close(self) -> None:
         self.live.stop()

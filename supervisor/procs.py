@@ -69,10 +69,15 @@ def launch(spec: LaunchSpec, log_path: Path, env: dict[str, str]) -> subprocess.
 
 
 def _die_with(parent: int):
-    """preexec_fn: torchrun gets SIGTERM when we die; if we died before it was armed (the fork race), exit."""
+    """preexec_fn: torchrun dies with us (if we died before it was armed, the fork race, it exits at once).
+
+    SIGKILL, not SIGTERM: a SIGTERMed torchrun relays the signal to its workers and SIGKILLs them 30 s later, which
+    would cut a longer save short. A SIGKILLed torchrun just goes; its workers then get their own parent-death
+    SIGTERM, save at the current step and exit, taking as long as the save needs (and holding the trainer lock,
+    so the next supervisor waits for them)."""
 
     def arm() -> None:
-        if not die_with_parent(signal.SIGTERM, parent):
+        if not die_with_parent(signal.SIGKILL, parent):
             os._exit(1)
 
     return arm

@@ -459,8 +459,12 @@ def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> N
     dead = subprocess.Popen(["true"])
     dead.wait()
     with subprocess.Popen(["sleep", "60"]) as alive:
-        debris = [tmp_path / f"{TMP_PREFIX}model_000008.pt.{dead.pid}", tmp_path / f"{TMP_PREFIX}{LATEST}.{dead.pid}"]
-        in_flight = tmp_path / f"{TMP_PREFIX}optim_000008.pt.{alive.pid}"  # a save still being written
+        debris = [
+            tmp_path / f"{TMP_PREFIX}model_000008.pt.{checkpoint.writer_id(dead.pid)}",
+            tmp_path / f"{TMP_PREFIX}{LATEST}.{dead.pid}",
+            tmp_path / f"{TMP_PREFIX}meta_000008.json.{alive.pid}-1",  # a reused pid: another process started then
+        ]
+        in_flight = tmp_path / f"{TMP_PREFIX}optim_000008.pt.{checkpoint.writer_id(alive.pid)}"  # being written
         for p in [*debris, in_flight]:
             p.write_bytes(b"half a file")
         (tmp_path / "notes.txt").write_text("mine")

@@ -171,6 +171,34 @@ def test_no_oom_shrink_restarts_unchanged():
     assert d.action is Action.RESTART and d.trainer_overrides == {}
 
 
+@pytest.mark.parametrize(("asked", "reached"), [(8, False), (None, True), (4, True), (2, True)])
+def test_budget_reached_is_judged_against_the_budget_asked_for_now(tmp_path, asked, reached):
+    """A final checkpoint at 4 (saved with num_iterations=4) does not reach a budget raised to 8: a stop before
+    the next save is `stopped` (exit 130/75, requeue), not `completed` (exit 0)."""
+    from nanochat import checkpoint
+    from supervisor.display import Display
+    from tests.test_checkpoint import save
+
+    d = tmp_path / "ckpt"
+    save(d, 4, final=True)
+    checkpoint.update_meta(d, 4, num_iterations=4)
+    agent = Agent(TrainOptions("scripts.base_train", [], d, tmp_path / "run", num_iterations=asked), Display())
+    point = agent._resume_point()
+    assert agent._judge(SimpleNamespace(before=point, fresh=False), point) == (False, reached)
+
+
+def test_the_display_survives_an_output_on_a_full_disk():
+    """The supervisor's own output may be a file on the disk that filled up: its lines are best effort."""
+    code = "import sys; from supervisor.display import Display; d = Display(); d.event('a'); d.event('b')"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", code + "; print('went on', file=sys.stderr)"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "nanochat-run: cannot write to the output (No space left on device); going on without it", "went on"
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # lock
 
@@ -266,6 +294,8 @@ def test_event_log_skips_undecodable_bytes(tmp_path):
 
 
 class Recorder:
+    """A display that keeps its event lines (for tests/test_supervisor_procs.py too)."""
+
     def __init__(self):
         self.lines: list[str] = []
 
@@ -425,6 +455,9 @@ USAGE_CASES = {
     "unknown trainer setting": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--detph=2"], ["did you mean --depth"]),
     "bad fault spec": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--debug_fault=boom"], ["not a fault spec"]),
     "bad trainer value": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--save_every=x"], ["trainer setting"]),
+    "tag escapes (train)": (["train", "--model-tag", "../../c"], ["--model_tag='../../c' must be a plain name"]),
+    "tag escapes (status)": (["status", "--model-tag", "a/../../c"], ["--model-tag='a/../../c' must be a plain"]),
+    "tag escapes (prune)": (["prune", "--model-tag", ".."], ["--model-tag='..' must be a plain name"]),
 }
 
 

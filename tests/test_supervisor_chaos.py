@@ -179,6 +179,7 @@ def test_a_new_supervisor_waits_for_the_old_trainer_to_finish_its_save(supervise
     saving = first.heartbeat()["step"]
     rank0 = next(w for w in workers_of(torchrun_of(first)) if w.environ().get("RANK") == "0")
     first.proc.kill()  # the supervisor dies hard; its trainer lives on in the middle of its save
+    killed = time.time()
     first.wait(10)
     second = supervise(ckpt=first.ckpt, iters=saving + 4, save_every=100000)
     second.wait_for("the wait", lambda: "waiting for the previous trainer" in second.output, timeout=30)
@@ -191,5 +192,10 @@ def test_a_new_supervisor_waits_for_the_old_trainer_to_finish_its_save(supervise
     assert [s["time"] >= gone - 1 for s in second.own("attempt_start")] == [True]
     old = checkpoint.inspect(first.ckpt, saving)
     assert old.valid and old.meta["stop_reason"] == "periodic"  # the old save completed: nothing pulled from under it
+    # torchrun died with the supervisor (SIGKILL, so it could not SIGKILL its workers 30 s after relaying a
+    # SIGTERM); the workers' own parent-death SIGTERM made them save once more, 20 s again: over 30 s in all
+    stop = checkpoint.inspect(first.ckpt, saving + 1)
+    assert stop.valid and stop.meta["stop_reason"] == "signal:SIGTERM"
+    assert gone - killed > 30
     assert newest(first.ckpt).step == saving + 4
     assert_no_orphans(first.ckpt)

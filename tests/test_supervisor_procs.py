@@ -24,6 +24,7 @@ from supervisor.policy import Policy
 from supervisor.records import EventLog, RunDir, append_event, read_events
 from supervisor.states import AttemptClass
 from supervisor.workers import Workers
+from tests.test_supervisor import Recorder
 
 C = AttemptClass
 
@@ -109,20 +110,6 @@ def fake_torchrun(monkeypatch, tmp_path: Path):
                 p.kill()
         except psutil.Error:
             continue
-
-
-class Recorder:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def event(self, msg: str) -> None:
-        self.lines.append(msg)
-
-    def update(self, view) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def attempt_left(agent: Agent) -> list[psutil.Process]:
