@@ -25,11 +25,12 @@ from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
 from supervisor.policy import AttemptSummary, Batch, Policy, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
-from supervisor.states import Action, Outcome, RunState
+from supervisor.states import Action, AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
 EXIT_OK = 0
 EXIT_FAILED = 1
+EXIT_USAGE = 2  # the trainer refused its settings or checkpoint: as bad usage, not a failed run
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; a scheduler should requeue the job
 EXIT_INTERRUPTED = 130  # stopped by Ctrl+C after saving
 KILL_WAIT = 5.0  # seconds between SIGTERM and SIGKILL when we take a tree down
@@ -163,7 +164,7 @@ class Agent:
             if decision.action is Action.GIVE_UP:  # STARTING/HEALTHY -> FAILED
                 self._set_state(RunState.FAILED, decision.reason)
                 self.display.event(f"diagnosis: {outcome.kind.value}: {outcome.message}; read {self._log_of(n)}")
-                return EXIT_FAILED
+                return EXIT_USAGE if outcome.kind is AttemptClass.REFUSED else EXIT_FAILED
             self.overrides.update(decision.trainer_overrides)
             if decision.trainer_overrides:
                 self.display.event(f"next attempt changes: {decision.trainer_overrides}")

@@ -6,7 +6,9 @@ Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 import sys
 import time
@@ -21,7 +23,29 @@ from nanochat.config import ConfigError, parse_args
 from nanochat.locks import LockError, lock_holder
 from supervisor.records import RunDir, read_events
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"nanochat-run {version('nanochat-run')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("nanochat-run (not installed)")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train a nanochat-style GPT under a supervisor that survives crashes, OOMs, hangs and Ctrl+C."""
+
 
 DEFAULT_SCRIPT = "scripts.base_train"
 DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
@@ -33,10 +57,12 @@ class UsageProblem(Exception):
 
 
 def resolve_dirs(
-    checkpoint_dir: Path | None, run_dir: Path | None, depth: int | None, model_tag: str | None
+    checkpoint_dir: Path | None, run_dir: Path | None, depth: int | None, model_tag: str | None, new: bool = False
 ) -> tuple[Path, Path]:
     """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
     if checkpoint_dir is None and run_dir is not None:
+        if not new and not run_dir.is_dir():  # status and prune read an existing run; train may start one
+            raise UsageProblem(f"no run dir at {run_dir}: pass the run dir of a supervised run, or --checkpoint-dir")
         starts = [e for e in read_events(RunDir(run_dir)) if e.get("event") == "run_start"]
         if starts:
             checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
@@ -111,6 +137,7 @@ def train(
     from supervisor.policy import Policy
 
     extra = list(ctx.args)
+    check_launch(script, nproc_per_node, nnodes, node_rank, progress_every)
     for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):
         if value < 0 or (name == "max_no_progress" and value < 1):
             raise UsageProblem(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_no_progress' else '>= 0'}")
@@ -136,7 +163,7 @@ def train(
             checkpoint_dir = Path(cfg.checkpoint_dir)
         dist_timeout, fresh = cfg.dist_timeout, not cfg.resume
         budget = cfg.num_iterations if cfg.num_iterations > 0 else None
-    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, new=True)
     nproc = nproc_per_node or gpu_count() or 1
     policy = Policy(max_restarts, max_no_progress, backoff, backoff_cap, oom_shrink)
     grace = grace_period if grace_period is not None else dist_timeout + GRACE_MARGIN
@@ -154,6 +181,25 @@ def train(
         raise UsageProblem(str(e)) from None
     display.close()
     raise typer.Exit(code)
+
+
+def check_launch(script: str, nproc: int | None, nnodes: str, node_rank: int | None, progress_every: float) -> None:
+    """What torchrun would only reject after a crash loop of ~20 s: refuse it now, in one line."""
+    if nproc is not None and nproc < 1:
+        raise UsageProblem(f"--nproc-per-node must be >= 1 (or left out: all GPUs, 1 on CPU), got {nproc}")
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", nnodes)
+    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+        raise UsageProblem(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX (e.g. 2 or 1:4), got {nnodes!r}")
+    if node_rank is not None and node_rank < 0:
+        raise UsageProblem(f"--node-rank must be >= 0, got {node_rank}")
+    if progress_every <= 0:
+        raise UsageProblem(f"--progress-every must be > 0 seconds, got {progress_every:g}")
+    try:
+        found = importlib.util.find_spec(script) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT_SCRIPT}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,6 +358,9 @@ def prune(
     holder = lock_holder(ckpt_dir)
     if holder and not force and not dry_run:
         raise UsageProblem(f"a supervisor (pid {holder.get('pid')}) is running on {ckpt_dir}; stop it or pass --force")
+    trainer = lock_holder(ckpt_dir, "trainer")
+    if trainer and not force and not dry_run:
+        raise UsageProblem(f"a trainer (pid {trainer.get('pid')}) is writing to {ckpt_dir}; stop it or pass --force")
     doomed = checkpoint.plan_prune(ckpt_dir, keep)
     freed = sum(c.size for c in doomed)
     if not doomed:
@@ -322,13 +371,20 @@ def prune(
     print(f"{'would free' if dry_run else 'frees'} {freed / 1e6:.1f} MB in {ckpt_dir}")
     if dry_run:
         return
-    if not yes and not typer.confirm("delete these files?", default=False):
+    if not yes and not confirm("delete these files?"):
         raise typer.Exit(1)
     removed = checkpoint.prune(ckpt_dir, keep)
     print(f"deleted {len(removed)} files, freed {freed / 1e6:.1f} MB")
     point = checkpoint.find_resume_point(ckpt_dir, warn=lambda msg: None)
     if point and point[0] == ckpt_dir and snapshots.remove(ckpt_dir):  # a resume would not use them
         print("removed the in-memory snapshots (not newer than the newest checkpoint)")
+
+
+def confirm(question: str) -> bool:
+    """Ask on a terminal; off one (a script, CI) there is nobody to ask: refuse rather than guess."""
+    if not sys.stdin.isatty():
+        raise UsageProblem("refusing to delete without --yes (not a terminal)")
+    return typer.confirm(question, default=False)
 
 
 def prune_snapshots(dry_run: bool, yes: bool) -> None:
@@ -342,7 +398,7 @@ def prune_snapshots(dry_run: bool, yes: bool) -> None:
         print(f"{'would remove' if dry_run else 'remove'} {home} ({sizes[home] / 1e6:.1f} MB): {why}")
     if dry_run:
         return
-    if not yes and not typer.confirm("remove these snapshots?", default=False):
+    if not yes and not confirm("remove these snapshots?"):
         raise typer.Exit(1)
     removed = [home for home, _ in found if snapshots.remove_home(home)]
     print(f"removed {len(removed)} snapshot folders, freed {sum(sizes[h] for h in removed) / 1e6:.1f} MB")
@@ -353,6 +409,8 @@ def prune_snapshots(dry_run: bool, yes: bool) -> None:
 
 def main() -> None:
     """Console-script entry: one line for every usage error, never a traceback for bad input."""
+    if len(sys.argv) == 1:  # bare `nanochat-run`: the help, and success
+        sys.argv.append("--help")
     try:
         code = app(standalone_mode=False)
     except typer.Abort:

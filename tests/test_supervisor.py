@@ -21,7 +21,15 @@ import pytest
 
 from nanochat.locks import LOCKS, DirLock, LockError, lock_holder
 from supervisor import cli
-from supervisor.agent import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTED, Agent, TrainOptions
+from supervisor.agent import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    Agent,
+    TrainOptions,
+)
 from supervisor.policy import AttemptSummary, Batch, Policy, decide, smaller_batch
 from supervisor.records import RunDir, append_event, read_events
 from supervisor.states import Action, AttemptClass, Outcome, RunState
@@ -383,7 +391,7 @@ def test_loop_gives_up_at_once_when_the_trainer_rejects_its_settings(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
     bad = Outcome(C.REFUSED, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
     calls = scripted(agent, [(bad, False)])
-    assert agent._loop() == EXIT_FAILED and calls == [1]
+    assert agent._loop() == EXIT_USAGE and calls == [1]  # exit 2, as for any bad setting
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_PREEMPTED)])
@@ -458,6 +466,15 @@ USAGE_CASES = {
     "tag escapes (train)": (["train", "--model-tag", "../../c"], ["--model_tag='../../c' must be a plain name"]),
     "tag escapes (status)": (["status", "--model-tag", "a/../../c"], ["--model-tag='a/../../c' must be a plain"]),
     "tag escapes (prune)": (["prune", "--model-tag", ".."], ["--model-tag='..' must be a plain name"]),
+    "nnodes not a number": (["train", "--nnodes", "abc"], ["--nnodes must be N or MIN:MAX", "'abc'"]),
+    "nnodes max below min": (["train", "--nnodes", "4:2"], ["--nnodes must be N or MIN:MAX"]),
+    "zero workers": (["train", "--nproc-per-node", "0"], ["--nproc-per-node must be >= 1", "got 0"]),
+    "negative workers": (["train", "--nproc-per-node", "-1"], ["--nproc-per-node must be >= 1"]),
+    "negative node rank": (["train", "--node-rank", "-1"], ["--node-rank must be >= 0"]),
+    "zero progress interval": (["train", "--progress-every", "0"], ["--progress-every must be > 0"]),
+    "negative backoff cap": (["train", "--backoff-cap", "-1"], ["--backoff-cap must be >= 0"]),
+    "no such script": (["train", "--script", "no.such.module"], ["--script 'no.such.module': no such Python"]),
+    "missing run dir (status)": (["status", "--run-dir", "{tmp}/nope"], ["no run dir at", "nope"]),
 }
 
 
@@ -479,6 +496,46 @@ def test_cli_usage_error_from_the_real_console_script(tmp_path, env):
     assert_usage_error(proc.returncode, proc.stderr, "--max-restarts must be >= 0")
     proc = subprocess.run([*cmd, "prune", "--keep", "0"], capture_output=True, text=True, env=env, timeout=120)
     assert_usage_error(proc.returncode, proc.stderr, "--keep must be >= 1")
+
+
+def test_cli_help_version_and_a_bare_command_exit_0(tmp_path, env):
+    script = Path(sys.executable).with_name("nanochat-run")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "supervisor.cli"]
+    for args in ([], ["-h"], ["--help"], ["train", "-h"]):
+        proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith("Usage: nanochat-run"), (args, proc.stderr)
+    proc = subprocess.run([*cmd, "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and re.fullmatch(r"nanochat-run \d+\.\d+\.\d+\n", proc.stdout), proc.stdout
+
+
+def test_cli_prune_off_a_terminal_refuses_without_yes(tmp_path, env):
+    from nanochat import checkpoint
+    from tests.test_checkpoint import save
+
+    d = tmp_path / "ckpt"
+    for step in (2, 4):
+        save(d, step)
+    script = Path(sys.executable).with_name("nanochat-run")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "supervisor.cli"]
+    proc = subprocess.run([*cmd, "prune", "--keep", "1", "--checkpoint-dir", str(d)], capture_output=True,
+                          text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    assert_usage_error(proc.returncode, proc.stderr, "refusing to delete without --yes (not a terminal)")
+    assert [c.step for c in checkpoint.scan(d)] == [2, 4]  # nothing deleted
+
+
+def test_cli_prune_refuses_while_a_trainer_holds_the_dir(monkeypatch, capsys, tmp_path):
+    from tests.test_checkpoint import save
+
+    d = tmp_path / "ckpt"
+    for step in (2, 4):
+        save(d, step)
+    lock = DirLock(d, "trainer")
+    lock.acquire()
+    try:
+        code, _, err = run_cli(monkeypatch, capsys, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(d))
+    finally:
+        lock.release()
+    assert_usage_error(code, err, f"a trainer (pid {os.getpid()}) is writing to", "--force")
 
 
 def test_cli_status_of_an_empty_checkpoint_dir(monkeypatch, capsys, empty_ckpt):

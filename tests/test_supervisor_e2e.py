@@ -107,7 +107,7 @@ def test_stop_signal_saves_at_the_current_step_and_exits(supervise, sig, code):
     if sig == signal.SIGINT:
         # a budget lowered below this (non-final) checkpoint: the trainer refuses (exit 2), and that is the end
         lower = supervise(ckpt=run.ckpt, iters=stopped_at - 1, save_every=100000)
-        out = lower.finish(1, timeout=120)
+        out = lower.finish(2, timeout=120)  # a refusal exits 2, like any bad setting
         ends = lower.own("attempt_end")
         assert [e["class"] for e in ends] == ["refused"], out[-3000:]
         assert ends[0]["outcome"]["worker_exitcode"] == 2 and "past --num_iterations" in ends[0]["outcome"]["message"]
