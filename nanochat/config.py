@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import typing
 from typing import Any, TypeVar
 
@@ -19,6 +20,10 @@ _FALSE = {"false", "0", "no", "off"}
 
 class ConfigError(ValueError):
     """A bad command-line setting; the message is one line meant for the user."""
+
+
+class HelpRequested(Exception):
+    """-h or --help: the message is the help text (print it and exit 0)."""
 
 
 def _convert(key: str, raw: str, typ: type) -> Any:
@@ -59,6 +64,8 @@ def parse_args(defaults: T, argv: list[str]) -> tuple[T, dict[str, Any]]:
         i += 1
         if arg == "--":  # torchrun passes the separator through; it means nothing here
             continue
+        if arg in ("-h", "--help"):
+            raise HelpRequested(settings_help(defaults))
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"unexpected argument {arg!r}: settings look like --key=value (e.g. --depth=4)")
         body = arg[2:]
@@ -82,6 +89,23 @@ def parse_args(defaults: T, argv: list[str]) -> tuple[T, dict[str, Any]]:
                 raise ConfigError(f"--{key} needs a value, e.g. --{key}={getattr(defaults, key)!r}")
         overrides[key] = _convert(key, raw, typ)
     return dataclasses.replace(defaults, **overrides), overrides
+
+
+def settings_help(defaults: Any) -> str:
+    """Every setting with its default and meaning, grouped as in the dataclass: its source comments are the help
+    (a `# group` line starts a group, a trailing comment explains its field), so they cannot drift apart."""
+    fields = {f.name for f in dataclasses.fields(defaults)}
+    out = [f"settings of {type(defaults).__name__} (--key=value, --key value or --dashed-key; defaults shown):"]
+    for line in inspect.getsource(type(defaults)).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("def ") or text.startswith("@"):
+            break
+        if text.startswith("# "):
+            out.append(f"\n{text[2:]}")
+        elif (name := text.split(":", 1)[0]) in fields:
+            meaning = text.split("  # ", 1)[1] if "  # " in text else ""
+            out.append((f"  --{name}={getattr(defaults, name)!r}".ljust(40) + f" {meaning}").rstrip())
+    return "\n".join(out)
 
 
 def describe(cfg: Any) -> str:

@@ -25,7 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 from nanochat import checkpoint, snapshots
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
-from nanochat.config import ConfigError
+from nanochat.config import ConfigError, HelpRequested
 
 
 def find_start(
@@ -201,6 +201,9 @@ def run_and_exit(name: str, main: Callable[[list[str]], int], argv: list[str]) -
     never does. Either is one `<name>: error:` line, also written to torchrun's per-rank error file."""
     try:
         code = main(argv)
+    except HelpRequested as h:
+        print(h)
+        code = 0
     except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
         storage = isinstance(e, StorageError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
         with contextlib.suppress(OSError):  # our stderr may be a log file on the very disk that is full

@@ -2,6 +2,7 @@
 
 One process:   python -m scripts.base_train --depth=4 --num_iterations=100
 Distributed:   torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
+Every setting: python -m scripts.base_train --help
 
 Settings are the fields of TrainConfig below, overridden as --key=value (or --key value, dashes allowed).
 """
@@ -57,31 +58,31 @@ class TrainConfig:
     # run
     run: str = "dummy"  # wandb run name; "dummy" disables wandb
     device_type: str = "auto"  # auto | cuda | cpu
-    seed: int = 0
+    seed: int = 0  # weights init and data order
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
     # model
-    depth: int = 20
-    head_dim: int = 128
-    max_seq_len: int = 2048
+    depth: int = 20  # the model dial: width = depth x 64, rounded up to a multiple of head_dim
+    head_dim: int = 128  # channels per attention head
+    max_seq_len: int = 2048  # context length in tokens
     # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
-    device_batch_size: int = 32
+    device_batch_size: int = 32  # sequences per micro-batch on each rank
     total_batch_size: int = 524288  # tokens per optimizer step; -1 = one micro-batch on every rank
     # horizon: num_iterations wins if > 0, else tokens = target_param_data_ratio * params (Chinchilla 20)
-    num_iterations: int = -1
-    target_param_data_ratio: float = 20.0
+    num_iterations: int = -1  # optimizer steps; -1 = derive from target_param_data_ratio
+    target_param_data_ratio: float = 20.0  # training tokens per parameter when num_iterations is -1
     # optimization
-    embedding_lr: float = 0.2
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    warmdown_ratio: float = 0.2
-    final_lr_frac: float = 0.0
+    embedding_lr: float = 0.2  # AdamW, token embedding
+    unembedding_lr: float = 0.004  # AdamW, output head
+    matrix_lr: float = 0.02  # Muon, every matrix in the blocks
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.0  # fraction of steps warming the LR up
+    warmdown_ratio: float = 0.2  # fraction of steps decaying the LR at the end
+    final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
     # evaluation and logging
     eval_every: int = 250  # -1 = only at the end
-    eval_tokens: int = 20 * 524288
+    eval_tokens: int = 20 * 524288  # validation tokens per evaluation
     sample_every: int = 2000  # -1 = never
-    log_every: int = 1
+    log_every: int = 1  # print a step line every N steps
     # checkpoints (see nanochat/checkpoint.py)
     model_tag: str = ""  # default d{depth}
     checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/base_checkpoints/<model_tag>

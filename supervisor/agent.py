@@ -240,11 +240,7 @@ class Agent:
         before = self._resume_point()
         start_step = before[1].step if before and not self.fresh else None
         self.view.attempt, self.view.tries, self.view.last_checkpoint = n, len(self.history) + 1, start_step
-        args = [*opts.trainer_args, f"--resume={not self.fresh}", f"--checkpoint_dir={opts.checkpoint_dir}",
-                f"--heartbeat_file={self.run_dir.heartbeat}"]  # fmt: skip
-        args += [f"--{k}={v}" for k, v in self.overrides.items()]  # later settings win in the trainer's parser
-        spec = procs.LaunchSpec(opts.script, args, opts.nproc_per_node, log_dir, opts.nnodes, opts.node_rank,
-                                opts.rdzv_endpoint)  # fmt: skip
+        spec = self.launch_spec(log_dir)
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
         try:
@@ -265,6 +261,15 @@ class Agent:
         start = "starting fresh (--resume=False)" if self.fresh else f"resuming from step {start_step or 0}"
         self.display.event(f"attempt {n}: torchrun pid {proc.pid}, {start}")
         return a
+
+    def launch_spec(self, log_dir: Path) -> procs.LaunchSpec:
+        """The torchrun command of the next attempt: the user's trainer settings, then what the agent adds."""
+        opts = self.opts
+        args = [*opts.trainer_args, f"--resume={not self.fresh}", f"--checkpoint_dir={opts.checkpoint_dir}",
+                f"--heartbeat_file={self.run_dir.heartbeat}"]  # fmt: skip
+        args += [f"--{k}={v}" for k, v in self.overrides.items()]  # later settings win in the trainer's parser
+        return procs.LaunchSpec(opts.script, args, opts.nproc_per_node, log_dir, opts.nnodes, opts.node_rank,
+                                opts.rdzv_endpoint)  # fmt: skip
 
     def _watch(self, a: Attempt) -> None:
         """Until torchrun exits: track workers, sample memory, read heartbeats, deliver a stop, detect hangs."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -19,7 +20,7 @@ import typer
 
 from nanochat import checkpoint, snapshots
 from nanochat.common import get_base_dir
-from nanochat.config import ConfigError, parse_args
+from nanochat.config import ConfigError, HelpRequested, describe, parse_args
 from nanochat.locks import LockError, lock_holder
 from supervisor.records import RunDir, read_events
 
@@ -127,13 +128,16 @@ def train(
     ] = None,
     oom_shrink: Annotated[bool, typer.Option(help="Halve the device batch after a CUDA OOM.")] = True,
     progress_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30,
+    dry_run: Annotated[
+        bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
+    ] = False,
 ) -> None:
     """Run the trainer under torchrun and keep it going until the step budget is reached.
 
     Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
     """
     from supervisor.agent import Agent, TrainOptions
-    from supervisor.display import make_display
+    from supervisor.display import Display, make_display
     from supervisor.policy import Policy
 
     extra = list(ctx.args)
@@ -158,6 +162,9 @@ def train(
             cfg, _ = parse_args(TrainConfig(), trainer_args)
         except ConfigError as e:
             raise UsageProblem(f"trainer setting: {e}") from None
+        except HelpRequested as h:  # `nanochat-run train -- --help`: the trainer's settings
+            print(h)
+            raise typer.Exit(0) from None
         depth, model_tag = cfg.depth, cfg.model_tag or None
         if cfg.checkpoint_dir and checkpoint_dir is None:
             checkpoint_dir = Path(cfg.checkpoint_dir)
@@ -169,6 +176,9 @@ def train(
     grace = grace_period if grace_period is not None else dist_timeout + GRACE_MARGIN
     opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
                         hang_timeout, startup_timeout, grace, fresh, budget, policy)  # fmt: skip
+    if dry_run:
+        print_dry_run(Agent(opts, Display()), script == DEFAULT_SCRIPT)
+        return
     display = make_display(progress_every)
     display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
     if grace <= dist_timeout:
@@ -181,6 +191,21 @@ def train(
         raise UsageProblem(str(e)) from None
     display.close()
     raise typer.Exit(code)
+
+
+def print_dry_run(agent, resolve: bool) -> None:
+    """What `train` would run first: the torchrun command line and, for the built-in trainer, every setting."""
+    spec = agent.launch_spec(agent.run_dir.attempt(agent.run_dir.next_attempt()))
+    print(shlex.join(spec.command()))
+    if resolve:
+        from scripts.base_train import TrainConfig
+
+        print(f"trainer settings of the first attempt:\n{describe(parse_args(TrainConfig(), spec.trainer_args)[0])}")
+    o = agent.opts
+    print(
+        f"supervisor: --max-restarts={o.policy.max_restarts} --grace-period={o.grace_period:g}s"
+        f" --hang-timeout={o.hang_timeout:g}s --startup-timeout={o.startup_timeout:g}s; run dir {o.run_dir}"
+    )
 
 
 def check_launch(script: str, nproc: int | None, nnodes: str, node_rank: int | None, progress_every: float) -> None:

@@ -1,5 +1,7 @@
 """Command-line settings: every spelling users type, and every error path."""
 
+import dataclasses
+import re
 import subprocess
 import sys
 
@@ -94,3 +96,16 @@ def test_trainer_config_error_is_one_line_without_traceback(argv, message, tmp_p
     assert proc.returncode == 2
     assert proc.stderr.strip() == message
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_help_lists_every_setting_with_its_default_and_meaning(tmp_path):
+    env = {"NANOCHAT_BASE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--help"], capture_output=True, text=True,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    for f in dataclasses.fields(TrainConfig):  # each with its default, and a meaning after it
+        default = re.escape(repr(getattr(TrainConfig(), f.name)))
+        assert re.search(rf"^  --{f.name}={default} +\S", proc.stdout, re.M), f.name
+    assert "--keep_last_n_checkpoints=3" in proc.stdout and "the final checkpoint is never pruned" in proc.stdout
+    assert "\ncheckpoints (see nanochat/checkpoint.py)\n" in proc.stdout  # the groups of the dataclass
+    assert not (tmp_path / "base_checkpoints").exists()  # nothing started

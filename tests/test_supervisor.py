@@ -508,6 +508,21 @@ def test_cli_help_version_and_a_bare_command_exit_0(tmp_path, env):
     assert proc.returncode == 0 and re.fullmatch(r"nanochat-run \d+\.\d+\.\d+\n", proc.stdout), proc.stdout
 
 
+def test_cli_train_dry_run_prints_the_command_and_settings_and_starts_nothing(monkeypatch, capsys, tmp_path):
+    d = tmp_path / "ckpt"
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--depth", "3", "--checkpoint-dir", str(d), "--dry-run",
+                             "--", "--max_seq_len=128", "--resume=False")  # fmt: skip
+    assert code == 0, err
+    command, *rest = out.splitlines()
+    assert "-m torch.distributed.run --standalone --nproc-per-node=1 --max-restarts=0" in command
+    assert command.endswith(f"--resume=False --checkpoint_dir={d} --heartbeat_file={d}.run/heartbeat.json")
+    assert "  depth = 3" in rest and "  max_seq_len = 128" in rest and "  resume = False" in rest
+    assert rest[-1].startswith("supervisor: --max-restarts=5 --grace-period=2100s")
+    assert not d.exists() and not (tmp_path / "ckpt.run").exists()
+    code, out, _ = run_cli(monkeypatch, capsys, "train", "--", "--help")  # the trainer's settings
+    assert code == 0 and out.startswith("settings of TrainConfig")
+
+
 def test_cli_prune_off_a_terminal_refuses_without_yes(tmp_path, env):
     from nanochat import checkpoint
     from tests.test_checkpoint import save
