@@ -205,7 +205,3 @@ def sample(procs: list[psutil.Process], cache: dict[int, psutil.Process]) -> Tre
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return TreeSample(rss, cpu, n)
-
-
-def pid_alive(pid: int) -> bool:
-    return psutil.pid_exists(pid)
