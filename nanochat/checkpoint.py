@@ -78,7 +78,6 @@ class Checkpoint:
     meta: dict | None = None
     problem: str = ""  # empty when valid
     committed: bool = False  # a meta file exists (parseable or not)
-    verified: bool = False  # checksums and safe loading were checked, not just sizes
 
     @property
     def valid(self) -> bool:
@@ -229,7 +228,7 @@ def _steps_on_disk(directory: Path) -> dict[int, list[Path]]:
 def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify: bool = True) -> Checkpoint:
     """Check one step's files against its meta. `verify=False` checks sizes only (cheap, for listings)."""
     paths = paths if paths is not None else _steps_on_disk(directory).get(step, [])
-    ckpt = Checkpoint(step, sorted(paths), verified=verify)
+    ckpt = Checkpoint(step, sorted(paths))
     meta_path = directory / file_name("meta", step)
     if not meta_path.exists():
         ckpt.problem = "no meta file (an uncommitted save, or an interrupted prune)"
