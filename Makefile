@@ -1,22 +1,42 @@
 # nanochat-run: install, test, demo, lint.
-# GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-# (or any CUDA build you prefer); the default below is the CPU build and never downloads CUDA wheels.
+# GPU machines: `make install-cuda` (CUDA=cu126 etc. for another CUDA build) replaces the CPU build of torch that
+# `make install` puts in by default; the default never downloads CUDA wheels (CI and laptops stay small).
 PYTHON ?= python3
 VENV ?= .venv
-TORCH_SPEC ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+CUDA ?= cu128
 BIN := $(VENV)/bin
 export NANOCHAT_BASE_DIR ?= $(HOME)/.cache/nanochat
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install install-cuda torch test test-fast demo lint bench clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed torch
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[test]"
+	test -f $(VENV)/.torch-spec || echo '$(TORCH_SPEC)' > $(VENV)/.torch-spec
 	touch $@
+
+# The torch build is part of the install: a TORCH_SPEC given on the command line that differs from the one installed
+# replaces it (--force-reinstall: pip alone counts an installed 2.13.0+cpu as satisfying torch==2.13.0 from a CUDA
+# index). A later plain `make test` keeps whatever build is installed.
+torch: $(VENV)/.installed
+ifneq ($(origin TORCH_SPEC),file)
+	@if [ "$$(cat $(VENV)/.torch-spec 2>/dev/null)" != '$(TORCH_SPEC)' ]; then \
+	  echo "replacing the installed torch with: $(TORCH_SPEC)"; \
+	  $(BIN)/pip install -q --force-reinstall $(TORCH_SPEC) && echo '$(TORCH_SPEC)' > $(VENV)/.torch-spec; \
+	fi
+endif
+
+install-cuda:  # the CUDA build of torch; fails loudly if what got installed is not one
+	$(MAKE) install TORCH_SPEC="torch==$(TORCH_VERSION)+$(CUDA) --index-url https://download.pytorch.org/whl/$(CUDA)"
+	$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 'torch ' + torch.__version__ + \
+	  ' is still a CPU build')"; $(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', \
+	  torch.version.cuda, '|', torch.cuda.device_count(), 'GPU(s) usable now')"
 
 test: install
 	$(BIN)/python -m pytest -q

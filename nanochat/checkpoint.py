@@ -43,9 +43,12 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 LATEST = "latest_step.txt"
 RUN_ID = ".run_id"
@@ -180,6 +183,8 @@ def _torch_save(state: dict, f: _HashingWriter) -> None:
     """torch.save without torch's own per-record CRC32: our checksum covers the whole file at ~7x the speed
     (torch's CRC32 was about half of a plain torch.save + fsync, see scripts/bench_writer.py). The option is
     process-wide (torch >= 2.6); it is restored at once and only changes what is written, not what loads."""
+    import torch  # here, not at the top: listing and verifying checkpoints must not cost seconds of import
+
     set_crc = getattr(torch.serialization, "set_crc32_options", None)
     if set_crc is None:
         torch.save(state, f)
@@ -225,8 +230,12 @@ def _steps_on_disk(directory: Path) -> dict[int, list[Path]]:
     return found
 
 
-def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify: bool = True) -> Checkpoint:
-    """Check one step's files against its meta. `verify=False` checks sizes only (cheap, for listings)."""
+def inspect(
+    directory: Path, step: int, paths: list[Path] | None = None, verify: bool = True, load_check: bool = True
+) -> Checkpoint:
+    """Check one step's files against its meta. `verify=False` checks sizes only (cheap, for listings);
+    `load_check=False` checks checksums but skips the weights_only load, which needs torch (`nanochat-run status`
+    without --verify: a second, not seconds)."""
     paths = paths if paths is not None else _steps_on_disk(directory).get(step, [])
     ckpt = Checkpoint(step, sorted(paths))
     meta_path = directory / file_name("meta", step)
@@ -255,7 +264,7 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
             ckpt.problem = f"{name} has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
         elif verify and file_digest(path, want["algo"]) != want["digest"]:
             ckpt.problem = f"{name} fails its checksum (corrupted)"
-        elif verify:
+        elif verify and load_check:
             ckpt.problem = _unsafe(path)
         if ckpt.problem:
             break
@@ -265,6 +274,8 @@ def inspect(directory: Path, step: int, paths: list[Path] | None = None, verify:
 def _unsafe(path: Path) -> str:
     """Why `path` does not load as a plain state dict with weights_only=True ('' if it does). Memory-mapped, so
     only the pickle is read: a forged meta that vouches for a file with code in it is caught here, not at load."""
+    import torch
+
     try:
         torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError from the zip reader, OSError, ...
@@ -299,7 +310,9 @@ def read_latest_marker(directory: Path) -> tuple[int | None, str]:
     return int(text), ""
 
 
-def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> Checkpoint | None:
+def find_latest_valid(
+    directory: Path, warn: Callable[[str], None] = print, load_check: bool = True
+) -> Checkpoint | None:
     """The newest valid checkpoint on disk (fully verified); warns about each newer one it had to skip, and why."""
     on_disk = _steps_on_disk(directory)
     if not on_disk:
@@ -309,11 +322,11 @@ def find_latest_valid(directory: Path, warn: Callable[[str], None] = print) -> C
         warn(f"{directory}: {problem}; looking for the newest valid checkpoint instead")
     elif marker not in on_disk:
         warn(f"{directory}: {LATEST} points at step {marker}, which has no files; using the newest valid checkpoint")
-    return next(valid_newest_first(directory, warn), None)
+    return next(valid_newest_first(directory, warn, load_check=load_check), None)
 
 
 def valid_newest_first(
-    directory: Path, warn: Callable[[str], None] = lambda msg: None, cache: dict | None = None
+    directory: Path, warn: Callable[[str], None] = lambda msg: None, cache: dict | None = None, load_check: bool = True
 ) -> Iterator[Checkpoint]:
     """The valid checkpoints of a directory, newest first, each fully verified, warning about each invalid one it
     skips: the one walk behind both the resume point (`find_latest_valid`) and the kept set (`plan_prune`), so
@@ -326,8 +339,8 @@ def valid_newest_first(
         key = tuple((p.name, *_identity(p)) for p in sorted(paths))
         ckpt = cache.get(key) if cache is not None else None
         if ckpt is None:
-            ckpt = inspect(directory, step, paths, verify=True)
-            if cache is not None and ckpt.valid:
+            ckpt = inspect(directory, step, paths, verify=True, load_check=load_check)
+            if cache is not None and ckpt.valid and load_check:  # the cache vouches for the full check only
                 cache[key] = ckpt
         if ckpt.valid:
             yield ckpt
@@ -344,17 +357,17 @@ def _identity(path: Path) -> tuple:
 
 
 def find_resume_point(
-    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True
+    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True, load_check: bool = True
 ) -> tuple[Path, Checkpoint] | None:
     """THE newest usable checkpoint, as (where, checkpoint): the newest valid one on disk, or a newer valid
     in-memory snapshot of the same run (`snapshots`). The trainer resumes from it; the supervisor judges progress
-    and completion by it; `status` and `prune` report and keep it."""
+    and completion by it; `status` and `prune` report and keep it (`load_check`: see `inspect`)."""
     from nanochat import snapshots as shm  # snapshots.py builds on this module
 
-    disk = find_latest_valid(directory, warn)
+    disk = find_latest_valid(directory, warn, load_check)
     snap = None
     try:
-        snap = shm.newest(directory, run_id(directory, disk)) if snapshots else None
+        snap = shm.newest(directory, run_id(directory, disk), load_check=load_check) if snapshots else None
     except CheckpointError as e:  # a planted or shared snapshot folder: never trusted
         warn(str(e))
     if snap and (disk is None or snap[1].step > disk.step):
@@ -364,6 +377,8 @@ def find_resume_point(
 
 def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
     """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
+    import torch
+
     states = []
     on_cpu = torch.device(device).type == "cpu"
     for kind in _KINDS:
@@ -382,6 +397,8 @@ def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") 
 
 
 def _to_device(obj, device):
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, dict):

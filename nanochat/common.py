@@ -1,4 +1,4 @@
-"""Device and process-group setup, the base directory, and small logging helpers."""
+"""Device and process-group setup, small logging helpers, and the base directory (from nanochat/paths.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from nanochat.paths import get_base_dir  # noqa: F401 - re-exported: its home is torch-free, for the CLI
 
 # The trainer's exit statuses, which the supervisor's policy reads (supervisor/policy.py):
 #   0        the step budget is reached (possibly with warnings, recorded in the final meta)
@@ -19,14 +20,6 @@ import torch.distributed as dist
 #   128+sig  stopped by SIGINT/SIGTERM after saving a checkpoint
 EXIT_REFUSED = 2
 EXIT_STORAGE = 74
-
-
-def get_base_dir() -> Path:
-    """Where tokenizer, data and checkpoints live: $NANOCHAT_BASE_DIR, default ~/.cache/nanochat."""
-    base = os.environ.get("NANOCHAT_BASE_DIR") or str(Path.home() / ".cache" / "nanochat")
-    path = Path(base).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def print0(*args, **kwargs) -> None:

@@ -9,6 +9,7 @@
     hang@step:5          stop making progress forever (sleeps; signals still work)
     memhog@step:3        allocate and touch memory until the kernel's OOM killer steps in
     sleep@save:40        sleep 40 s in the middle of every save (a slow save, for grace-period tests)
+    sleep@eval:2         sleep 2 s after every validation batch (a slow evaluation, for stop tests)
 
 A fault fires once per checkpoint directory: a marker file `.fault-fired-<spec>` records it, so the restarted run
 carries on as after a transient failure. A `!` suffix makes it fire on every attempt, like a deterministic bug.
@@ -26,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
+_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
 _SAVE_PHASES = ("model", "optim", "meta", "latest", "prune", "snapshot")
 
 
 @dataclass
 class Fault:
     kind: str
-    where: str  # "step" or "save"
-    what: str  # a step number or a save phase (or seconds, for sleep@save)
+    where: str  # "step", "save" or "eval"
+    what: str  # a step number or a save phase (or seconds, for sleep)
     every_attempt: bool
     rank: int
     spec: str
@@ -51,9 +52,14 @@ class Fault:
                 " raise@step:5!, hang@step:5, oom@step:5, memhog@step:3, sleep@save:40 (see nanochat/faults.py)"
             )
         kind, where, what, bang, rank = m.groups()
-        if kind == "sleep" and where != "save" or kind != "sleep" and where == "step" and not what.isdigit():
-            raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, sleep takes @save:SECONDS")
-        if kind != "sleep" and where == "save" and what not in _SAVE_PHASES:
+        timed = kind == "sleep"
+        if timed and (where == "step" or not what.isdigit()) or not timed and where == "eval":
+            raise ValueError(
+                f"--debug_fault={spec!r}: sleep takes @save:SECONDS or @eval:SECONDS, others @step or @save"
+            )
+        if not timed and where == "step" and not what.isdigit():
+            raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, e.g. @step:7")
+        if not timed and where == "save" and what not in _SAVE_PHASES:
             raise ValueError(f"--debug_fault={spec!r}: save phase must be one of {', '.join(_SAVE_PHASES)}")
         return cls(kind, where, what, bool(bang), int(rank or 0), spec)
 
@@ -86,6 +92,10 @@ class Fault:
                 time.sleep(float(self.what))
         elif phase == self.what and self._armed(rank):
             fire(self.kind, f"save phase {phase}")
+
+    def at_eval_batch(self, rank: int) -> None:
+        if self.where == "eval" and rank == self.rank:
+            time.sleep(float(self.what))
 
 
 def fire(kind: str, where: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -12,24 +13,40 @@ from nanochat.gpt import GPT
 
 
 @torch.no_grad()
-def evaluate_bpb(model: GPT, loader: DataLoader, steps: int, token_bytes: torch.Tensor) -> float:
+def evaluate_bpb(
+    model: GPT,
+    loader: DataLoader,
+    steps: int,
+    token_bytes: torch.Tensor,
+    between: Callable[[int, bool], tuple[bool, bool]] | None = None,
+) -> float | None:
     """Sum of per-token losses (nats) over the sum of the UTF-8 bytes those tokens stand for, in bits.
 
     Special tokens (0 bytes) are left out of both sums. Summed across ranks, so every rank gets the same number.
+    `between(batches_done, exhausted)` runs after every batch on every rank: it reports progress and returns what
+    the ranks agreed on (one small collective), (stop, ended). Stop: a stop signal arrived, and the evaluation is
+    abandoned (the result is None). Ended: some rank's share of the validation split ran out, and every rank ends
+    at that same batch, so that no rank waits for a batch another will never run.
     """
     device = token_bytes.device
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.float64, device=device)
-    for _ in range(steps):
+    for done in range(steps):
         try:
             x, y = loader.next_batch()
+            exhausted = False
         except StopIteration:  # the validation split is smaller than eval_tokens: use what there is
+            exhausted = True
+        if not exhausted:
+            loss = model(x, y, reduction="none").double()
+            b = token_bytes[y]
+            nats += (loss * (b > 0)).sum()
+            nbytes += b.sum()
+        stop, ended = between(done + 1, exhausted) if between is not None else (False, exhausted)
+        if stop:
+            return None
+        if ended:
             break
-        loss = model(x, y, reduction="none").double()
-        b = token_bytes[y]
-        counted = b > 0
-        nats += (loss * counted).sum()
-        nbytes += b.sum()
     if dist.is_initialized():
         totals = torch.stack([nats, nbytes])
         dist.all_reduce(totals)

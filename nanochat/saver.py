@@ -147,6 +147,11 @@ class Saver:
         if (waited := time.perf_counter() - t0) > 0.1:
             self.log(f"waited {waited:.2f}s for the in-memory snapshot to be committed")
 
+    @property
+    def durable(self) -> int | None:
+        """The newest step whose disk checkpoint is committed by this run (rank 0; None elsewhere)."""
+        return max((r.step for r in self.records if r.durable_at is not None), default=None)
+
     def busy(self) -> bool:
         """A background write is still in flight (rank 0)."""
         return self._pending is not None and not self._pending.done()

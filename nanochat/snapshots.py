@@ -95,7 +95,9 @@ def prepare_slot(slot: Path, directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def newest(directory: Path, run: str | None, verify: bool = True) -> tuple[Path, Checkpoint] | None:
+def newest(
+    directory: Path, run: str | None, verify: bool = True, load_check: bool = True
+) -> tuple[Path, Checkpoint] | None:
     """(slot, checkpoint) of the newest valid snapshot of this checkpoint dir written by run `run`, if any."""
     home = _slot_home(directory)
     if run is None or not _private(home.parent, create=False) or not _private(home, create=False):
@@ -105,7 +107,7 @@ def newest(directory: Path, run: str | None, verify: bool = True) -> tuple[Path,
         if slot.is_symlink():
             continue
         for ckpt in reversed(scan(slot, verify=False)):
-            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify) if verify else ckpt
+            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify, load_check) if verify else ckpt
             if ckpt.valid and ckpt.meta.get("run_id") == run and (best is None or ckpt.step > best[1].step):
                 best = (slot, ckpt)
                 break

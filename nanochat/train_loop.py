@@ -75,6 +75,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum, self.count, self.reported = 0, 0, False
+        self.decided = 0  # the signal the ranks last agreed on (any rank's), which decides every rank's exit
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
         # SIGUSR1: dump every thread's Python stack to stderr (the supervisor's hang diagnosis)
@@ -86,13 +87,19 @@ class StopFlag:
 
     def agreed(self, dist_info: DistInfo) -> int:
         """The signal any rank received (0 if none): every rank stops after the same step."""
-        signum = self.signum
+        return self.agreed_with(dist_info, 0)[0]
+
+    def agreed_with(self, dist_info: DistInfo, flag: int) -> tuple[int, int]:
+        """(the signal any rank received, the largest `flag` of any rank) in one collective: e.g. "my share of
+        the data ran out" agreed together with the stop."""
+        values = [self.signum, flag]
         if dist_info.is_distributed:
-            flag = torch.tensor([signum], device=dist_info.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            signum = int(flag.item())
+            t = torch.tensor(values, device=dist_info.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            values = [int(v) for v in t.tolist()]
+        self.decided = self.decided or values[0]
         self.report()
-        return signum
+        return values[0], values[1]
 
     def report(self) -> None:
         """Say what this rank received (once, and how many more while stopping), from the loop, not the handler."""
@@ -151,12 +158,12 @@ def save_due(
     return 0
 
 
-def stopped(stop: StopFlag, signum: int, step: int) -> int:
+def stopped(stop: StopFlag, signum: int, step: int, where: str = "; run again to resume") -> int:
     """Leave after the checkpoint on a signal was saved: report, tear down, and return the exit status 128+signal."""
     stop.report()  # a signal that arrived during the save
     if stop.count > 1:
         print(f"ignored {stop.count - 1} more signal(s) during the save: the first one decides", flush=True)
-    print0(f"stopped by {signal.Signals(signum).name} at step {step}; run again to resume")
+    print0(f"stopped by {signal.Signals(signum).name} at step {step}{where}")
     cleanup_distributed()
     # Saved; only exiting is left, and the exit code must say why. Python restores the default handlers during
     # shutdown, so torchrun's SIGTERM to the workers still running once one has exited would kill this one as -15

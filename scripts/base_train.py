@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +39,7 @@ from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers, lr_multiplier, muon_momentum
+from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag
 from nanochat.saver import Saver
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train_loop import (
@@ -61,7 +63,7 @@ class TrainConfig:
     seed: int = 0  # weights init and data order
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
     # model
-    depth: int = 20  # the model dial: width = depth x 64, rounded up to a multiple of head_dim
+    depth: int = DEFAULT_DEPTH  # the model dial: width = depth x 64, rounded up to a multiple of head_dim
     head_dim: int = 128  # channels per attention head
     max_seq_len: int = 2048  # context length in tokens
     # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
@@ -80,7 +82,7 @@ class TrainConfig:
     final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
     # evaluation and logging
     eval_every: int = 250  # -1 = only at the end
-    eval_tokens: int = 20 * 524288  # validation tokens per evaluation
+    eval_tokens: int = -1  # validation tokens per evaluation; -1 = auto (see eval_token_count)
     sample_every: int = 2000  # -1 = never
     log_every: int = 1  # print a step line every N steps
     # checkpoints (see nanochat/checkpoint.py)
@@ -108,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"--total_batch_size must be a positive token count or -1, got {self.total_batch_size}")
         if self.num_iterations == 0 or self.num_iterations < -1:
             raise ConfigError(f"--num_iterations must be >= 1 (or -1 to derive it), got {self.num_iterations}")
+        if self.eval_tokens == 0 or self.eval_tokens < -1:
+            raise ConfigError(f"--eval_tokens must be a positive token count or -1 (auto), got {self.eval_tokens}")
         if self.eval_every == 0 or self.sample_every == 0:
             raise ConfigError("--eval_every and --sample_every take a step count, or -1 to disable")
         if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
@@ -118,11 +122,7 @@ class TrainConfig:
             raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         if self.dist_timeout < 1:
             raise ConfigError(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        if "/" in self.model_tag or "\\" in self.model_tag or ".." in self.model_tag:
-            raise ConfigError(
-                f"--model_tag={self.model_tag!r} must be a plain name (no '/', '\\' or '..'): it names a folder"
-                " under base_checkpoints/; use --checkpoint_dir for another place"
-            )
+        checkpoint_tag(self.model_tag, self.depth)  # raises for a tag that is not a plain folder name
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
         try:
@@ -132,7 +132,21 @@ class TrainConfig:
 
     @property
     def tag(self) -> str:
-        return self.model_tag or f"d{self.depth}"
+        return checkpoint_tag(self.model_tag, self.depth)
+
+
+EVAL_TOKENS_CAP = 20 * 524288  # what one evaluation of a full-size run reads (nanochat's 10M tokens)
+
+
+def eval_token_count(eval_tokens: int, eval_every: int, num_iterations: int, total_batch: int) -> int:
+    """Validation tokens per evaluation. -1 (auto): all the run's evaluations together read at most a tenth of its
+    training tokens (a forward-only pass, so about 3% of the training compute), and one reads at most
+    EVAL_TOKENS_CAP. A short run evaluates briefly; a full-size one reads the full 10M. An evaluation also ends at
+    the end of the validation split, whatever is asked."""
+    if eval_tokens > 0:
+        return eval_tokens
+    evals = (num_iterations // eval_every + (num_iterations % eval_every > 0)) if eval_every > 0 else 1
+    return min(EVAL_TOKENS_CAP, num_iterations * total_batch // (10 * evals))
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -257,7 +271,9 @@ def main(argv: list[str]) -> int:
     t_optim = time.perf_counter()
     train_loader = DataLoader(tokenizer, B, T, "train", dist_info.rank, world, device, seed=cfg.seed)
     token_bytes = tokenizer.token_bytes().to(device)
-    eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
+    eval_tokens = eval_token_count(cfg.eval_tokens, cfg.eval_every, num_iterations, total_batch)
+    eval_steps = max(1, eval_tokens // tokens_per_micro)  # at least one micro-batch on every rank
+    print0(f"evaluation: {eval_steps * tokens_per_micro:,} validation tokens ({eval_steps} batches) per evaluation")
     peak = peak_flops(device)
 
     # ---- resume: weights, optimizer, schedule position, data position, RNG -------------------------------------
@@ -290,22 +306,18 @@ def main(argv: list[str]) -> int:
                 " weights, optimizer and schedule are exact; the data order continues approximately"
             )
     t_loaded = time.perf_counter()
-    if step >= num_iterations:
-        if not resume_from[1].final:  # the budget was lowered below where the run already is
-            raise CheckpointError(
-                f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations={num_iterations}"
-                " but is not a final one; raise --num_iterations to go on, or --resume=False to start fresh"
-            )
-        print0(f"nothing to do: the final checkpoint at step {step} already reaches num_iterations={num_iterations}")
-        cleanup_distributed()
-        return 0
+    if step >= num_iterations and not resume_from[1].final:  # the budget was lowered below where the run is
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations={num_iterations}"
+            " but is not a final one; raise --num_iterations to go on, or --resume=False to start fresh"
+        )
 
     wandb_run = setup_wandb(cfg, dist_info)
     started_at = time.time()
     heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations, device_batch_size=B,
-                          total_batch_size=total_batch, max_seq_len=T, world_size=world,
+                          total_batch_size=total_batch, max_seq_len=T, world_size=world, device=device.type,
                           dist_timeout=cfg.dist_timeout)  # fmt: skip
-    heartbeat(step=step, phase="starting")
+    heartbeat(step=step, phase="starting", checkpoint=step if resume_from else None)
 
     def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:
         heartbeat(step=step, phase="saving", reason=reason)
@@ -339,17 +351,57 @@ def main(argv: list[str]) -> int:
         else:
             print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
 
-    def run_eval(step: int) -> float:
-        heartbeat(step=step, phase="evaluating")
+    def run_eval(step: int) -> float | None:
+        """Validation bpb, or None if a stop signal arrived meanwhile (the ranks agree on it after every batch,
+        so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
+
+        def between(done: int, exhausted: bool) -> tuple[bool, bool]:
+            if fault and done:
+                fault.at_eval_batch(dist_info.rank)
+            heartbeat(step=step, phase="evaluating", eval_batch=done, eval_batches=eval_steps,
+                      checkpoint=saver.durable)  # fmt: skip
+            signum, ended = stop.agreed_with(dist_info, int(exhausted))
+            return bool(signum), bool(ended)
+
+        between(0, False)
         model.eval()
         loader = DataLoader(tokenizer, B, T, "val", dist_info.rank, world, device)
         with autocast:
-            bpb = evaluate_bpb(model, loader, eval_steps, token_bytes)
+            bpb = evaluate_bpb(model, loader, eval_steps, token_bytes, between)
         model.train()
+        if bpb is None:
+            print0(f"step {step:05d} | validation stopped by a signal")
+            return None
         print0(f"step {step:05d} | validation bpb {bpb:.4f}")
         if wandb_run:
             wandb_run.log({"step": step, "val/bpb": bpb})
         return bpb
+
+    def final_eval(step: int) -> bool:
+        """Evaluate the final checkpoint (already durable) and add its val bpb to the meta; False if stopped."""
+        nonlocal val_bpb, val_bpb_step
+        bpb = run_eval(step)
+        if bpb is None:
+            return False
+        val_bpb, val_bpb_step = bpb, step
+        if dist_info.master:
+            try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
+                checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+            except OSError as e:
+                warn0(f"could not add the final val bpb to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
+        return True
+
+    def finished(step: int) -> int:
+        heartbeat(step=step, phase="done", loss=smooth_loss / (1 - 0.9**step), val_bpb=val_bpb, checkpoint=step)
+        cleanup_distributed()
+        return 0
+
+    if step >= num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
+        if val_bpb_step == step:
+            print0(f"nothing to do: the final checkpoint at step {step} reaches num_iterations={num_iterations}")
+        elif not final_eval(step):
+            return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
+        return finished(step)
 
     def sample(step: int) -> None:
         if not dist_info.master:
@@ -364,7 +416,7 @@ def main(argv: list[str]) -> int:
     # ---- the training loop: `step` counts completed optimizer steps ---------------------------------------------
     # Order within a step: train, log, save, then eval and samples, so a crash in eval never costs the checkpoint
     # and a resumed run (which starts at the next step) does not repeat the eval of the step it resumed from.
-    first_step = step
+    first_step, smooth_tps, timed = step, 0.0, 0
     while step < num_iterations:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -402,9 +454,15 @@ def main(argv: list[str]) -> int:
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
         debiased = smooth_loss / (1 - 0.9**step)
         tok_per_s = total_batch / dt
-        heartbeat(step=step, loss=debiased, tok_per_s=tok_per_s, phase="training")
+        if step > first_step + 1:  # the smoothed rate leaves out the first step (compilation, warm-up)
+            timed += 1
+            smooth_tps = 0.9 * smooth_tps + 0.1 * tok_per_s
+        mfu_now = 100 * flops_per_token * tok_per_s / (peak * world) if peak else None
+        heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None,
+                  mfu=mfu_now, gpu_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                  checkpoint=saver.durable, phase="training")  # fmt: skip
         if step % cfg.log_every == 0 or step == num_iterations:
-            mfu = f" | mfu {100 * flops_per_token * tok_per_s / (peak * world):.1f}%" if peak else ""
+            mfu = f" | mfu {mfu_now:.1f}%" if peak else ""
             print0(
                 f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}"
                 f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
@@ -421,13 +479,17 @@ def main(argv: list[str]) -> int:
             return stopped(stop, signum, step)
         if last and dist_info.master:
             snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory
-        if last or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
-            val_bpb, val_bpb_step = run_eval(step), step
-            if last and dist_info.master:
-                try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
-                    checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
-                except OSError as e:
-                    warn0(f"could not add the final val bpb to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
+        if last:
+            if not final_eval(step):
+                return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
+        elif cfg.eval_every > 0 and step % cfg.eval_every == 0:
+            if (bpb := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
+                if cfg.save_every > 0 and step % cfg.save_every == 0:
+                    saver.finish()  # saved just before the evaluation (perhaps still in the background)
+                else:
+                    save(step, f"signal:{signal.Signals(stop.decided).name}")
+                return stopped(stop, stop.decided, step)
+            val_bpb, val_bpb_step = bpb, step
         if cfg.sample_every > 0 and (last or step % cfg.sample_every == 0):
             sample(step)
 
@@ -437,8 +499,7 @@ def main(argv: list[str]) -> int:
     print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
     if wandb_run:
         wandb_run.finish()
-    cleanup_distributed()
-    return 0
+    return finished(step)
 
 
 def cli() -> None:

@@ -106,6 +106,7 @@ class Agent:
         self.fresh = opts.fresh_start  # pass --resume=False until an attempt has shown a heartbeat
         self.attempt_no = 0
         self.view = View(max_attempts=opts.policy.max_restarts + 1)
+        self.steps_lost = 0  # steps trained by this invocation's attempts that no checkpoint kept
         self._proc_cache: dict = {}
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class Agent:
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.events.append("run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir),
                            run_id=self.run_id)  # fmt: skip
+        started = time.time()
         try:
             code = self._loop()
         finally:
@@ -140,7 +142,31 @@ class Agent:
                 signal.signal(s, h)
             lock.release()
         self.events.append("run_end", state=self.state.value, exit_code=code)
+        self._summary(time.time() - started)
         return code
+
+    def _summary(self, seconds: float) -> None:
+        """The run in a few lines: where it got, how, what it cost, and where everything is."""
+        try:
+            point = None if self.fresh else self._resume_point()
+        except (OSError, checkpoint.CheckpointError):
+            point = None
+        ckpt, v = point[1] if point else None, self.view
+        meta = (ckpt.meta or {}) if ckpt else {}
+        budget = self.opts.num_iterations or meta.get("num_iterations") or v.num_iterations
+        kinds = ", ".join(v.restarts) or "none"
+        parts = [f"step {ckpt.step}/{budget}" if ckpt else "no checkpoint"]
+        if v.loss is not None:
+            parts.append(f"train loss {v.loss:.4f}")
+        if meta.get("val_bpb") is not None:
+            parts.append(f"val bpb {meta['val_bpb']:.4f} (step {meta.get('val_bpb_step')})")
+        if v.tok_per_s:
+            parts.append(f"{v.tok_per_s:,.0f} tokens/s")
+        minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f}s"
+        self.display.event(f"summary: {self.state.value} in {minutes}: {', '.join(parts)}")
+        self.display.event(f"  attempts: {len(self.history)} ({kinds}); steps lost to failures: {self.steps_lost}")
+        self.display.event(f"  checkpoints: {self.opts.checkpoint_dir}")
+        self.display.event(f"  logs: {self.run_dir.path} (nanochat-run logs, nanochat-run status)")
 
     def _loop(self) -> int:
         while True:
@@ -164,6 +190,8 @@ class Agent:
             if decision.action is Action.GIVE_UP:  # STARTING/HEALTHY -> FAILED
                 self._set_state(RunState.FAILED, decision.reason)
                 self.display.event(f"diagnosis: {outcome.kind.value}: {outcome.message}; read {self._log_of(n)}")
+                for line in outcome.evidence.get("log_tail", []):
+                    self.display.event(f"  | {line}")
                 return EXIT_USAGE if outcome.kind is AttemptClass.REFUSED else EXIT_FAILED
             self.overrides.update(decision.trainer_overrides)
             if decision.trainer_overrides:
@@ -224,7 +252,7 @@ class Agent:
         progressed, budget = self._judge(a, after)
         outcome = classify(self._evidence(a, after, progressed, budget))
         self._record(a, outcome, after, progressed)
-        return outcome, AttemptSummary(outcome.kind, progressed, a.healthy)
+        return outcome, AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"))
 
     def _resume_point(self) -> tuple[Path, checkpoint.Checkpoint] | None:
         """The one answer to "the newest usable checkpoint": what the trainer will resume from."""
@@ -239,7 +267,7 @@ class Agent:
             self.display.event(problem)
         before = self._resume_point()
         start_step = before[1].step if before and not self.fresh else None
-        self.view.attempt, self.view.tries, self.view.last_checkpoint = n, len(self.history) + 1, start_step
+        self.view.new_attempt(n, len(self.history) + 1, start_step)
         spec = self.launch_spec(log_dir)
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
@@ -258,7 +286,9 @@ class Agent:
         self.events.append("attempt_start", attempt=n, attempt_id=attempt_id, pid=proc.pid, cmd=spec.command(),
                            start_step=start_step, fresh=self.fresh, overrides=dict(self.overrides),
                            log_dir=str(log_dir))  # fmt: skip
-        start = "starting fresh (--resume=False)" if self.fresh else f"resuming from step {start_step or 0}"
+        start = "starting fresh (--resume=False)" if self.fresh else f"resuming from step {start_step}"
+        if start_step is None and not self.fresh:
+            start = "no checkpoint yet: starting from step 0"
         self.display.event(f"attempt {n}: torchrun pid {proc.pid}, {start}")
         return a
 
@@ -298,8 +328,10 @@ class Agent:
             self._announce(a, a.notice[0])
 
     def _announce(self, a: Attempt, w: Worker) -> None:
-        """Say at once that a worker died (torchrun takes a moment to stop the rest), unless it was expected."""
-        if a.announced or self.signals or a.killed:
+        """Say at once that a worker died (torchrun takes a moment to stop the rest), unless it was expected: we
+        stopped or killed it, or the trainer said it was done (its workers exit one by one at the end)."""
+        self._read_heartbeat(a, time.monotonic())
+        if a.announced or self.signals or a.killed or a.heartbeat.get("phase") == "done":
             return
         a.announced, a.notice = True, None
         how = "" if w.exitcode is None else " " + _exit_text(w.exitcode)
@@ -319,13 +351,12 @@ class Agent:
         self.fresh = False  # the trainer has archived the old checkpoints (before its first heartbeat): resume now
         if hb.get("device_batch_size"):
             self.batch = Batch(hb.get("device_batch_size"), hb.get("total_batch_size"), hb.get("max_seq_len"),
-                               hb.get("world_size"))  # fmt: skip
-        if (hb.get("step"), hb.get("phase")) != (a.heartbeat.get("step"), a.heartbeat.get("phase")):
+                               hb.get("world_size"), hb.get("device"))  # fmt: skip
+        moved = ("step", "phase", "eval_batch")  # an evaluation's batches are progress too
+        if any(hb.get(k) != a.heartbeat.get(k) for k in moved):
             a.last_progress = now
         a.heartbeat = hb
-        v = self.view
-        v.step, v.num_iterations, v.loss, v.tok_per_s, v.phase = (
-            hb.get("step"), hb.get("num_iterations"), hb.get("loss"), hb.get("tok_per_s"), hb.get("phase"))  # fmt: skip
+        self.view.beat(hb)
         if hb.get("phase") in ("training", "saving") and not a.healthy:
             a.healthy = True
             if self.state is RunState.STARTING:
@@ -491,6 +522,7 @@ class Agent:
         end_step = after[1].step if after else None
         reached = a.heartbeat.get("step")
         lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
+        self.steps_lost += lost or 0
         self.events.append("attempt_end", attempt=a.n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
                            step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
                            healthy=a.healthy, duration=time.monotonic() - a.started, peak_rss=a.peak_rss,

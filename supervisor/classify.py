@@ -27,6 +27,7 @@ _RANK = re.compile(r"rank\s*:\s*(\d+)")
 _EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?")
 _FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?", re.S)
 _ERRFILE = re.compile(r"error_file\s*:\s*(\S+)")
+_WORKER_LINE = re.compile(r"^\[default\d+\]:", re.M)  # --tee prefixes every worker's output line with this
 _TRAINER_ERROR = re.compile(r"base_train: error: (.+)")
 _TIMEOUT_WORDS = ("watchdog caught collective operation timeout", "collective operation timeout", "timed out")
 
@@ -132,8 +133,11 @@ def classify(ev: Evidence) -> Outcome:
 
 def _classify(ev: Evidence) -> Outcome:
     code = ev.exitcode
-    if ev.budget_reached and (code == 0 or ev.stop_requested):
+    if ev.budget_reached and code == 0:
         return Outcome(AttemptClass.COMPLETED, "the step budget is reached", code)
+    if ev.budget_reached and ev.stop_requested:  # the stop cut the final evaluation short; a rerun evaluates
+        return Outcome(AttemptClass.STOPPED, "stopped on request after the final checkpoint, before its evaluation"
+                       " ended (run again to evaluate it)", code)  # fmt: skip
     if ev.stop_requested:
         how = "saved a checkpoint and exited" if ev.saved_on_stop else "exited without a new checkpoint"
         killed = f"; {ev.killed}" if ev.killed else ""
@@ -190,8 +194,18 @@ def _classify(ev: Evidence) -> Outcome:
         return Outcome(kind, "; ".join(filter(None, [error_line[:500], full])), evidence=evidence, **base)
     if full:  # a failure that left no error file, on a full filesystem: the error file could not be written
         return Outcome(AttemptClass.STORAGE, full, evidence=evidence, **base)
+    no_worker = not ev.workers and not _WORKER_LINE.search(_read_log(ev.attempt_log))
+    if no_worker and not torchrun_killed and (tail := log_tail(ev.attempt_log)):
+        # torchrun failed on its own (a rendezvous that cannot bind, a broken install): its log says why
+        return Outcome(AttemptClass.CRASH, f"torchrun exited with status {code} before starting any worker: {tail[-1]}",
+                       evidence={"log_tail": tail}, **base)  # fmt: skip
     status = f"exit status {worker_code}" if worker_code is not None else f"torchrun exit status {code}"
     return Outcome(AttemptClass.CRASH, f"the trainer failed ({status}) and left no error file", **base)
+
+
+def log_tail(attempt_log: Path, n: int = 10) -> list[str]:
+    """The last `n` non-blank lines of the attempt log."""
+    return [line for line in _read_log(attempt_log)[-20_000:].splitlines() if line.strip()][-n:]
 
 
 def _last_line(text: str) -> str:

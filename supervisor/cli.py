@@ -1,4 +1,4 @@
-"""`nanochat-run`: train (supervised), status, prune. Argument parsing and display only; the work is elsewhere.
+"""`nanochat-run`: train (supervised), status, logs, prune. Argument parsing only; the work is elsewhere.
 
 Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75 stopped by SIGTERM after saving
 (requeue the job), 130 stopped by Ctrl+C after saving.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,9 +19,10 @@ from typing import Annotated
 import typer
 
 from nanochat import checkpoint, snapshots
-from nanochat.common import get_base_dir
 from nanochat.config import ConfigError, HelpRequested, describe, parse_args
 from nanochat.locks import LockError, lock_holder
+from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, get_base_dir
+from supervisor import report, tail
 from supervisor.records import RunDir, read_events
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -68,10 +69,8 @@ def resolve_dirs(
         if starts:
             checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
     if checkpoint_dir is None:
-        from scripts.base_train import TrainConfig
-
         try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/
-            tag = TrainConfig(model_tag=model_tag or "", depth=depth or TrainConfig().depth).tag
+            tag = checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH)
         except ConfigError as e:
             raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
         checkpoint_dir = get_base_dir() / "base_checkpoints" / tag
@@ -85,6 +84,36 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def check_torch_sees_the_gpus() -> None:
+    """Refuse to train on the CPU of a GPU machine by accident: nvidia-smi lists GPUs but torch cannot use them
+    (the CPU build that `make install` puts in, or a driver older than torch's CUDA)."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+    import torch
+
+    if not gpus or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        raise UsageProblem(
+            f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} is a CPU build: run `make install-cuda`"
+            " (or pass `-- --device_type=cpu` to train on the CPU anyway)"
+        )
+    raise UsageProblem(
+        f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use"
+        " them (torch.cuda.is_available() is False: is the driver older than that CUDA?); fix the driver or the"
+        " build (`make install-cuda CUDA=cu126`), or pass `-- --device_type=cpu`"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # train
 
@@ -92,13 +121,20 @@ def gpu_count() -> int:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    depth: Annotated[int | None, typer.Option(help="Model depth (the trainer's --depth).")] = None,
+    depth: Annotated[int | None, typer.Option(help="Model depth (the trainer's --depth). Default: 20.")] = None,
     num_iterations: Annotated[
-        int | None, typer.Option(help="The step budget (the trainer's --num_iterations).")
+        int | None,
+        typer.Option(help="The step budget (the trainer's --num_iterations). Default: 20 tokens per parameter."),
     ] = None,
-    save_every: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
-    keep_last_n: Annotated[int | None, typer.Option(help="Keep the newest N checkpoints (-1 keeps all).")] = None,
-    device_batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch on each GPU.")] = None,
+    save_every: Annotated[
+        int | None, typer.Option(help="Save a checkpoint every N steps; 0 = only the final one. Default: 500.")
+    ] = None,
+    keep_last_n: Annotated[
+        int | None, typer.Option(help="Keep the newest N checkpoints; -1 keeps all. Default: 3.")
+    ] = None,
+    device_batch_size: Annotated[
+        int | None, typer.Option(help="Sequences per micro-batch on each GPU. Default: 32.")
+    ] = None,
     model_tag: Annotated[str | None, typer.Option(help="Checkpoint subfolder name (default d<depth>).")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
@@ -126,7 +162,9 @@ def train(
             " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
         ),
     ] = None,
-    oom_shrink: Annotated[bool, typer.Option(help="Halve the device batch after a CUDA OOM.")] = True,
+    oom_shrink: Annotated[
+        bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
+    ] = True,
     progress_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
@@ -135,6 +173,9 @@ def train(
     """Run the trainer under torchrun and keep it going until the step budget is reached.
 
     Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
+    Trainer defaults that matter: max_seq_len 2048, total_batch_size 524288 tokens, eval_every 250 steps,
+    eval_tokens auto (all evaluations together read at most a tenth of the training tokens, one at most 10M).
+    `nanochat-run train -- --help` lists every trainer setting with its default.
     """
     from supervisor.agent import Agent, TrainOptions
     from supervisor.display import Display, make_display
@@ -166,6 +207,8 @@ def train(
             print(h)
             raise typer.Exit(0) from None
         depth, model_tag = cfg.depth, cfg.model_tag or None
+        if cfg.device_type != "cpu":
+            check_torch_sees_the_gpus()
         if cfg.checkpoint_dir and checkpoint_dir is None:
             checkpoint_dir = Path(cfg.checkpoint_dir)
         dist_timeout, fresh = cfg.dist_timeout, not cfg.resume
@@ -228,65 +271,7 @@ def check_launch(script: str, nproc: int | None, nnodes: str, node_rank: int | N
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# status
-
-
-def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
-    ckpts = checkpoint.scan(ckpt_dir, verify=verify)
-    marker, marker_problem = checkpoint.read_latest_marker(ckpt_dir)
-    warnings: list[str] = []
-    point = checkpoint.find_resume_point(ckpt_dir, warn=warnings.append)  # what a resume would start from
-    newest = point[1] if point else None
-    budget = newest.meta.get("num_iterations") if newest else None
-    events = read_events(RunDir(run_path))
-    attempts = [
-        {"attempt": e["attempt"], "class": e["class"], "message": e["outcome"]["message"],
-         "checkpoint_step": e.get("checkpoint_step"), "steps_lost": e.get("steps_lost")}
-        for e in events if e.get("event") == "attempt_end"
-    ]  # fmt: skip
-    holder = lock_holder(ckpt_dir)
-    return {
-        "checkpoint_dir": str(ckpt_dir),
-        "run_dir": str(run_path),
-        "checkpoints": [
-            {
-                "step": c.step,
-                "saved_at": (c.meta or {}).get("saved_at"),
-                "val_bpb": (c.meta or {}).get("val_bpb"),
-                "size": c.size,
-                "valid": c.valid,
-                "final": c.final,
-                "problem": c.problem,
-                "stop_reason": (c.meta or {}).get("stop_reason"),
-            }
-            for c in ckpts
-        ],  # fmt: skip
-        "latest_marker": marker,
-        "latest_marker_problem": marker_problem,
-        "newest_valid_step": newest.step if newest else None,
-        "resume_from": str(point[0]) if point else None,
-        "resume_warnings": warnings,
-        "num_iterations": budget,
-        "complete": bool(newest and newest.final and budget is not None and newest.step >= budget),
-        "attempts": attempts,
-        "snapshots": [
-            {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
-            for slot in snapshots.slots(ckpt_dir)
-            for c in checkpoint.scan(slot)
-        ],
-        "supervisor": holder,
-        "waiting": waiting(events) if holder else None,
-        "disk_free": shutil.disk_usage(ckpt_dir).free,
-    }
-
-
-def waiting(events: list[dict]) -> dict | None:
-    """What a live supervisor in backoff waits for, from its last decision: {seconds left, attempt, reason}."""
-    last = events[-1] if events else {}
-    if last.get("event") != "decision" or last.get("action") != "restart":
-        return None
-    left = max(0.0, last.get("time", 0) + (last.get("delay") or 0) - time.time())
-    return {"seconds": round(left, 1), "attempt": last.get("next_attempt"), "reason": last.get("reason", "")}
+# status and logs
 
 
 @app.command()
@@ -295,55 +280,99 @@ def status(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
     depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
     model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
-    verify: Annotated[bool, typer.Option(help="Verify checksums too (reads every file).")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON for scripts (one line per refresh with --watch).")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Verify every checkpoint fully: checksums and a safe load (slower: imports torch).")
+    ] = False,
+    watch: Annotated[
+        bool, typer.Option(help="Refresh until the run ends, then print the final status (Ctrl+C stops watching).")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
 ) -> None:
-    """Show checkpoints, progress to the budget, attempt history and whether a supervisor is running."""
+    """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run."""
+    if interval <= 0:
+        raise UsageProblem(f"--interval must be > 0 seconds, got {interval:g}")
     ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
     if not ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
-    info = gather_status(ckpt_dir, run_path, verify)
-    if json_out:
-        print(json.dumps(info, indent=1, default=str))
+    if not watch:
+        print_status(report.gather_status(ckpt_dir, run_path, verify), json_out)
         return
-    print_status(info)
+    try:
+        watch_status(ckpt_dir, run_path, verify, interval, json_out)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
-def print_status(info: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title=f"checkpoints in {info['checkpoint_dir']}")
-    for col in ("step", "saved", "val bpb", "size", "status"):
-        table.add_column(col)
-    for c in info["checkpoints"]:
-        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["saved_at"])) if c["saved_at"] else "-"
-        bpb = f"{c['val_bpb']:.4f}" if c["val_bpb"] is not None else "-"
-        state = ("valid" + (" (final)" if c["final"] else "")) if c["valid"] else f"INVALID: {c['problem']}"
-        table.add_row(str(c["step"]), saved, bpb, f"{c['size'] / 1e6:.1f} MB", state)
-    console.print(table)
-    marker = info["latest_marker"] if info["latest_marker"] is not None else info["latest_marker_problem"]
-    console.print(f"latest_step.txt: {marker}")
-    step, budget = info["newest_valid_step"], info["num_iterations"]
-    if step is None:
-        console.print("progress: no valid checkpoint yet")
+def print_status(info: dict, json_out: bool, indent: int | None = 1) -> None:
+    if json_out:
+        print(json.dumps(info, indent=indent, default=str), flush=True)
     else:
-        done = " (complete)" if info["complete"] else ""
-        console.print(f"progress: step {step} of {budget} ({100 * step / max(budget or 1, 1):.1f}%){done}")
-    for a in info["attempts"]:
-        console.print(f"attempt {a['attempt']}: {a['class']}: {a['message']} (checkpoint {a['checkpoint_step']})")
-    for snap in info["snapshots"]:
-        state = "valid" if snap["valid"] else f"INVALID: {snap['problem']}"
-        console.print(f"in-memory snapshot: step {snap['step']} in {snap['slot']} ({state})")
-    for warning in info["resume_warnings"]:
-        console.print(f"warning: {warning}")
-    sup, wait = info["supervisor"], info["waiting"]
-    line = f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
-    if wait:
-        line += f", waiting {wait['seconds']:.0f}s before attempt {wait['attempt']}: {wait['reason']}"
-    console.print(line)
-    console.print(f"disk free: {info['disk_free'] / 1e9:.1f} GB")
+        report.console().print(report.render(info))
+
+
+def watch_status(ckpt_dir: Path, run_path: Path, verify: bool, interval: float, json_out: bool) -> None:
+    """Refresh until the run is over (no supervisor or trainer lock, no fresh heartbeat), then print the final
+    status once. A live panel on a terminal; off one, a block (or a JSON line) per refresh, for logs and scripts."""
+    live = None
+    if sys.stdout.isatty() and not json_out:
+        from rich.live import Live
+
+        live = Live(console=report.console(), auto_refresh=False, transient=True)
+        live.start()
+    try:
+        while (info := report.gather_status(ckpt_dir, run_path, verify))["active"]:
+            if live:
+                live.update(report.render(info), refresh=True)
+            else:
+                print_status(info, json_out, indent=None)
+                if not json_out:
+                    print(flush=True)  # a blank line between blocks
+            time.sleep(interval)
+    finally:
+        if live:
+            live.stop()
+    print_status(info, json_out, indent=None if json_out else 1)
+
+
+@app.command()
+def logs(
+    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir (its run dir is beside it).")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    attempt: Annotated[int | None, typer.Option(help="The attempt's number (default: the newest).")] = None,
+    rank: Annotated[
+        int | None, typer.Option(help="A worker's own stdout and stderr, by local rank, instead of torchrun's log.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the run's supervisor is gone (Ctrl+C stops).")
+    ] = False,
+) -> None:
+    """Print an attempt's log: torchrun's output (every rank's lines), or one rank's stdout and stderr."""
+    if rank is not None and rank < 0:
+        raise UsageProblem(f"--rank must be >= 0, got {rank}")
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    if not run_path.is_dir():
+        raise UsageProblem(f"no run dir at {run_path}: pass --run-dir, or the --checkpoint-dir of a supervised run")
+    run = RunDir(run_path)
+    try:
+        n, found = tail.pick(run, attempt, rank)
+    except tail.NotFound as e:
+        raise UsageProblem(str(e)) from None
+    try:
+        if follow:
+            alive = lambda: lock_holder(ckpt_dir) is not None  # noqa: E731
+            tail.follow(run, n, found, rank, newest=attempt is None, alive=alive)
+        else:
+            tail.show(found)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except BrokenPipeError:  # `nanochat-run logs | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        raise typer.Exit(0) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

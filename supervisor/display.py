@@ -21,15 +21,42 @@ class View:
     attempt: int = 0  # the attempt's number in the run dir (it counts on across invocations)
     tries: int = 0  # attempts made by this invocation so far
     state: str = "starting"
-    phase: str | None = None
+    phase: str | None = None  # the trainer's: starting, training, saving, evaluating, done
     step: int | None = None
     num_iterations: int | None = None
     loss: float | None = None
-    tok_per_s: float | None = None
-    last_checkpoint: int | None = None
+    tok_per_s: float | None = None  # smoothed by the trainer
+    last_checkpoint: int | None = None  # the newest durable checkpoint
+    eval_batch: int | None = None  # evaluation progress, while evaluating
+    eval_batches: int | None = None
+    mfu: float | None = None  # percent, on GPUs the trainer knows the peak of
+    gpu_mem: int | None = None  # peak bytes allocated on the GPU
     rss: int = 0
     cpu: float = 0.0
     restarts: list[str] = field(default_factory=list)  # the class of each finished attempt
+
+    def new_attempt(self, n: int, tries: int, start_step: int | None) -> None:
+        """A new attempt: nothing of the previous one's is shown; the step is where it resumes from."""
+        self.attempt, self.tries, self.phase = n, tries, "starting"
+        self.step = self.last_checkpoint = start_step
+        self.loss = self.tok_per_s = self.eval_batch = self.eval_batches = self.mfu = self.gpu_mem = None
+
+    def beat(self, hb: dict) -> None:
+        """Take what the trainer's heartbeat says; fields it leaves out keep their value (the loss while saving)."""
+        self.phase = hb.get("phase", self.phase)
+        for key in ("step", "num_iterations", "loss", "tok_per_s", "mfu", "gpu_mem"):
+            if hb.get(key) is not None:
+                setattr(self, key, hb[key])
+        if hb.get("checkpoint") is not None:
+            self.last_checkpoint = hb["checkpoint"]
+        self.eval_batch, self.eval_batches = hb.get("eval_batch"), hb.get("eval_batches")
+
+    @property
+    def doing(self) -> str:
+        """The trainer's phase in words, e.g. "evaluating 12/40 batches"."""
+        if self.phase == "evaluating" and self.eval_batches:
+            return f"evaluating {self.eval_batch or 0}/{self.eval_batches} batches"
+        return self.phase or ""
 
 
 class Display:
@@ -58,7 +85,9 @@ class Display:
             return
         self._next = time.monotonic() + self.every
         loss = f" loss {view.loss:.4f}" if view.loss is not None else ""
-        self.event(f"attempt {view.attempt}: step {view.step}/{view.num_iterations}{loss}, {view.phase or ''}")
+        tps = f", {view.tok_per_s:,.0f} tok/s" if view.tok_per_s else ""
+        total = f"/{view.num_iterations}" if view.num_iterations else ""
+        self.event(f"attempt {view.attempt}: step {view.step}{total}{loss}{tps}, {view.doing or view.state}")
 
     def close(self) -> None:
         pass
@@ -85,16 +114,17 @@ class LiveDisplay(Display):
         if view.step is not None:
             self.progress.update(self.task, completed=view.step, total=view.num_iterations)
         table = Table.grid(padding=(0, 2))
-        table.add_row(
-            "attempt",
-            f"{view.attempt} ({view.tries} of {view.max_attempts} here)",
-            "state",
-            f"{view.state} ({view.phase})",
-        )
+        state = f"{view.state}, {view.doing}" if view.doing and view.doing != view.state else view.state
+        table.add_row("attempt", f"{view.attempt} ({view.tries} of {view.max_attempts} here)", "state", state)
         loss = f"{view.loss:.4f}" if view.loss is not None else "-"
         tps = f"{view.tok_per_s:,.0f}" if view.tok_per_s else "-"
         table.add_row("loss", loss, "tokens/s", tps)
-        table.add_row("checkpoint", str(view.last_checkpoint or "-"), "memory", f"{view.rss / 2**30:.2f} GiB")
+        ckpt = f"step {view.last_checkpoint}" if view.last_checkpoint is not None else "none yet"
+        table.add_row("checkpoint", ckpt, "memory", f"{view.rss / 2**30:.2f} GiB")
+        if view.mfu is not None or view.gpu_mem is not None:
+            mfu = f"{view.mfu:.1f}%" if view.mfu is not None else "-"
+            gpu = f"{view.gpu_mem / 2**30:.1f} GiB" if view.gpu_mem is not None else "-"
+            table.add_row("mfu", mfu, "gpu memory", gpu)
         table.add_row("restarts", ", ".join(view.restarts) or "none", "cpu", f"{view.cpu:.0f}%")
         self._best_effort(self.live.update, Group(self.progress, table))
 

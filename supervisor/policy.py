@@ -13,7 +13,7 @@ class Policy:
     max_no_progress: int = 3  # consecutive attempts without a new checkpoint before we call it a crash loop
     backoff: float = 5.0  # seconds before the first restart; doubles with each attempt that never got to training
     backoff_cap: float = 300.0
-    oom_shrink: bool = True  # on cuda_oom, shrink the device batch (gradient accumulation keeps the total)
+    oom_shrink: bool = True  # on an OOM of the device's memory, shrink the device batch (accumulation keeps the total)
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class AttemptSummary:
     kind: AttemptClass
     progressed: bool  # a newer usable checkpoint exists than when the attempt started
     healthy: bool = False  # the attempt reached training (a heartbeat with phase training or saving)
+    device_batch_size: int | None = None  # what the attempt ran with, from its heartbeat
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Batch:
     total_batch_size: int | None = None  # tokens per optimizer step
     max_seq_len: int | None = None
     world_size: int | None = None
+    device: str | None = None  # "cuda" or "cpu": on the CPU, the host's memory is the device's
 
 
 def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batch: Batch = Batch()) -> Decision:
@@ -43,24 +45,36 @@ def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batc
         return Decision(Action.STOP, "stopped on request")
     if outcome.kind is AttemptClass.REFUSED:
         return Decision(Action.GIVE_UP, f"the trainer refused to run, and a restart cannot fix that: {outcome.message}")
+    # A CUDA OOM, or a host OOM of a trainer on the CPU (where activations live in host memory): the same cure
+    cpu_oom = outcome.kind is AttemptClass.HOST_OOM and batch.device == "cpu"
+    device_oom = (outcome.kind is AttemptClass.CUDA_OOM or cpu_oom) and policy.oom_shrink
     restarts = len(history) - 1
     if restarts >= policy.max_restarts:
-        return Decision(Action.GIVE_UP, f"--max-restarts={policy.max_restarts} used up; last: {outcome.message}")
-    no_progress = _streak(history, lambda a: a.progressed)
-    if no_progress >= policy.max_no_progress:
+        advice = "; the model may not fit: use a smaller --depth or --max_seq_len" if device_oom else ""
+        return Decision(
+            Action.GIVE_UP, f"--max-restarts={policy.max_restarts} used up; last: {outcome.message}{advice}"
+        )
+    overrides: dict[str, str] = {}
+    if device_oom:  # each attempt runs a smaller batch than the last: not a loop, and bounded by the batch
+        if cpu_oom and batch.device_batch_size == 1:
+            # host memory is shared with everything else on the machine: one more try at batch 1, then advice
+            at_one = sum(a.kind is AttemptClass.HOST_OOM and a.device_batch_size == 1 for a in history)
+            if at_one >= 2:
+                return Decision(Action.GIVE_UP, f"out of host memory {at_one} times at device_batch_size=1 on the"
+                                " CPU: the model does not fit; use a smaller --depth or --max_seq_len")  # fmt: skip
+        else:
+            smaller, why_not = smaller_batch(batch)
+            if smaller is None:
+                return Decision(Action.GIVE_UP, why_not)
+            overrides["device_batch_size"] = str(smaller)
+            if batch.total_batch_size:  # pin the total so only the accumulation changes, never the training itself
+                overrides["total_batch_size"] = str(batch.total_batch_size)
+    elif (no_progress := _streak(history, lambda a: a.progressed)) >= policy.max_no_progress:
         return Decision(
             Action.GIVE_UP,
             f"crash loop: {no_progress} attempts in a row ended without a new checkpoint"
             f" (--max-no-progress={policy.max_no_progress}); last: {outcome.kind.value}: {outcome.message}",
         )
-    overrides: dict[str, str] = {}
-    if outcome.kind is AttemptClass.CUDA_OOM and policy.oom_shrink:
-        smaller, why_not = smaller_batch(batch)
-        if smaller is None:
-            return Decision(Action.GIVE_UP, why_not)
-        overrides["device_batch_size"] = str(smaller)
-        if batch.total_batch_size:  # pin the total so only the accumulation changes, never the training itself
-            overrides["total_batch_size"] = str(batch.total_batch_size)
     # The backoff protects against fast failure loops (a broken node, a full disk): an attempt that got as far as
     # training resets it even if it saved nothing, while the crash-loop guard above still counts it.
     failing = _streak(history, lambda a: a.progressed or a.healthy)
@@ -79,23 +93,24 @@ def _streak(history: list[AttemptSummary], resets) -> int:
 
 
 def smaller_batch(batch: Batch) -> tuple[int | None, str]:
-    """(the device batch for the next attempt, or None and why not) after a CUDA OOM.
+    """(the device batch for the next attempt, or None and why not) after a CUDA OOM (or a host OOM on the CPU).
 
     The largest size <= half the current one that divides the rows each rank contributes per optimizer step
     (total_batch_size / (max_seq_len * world_size)): the trainer refuses any other, since gradient accumulation
     must come out whole. With rows=5 and a batch of 5, half is 2, which does not divide 5: the answer is 1.
     """
     size = batch.device_batch_size
+    oom = "out of host memory on the CPU" if batch.device == "cpu" else "CUDA out of memory"
     if size is None:
-        return None, "CUDA out of memory, and the device batch size is unknown (no heartbeat from the trainer)"
+        return None, f"{oom}, and the device batch size is unknown (no heartbeat from the trainer)"
     if size // 2 < 1:
-        return None, f"CUDA out of memory at device_batch_size={size}: use a smaller --depth or --max_seq_len"
+        return None, f"{oom} at device_batch_size={size}: use a smaller --depth or --max_seq_len"
     if not (batch.total_batch_size and batch.max_seq_len and batch.world_size):
         return size // 2, ""  # geometry unknown (an older trainer): halve, the trainer checks the rest
     rows, rest = divmod(batch.total_batch_size, batch.max_seq_len * batch.world_size)
     if rest or rows < 1:
         return None, (
-            f"CUDA out of memory, and total_batch_size={batch.total_batch_size} is not a multiple of max_seq_len x"
+            f"{oom}, and total_batch_size={batch.total_batch_size} is not a multiple of max_seq_len x"
             f" world_size = {batch.max_seq_len * batch.world_size}: set --device_batch_size yourself"
         )
     return next(d for d in range(size // 2, 0, -1) if rows % d == 0), ""

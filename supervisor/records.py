@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+TORCHRUN_LOG = "torchrun.log"  # torchrun's own output in an attempt's log dir, every rank's lines tee'd into it
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,18 @@ class RunDir:
 
     def attempt(self, n: int) -> Path:
         return self.path / f"attempt-{n:03d}"
+
+    def attempt_dirs(self, events: list[dict] | None = None) -> dict[int, Path]:
+        """Every attempt's log dir by number, oldest first: the attempt-NNN folders, or where the attempt's
+        `attempt_start` event says it logged (a temp dir, when the run dir could not take it)."""
+        found = {}
+        for p in self.path.glob("attempt-*") if self.path.is_dir() else []:
+            if (m := re.fullmatch(r"attempt-(\d{3,})", p.name)) and p.is_dir():
+                found[int(m.group(1))] = p
+        for e in read_events(self) if events is None else events:
+            if e.get("event") == "attempt_start" and isinstance(e.get("attempt"), int) and e.get("log_dir"):
+                found[e["attempt"]] = Path(e["log_dir"])
+        return dict(sorted(found.items()))
 
     def next_attempt(self) -> int:
         """One past the highest attempt number in the event log or on disk."""
@@ -105,3 +120,16 @@ def read_heartbeat(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def rank_logs(log_dir: Path) -> dict[int, dict[str, Path]]:
+    """{local rank: {"stdout": path, "stderr": path}} of one attempt, for the files that exist. torchrun's
+    `--log-dir=<attempt dir> --redirects=3` writes them to <log dir>/<rdzv run id>_<random>/attempt_<k>/<local rank>/
+    (k counts torchrun's own restarts; we run it with --max-restarts=0, but the newest wins if there are more)."""
+    found: dict[int, dict[str, Path]] = {}
+    rank_dirs = [p for p in log_dir.glob("*/attempt_*/*") if p.name.isdigit() and p.is_dir()]
+    for d in sorted(rank_dirs, key=lambda p: (p.stat().st_mtime, p.parent.name)):
+        files = {kind: d / f"{kind}.log" for kind in ("stdout", "stderr") if (d / f"{kind}.log").exists()}
+        if files:
+            found[int(d.name)] = files
+    return dict(sorted(found.items()))

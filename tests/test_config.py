@@ -109,3 +109,17 @@ def test_help_lists_every_setting_with_its_default_and_meaning(tmp_path):
     assert "--keep_last_n_checkpoints=3" in proc.stdout and "the final checkpoint is never pruned" in proc.stdout
     assert "\ncheckpoints (see nanochat/checkpoint.py)\n" in proc.stdout  # the groups of the dataclass
     assert not (tmp_path / "base_checkpoints").exists()  # nothing started
+
+
+def test_auto_eval_tokens_are_proportionate_to_the_run():
+    from scripts.base_train import EVAL_TOKENS_CAP, eval_token_count
+
+    # a tiny CPU run (100 steps of 1024 tokens, one final evaluation): a tenth of its 102,400 training tokens
+    assert eval_token_count(-1, -1, 100, 1024) == 10_240
+    # the same tokens spread over 4 evaluations (every 25 steps): a tenth in all
+    assert eval_token_count(-1, 25, 100, 1024) == 2_560
+    # every 30 steps: at 30, 60, 90 and the final one at 100, 4 evaluations
+    assert eval_token_count(-1, 30, 100, 1024) == 100 * 1024 // 40
+    # a full-size run: capped at what nanochat reads (20 x 524288 tokens)
+    assert eval_token_count(-1, 250, 21_400, 524_288) == EVAL_TOKENS_CAP == 20 * 524_288
+    assert eval_token_count(4096, 250, 100, 1024) == 4096  # asked for: as asked

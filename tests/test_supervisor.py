@@ -7,6 +7,7 @@ test_supervisor_chaos.py.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from nanochat.locks import LOCKS, DirLock, LockError, lock_holder
-from supervisor import cli
+from supervisor import cli, report
 from supervisor.agent import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -171,6 +172,27 @@ def test_cuda_oom_at_batch_one_or_unknown_batch_gives_up_with_advice():
     assert d.action is Action.GIVE_UP and "--device_batch_size" in d.reason
 
 
+def test_a_host_oom_of_a_cpu_trainer_shrinks_the_batch_down_to_1_then_stops_with_advice():
+    """On the CPU the batch's activations live in host memory: a host OOM is cured like a CUDA OOM, without the
+    crash-loop guard (every attempt runs a smaller batch), and two OOMs at batch 1 end it with advice."""
+    cpu = Batch(32, 32 * 2048, 2048, 1, "cpu")
+    oom = [AttemptSummary(C.HOST_OOM, False, False, 32)]
+    for size, expected in ((32, "16"), (16, "8"), (8, "4"), (4, "2"), (2, "1")):
+        d = decide(outcome(C.HOST_OOM), oom, Policy(max_restarts=10), Batch(size, 32 * 2048, 2048, 1, "cpu"))
+        assert d.action is Action.RESTART and d.trainer_overrides["device_batch_size"] == expected
+        oom = [*oom, AttemptSummary(C.HOST_OOM, False, False, size // 2)]
+    at_one = Batch(1, 32 * 2048, 2048, 1, "cpu")
+    first = [AttemptSummary(C.HOST_OOM, False, False, 1)]
+    d = decide(outcome(C.HOST_OOM), first, Policy(), at_one)
+    assert d.action is Action.RESTART and d.trainer_overrides == {}  # once more: the host's memory is shared
+    d = decide(outcome(C.HOST_OOM), first * 2, Policy(), at_one)
+    assert d.action is Action.GIVE_UP and "2 times at device_batch_size=1" in d.reason and "--depth" in d.reason
+    d = decide(outcome(C.HOST_OOM), oom[:3], Policy(max_restarts=2), cpu)
+    assert d.action is Action.GIVE_UP and "smaller --depth" in d.reason  # out of restarts: the advice still
+    d = decide(outcome(C.HOST_OOM), history(False, False, False), Policy(), Batch(32, 32 * 2048, 2048, 1, "cuda"))
+    assert d.action is Action.GIVE_UP and "crash loop" in d.reason  # a GPU trainer's host OOM: not the batch
+
+
 def test_no_oom_shrink_restarts_unchanged():
     policy = Policy(oom_shrink=False)
     d = decide(outcome(C.CUDA_OOM), history(True), policy, Batch(8, 512))
@@ -205,6 +227,31 @@ def test_the_display_survives_an_output_on_a_full_disk():
     assert proc.stderr.splitlines() == [
         "nanochat-run: cannot write to the output (No space left on device); going on without it", "went on"
     ]  # fmt: skip
+
+
+def test_the_view_shows_each_attempt_from_its_resume_step_and_the_phase_in_words(capsys):
+    """After a restart nothing of the previous attempt is shown (its step, loss, rate); the resume step is; the
+    checkpoint field follows the trainer's durable saves; an evaluation shows its batches."""
+    from rich.console import Console
+
+    from supervisor.display import LiveDisplay, View
+
+    v = View(max_attempts=6)
+    v.beat(
+        {"step": 120, "num_iterations": 200, "phase": "training", "loss": 3.2, "tok_per_s": 5000.0, "checkpoint": 100}
+    )
+    v.new_attempt(2, 2, start_step=100)
+    assert (v.step, v.last_checkpoint, v.loss, v.tok_per_s, v.phase) == (100, 100, None, None, "starting")
+    v.beat({"step": 130, "phase": "evaluating", "eval_batch": 3, "eval_batches": 40, "checkpoint": 130})
+    assert v.doing == "evaluating 3/40 batches" and v.last_checkpoint == 130 and v.num_iterations == 200
+    v.beat({"step": 131, "phase": "training", "loss": 3.0})
+    assert v.doing == "training" and v.eval_batch is None and v.last_checkpoint == 130
+    screen = io.StringIO()
+    live = LiveDisplay(Console(file=screen, width=120))
+    v.state, v.phase = "starting", None
+    live.update(v)
+    live.close()  # off a terminal, rich prints the last panel once
+    assert "starting" in screen.getvalue() and "None" not in screen.getvalue(), screen.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -623,13 +670,13 @@ def test_a_save_is_not_a_hang_before_the_grace_period(tmp_path):
 def test_status_says_why_a_live_supervisor_waits(tmp_path):
     run = RunDir(tmp_path / "run")
     append_event(run, "attempt_end", attempt=3)
-    assert cli.waiting(read_events(run)) is None
+    assert report.waiting(read_events(run)) is None
     append_event(run, "decision", attempt=3, action="restart", reason="crash: restarting with resume", delay=40.0,
                  next_attempt=4)  # fmt: skip
-    wait = cli.waiting(read_events(run))
+    wait = report.waiting(read_events(run))
     assert wait["attempt"] == 4 and 35 < wait["seconds"] <= 40 and wait["reason"] == "crash: restarting with resume"
     append_event(run, "attempt_start", attempt=4)
-    assert cli.waiting(read_events(run)) is None  # it is no longer waiting
+    assert report.waiting(read_events(run)) is None  # it is no longer waiting
 
 
 def test_cli_status_prints_the_backoff_of_a_live_supervisor(monkeypatch, capsys, tmp_path):
@@ -668,3 +715,42 @@ def test_cli_prune_snapshots_removes_only_what_no_run_needs(monkeypatch, capsys,
     assert "removed 2 snapshot folders" in out and not orphan.exists() and not debris.exists()
     code, out, err = run_cli(monkeypatch, capsys, "prune", "--snapshots")
     assert code == 0 and "no stale in-memory snapshots" in out
+
+
+def test_cli_train_refuses_the_cpu_when_nvidia_smi_sees_gpus_torch_cannot_use(monkeypatch, capsys, tmp_path):
+    """The CPU build of torch on a GPU machine (`make install` first, the GPU later) must not quietly train one CPU
+    worker: one line naming `make install-cuda`. An explicit --device_type=cpu is the user's choice."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch can use a GPU here: there is nothing to refuse")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # a stand-in: what the real one prints with -L on an 8-GPU node
+    smi.write_text(
+        '#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done\n'
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    d = str(tmp_path / "ckpt")
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--checkpoint-dir", d, "--dry-run")
+    assert_usage_error(code, err, "nvidia-smi lists 8 GPU(s) but torch", "make install-cuda", "--device_type=cpu")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "train", "--checkpoint-dir", d, "--dry-run", "--", "--device_type=cpu"
+    )
+    assert code == 0 and "torch.distributed.run" in out, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_train_help_shows_the_trainer_defaults_that_matter(monkeypatch, capsys):
+    from scripts.base_train import TrainConfig
+
+    code, out, err = run_cli(monkeypatch, capsys, "train", "--help")
+    assert code == 0, err
+    text = " ".join(out.split())  # the help is wrapped to the terminal's width
+    d = TrainConfig()
+    shown = [f"Default: {v}." for v in (d.depth, d.save_every, d.keep_last_n_checkpoints, d.device_batch_size)]
+    shown += [f"max_seq_len {d.max_seq_len}", f"eval_every {d.eval_every} steps", "eval_tokens auto"]
+    for needle in shown:
+        assert needle in text, needle
+    assert d.eval_tokens == -1

@@ -277,8 +277,11 @@ def test_stop_requested_is_stopped_whatever_the_exit(att):
 
 def test_budget_reached_is_completed(att):
     assert classify(att.evidence(0, budget_reached=True)).kind is C.COMPLETED
-    # Ctrl+C arriving after the final save: the run is still done
-    assert classify(att.evidence(1, budget_reached=True, stop_requested=True)).kind is C.COMPLETED
+    # Ctrl+C after the final save, and the trainer still finished its evaluation: the run is done
+    assert classify(att.evidence(0, budget_reached=True, stop_requested=True)).kind is C.COMPLETED
+    # ... and when the stop cut the final evaluation short (the trainer exits 130): stopped, a rerun evaluates
+    out = classify(att.evidence(130, budget_reached=True, stop_requested=True))
+    assert out.kind is C.STOPPED and "before its evaluation ended" in out.message
     out = classify(att.evidence(0, budget_reached=False))
     assert out.kind is C.CRASH and "before the step budget" in out.message
 
@@ -340,3 +343,17 @@ def test_classify_never_raises_on_garbage_logs(tmp_path):
     # wrong types altogether still come back as an Outcome
     out = classify(Evidence(exitcode="?", attempt_log=None, log_dir=None))  # type: ignore[arg-type]
     assert out.kind is C.CRASH and "unclassifiable" in out.message
+
+
+def test_torchrun_failing_before_any_worker_is_diagnosed_from_its_log(att):
+    att.log.write_text(
+        "W1130 torch/distributed/run.py] starting\n\n"
+        "torch.distributed.DistNetworkError: The server socket has failed to listen on any local network address."
+        " port: 29400, useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use\n"
+    )
+    out = classify(att.evidence(1, workers=[]))
+    assert out.kind is C.CRASH and "before starting any worker" in out.message and "EADDRINUSE" in out.message
+    assert len(out.evidence["log_tail"]) == 2  # blank lines left out
+    # a worker ran: its silence is the trainer's, not torchrun's
+    out = classify(att.evidence(1, workers=[{"pid": 5, "rank": 0, "exitcode": None, "ended": None}]))
+    assert "left no error file" in out.message

@@ -81,6 +81,12 @@ def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Ru
     out = run.output
     assert "attempt 1 ended: crash: RuntimeError: debug_fault: injected crash at step 12" in out
     assert "healthy -> succeeded" in out
+    # the end-of-run summary, and no failure wording about the workers that end one by one on success
+    assert re.search(
+        r"summary: succeeded in [\d.]+ ?(?:s|min): step 30/30, train loss \d\.\d{4}, val bpb \d\.\d{4} \(step 30\)", out
+    )
+    assert "attempts: 2 (crash, completed); steps lost to failures: 2" in out
+    assert out.count("torchrun is stopping the others") <= 1  # the crash's, never the success's
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,6 +219,7 @@ def test_host_oom_in_a_memory_cgroup(supervise, memory_cgroup: Path):
     # the worker's own memory cgroup is the best evidence, and the one named
     assert "OOM killer" in oom["message"] and oom["evidence"] == {"source": "cgroup", "oom_kills": 1}
     assert "debug_fault: memhog at step 3" in run.attempt_log(1)
+    assert run.events("decision")[0]["overrides"]["device_batch_size"] == "1"  # on the CPU: as for a CUDA OOM
     assert newest(run.ckpt).final
 
 
@@ -323,8 +330,10 @@ def test_status_and_prune(crashed_run: Run, supervise, env, tmp_path: Path):
 
     table = cli(env, "status", "--checkpoint-dir", str(ckpt))
     assert table.returncode == 0, table.stderr
-    for text in ("valid (final)", "step 30 of 30 (100.0%) (complete)", "latest_step.txt: 30",
-                 "attempt 1: crash: RuntimeError: debug_fault: injected crash at step 12 (checkpoint 10)",
+    run_id = crashed_run.events("run_start")[0]["run_id"]
+    for text in ("valid (final)", "checkpoint at step 30 of 30 (100.0%), complete (the final checkpoint)",
+                 "latest_step.txt: 30", f"last run: {run_id} succeeded (exit 0); started",
+                 "attempt 1: crash: RuntimeError: debug_fault: injected crash at step 12 (checkpoint 10, 2 steps lost)",
                  "attempt 2: completed", "supervisor: not running"):  # fmt: skip
         assert text in " ".join(table.stdout.split()), table.stdout  # rich wraps long lines off a terminal
     by_run_dir = cli(env, "status", "--json", "--run-dir", str(tmp_path / "ckpt.run"))
@@ -342,9 +351,21 @@ def test_status_and_prune(crashed_run: Run, supervise, env, tmp_path: Path):
     more.wait_for("the final save", lambda: more.heartbeat().get("phase") == "saving")
     live = json.loads(cli(env, "status", "--json", "--checkpoint-dir", str(ckpt)).stdout)
     assert live["supervisor"]["pid"] == more.pid and live["supervisor"]["alive"] is True
+    assert live["invocations"][-1]["outcome"] == "running" and live["heartbeat"]["phase"] == "saving"
+    assert live["num_iterations"] == 40 and not live["complete"]  # the budget asked for now, not the checkpoint's
+    text = " ".join(cli(env, "status", "--checkpoint-dir", str(ckpt)).stdout.split())
+    assert "live: step 40 of 40, saving" in text and "attempt 3: running" in text, text
+    rank0 = cli(env, "logs", "--checkpoint-dir", str(ckpt), "--rank", "0")  # torchrun's real per-rank layout
+    assert rank0.returncode == 0 and "==> attempt 3, rank 0, stdout: " in rank0.stdout, rank0.stderr
+    assert "==> attempt 3, rank 0, stderr: " in rank0.stdout and "base_train: world size 2" in rank0.stdout
     refused = cli(env, "prune", "--keep", "1", "--yes", "--checkpoint-dir", str(ckpt))
     assert_one_line_error(refused, f"a supervisor (pid {more.pid}) is running on", "--force")
     assert more.proc.poll() is None, "the run ended before the checks: they proved nothing"
+    watched = cli(env, "status", "--watch", "--json", "--interval", "0.5", "--checkpoint-dir", str(ckpt), timeout=180)
+    assert watched.returncode == 0, watched.stderr
+    refreshes = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert refreshes[0]["active"] and not refreshes[-1]["active"]  # watched the run, returned once it ended
+    assert refreshes[-1]["invocations"][-1]["outcome"] == "succeeded" and refreshes[-1]["complete"]
     more.finish(0, timeout=180)
     assert [c.step for c in checkpoint.scan(ckpt)] == [5, 10, 15, 20, 25, 30, 40]
 

@@ -144,3 +144,26 @@ def test_the_collective_timeout_is_the_dist_timeout_setting(tmp_path: Path, menv
     assert proc.returncode != 0
     assert "debug_fault: sleeping 8s inside the save" in proc.stdout
     assert re.search(r"[Tt]imed out|[Tt]imeout", proc.stdout + proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_stop_in_the_final_evaluation_ends_it_within_a_batch_and_a_rerun_evaluates(tmp_path: Path, start, menv):
+    """The final checkpoint is durable before its evaluation starts; a stop then must not wait for an evaluation
+    of minutes (the ranks agree on it after every batch, so a signal to one rank is enough), and the exit status
+    says "stopped". The next run evaluates that checkpoint and records its val bpb."""
+    d = tmp_path / "ckpt"
+    slow = ["--num_iterations=4", "--eval_tokens=1000000", "--debug_fault=sleep@eval:1"]  # minutes of evaluation
+    t = start(d, *slow, nproc=2)
+    t.wait_for(r"^step 00004 \| saved checkpoint .* \(completed\)")
+    time.sleep(1.5)  # into the evaluation
+    t.workers()[-1].send_signal(signal.SIGINT)  # one rank only
+    signalled = time.monotonic()
+    t.wait_for(r"stopped by SIGINT at step 4 in the final evaluation; run again to evaluate it", timeout=60)
+    assert t.finish() != 0
+    assert time.monotonic() - signalled < 30, "the evaluation went on after the stop"
+    final = checkpoint.find_resume_point(d, pytest.fail)[1]
+    assert final.step == 4 and final.final and final.meta["val_bpb"] is None
+    again = train(menv, d, "--num_iterations=4")
+    assert again.returncode == 0 and "step 00004 | validation bpb" in again.stdout, again.stdout + again.stderr
+    assert checkpoint.find_resume_point(d, pytest.fail)[1].meta["val_bpb_step"] == 4
+    third = train(menv, d, "--num_iterations=4")
+    assert "nothing to do: the final checkpoint at step 4" in third.stdout and "validation bpb" not in third.stdout

@@ -1,0 +1,233 @@
+"""What `nanochat-run status` shows: the checkpoints (read through nanochat.checkpoint), each invocation of
+`nanochat-run train` with its attempts, and the live heartbeat (read through supervisor.records).
+
+Torch-free unless asked to `verify`: status must answer in a blink, and torch's import alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from nanochat import checkpoint, snapshots
+from nanochat.locks import lock_holder
+from supervisor.records import RunDir, read_events, read_heartbeat
+
+LIVE_HEARTBEAT = 5.0  # seconds: a heartbeat younger than this means a trainer is still at work
+
+
+def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
+    """Everything `status` reports, as plain data (`--json` prints it as is; times are Unix seconds)."""
+    ckpts = checkpoint.scan(ckpt_dir, verify=verify)
+    marker, marker_problem = checkpoint.read_latest_marker(ckpt_dir)
+    warnings: list[str] = []
+    # what a resume would start from; without --verify by checksums only (the weights_only load needs torch)
+    point = checkpoint.find_resume_point(ckpt_dir, warn=warnings.append, load_check=verify)
+    newest = point[1] if point else None
+    run = RunDir(run_path)
+    events = read_events(run)
+    holder = lock_holder(ckpt_dir)
+    trainer = lock_holder(ckpt_dir, "trainer")
+    runs = invocations(events, holder)
+    hb = read_heartbeat(run.heartbeat)
+    age = time.time() - hb["time"] if hb and isinstance(hb.get("time"), (int, float)) else None
+    live = hb is not None and age is not None and (holder is not None or age < LIVE_HEARTBEAT)
+    steps = budget(newest, hb)
+    return {
+        "checkpoint_dir": str(ckpt_dir),
+        "run_dir": str(run_path),
+        "checkpoints": [
+            {
+                "step": c.step,
+                "saved_at": (c.meta or {}).get("saved_at"),
+                "val_bpb": (c.meta or {}).get("val_bpb"),
+                "size": c.size,
+                "valid": c.valid,
+                "final": c.final,
+                "problem": c.problem,
+                "stop_reason": (c.meta or {}).get("stop_reason"),
+            }
+            for c in ckpts
+        ],
+        "latest_marker": marker,
+        "latest_marker_problem": marker_problem,
+        "newest_valid_step": newest.step if newest else None,
+        "resume_from": str(point[0]) if point else None,
+        "resume_verified": "full" if verify else "checksums",
+        "resume_warnings": warnings,
+        "num_iterations": steps,
+        "complete": bool(newest and newest.final and steps is not None and newest.step >= steps),
+        "invocations": runs,
+        "attempts": [a for r in runs for a in r["attempts"] if a["class"] is not None],  # the finished ones
+        "heartbeat": {**hb, "age": round(age, 1)} if live else None,
+        "snapshots": [
+            {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
+            for slot in snapshots.slots(ckpt_dir)
+            for c in checkpoint.scan(slot)
+        ],
+        "supervisor": holder,
+        "trainer": trainer,
+        "active": bool(holder or trainer or (age is not None and age < LIVE_HEARTBEAT)),
+        "waiting": waiting(events) if holder else None,
+        "disk_free": shutil.disk_usage(ckpt_dir).free,
+    }
+
+
+def budget(newest: checkpoint.Checkpoint | None, hb: dict | None) -> int | None:
+    """The step budget: the one the newest checkpoint was saved under, unless a trainer started since then with
+    another (a later `train --num-iterations`): then the heartbeat's, as the supervisor judges it too."""
+    meta = (newest.meta or {}) if newest else {}
+    asked, beat = (hb.get("num_iterations"), hb.get("time")) if hb else (None, None)
+    if isinstance(asked, int) and asked > 0 and isinstance(beat, (int, float)) and beat > meta.get("saved_at", 0):
+        return asked
+    return meta.get("num_iterations")
+
+
+def invocations(events: list[dict], holder: dict | None) -> list[dict]:
+    """One record per `nanochat-run train` invocation, oldest first, each with its attempts (numbered on across
+    invocations). The outcome is the run_end's state; without one, "running" while that supervisor holds the lock,
+    else "killed (no run_end)": the supervisor died (SIGKILL, a crash, the machine)."""
+    runs: list[dict] = []
+    for e in events:
+        kind = e.get("event")
+        if kind == "run_start" or (kind in ("attempt_start", "attempt_end") and not runs):
+            runs.append({"run_id": e.get("run_id"), "pid": e.get("pid") if kind == "run_start" else None,
+                         "started": e.get("time"), "ended": None, "outcome": None, "state": None, "exit_code": None,
+                         "reason": None, "attempts": []})  # fmt: skip
+        if kind == "attempt_start":
+            runs[-1]["attempts"].append(_attempt(e, runs[-1]["run_id"]))
+        elif kind == "attempt_end":
+            mine = [a for a in runs[-1]["attempts"] if a["attempt"] == e.get("attempt")]
+            if not mine:  # its start was never recorded (a full disk): show the end anyway
+                runs[-1]["attempts"].append(_attempt(e, runs[-1]["run_id"]))
+                mine = runs[-1]["attempts"][-1:]
+            mine[-1].update({"class": e.get("class"), "message": (e.get("outcome") or {}).get("message"),
+                             "checkpoint_step": e.get("checkpoint_step"), "steps_lost": e.get("steps_lost"),
+                             "step_reached": e.get("step_reached"), "ended": e.get("time")})  # fmt: skip
+        elif kind == "decision" and runs:
+            runs[-1]["reason"] = e.get("reason")
+        elif kind == "run_end" and runs:
+            runs[-1].update(ended=e.get("time"), state=e.get("state"), exit_code=e.get("exit_code"))
+    for i, r in enumerate(runs):
+        live = i == len(runs) - 1 and holder is not None and holder.get("pid") in (r["pid"], None)
+        r["outcome"] = r["state"] or ("running" if live else "killed (no run_end)")
+    return runs
+
+
+def _attempt(e: dict, run_id: str | None) -> dict:
+    return {"attempt": e.get("attempt"), "run_id": run_id, "class": None, "message": None, "checkpoint_step": None,
+            "steps_lost": None, "step_reached": None, "start_step": e.get("start_step"), "started": e.get("time"),
+            "ended": None, "log_dir": e.get("log_dir")}  # fmt: skip
+
+
+def waiting(events: list[dict]) -> dict | None:
+    """What a live supervisor in backoff waits for, from its last decision: {seconds left, attempt, reason}."""
+    last = events[-1] if events else {}
+    if last.get("event") != "decision" or last.get("action") != "restart":
+        return None
+    left = max(0.0, last.get("time", 0) + (last.get("delay") or 0) - time.time())
+    return {"seconds": round(left, 1), "attempt": last.get("next_attempt"), "reason": last.get("reason", "")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# display
+
+
+def render(info: dict) -> Group:
+    """The status block: the checkpoint table, then one line per fact. Plain Text, never markup: messages from
+    the trainer may hold brackets."""
+    table = Table(title=f"checkpoints in {info['checkpoint_dir']}")
+    for col in ("step", "saved", "val bpb", "size", "status"):
+        table.add_column(col)
+    for c in info["checkpoints"]:
+        bpb = f"{c['val_bpb']:.4f}" if c["val_bpb"] is not None else "-"
+        state = ("valid" + (" (final)" if c["final"] else "")) if c["valid"] else f"INVALID: {c['problem']}"
+        table.add_row(str(c["step"]), when(c["saved_at"]), bpb, f"{c['size'] / 1e6:.1f} MB", state)
+    lines: list[RenderableType] = [table]
+    say = lambda s: lines.append(Text(s))  # noqa: E731
+    marker = info["latest_marker"] if info["latest_marker"] is not None else info["latest_marker_problem"]
+    say(f"latest_step.txt: {marker}")
+    step, steps = info["newest_valid_step"], info["num_iterations"]
+    if step is None:
+        say("progress: no valid checkpoint yet")
+    else:
+        # from the checkpoint alone; how the last invocation ended is its own line, below
+        done = ", complete (the final checkpoint)" if info["complete"] else ""
+        say(f"progress: checkpoint at step {step} of {steps} ({100 * step / max(steps or 1, 1):.1f}%){done}")
+    if runs := info["invocations"]:
+        say(f"last run: {invocation_line(runs[-1])}")
+    if hb := info["heartbeat"]:
+        say(f"live: {heartbeat_line(hb)}")
+    if runs:
+        say("runs (one per `nanochat-run train`):")
+    for r in runs:
+        say(f"  run {invocation_line(r)}")
+        for a in r["attempts"]:
+            say(f"    {attempt_line(a, r['outcome'])}")
+    for snap in info["snapshots"]:
+        state = "valid" if snap["valid"] else f"INVALID: {snap['problem']}"
+        say(f"in-memory snapshot: step {snap['step']} in {snap['slot']} ({state})")
+    for warning in info["resume_warnings"]:
+        say(f"warning: {warning}")
+    sup, wait, trainer = info["supervisor"], info["waiting"], info["trainer"]
+    line = f"supervisor: running, pid {sup.get('pid')} on {sup.get('host')}" if sup else "supervisor: not running"
+    if wait:
+        line += f", waiting {wait['seconds']:.0f}s before attempt {wait['attempt']}: {wait['reason']}"
+    say(line)
+    if trainer and not sup:
+        say(f"trainer: pid {trainer.get('pid')} on {trainer.get('host')} holds the checkpoint dir (unsupervised, or"
+            " finishing its save after its supervisor died)")  # fmt: skip
+    say(f"disk free: {info['disk_free'] / 1e9:.1f} GB")
+    return Group(*lines)
+
+
+def invocation_line(r: dict) -> str:
+    """`<run id> <outcome> (exit N)[: why]; started ..., ended ...` for one invocation of `train`."""
+    ended = ""
+    if r["ended"]:
+        same_day = r["started"] and time.localtime(r["started"])[:3] == time.localtime(r["ended"])[:3]
+        ended = f", ended {time.strftime('%H:%M:%S', time.localtime(r['ended'])) if same_day else when(r['ended'])}"
+    code = f" (exit {r['exit_code']})" if r["exit_code"] is not None else ""
+    why = f": {r['reason']}" if r["reason"] and r["outcome"] not in ("running", "succeeded") else ""
+    return f"{r['run_id'] or '?'} {r['outcome']}{code}{why}; started {when(r['started'])}{ended}"
+
+
+def attempt_line(a: dict, outcome: str) -> str:
+    if a["class"] is None:
+        what = "running" if outcome == "running" else "no attempt_end (its supervisor died)"
+        return f"attempt {a['attempt']}: {what}; started {when(a['started'])}"
+    where = f"checkpoint {a['checkpoint_step']}" if a["checkpoint_step"] is not None else "no checkpoint"
+    lost = f", {a['steps_lost']} steps lost" if a["steps_lost"] else ""
+    return f"attempt {a['attempt']}: {a['class']}: {a['message']} ({where}{lost})"
+
+
+def heartbeat_line(hb: dict) -> str:
+    """The trainer's last heartbeat: where it is and how fast, and how old that news is."""
+    step, total = hb.get("step"), hb.get("num_iterations")
+    parts = [f"step {step}" + (f" of {total}" if total else ""), str(hb.get("phase") or "?")]
+    if isinstance(hb.get("eval_batch"), int) and hb.get("eval_batches"):
+        parts.append(f"eval batch {hb['eval_batch']}/{hb['eval_batches']}")
+    if isinstance(hb.get("loss"), (int, float)):
+        parts.append(f"loss {hb['loss']:.4f}")
+    if isinstance(hb.get("tok_per_s"), (int, float)):
+        parts.append(f"{hb['tok_per_s']:,.0f} tok/s")
+    if isinstance(hb.get("mfu"), (int, float)):
+        parts.append(f"mfu {hb['mfu']:.1f}%")
+    if isinstance(hb.get("gpu_mem"), (int, float)):
+        parts.append(f"gpu mem {hb['gpu_mem'] / 2**30:.1f} GiB")
+    return ", ".join(parts) + f" (heartbeat {hb['age']:.0f}s ago)"
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def console() -> Console:
+    # soft wrap: long lines stay whole in a log or a pipe (and tests grep them) instead of breaking at 80 columns
+    return Console(file=sys.stdout, soft_wrap=True, highlight=False)
