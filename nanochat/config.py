@@ -96,15 +96,19 @@ def settings_help(defaults: Any) -> str:
     (a `# group` line starts a group, a trailing comment explains its field), so they cannot drift apart."""
     fields = {f.name for f in dataclasses.fields(defaults)}
     out = [f"settings of {type(defaults).__name__} (--key=value, --key value or --dashed-key; defaults shown):"]
-    for line in inspect.getsource(type(defaults)).splitlines()[1:]:
-        text = line.strip()
-        if text.startswith("def ") or text.startswith("@"):
-            break
-        if text.startswith("# "):
-            out.append(f"\n{text[2:]}")
-        elif (name := text.split(":", 1)[0]) in fields:
-            meaning = text.split("  # ", 1)[1] if "  # " in text else ""
-            out.append((f"  --{name}={getattr(defaults, name)!r}".ljust(40) + f" {meaning}").rstrip())
+    shown: set[str] = set()
+    # a phase's config subclasses the shared one: the shared settings first, then the phase's own
+    for cls in reversed([c for c in type(defaults).__mro__ if dataclasses.is_dataclass(c)]):
+        for line in inspect.getsource(cls).splitlines()[1:]:
+            text = line.strip()
+            if text.startswith("def ") or text.startswith("@"):
+                break
+            if text.startswith("# "):
+                out.append(f"\n{text[2:]}")
+            elif (name := text.split(":", 1)[0]) in fields and name not in shown:
+                shown.add(name)
+                meaning = text.split("  # ", 1)[1] if "  # " in text else ""
+                out.append((f"  --{name}={getattr(defaults, name)!r}".ljust(40) + f" {meaning}").rstrip())
     return "\n".join(out)
 
 

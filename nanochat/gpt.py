@@ -5,6 +5,7 @@
 - ReLU^2 MLP at 4x width, no biases anywhere, untied token embedding and lm_head
 - tanh logit softcap at 15, zero-initialised output projections
 - grouped-query attention through F.scaled_dot_product_attention
+- an optional KV cache for incremental decoding (nanochat/engine.py); training never passes one
 """
 
 from __future__ import annotations
@@ -69,6 +70,39 @@ class Embedding(nn.Embedding):
         pass
 
 
+class KVCache:
+    """The keys and values of every layer for the tokens seen so far, for incremental decoding.
+
+    k and v are (n_layer, batch, n_kv_head, max_len, head_dim), allocated at the first write: shape, device and
+    dtype come from the first keys and values (under autocast the keys are float32 after rotary while the values
+    are bf16). `pos` counts the cached tokens; GPT.forward advances it once every layer has written.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.n_layer, self.max_len = n_layer, max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (batch, n_kv_head, T, head_dim) at pos; return this layer's keys and values up to pos + T."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(self.n_layer, B, H, self.max_len, D)
+            self.v = v.new_zeros(self.n_layer, B, H, self.max_len, D)
+        end = self.pos + T
+        assert end <= self.max_len, f"KV cache full: {self.pos} cached + {T} new > {self.max_len}"
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def expand(self, batch: int) -> None:
+        """Copy a prefilled batch-1 cache into `batch` rows, so several samples share one prefill."""
+        assert self.k is not None and self.k.size(1) == 1, "expand a prefilled cache of batch 1"
+        self.k = self.k.repeat(1, batch, 1, 1, 1)
+        self.v = self.v.repeat(1, batch, 1, 1, 1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -80,7 +114,9 @@ class Attention(nn.Module):
         self.c_v = Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim)
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -88,7 +124,14 @@ class Attention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = kv_cache.update(layer, k, v)
+            # the new query i sits at position S - T + i and sees the keys up to it; a single query sees them all
+            S = k.size(2)
+            mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -108,8 +151,10 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, kv_cache, layer)
         return x + self.mlp(norm(x))
 
 
@@ -159,13 +204,24 @@ class GPT(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        reduction: str = "mean",
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab), or the loss against targets. With a kv_cache, idx continues the cached tokens:
+        its positions start at kv_cache.pos, it attends to the cache and itself, and it is appended to the cache."""
         T = idx.size(1)
-        assert T <= self.cos.size(1), f"sequence length {T} exceeds the rotary table ({self.cos.size(1)})"
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        t0 = 0 if kv_cache is None else kv_cache.pos
+        assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds the rotary table ({self.cos.size(1)})"
+        cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]
         x = norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.pos += T
         logits = self.lm_head(norm(x)).float()
         logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:

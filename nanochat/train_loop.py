@@ -209,7 +209,8 @@ def run_and_exit(name: str, main: Callable[[list[str]], int], argv: list[str]) -
     try:
         code = main(argv)
     except HelpRequested as h:
-        print(h)
+        with contextlib.suppress(OSError):  # `--help | head` closes the pipe early: not an error
+            print(h)
         code = 0
     except (ConfigError, CheckpointError, FileNotFoundError, OSError) as e:
         storage = isinstance(e, StorageError) or isinstance(e, OSError) and not isinstance(e, FileNotFoundError)

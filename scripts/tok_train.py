@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nanochat.cli import ArgParser, run_main
 from nanochat.dataset import data_dir, iter_texts, train_val_shards
-from nanochat.tokenizer import Tokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
 
 EVAL_CHARS = 2_000_000  # how much of the validation shard the compression figure is measured on
 
@@ -32,12 +32,13 @@ def capped_texts(shards: list[Path], max_chars: int, doc_cap: int) -> Iterator[s
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = ArgParser(prog="python -m scripts.tok_train", description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size, including <|bos|>")
+    parser.add_argument("--vocab_size", type=int, default=65536, help="vocabulary size, including the special tokens")
     parser.add_argument("--max_chars", type=int, default=2_000_000_000, help="train on at most this many chars")
     parser.add_argument("--doc_cap", type=int, default=10_000, help="use at most this many chars of each doc")
     args = parser.parse_args(argv)
-    if args.vocab_size < 257:
-        parser.error(f"--vocab_size must be at least 257 (256 bytes + <|bos|>), got {args.vocab_size}")
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS):
+        parser.error(f"--vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + the special tokens),"
+                     f" got {args.vocab_size}")  # fmt: skip
     if args.max_chars < 1 or args.doc_cap < 1:
         parser.error("--max_chars and --doc_cap must be positive")
 

@@ -62,7 +62,8 @@ def test_bools_and_bare_flags():
         (["--device_type=tpu"], "--device_type must be auto, cuda or cpu"),
         (["--num_iterations=0"], "--num_iterations must be >= 1"),
         (["--total_batch_size=-5"], "--total_batch_size must be a positive token count or -1"),
-        (["--eval_every=0"], "--eval_every and --sample_every take a step count, or -1"),
+        (["--eval_every=0"], "--eval_every takes a step count, or -1 for only at the end"),
+        (["--sample_every=0"], "--sample_every takes a step count, or -1 to disable"),
         (["--warmup_ratio=0.9", "--warmdown_ratio=0.5"], "--warmup_ratio + --warmdown_ratio"),
         (["--compile=sometimes"], "--compile must be auto, True or False"),
         (["--model_tag=../../x"], "--model_tag='../../x' must be a plain name (no '/', '\\' or '..')"),
@@ -112,7 +113,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(tmp_path):
 
 
 def test_auto_eval_tokens_are_proportionate_to_the_run():
-    from scripts.base_train import EVAL_TOKENS_CAP, eval_token_count
+    from nanochat.phase import EVAL_TOKENS_CAP, eval_token_count
 
     # a tiny CPU run (100 steps of 1024 tokens, one final evaluation): a tenth of its 102,400 training tokens
     assert eval_token_count(-1, -1, 100, 1024) == 10_240

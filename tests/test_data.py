@@ -27,7 +27,7 @@ from nanochat.dataset import (
     train_val_shards,
     write_builtin_corpus,
 )
-from nanochat.tokenizer import Tokenizer, get_tokenizer, tokenizer_dir
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer, tokenizer_dir
 from tests.conftest import REPO_ROOT, TEST_DOCS, TEST_SHARDS
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def test_bos_and_vocab(tokenizer: Tokenizer) -> None:
     assert tokenizer.decode([tokenizer.bos_id, *tokenizer.encode("hi")]) == "<|bos|>hi"
     tb = tokenizer.token_bytes()
     assert tb.dtype == torch.int64 and tb.shape == (tokenizer.vocab_size,)
-    assert tb[tokenizer.bos_id] == 0 and int((tb == 0).sum()) == 1 and int(tb.max()) > 1
+    assert tb[tokenizer.bos_id] == 0 and int((tb == 0).sum()) == len(SPECIAL_TOKENS) and int(tb.max()) > 1
 
 
 def test_token_bytes_match_utf8_length_of_real_text(base_dir: Path, tokenizer: Tokenizer) -> None:
@@ -198,8 +198,21 @@ def test_save_load_gives_identical_encodings(tmp_path: Path, tokenizer: Tokenize
 def test_train_is_deterministic_and_validates(tokenizer: Tokenizer) -> None:
     texts = SAMPLES * 20
     assert Tokenizer.train(texts, 300).encode(SAMPLES[1]) == Tokenizer.train(texts, 300).encode(SAMPLES[1])
-    with pytest.raises(ValueError, match="at least 257"):
+    with pytest.raises(ValueError, match="at least 265"):
         Tokenizer.train(texts, 100)
+
+
+def test_the_chat_tokens_follow_bos_and_an_old_tokenizer_gets_a_one_line_error(tokenizer: Tokenizer) -> None:
+    ids = [tokenizer.special_id(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS))) and ids[0] == tokenizer.bos_id
+    assert tokenizer.encode("<|user_start|>") != [tokenizer.special_id("<|user_start|>")]  # text stays text
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    old = HFTokenizer(models.BPE())
+    old.add_special_tokens(["<|bos|>"])  # a tokenizer from before the chat tokens: base training still works
+    with pytest.raises(ValueError, match=r"no <\|user_start\|> token .* retrain it with `python -m scripts.tok_train`"):
+        Tokenizer(old).special_id("<|user_start|>")
 
 
 def test_get_tokenizer_missing(tmp_path: Path, base_dir: Path) -> None:
@@ -435,7 +448,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, env: dict[str, str]) -> None:
         ),
         (["nanochat.dataset", "--builtin", "--num-shards", "1"], "at least 2"),
         (["scripts.tok_train"], "python -m nanochat.dataset --builtin"),
-        (["scripts.tok_train", "--vocab_size=100"], "at least 257"),
+        (["scripts.tok_train", "--vocab_size=100"], "at least 265"),
         (["scripts.tok_train", "--vocab_size", "lots"], "invalid int value"),
     ]
     # run them concurrently: each one pays the interpreter + torch start-up

@@ -1,0 +1,147 @@
+"""Inference for the chat phases: KV-cached sampling of several samples from one prompt, with the calculator tool.
+
+The prompt is prefilled once (batch 1), its cache copied into num_samples rows, then every row decodes one token
+per step. When a row emits <|python_start|> ... <|python_end|>, the engine evaluates the enclosed arithmetic and
+forces <|output_start|> result <|output_end|> into that row: the model reads those tokens like any other, but they
+are the tool's, not the model's (mask 0 for RL).
+
+bf16 autocast is the caller's business: wrap the calls in torch.autocast on CUDA if wanted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.calculator import calculate
+from nanochat.gpt import GPT, KVCache
+from nanochat.tokenizer import Tokenizer
+
+PAD = -1  # the token reported for a row that has already finished
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """One token id per row of logits (B, vocab): argmax at temperature 0, else a draw among the top_k logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if top_k is not None:
+        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), 1, generator=generator)
+        return indices.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class Step(NamedTuple):
+    """One decoding step across the samples: tokens[i] is sample i's next token (PAD once it has finished),
+    forced[i] whether the tool wrote it, done[i] whether the sample had already finished (tokens[i] is PAD)."""
+
+    tokens: list[int]
+    forced: list[bool]
+    done: list[bool]
+
+
+@dataclass
+class _Row:
+    """The tool state of one sample."""
+
+    forced: deque[int] = field(default_factory=deque)  # tool output waiting to be fed, one token per step
+    expr: list[int] | None = None  # the tokens of an open python block
+    done: bool = False
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        special = tokenizer.special_id
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop = {special("<|assistant_end|>"), tokenizer.bos_id}
+
+    def _observe(self, row: _Row, token: int) -> None:
+        """Advance row's tool state past token; a finished python block queues the calculator's answer."""
+        if token in self.stop:
+            row.done = True
+        elif token == self.python_start:
+            row.expr = []
+        elif token == self.python_end and row.expr is not None:
+            result = calculate(self.tokenizer.decode(row.expr))
+            row.expr = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.expr is not None:
+            row.expr.append(token)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[Step]:
+        """Stream num_samples continuations of the prompt `tokens`, one Step per decoded position.
+
+        A sample finishes with <|assistant_end|> or <|bos|> (that token is yielded); the stream ends when all have
+        finished, after max_tokens steps, or when the model's context (sequence_len) is full."""
+        if not tokens or num_samples < 1 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need a prompt, num_samples >= 1, temperature >= 0, top_k >= 1 or None; got "
+                             f"{len(tokens)} tokens, {num_samples=}, {temperature=}, {top_k=}")  # fmt: skip
+        context = self.model.config.sequence_len
+        if len(tokens) > context:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the model's context of {context}")
+        device = self.model.wte.weight.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        cache = KVCache(self.model.config.n_layer, min(len(tokens) + max_tokens, context))
+        logits = self.model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=cache)[:, -1]
+        cache.expand(num_samples)
+        logits = logits.expand(num_samples, -1)
+        rows = [_Row() for _ in range(num_samples)]
+        for _ in range(max_tokens):
+            sampled = sample_next(logits, temperature, top_k, generator).tolist()
+            step = Step([], [], [])
+            for row, token in zip(rows, sampled):
+                step.done.append(row.done)
+                if row.done:
+                    token, forced = PAD, False
+                else:
+                    forced = bool(row.forced)
+                    token = row.forced.popleft() if forced else token
+                    self._observe(row, token)
+                step.tokens.append(token)
+                step.forced.append(forced)
+            yield step
+            if all(row.done for row in rows) or cache.pos == cache.max_len:
+                return
+            # finished rows still ride along in the batch: feed them any valid id and ignore their logits
+            feed = torch.tensor([[max(t, 0)] for t in step.tokens], dtype=torch.long, device=device)
+            logits = self.model(feed, kv_cache=cache)[:, -1]
+
+    def generate_batch(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """The num_samples completions (without the prompt and the terminating token) and, per token, a mask:
+        1 if the model sampled it, 0 if the tool forced it."""
+        completions: list[list[int]] = [[] for _ in range(num_samples)]
+        masks: list[list[int]] = [[] for _ in range(num_samples)]
+        for step in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
+            for i, (token, forced, done) in enumerate(zip(*step)):
+                if not done and token not in self.stop:
+                    completions[i].append(token)
+                    masks[i].append(0 if forced else 1)
+        return completions, masks

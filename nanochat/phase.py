@@ -1,0 +1,520 @@
+"""One training phase (base training, midtraining, SFT; RL next): the settings they all share, the start (process
+group, stop flag, the checkpoint directory held, where the run resumes from), the exact resume of weights,
+optimizer, data position and RNG, and the training loop itself.
+
+A phase script builds only what is its own (where the model comes from, its data, its evaluation, its horizon) and
+hands them to `Phase.train`. Saving, resuming, stopping on a signal, the heartbeat and the order of save and eval
+exist once: here, in train_loop.py, saver.py and checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import torch
+
+from nanochat import checkpoint, snapshots
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import DistInfo, cleanup_distributed, init_distributed, keep_freed_memory, print0, warn0
+from nanochat.config import ConfigError, describe
+from nanochat.faults import Fault
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
+from nanochat.paths import checkpoint_tag
+from nanochat.saver import Saver
+from nanochat.train_loop import (
+    Heartbeat,
+    StopFlag,
+    check_replicas,
+    find_start,
+    rng_state,
+    save_due,
+    set_rng_state,
+    stopped,
+)
+
+
+@dataclass
+class LoopConfig:
+    """The settings of every phase. A phase's config subclasses this, adds its own, and may change defaults."""
+
+    # run
+    run: str = "dummy"  # wandb run name; "dummy" disables wandb
+    device_type: str = "auto"  # auto | cuda | cpu
+    seed: int = 0  # weights init and data order
+    compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
+    # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
+    max_seq_len: int = 2048  # context length in tokens
+    device_batch_size: int = 32  # sequences per micro-batch on each rank
+    total_batch_size: int = 524288  # tokens per optimizer step; -1 = one micro-batch on every rank
+    num_iterations: int = -1  # optimizer steps; -1 = derived by the phase
+    # optimization
+    embedding_lr: float = 0.2  # AdamW, token embedding
+    unembedding_lr: float = 0.004  # AdamW, output head
+    matrix_lr: float = 0.02  # Muon, every matrix in the blocks
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.0  # fraction of steps warming the LR up
+    warmdown_ratio: float = 0.2  # fraction of steps decaying the LR at the end
+    final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
+    # evaluation and logging
+    eval_every: int = 250  # -1 = only at the end
+    eval_tokens: int = -1  # validation tokens per evaluation; -1 = auto (see eval_token_count)
+    log_every: int = 1  # print a step line every N steps
+    # checkpoints (see nanochat/checkpoint.py)
+    model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
+    checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
+    save_every: int = 500  # save every N steps; 0 = only the final checkpoint
+    keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
+    resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
+    async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
+    snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
+    dist_timeout: int = 1800  # seconds any collective may wait; must cover the longest save (rank 0 writes, all wait)
+    # supervision and drills
+    heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
+    debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
+
+    def __post_init__(self) -> None:
+        if self.device_type not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"--device_type must be auto, cuda or cpu, got {self.device_type!r}")
+        if self.compile.lower() not in ("auto", "true", "false", "1", "0"):
+            raise ConfigError(f"--compile must be auto, True or False, got {self.compile!r}")
+        for key in ("max_seq_len", "device_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
+        if self.total_batch_size == 0 or self.total_batch_size < -1:
+            raise ConfigError(f"--total_batch_size must be a positive token count or -1, got {self.total_batch_size}")
+        if self.num_iterations == 0 or self.num_iterations < -1:
+            raise ConfigError(f"--num_iterations must be >= 1 (or -1 to derive it), got {self.num_iterations}")
+        if self.eval_tokens == 0 or self.eval_tokens < -1:
+            raise ConfigError(f"--eval_tokens must be a positive token count or -1 (auto), got {self.eval_tokens}")
+        if self.eval_every == 0:
+            raise ConfigError("--eval_every takes a step count, or -1 for only at the end")
+        if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
+            raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
+        if self.save_every < 0:
+            raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
+        if self.dist_timeout < 1:
+            raise ConfigError(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        checkpoint_tag(self.model_tag, 1)  # raises for a tag that is not a plain folder name
+        if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
+            raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
+        try:
+            Fault.parse(self.debug_fault)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+EVAL_TOKENS_CAP = 20 * 524288  # what one evaluation of a full-size run reads (nanochat's 10M tokens)
+
+
+def eval_token_count(eval_tokens: int, eval_every: int, num_iterations: int, total_batch: int) -> int:
+    """Validation tokens per evaluation. -1 (auto): all the run's evaluations together read at most a tenth of its
+    training tokens (a forward-only pass, so about 3% of the training compute), and one reads at most
+    EVAL_TOKENS_CAP. A short run evaluates briefly; a full-size one reads the full 10M. An evaluation also ends at
+    the end of the validation split, whatever is asked."""
+    if eval_tokens > 0:
+        return eval_tokens
+    evals = (num_iterations // eval_every + (num_iterations % eval_every > 0)) if eval_every > 0 else 1
+    return min(EVAL_TOKENS_CAP, num_iterations * total_batch // (10 * evals))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of the GPU, for MFU; None where we do not know it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def check_compatible(meta: dict, model_cfg: GPTConfig, directory: Path) -> None:
+    """Refuse to resume into a different model; one line naming the mismatch and the way out."""
+    saved = meta["model_config"]
+    names = {"n_layer": "depth", "n_embd": "model width", "n_head": "heads", "n_kv_head": "kv heads"}
+    for key, label in {**names, "vocab_size": "vocab size"}.items():
+        if saved.get(key) != getattr(model_cfg, key):
+            raise CheckpointError(
+                f"the checkpoint at step {meta['step']} in {directory} has {label} {saved.get(key)}, this run asks"
+                f" for {getattr(model_cfg, key)}; use --resume=False to start fresh or pick another --model_tag"
+            )
+
+
+class Loader(Protocol):
+    """What the loop needs of a phase's training data: batches, and a position a checkpoint can hold."""
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def load_resharded(self, states: list[dict]) -> None: ...
+
+
+@dataclass
+class Plan:
+    """A phase's horizon and batch geometry, decided before the loop."""
+
+    num_iterations: int
+    grad_accum: int  # micro-batches per optimizer step on each rank
+    tokens_per_step: int  # across all ranks (for tokens/s, MFU and the meta)
+    eval_steps: int  # micro-batches per evaluation on each rank
+
+
+Evaluate = Callable[[int, Callable[[int, bool], tuple[bool, bool]]], float | None]
+
+
+class Phase:
+    """A phase's run: `Phase(...)` starts it (the directory held, the resume point found), the script builds its
+    model, optimizer and data, and `train(...)` resumes their state and runs the loop to the budget or a stop."""
+
+    def __init__(self, name: str, cfg: LoopConfig, ckpt_dir: Path, overrides: dict) -> None:
+        self.t0 = time.perf_counter()
+        self.imported = time.time() - psutil.Process().create_time()  # the interpreter's start-up and our imports
+        self.name, self.cfg, self.ckpt_dir, self.overrides = name, cfg, ckpt_dir, overrides
+        self.dist = init_distributed(cfg.device_type, cfg.dist_timeout)
+        self.t_pg = time.perf_counter()
+        self.device = self.dist.device
+        self.stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
+        if self.device.type == "cpu":
+            keep_freed_memory()  # before the model allocates anything: no page-fault churn every step
+        torch.manual_seed(cfg.seed)
+        print0(f"{name}: world size {self.dist.world_size}, device {self.device}\n{describe(cfg)}")
+        self.fault = Fault.parse(cfg.debug_fault)
+        if self.fault:
+            self.fault.marker_dir = ckpt_dir
+        rank = self.dist.rank
+        self.saver = Saver(
+            ckpt_dir, cfg.keep_last_n_checkpoints, rank, self.dist.world_size, self.device,
+            fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
+            warn=warn0, log=print0, async_save=cfg.async_save,
+        )  # fmt: skip
+        # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
+        one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)) == self.dist.world_size
+        if cfg.snapshot_every and not one_machine:
+            warn0(
+                "--snapshot_every needs every rank on one machine (snapshots live in rank 0's /dev/shm); they are off"
+            )
+            cfg.snapshot_every = 0
+        self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
+        self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
+        self.saver.run_id = self.run_id
+        self.t_found = time.perf_counter()
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def build(self, model_cfg: GPTConfig, init: Callable[[GPT], None]) -> GPT:
+        """The model, allocated on the device; `init` fills it unless a resume will load it anyway."""
+        if self.resume_from is not None:
+            check_compatible(self.resume_from[1].meta, model_cfg, self.ckpt_dir)  # before anything big is built
+        with torch.device(self.device):
+            model = GPT(model_cfg)
+        model.to(self.device)  # the rotary tables are made on the CPU
+        if self.resume_from is None:
+            init(model)
+        self.t_model = time.perf_counter()
+        print0(
+            f"model: {model_cfg}\nparameters: {model.num_params():,} | FLOPs per token: {model.flops_per_token():.3e}"
+        )
+        # a final or signal save keeps the other ranks waiting in a collective: at a slow 100 MB/s, does it fit?
+        state_bytes = 3 * 4 * model.num_params()  # fp32 weights + at most two optimizer moments each
+        if self.dist.is_distributed and state_bytes / 100e6 > self.cfg.dist_timeout / 2:
+            warn0(
+                f"a checkpoint of ~{state_bytes / 1e9:.1f} GB may take longer to write than half of --dist_timeout="
+                f"{self.cfg.dist_timeout}s on slow storage; raise --dist_timeout (and the supervisor's --grace-period)"
+            )
+        return model
+
+    def plan(self, tokens_per_row: int, derived_iterations: Callable[[int], int]) -> Plan:
+        """Batch geometry (tokens_per_row: the tokens of one sequence) and the horizon: --num_iterations if set,
+        else derived_iterations(tokens per step)."""
+        cfg, world = self.cfg, self.dist.world_size
+        per_micro = cfg.device_batch_size * tokens_per_row * world
+        total = per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
+        if total % per_micro:
+            raise ConfigError(
+                f"--total_batch_size={total} is not a multiple of device_batch_size*max_seq_len*world_size"
+                f" = {cfg.device_batch_size}*{tokens_per_row}*{world} = {per_micro}; pick a multiple (or -1)"
+            )
+        iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, derived_iterations(total))
+        eval_steps = max(1, eval_token_count(cfg.eval_tokens, cfg.eval_every, iterations, total) // per_micro)
+        print0(f"batch: {total:,} tokens/step = {cfg.device_batch_size}x{tokens_per_row} x {world} ranks x"
+               f" {total // per_micro} accumulation steps")  # fmt: skip
+        print0(f"training for {iterations:,} steps = {iterations * total:,} tokens")
+        print0(f"evaluation: {eval_steps * per_micro:,} validation tokens ({eval_steps} batches) per evaluation")
+        return Plan(iterations, total // per_micro, total, eval_steps)
+
+    def train(
+        self,
+        model: GPT,
+        optimizers: Optimizers,
+        loader: Loader,
+        plan: Plan,
+        evaluate: Evaluate,
+        meta: dict,
+        sample: Callable[[int], None] | None = None,
+        sample_every: int = -1,
+    ) -> int:
+        """Resume the state (weights, optimizer, loader position, RNG, counters) if a checkpoint was found, then
+        train to `plan.num_iterations`: every step saves what it owes (train_loop.save_due), evaluates every
+        --eval_every steps and at the end, and stops cleanly on a signal. `evaluate(step, between)` returns the
+        metric (val bpb) or None when `between` reported a stop; `meta` goes into every checkpoint's meta."""
+        cfg, dist_info, device, ckpt_dir = self.cfg, self.dist, self.device, self.ckpt_dir
+        world, stop, saver, fault = dist_info.world_size, self.stop, self.saver, self.fault
+        num_iterations, total_batch = plan.num_iterations, plan.tokens_per_step
+        train_model = torch.compile(model, dynamic=False) if _compile(cfg, device) else model
+        flops_per_token, peak = model.flops_per_token(), peak_flops(device)
+        t_optim = time.perf_counter()
+
+        # ---- resume: weights, optimizer, schedule position, data position, RNG ---------------------------------
+        step, smooth_loss, train_time, val_bpb, val_bpb_step = 0, 0.0, 0.0, None, None
+        if self.resume_from is not None:
+            source, ckpt = self.resume_from
+            if source != ckpt_dir:
+                print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
+            saved = ckpt.meta
+            for key, old in saved["train_config"].items():
+                if key in self.overrides and old != self.overrides[key]:
+                    print0(f"resume: --{key} changed from {old!r} to {self.overrides[key]!r}")
+            model_state, optim_state = checkpoint.load(source, ckpt, device)
+            model.load_state_dict(model_state)
+            optimizers.load_state_dict(optim_state)
+            del model_state, optim_state
+            step, smooth_loss, train_time = saved["step"], saved["smooth_loss"], saved["train_time"]
+            val_bpb, val_bpb_step = saved.get("val_bpb"), saved.get("val_bpb_step")
+            ranks = saved["ranks"]
+            if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+                loader.load_state_dict(ranks[dist_info.rank]["loader"])
+                set_rng_state(ranks[dist_info.rank]["rng"], device)
+                print0(f"resumed from step {step} in {ckpt_dir}")
+            else:
+                loader.load_resharded([r["loader"] for r in ranks])
+                print0(
+                    f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
+                    " weights, optimizer and schedule are exact; the data order continues approximately"
+                )
+            if step >= num_iterations and not ckpt.final:  # the budget was lowered below where the run is
+                raise CheckpointError(
+                    f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
+                    f"{num_iterations} but is not a final one; raise --num_iterations to go on, or --resume=False"
+                    " to start fresh"
+                )
+        t_loaded = time.perf_counter()
+
+        wandb_run = _setup_wandb(cfg, dist_info)
+        started_at = time.time()
+        heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
+                              device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,
+                              max_seq_len=cfg.max_seq_len, world_size=world, device=device.type,
+                              dist_timeout=cfg.dist_timeout)  # fmt: skip
+        heartbeat(step=step, phase="starting", checkpoint=step if self.resume_from else None)
+
+        def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:
+            heartbeat(step=step, phase="saving", reason=reason)
+            t0 = time.perf_counter()
+            record = {
+                **meta,
+                "run_id": self.run_id,
+                "phase": self.name,
+                "num_iterations": num_iterations,
+                "final": step == num_iterations,
+                "stop_reason": reason,
+                "model_config": model.config.to_dict(),
+                "train_config": asdict(cfg),
+                "world_size": world,
+                "total_batch_size": total_batch,
+                "tokens_seen": step * total_batch,
+                "val_bpb": val_bpb,
+                "val_bpb_step": val_bpb_step,
+                "train_loss": smooth_loss / (1 - 0.9**step) if step else None,
+                "smooth_loss": smooth_loss,
+                "train_time": train_time,
+                "started_at": started_at,
+                "torch_version": torch.__version__,
+            }
+            rank_state = {"loader": loader.state_dict(), "rng": rng_state(device)}
+            background = reason == "periodic"  # final and signal saves are durable before we go on
+            saver.save(step, model.state_dict(), optimizers.state_dict(), record, rank_state, wait=not background,
+                       disk=disk, memory=memory)  # fmt: skip
+            dt = time.perf_counter() - t0
+            what = " and ".join(
+                [f"checkpoint to {ckpt_dir} ({reason})"] * disk + ["snapshot in shared memory"] * memory
+            )
+            if background and cfg.async_save:
+                print0(f"step {step:05d} | saving {what} in the background; blocked {dt:.3f}s")
+            else:
+                print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
+
+        def run_eval(step: int) -> float | None:
+            """Validation bpb, or None if a stop signal arrived meanwhile (the ranks agree on it after every batch,
+            so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
+
+            def between(done: int, exhausted: bool) -> tuple[bool, bool]:
+                if fault and done:
+                    fault.at_eval_batch(dist_info.rank)
+                heartbeat(step=step, phase="evaluating", eval_batch=done, eval_batches=plan.eval_steps,
+                          checkpoint=saver.durable)  # fmt: skip
+                signum, ended = stop.agreed_with(dist_info, int(exhausted))
+                return bool(signum), bool(ended)
+
+            between(0, False)
+            model.eval()
+            with self.autocast:
+                bpb = evaluate(step, between)
+            model.train()
+            if bpb is None:
+                print0(f"step {step:05d} | validation stopped by a signal")
+                return None
+            print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+            if wandb_run:
+                wandb_run.log({"step": step, "val/bpb": bpb})
+            return bpb
+
+        def final_eval(step: int) -> bool:
+            """Evaluate the final checkpoint (already durable) and add its val bpb to the meta; False if stopped."""
+            nonlocal val_bpb, val_bpb_step
+            bpb = run_eval(step)
+            if bpb is None:
+                return False
+            val_bpb, val_bpb_step = bpb, step
+            if dist_info.master:
+                try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
+                    checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+                except OSError as e:
+                    warn0(f"could not add the final val bpb to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
+            return True
+
+        def finished(step: int) -> int:
+            heartbeat(step=step, phase="done", loss=smooth_loss / (1 - 0.9**step), val_bpb=val_bpb, checkpoint=step)
+            cleanup_distributed()
+            return 0
+
+        if step >= num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
+            if val_bpb_step == step:
+                print0(f"nothing to do: the final checkpoint at step {step} reaches num_iterations={num_iterations}")
+            elif not final_eval(step):
+                return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
+            return finished(step)
+
+        # ---- the loop: `step` counts completed optimizer steps ---------------------------------------------------
+        # Order within a step: train, log, save, then eval and samples, so a crash in eval never costs the
+        # checkpoint and a resumed run (which starts at the next step) does not repeat the eval of its first step.
+        first_step, smooth_tps, timed = step, 0.0, 0
+        while step < num_iterations:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(plan.grad_accum):
+                # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
+                # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
+                # overlaps the previous micro-batch's queued backward.
+                x, y = loader.next_batch()
+                with self.autocast:
+                    loss = train_model(x, y)
+                (loss / plan.grad_accum).backward()
+            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            optimizers.step(lrm, muon_momentum(step))
+            optimizers.zero_grad()
+            saver.settle()  # the snapshot of the step before, written during this one, is committed
+            loss_value = loss.item()  # the last micro-batch's loss on this rank: a cheap, honest progress signal
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            step += 1
+            if step > first_step + 1:  # the first step of a process includes compilation and warm-up
+                train_time += dt
+            else:  # where a (re)start spends its time, for scripts/bench_recovery.py and the curious
+                now = time.perf_counter()
+                print0(
+                    f"startup: {self.imported:.2f}s interpreter + imports, {self.t_pg - self.t0:.2f}s process group,"
+                    f" {self.t_found - self.t_pg:.2f}s finding the checkpoint, {self.t_model - self.t_found:.2f}s"
+                    f" building the model, {t_optim - self.t_model:.2f}s optimizers and data, {t_loaded - t_optim:.2f}s"
+                    f" loading the state, {now - t_loaded:.2f}s first step; {self.imported + now - self.t0:.2f}s in all"
+                )
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"loss is {loss_value} at step {step}; lower the learning rates or check the data"
+                )
+
+            smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
+            debiased = smooth_loss / (1 - 0.9**step)
+            tok_per_s = total_batch / dt
+            if step > first_step + 1:  # the smoothed rate leaves out the first step (compilation, warm-up)
+                timed += 1
+                smooth_tps = 0.9 * smooth_tps + 0.1 * tok_per_s
+            mfu_now = 100 * flops_per_token * tok_per_s / (peak * world) if peak else None
+            heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None,
+                      mfu=mfu_now, gpu_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                      checkpoint=saver.durable, phase="training")  # fmt: skip
+            if step % cfg.log_every == 0 or step == num_iterations:
+                mfu = f" | mfu {mfu_now:.1f}%" if peak else ""
+                print0(
+                    f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}"
+                    f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
+                    f" | total time {train_time / 60:.2f}m"
+                )
+                if wandb_run:
+                    wandb_run.log(
+                        {"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s}
+                    )
+            if fault:
+                fault.at_step(step, dist_info.rank)
+
+            last = step == num_iterations
+            signum = save_due(step, last, stop, dist_info, cfg.save_every, cfg.snapshot_every, save)
+            if signum and not last:
+                return stopped(stop, signum, step)
+            if last and dist_info.master:
+                snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory
+            if last:
+                if not final_eval(step):
+                    return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
+            elif cfg.eval_every > 0 and step % cfg.eval_every == 0:
+                if (bpb := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
+                    if cfg.save_every > 0 and step % cfg.save_every == 0:
+                        saver.finish()  # saved just before the evaluation (perhaps still in the background)
+                    else:
+                        save(step, f"signal:{signal.Signals(stop.decided).name}")
+                    return stopped(stop, stop.decided, step)
+                val_bpb, val_bpb_step = bpb, step
+            if sample is not None and sample_every > 0 and (last or step % sample_every == 0):
+                sample(step)
+
+        saver.finish()  # nothing should be in flight after the final save; this makes sure
+        crc = check_replicas(model, dist_info)
+        print0(f"weights identical on all {world} ranks (CRC32 {crc})")
+        print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
+        if wandb_run:
+            wandb_run.finish()
+        return finished(step)
+
+
+def _compile(cfg: LoopConfig, device: torch.device) -> bool:
+    if cfg.compile.lower() == "auto":
+        return device.type == "cuda"
+    return cfg.compile.lower() in ("true", "1")
+
+
+def _setup_wandb(cfg: LoopConfig, dist_info: DistInfo):
+    if cfg.run == "dummy" or not dist_info.master:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn0(f"--run={cfg.run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
+        return None
+    return wandb.init(project="nanochat", name=cfg.run, config=asdict(cfg))
