@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from nanochat.lifeline import writer_alive, writer_id
+
 if TYPE_CHECKING:
     import torch
 
@@ -377,11 +379,21 @@ def find_resume_point(
 
 def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
     """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
+    states = _load(directory, ckpt, device, _KINDS)
+    return states[0], states[1]
+
+
+def load_model(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> dict:
+    """The weights alone (a derived phase starts from them with an optimizer of its own)."""
+    return _load(directory, ckpt, device, ("model",))[0]
+
+
+def _load(directory: Path, ckpt: Checkpoint, device, kinds) -> list[dict]:
     import torch
 
     states = []
     on_cpu = torch.device(device).type == "cpu"
-    for kind in _KINDS:
+    for kind in kinds:
         # Memory-mapped, except the optimizer state on CPU: the optimizer keeps those very tensors, and a mapping
         # would pin the file (disk or shared memory, even once pruned) for the rest of the run.
         mmap = not (on_cpu and kind == "optim")
@@ -393,7 +405,7 @@ def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") 
         if torch.device(device).type != "cpu":
             state = _to_device(state, device)
         states.append(state)
-    return states[0], states[1]
+    return states
 
 
 def _to_device(obj, device):
@@ -482,44 +494,12 @@ def clean_temp(directory: Path) -> tuple[list[Path], list[Path]]:
         m = _TMP_WRITER.search(p.name)
         if not p.is_file():
             continue
-        if m and m.group(0)[1:] != writer_id() and _writer_alive(int(m.group(1)), m.group(2)):
+        if m and m.group(0)[1:] != writer_id() and writer_alive(int(m.group(1)), m.group(2)):
             kept.append(p)
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed, kept
-
-
-def writer_id(pid: int | None = None) -> str:
-    """`<pid>-<start time>` of a process (the start time in clock ticks since boot, from /proc; the pid alone where
-    there is no /proc): what a temp file's name says about who is writing it."""
-    pid = os.getpid() if pid is None else pid
-    start = _start_time(pid)
-    return f"{pid}-{start}" if start is not None else str(pid)
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
-
-
-def _writer_alive(pid: int, start: str | None) -> bool:
-    if not pid_alive(pid):
-        return False
-    return start is None or _start_time(pid) in (None, start)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, someone else's
-    return True
 
 
 def archive(directory: Path) -> Path | None:
@@ -584,6 +564,14 @@ def write(
     write_text_atomic(directory / file_name("meta", step), json.dumps(meta, indent=1), private)  # the commit point
 
 
+def write_record(directory: Path, kind: str, step: int, record: dict) -> Path:
+    """A JSON record about the checkpoint at `step` (e.g. chat_eval's scores), beside it as <kind>_<step>.json,
+    written atomically. Not a part of the checkpoint: it vouches for nothing, and pruning leaves it."""
+    path = directory / f"{kind}_{step:06d}.json"
+    write_text_atomic(path, json.dumps(record, indent=1))
+    return path
+
+
 def mark_latest(directory: Path, step: int) -> None:
     write_text_atomic(directory / LATEST, f"{step}\n")
 
@@ -598,6 +586,27 @@ def update_meta(directory: Path, step: int, **fields) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # lineage
+
+
+def source_record(directory: Path, ckpt: Checkpoint) -> dict:
+    """What a derived phase records of the checkpoint it started from: phase, directory, step, model checksum."""
+    model = ckpt.meta["files"][file_name("model", ckpt.step)]
+    return {"phase": ckpt.meta.get("phase", "base_train"), "dir": str(directory), "step": ckpt.step,
+            "model_xxh3_64": model.get("xxh3_64")}  # fmt: skip
+
+
+def source_changed(record: dict) -> str:
+    """'' if the checkpoint `record` describes is still there as it was, else what happened to it."""
+    if not record:
+        return ""
+    meta_path = Path(record["dir"]) / file_name("meta", record["step"])
+    try:
+        files = json.loads(meta_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "is gone or unreadable"
+    if files.get(file_name("model", record["step"]), {}).get("xxh3_64") != record.get("model_xxh3_64"):
+        return "was replaced by another model"
+    return ""
 
 
 def run_id(directory: Path, disk: Checkpoint | None = None) -> str | None:

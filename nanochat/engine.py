@@ -13,16 +13,35 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from nanochat import checkpoint
 from nanochat.calculator import calculate
-from nanochat.gpt import GPT, KVCache
+from nanochat.checkpoint import CheckpointError
+from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.tokenizer import Tokenizer
 
 PAD = -1  # the token reported for a row that has already finished
+
+
+def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """A model for inference from a checkpoint dir of any phase: the newest valid checkpoint, or the one at `step`
+    (verified either way), in eval mode. Returns (model, meta)."""
+    for ckpt in checkpoint.valid_newest_first(directory):
+        if step < 0 or ckpt.step == step:
+            break
+    else:
+        which = f"valid checkpoint at step {step}" if step >= 0 else "valid checkpoint"
+        raise CheckpointError(f"{directory} has no {which}: train one first, or pick another with --step")
+    with torch.device(device):
+        model = GPT(GPTConfig(**ckpt.meta["model_config"]))
+    model.to(device)
+    model.load_state_dict(checkpoint.load_model(directory, ckpt, device))
+    return model.eval(), ckpt.meta
 
 
 def sample_next(

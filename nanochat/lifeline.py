@@ -1,10 +1,12 @@
-"""Never outlive the launcher: the parent-death signal, in a module that imports nothing slow (no torch), so a
-process can set it before its first second of imports."""
+"""Processes: never outlive the launcher (the parent-death signal), and tell who is alive (a pid, and a pid with
+its start time, which a reused pid does not share). Imports nothing slow (no torch), so a process can arm the
+signal before its first second of imports."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 
@@ -30,3 +32,35 @@ def orphaned() -> bool:
         return b"torch" not in open("/proc/1/cmdline", "rb").read()
     except OSError:
         return False
+
+
+def writer_id(pid: int | None = None) -> str:
+    """`<pid>-<start time>` of a process (the start time in clock ticks since boot, from /proc; the pid alone where
+    there is no /proc): what a temp file's name says about who is writing it."""
+    pid = os.getpid() if pid is None else pid
+    start = start_time(pid)
+    return f"{pid}-{start}" if start is not None else str(pid)
+
+
+def start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
+
+
+def writer_alive(pid: int, start: str | None) -> bool:
+    if not pid_alive(pid):
+        return False
+    return start is None or start_time(pid) in (None, start)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, someone else's
+    return True

@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat.checkpoint import CheckpointError, make_dir, pid_alive
+from nanochat.checkpoint import CheckpointError, make_dir
+from nanochat.lifeline import pid_alive
 
 LOCKS = {"supervisor": ".nanochat-run.lock", "trainer": ".trainer.lock"}
 

@@ -22,7 +22,8 @@ def evaluate_bpb(
 ) -> float | None:
     """Sum of per-token losses (nats) over the sum of the UTF-8 bytes those tokens stand for, in bits.
 
-    Special tokens (0 bytes) are left out of both sums. Summed across ranks, so every rank gets the same number.
+    Special tokens (0 bytes) and ignored targets (-1) are left out of both sums. Summed across ranks, so every
+    rank gets the same number.
     `between(batches_done, exhausted)` runs after every batch on every rank: it reports progress and returns what
     the ranks agreed on (one small collective), (stop, ended). Stop: a stop signal arrived, and the evaluation is
     abandoned (the result is None). Ended: some rank's share of the validation split ran out, and every rank ends
@@ -39,7 +40,7 @@ def evaluate_bpb(
             exhausted = True
         if not exhausted:
             loss = model(x, y, reduction="none").double()
-            b = token_bytes[y]
+            b = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)  # an ignored target (-1) counts no bytes
             nats += (loss * (b > 0)).sum()
             nbytes += b.sum()
         stop, ended = between(done + 1, exhausted) if between is not None else (False, exhausted)

@@ -29,3 +29,33 @@ def checkpoint_tag(model_tag: str, depth: int) -> str:
             " under base_checkpoints/; use --checkpoint_dir for another place"
         )
     return model_tag or f"d{depth}"
+
+
+# The training phases, in order: where each keeps its checkpoints, which phase it starts from, its script.
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
+SOURCE_PHASE = {"mid": "base", "sft": "mid"}
+PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
+
+
+def only_model(phase: str) -> str:
+    """The tag of the one model a phase's folder holds; with none or several, a one-line ConfigError (a guess
+    could continue the wrong model)."""
+    where = get_base_dir() / PHASE_DIRS[phase]
+    found = sorted(p.name for p in where.glob("*") if p.is_dir() and not p.name.endswith(".run"))
+    if len(found) != 1:
+        raise ConfigError(
+            f"no model in {where}: train that phase first, or name the checkpoint dir" if not found
+            else f"{where} holds several models ({', '.join(found)}): pick one with --model_tag"
+        )  # fmt: skip
+    return found[0]
+
+
+def phase_dirs(phase: str, model_tag: str, checkpoint_dir: str = "", source_dir: str = "") -> tuple[Path, Path | None]:
+    """(checkpoint dir, source dir) of a chat phase (mid, sft). The tag defaults to the one model of the phase it
+    starts from."""
+    source = SOURCE_PHASE[phase]
+    tag = checkpoint_tag(model_tag, DEFAULT_DEPTH) if model_tag else ""
+    if not tag and not (checkpoint_dir and source_dir):
+        tag = only_model(source)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else get_base_dir() / PHASE_DIRS[phase] / tag
+    return ckpt_dir, Path(source_dir) if source_dir else get_base_dir() / PHASE_DIRS[source] / tag

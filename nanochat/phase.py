@@ -87,7 +87,7 @@ class LoopConfig:
             raise ConfigError(f"--device_type must be auto, cuda or cpu, got {self.device_type!r}")
         if self.compile.lower() not in ("auto", "true", "false", "1", "0"):
             raise ConfigError(f"--compile must be auto, True or False, got {self.compile!r}")
-        for key in ("max_seq_len", "device_batch_size", "log_every"):
+        for key in ("device_batch_size", "log_every"):  # max_seq_len: the phase checks it (chat phases allow -1)
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
         if self.total_batch_size == 0 or self.total_batch_size < -1:

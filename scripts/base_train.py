@@ -43,7 +43,7 @@ class TrainConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("depth", "head_dim"):
+        for key in ("depth", "head_dim", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
         if self.sample_every == 0:

@@ -28,7 +28,7 @@ _EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?")
 _FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?:\s*\(pid:\s*(\d+)\))?", re.S)
 _ERRFILE = re.compile(r"error_file\s*:\s*(\S+)")
 _WORKER_LINE = re.compile(r"^\[default\d+\]:", re.M)  # --tee prefixes every worker's output line with this
-_TRAINER_ERROR = re.compile(r"base_train: error: (.+)")
+_TRAINER_ERROR = re.compile(r"\b(?:base_train|mid_train|chat_sft|chat_rl): error: (.+)")
 _TIMEOUT_WORDS = ("watchdog caught collective operation timeout", "collective operation timeout", "timed out")
 
 

@@ -21,7 +21,15 @@ import typer
 from nanochat import checkpoint, snapshots
 from nanochat.config import ConfigError, HelpRequested, describe, parse_args
 from nanochat.locks import LockError, lock_holder
-from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, get_base_dir
+from nanochat.paths import (
+    DEFAULT_DEPTH,
+    PHASE_DIRS,
+    PHASE_SCRIPTS,
+    checkpoint_tag,
+    get_base_dir,
+    only_model,
+    phase_dirs,
+)
 from supervisor import report, tail
 from supervisor.records import RunDir, read_events
 
@@ -50,6 +58,10 @@ def _root(
 
 
 DEFAULT_SCRIPT = "scripts.base_train"
+CONFIGS = {"scripts.base_train": "TrainConfig", "scripts.mid_train": "MidConfig", "scripts.chat_sft": "SFTConfig"}
+PhaseOption = Annotated[
+    str, typer.Option(help="The training phase: base, mid (midtraining) or sft; picks its checkpoint folder.")
+]
 DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
 GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
 
@@ -59,9 +71,16 @@ class UsageProblem(Exception):
 
 
 def resolve_dirs(
-    checkpoint_dir: Path | None, run_dir: Path | None, depth: int | None, model_tag: str | None, new: bool = False
+    checkpoint_dir: Path | None,
+    run_dir: Path | None,
+    depth: int | None,
+    model_tag: str | None,
+    new: bool = False,
+    phase: str = "base",
 ) -> tuple[Path, Path]:
     """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
+    if phase not in PHASE_DIRS:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_DIRS)}, got {phase!r}")
     if checkpoint_dir is None and run_dir is not None:
         if not new and not run_dir.is_dir():  # status and prune read an existing run; train may start one
             raise UsageProblem(f"no run dir at {run_dir}: pass the run dir of a supervised run, or --checkpoint-dir")
@@ -69,11 +88,14 @@ def resolve_dirs(
         if starts:
             checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
     if checkpoint_dir is None:
-        try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/
-            tag = checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH)
+        try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/ (or the phase's)
+            if phase == "base" or model_tag:
+                tag = checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH)
+            else:
+                tag = only_model(phase)
         except ConfigError as e:
             raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
-        checkpoint_dir = get_base_dir() / "base_checkpoints" / tag
+        checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / tag
     checkpoint_dir = checkpoint_dir.expanduser().resolve()
     return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
 
@@ -138,7 +160,10 @@ def train(
     model_tag: Annotated[str | None, typer.Option(help="Checkpoint subfolder name (default d<depth>).")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
-    script: Annotated[str, typer.Option(help="The training module torchrun runs on every worker.")] = DEFAULT_SCRIPT,
+    phase: PhaseOption = "base",
+    script: Annotated[
+        str | None, typer.Option(help="The training module torchrun runs on every worker (default: the phase's).")
+    ] = None,
     nproc_per_node: Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")] = None,
     nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
     node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
@@ -182,6 +207,9 @@ def train(
     from supervisor.policy import Policy
 
     extra = list(ctx.args)
+    if phase not in PHASE_SCRIPTS:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_SCRIPTS)}, got {phase!r}")
+    script = script or PHASE_SCRIPTS[phase]
     check_launch(script, nproc_per_node, nnodes, node_rank, progress_every)
     for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):
         if value < 0 or (name == "max_no_progress" and value < 1):
@@ -196,21 +224,21 @@ def train(
                 "model_tag": model_tag}  # fmt: skip
     trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + extra
     dist_timeout, fresh, budget = DEFAULT_DIST_TIMEOUT, False, None
-    if script == DEFAULT_SCRIPT:  # check the trainer's settings now, not after torchrun has started
-        from scripts.base_train import TrainConfig
-
+    if script in CONFIGS:  # a phase of ours: check its settings now, not after torchrun has started
         try:
-            cfg, _ = parse_args(TrainConfig(), trainer_args)
+            cfg, _ = parse_args(getattr(importlib.import_module(script), CONFIGS[script])(), trainer_args)
+            if cfg.checkpoint_dir and checkpoint_dir is None:
+                checkpoint_dir = Path(cfg.checkpoint_dir)
+            if script != "scripts.base_train" and checkpoint_dir is None:  # where the chat phase will save
+                checkpoint_dir = phase_dirs(phase, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)[0]
         except ConfigError as e:
             raise UsageProblem(f"trainer setting: {e}") from None
         except HelpRequested as h:  # `nanochat-run train -- --help`: the trainer's settings
             print(h)
             raise typer.Exit(0) from None
-        depth, model_tag = cfg.depth, cfg.model_tag or None
+        depth, model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
         if cfg.device_type != "cpu":
             check_torch_sees_the_gpus()
-        if cfg.checkpoint_dir and checkpoint_dir is None:
-            checkpoint_dir = Path(cfg.checkpoint_dir)
         dist_timeout, fresh = cfg.dist_timeout, not cfg.resume
         budget = cfg.num_iterations if cfg.num_iterations > 0 else None
     ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, new=True)
@@ -220,7 +248,7 @@ def train(
     opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
                         hang_timeout, startup_timeout, grace, fresh, budget, policy)  # fmt: skip
     if dry_run:
-        print_dry_run(Agent(opts, Display()), script == DEFAULT_SCRIPT)
+        print_dry_run(Agent(opts, Display()), script in CONFIGS)
         return
     display = make_display(progress_every)
     display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
@@ -241,9 +269,8 @@ def print_dry_run(agent, resolve: bool) -> None:
     spec = agent.launch_spec(agent.run_dir.attempt(agent.run_dir.next_attempt()))
     print(shlex.join(spec.command()))
     if resolve:
-        from scripts.base_train import TrainConfig
-
-        print(f"trainer settings of the first attempt:\n{describe(parse_args(TrainConfig(), spec.trainer_args)[0])}")
+        defaults = getattr(importlib.import_module(spec.script), CONFIGS[spec.script])()
+        print(f"trainer settings of the first attempt:\n{describe(parse_args(defaults, spec.trainer_args)[0])}")
     o = agent.opts
     print(
         f"supervisor: --max-restarts={o.policy.max_restarts} --grace-period={o.grace_period:g}s"
@@ -290,11 +317,12 @@ def status(
         bool, typer.Option(help="Refresh until the run ends, then print the final status (Ctrl+C stops watching).")
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    phase: PhaseOption = "base",
 ) -> None:
     """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run."""
     if interval <= 0:
         raise UsageProblem(f"--interval must be > 0 seconds, got {interval:g}")
-    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
     if not watch:
@@ -350,11 +378,12 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the run's supervisor is gone (Ctrl+C stops).")
     ] = False,
+    phase: PhaseOption = "base",
 ) -> None:
     """Print an attempt's log: torchrun's output (every rank's lines), or one rank's stdout and stderr."""
     if rank is not None and rank < 0:
         raise UsageProblem(f"--rank must be >= 0, got {rank}")
-    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not run_path.is_dir():
         raise UsageProblem(f"no run dir at {run_path}: pass --run-dir, or the --checkpoint-dir of a supervised run")
     run = RunDir(run_path)
@@ -397,6 +426,7 @@ def prune(
             " checkpoint dir is gone or holds another run, or they are not newer than its newest checkpoint.",
         ),
     ] = False,
+    phase: PhaseOption = "base",
 ) -> None:
     """Delete old checkpoints by the checkpoint module's rules: never the newest valid, the final or a damaged one."""
     if stale_snapshots:
@@ -404,7 +434,7 @@ def prune(
         return
     if keep < 1:
         raise UsageProblem(f"--keep must be >= 1, got {keep}")
-    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag)
+    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
     if not any(c.committed for c in checkpoint.scan(ckpt_dir)):

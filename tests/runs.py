@@ -48,13 +48,16 @@ LONG = ["--num_iterations=100000", "--save_every=0"]  # runs until a signal stop
 # ---- running the trainer -----------------------------------------------------------------------------------
 
 
-def command(ckpt_dir: Path, args: tuple[str, ...], nproc: int) -> list[str]:
+def command(
+    ckpt_dir: Path, args: tuple[str, ...], nproc: int, module: str = "scripts.base_train", tiny: list[str] = TINY
+) -> list[str]:
+    """A training phase's command line: `tiny` settings first (base training's by default), then `args`."""
     if nproc == 1:
-        launcher = [sys.executable, "-m", "scripts.base_train"]
+        launcher = [sys.executable, "-m", module]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        launcher += ["-m", "scripts.base_train", "--"]
-    return [*launcher, *TINY, f"--checkpoint_dir={ckpt_dir}", *args]
+        launcher += ["-m", module, "--"]
+    return [*launcher, *tiny, f"--checkpoint_dir={ckpt_dir}", *args]
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -66,9 +69,12 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def train(env: dict, ckpt_dir: Path, *args: str, nproc: int = 1, timeout: float = 180, **kw):
+def train(
+    env: dict, ckpt_dir: Path, *args: str, nproc: int = 1, timeout: float = 180, module: str = "scripts.base_train",
+    tiny: list[str] = TINY, **kw,
+):  # fmt: skip
     """Run the trainer to the end; returns a CompletedProcess with its output."""
-    cmd = command(ckpt_dir, args, nproc)
+    cmd = command(ckpt_dir, args, nproc, module, tiny)
     popen = dict(env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with subprocess.Popen(cmd, **popen, start_new_session=True, **kw) as proc:
         try:
@@ -82,9 +88,12 @@ def train(env: dict, ckpt_dir: Path, *args: str, nproc: int = 1, timeout: float 
 class Trainer:
     """A trainer running in the background whose output we read line by line, to signal it at the right moment."""
 
-    def __init__(self, env: dict, ckpt_dir: Path, *args: str, nproc: int = 1) -> None:
+    def __init__(
+        self, env: dict, ckpt_dir: Path, *args: str, nproc: int = 1, module: str = "scripts.base_train",
+        tiny: list[str] = TINY,
+    ) -> None:  # fmt: skip
         self.proc = subprocess.Popen(
-            command(ckpt_dir, args, nproc),
+            command(ckpt_dir, args, nproc, module, tiny),
             env=env,
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
@@ -211,12 +220,12 @@ def assert_same_final_state(d: Path, reference: Path, step: int = 12) -> None:
     assert got_meta["smooth_loss"] == want_meta["smooth_loss"]
 
 
-def one_line_error(proc: subprocess.CompletedProcess, code: int = EXIT_REFUSED) -> str:
+def one_line_error(proc: subprocess.CompletedProcess, code: int = EXIT_REFUSED, name: str = "base_train") -> str:
     """The run failed the way users should see it fail: one `base_train: error:` line, no traceback, and the exit
     status the supervisor acts on (2: refused, never restarted; 74: a storage error, restarted with backoff)."""
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("base_train: error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(f"{name}: error:")]
     assert len(errors) == 1, proc.stderr
     return errors[0]
 

@@ -1,0 +1,182 @@
+"""What midtraining and SFT share on top of a Phase: the checkpoint they start from (the previous phase's final one,
+recorded in every checkpoint of theirs as its source), the chat settings, the task mixtures and the evaluation.
+
+    base_checkpoints/<tag>  --mid_train-->  mid_checkpoints/<tag>  --chat_sft-->  chatsft_checkpoints/<tag>
+
+A fresh phase loads its source's weights (never its optimizer state); a resumed phase loads only its own
+checkpoint, and says so if its source has changed since it started from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from nanochat import checkpoint
+from nanochat.chat_data import PackedLoader, PaddedLoader, mean_tokens
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import print0, warn0
+from nanochat.config import ConfigError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import OptimConfig, Optimizers
+from nanochat.paths import phase_dirs
+from nanochat.phase import LoopConfig, Phase
+from nanochat.tasks import BUILTIN_TASKS, TaskMixture, get_task, parse_mixture_spec
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
+
+BUILTIN_MIXTURE = "arithmetic,spelling,choice,identity"
+
+
+@dataclass
+class ChatConfig(LoopConfig):
+    max_seq_len: int = -1  # context length in tokens; -1 = the source model's
+    # source: the checkpoint this phase starts from
+    source_dir: str = ""  # default $NANOCHAT_BASE_DIR/<previous phase's dir>/<model_tag>
+    source_step: int = -1  # -1 = the source's final checkpoint
+    # data (nanochat/tasks): name[:weight],... ; the downloaded tasks need the `datasets` package
+    tasks: str = BUILTIN_MIXTURE  # the training mixture, e.g. smoltalk,mmlu,gsm8k:2,identity
+    eval_tasks: str = ""  # evaluated on their test split; default: the training tasks
+    task_size: int = 10000  # examples per generated task and split (the downloaded tasks have their own sizes)
+    num_epochs: float = 1.0  # the horizon when num_iterations is -1: passes over the training mixture
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_seq_len == 0 or self.max_seq_len < -1:
+            raise ConfigError(f"--max_seq_len must be >= 1 or -1 (the source model's), got {self.max_seq_len}")
+        if self.source_step < -1 or self.task_size < 1 or self.num_epochs <= 0:
+            raise ConfigError("--source_step must be >= 0 (or -1), --task_size >= 1 and --num_epochs > 0")
+        for spec in filter(None, (self.tasks, self.eval_tasks)):
+            try:
+                parse_mixture_spec(spec)  # names and weights only: nothing is loaded yet
+            except ValueError as e:
+                raise ConfigError(f"--tasks / --eval_tasks: {e}") from None
+
+
+def check_tokenizer(tokenizer: Tokenizer) -> None:
+    try:
+        for token in SPECIAL_TOKENS:
+            tokenizer.special_id(token)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def find_source(phase: Phase, source_dir: Path, step: int) -> checkpoint.Checkpoint:
+    """The source checkpoint: its final one (or the valid one at `step`). Rank 0 verifies it, the others hear."""
+    found: list = [None, None]
+    if phase.dist.master:
+        try:
+            for ckpt in checkpoint.valid_newest_first(source_dir, warn0):
+                if ckpt.step == step or step < 0 and ckpt.final:
+                    found[0] = ckpt
+                    break
+            else:
+                which = f"valid checkpoint at step {step}" if step >= 0 else "valid final checkpoint"
+                found[1] = CheckpointError(
+                    f"{source_dir} has no {which} to start from: finish the previous phase first, or pick another"
+                    " with --source_dir / --source_step (nothing was changed)"
+                )
+        except OSError as e:
+            found[1] = CheckpointError(f"cannot read the source {source_dir} ({e.strerror or e})")
+    if phase.dist.is_distributed:
+        dist.broadcast_object_list(found, src=0)
+    if found[1] is not None:
+        raise found[1]
+    return found[0]
+
+
+def start_model(phase: Phase, source_dir: Path, cfg: ChatConfig, tokenizer: Tokenizer) -> tuple[GPT, dict]:
+    """The model (its source's weights, or nothing loaded when resuming) and the source record for the meta."""
+    if phase.resume_from is not None:  # only its own checkpoint; the source merely gets checked
+        saved = phase.resume_from[1].meta
+        record, model_cfg = saved.get("source", {}), GPTConfig(**saved["model_config"])
+        if changed := checkpoint.source_changed(record):
+            warn0(f"this phase started from {record.get('dir')} step {record.get('step')}, which {changed} since;"
+                  " resuming from this phase's own checkpoint")  # fmt: skip
+        return phase.build(model_cfg, init=lambda m: None), record
+    source = find_source(phase, source_dir, cfg.source_step)
+    model_cfg = GPTConfig(**source.meta["model_config"])
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"the model in {source_dir} has a vocabulary of {model_cfg.vocab_size}, the tokenizer"
+            f" {tokenizer.vocab_size}: it was trained with another tokenizer; retrain the base model with this one"
+        )
+    record = checkpoint.source_record(source_dir, source)
+    print0(f"starting from {source_dir} step {source.step} ({record.get('phase')})")
+
+    def init(model: GPT) -> None:
+        model.load_state_dict(checkpoint.load_model(source_dir, source, phase.device))
+
+    return phase.build(model_cfg, init), record
+
+
+def seq_len(cfg: ChatConfig, model: GPT) -> int:
+    if cfg.max_seq_len > model.config.sequence_len:
+        raise ConfigError(f"--max_seq_len={cfg.max_seq_len} exceeds the model's context {model.config.sequence_len}")
+    return cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
+
+
+def mixtures(cfg: ChatConfig, phase: Phase) -> tuple[TaskMixture, TaskMixture]:
+    """(training mixture, evaluation mixture), each sharded by rank; a task that cannot load is a one-line error."""
+    rank, world = phase.dist.rank, phase.dist.world_size
+
+    def mixture(spec: str, split: str, size: int) -> TaskMixture:
+        entries = parse_mixture_spec(spec)
+        sized = lambda name: {"size": size} if name in BUILTIN_TASKS else {}  # noqa: E731 - downloaded: fixed
+        tasks = [get_task(name, split, cfg.seed, **sized(name)) for name, _ in entries]
+        return TaskMixture(tasks, [w for _, w in entries], seed=cfg.seed, rank=rank, world_size=world)
+
+    try:
+        test_size = cfg.task_size // 20 + 1  # 500 test conversations per generated task by default
+        return mixture(cfg.tasks, "train", cfg.task_size), mixture(cfg.eval_tasks or cfg.tasks, "test", test_size)
+    except ValueError as e:  # TaskUnavailable, an empty mixture
+        raise ConfigError(str(e)) from None
+
+
+def epochs_horizon(cfg: ChatConfig, tokenizer: Tokenizer, mixture: TaskMixture, T: int, per_row: bool):
+    """num_epochs passes over the mixture, in optimizer steps, given the tokens (or rows, `per_row`) per step."""
+    examples = sum(len(t) for t, w in zip(mixture.tasks, mixture.weights) if w > 0)
+    tokens = examples * (T if per_row else mean_tokens(tokenizer, mixture, T + 1))
+    return lambda per_step: round(cfg.num_epochs * tokens / per_step)
+
+
+def evaluator(model: GPT, mixture: TaskMixture, loader_cls, B: int, T: int, steps: int, tokenizer: Tokenizer,
+              phase: Phase):  # fmt: skip
+    """Bits per byte on the evaluation mixture's test conversations, scored on what the phase trains on (every
+    token when packed, the assistant's when padded). Every evaluation reads the same conversations, so they
+    compare across steps and restarts."""
+    token_bytes = tokenizer.token_bytes().to(phase.device)
+    start = mixture.state_dict()
+
+    def evaluate(step: int, between) -> float | None:
+        mixture.load_state_dict(start)
+        return evaluate_bpb(model, loader_cls(tokenizer, mixture, B, T, phase.device), steps, token_bytes, between)
+
+    return evaluate
+
+
+def train_chat(name: str, cfg: ChatConfig, overrides: dict, phase_key: str, packed: bool) -> int:
+    """A chat phase from start to end: `packed` (midtraining) lays conversations end to end and trains on every
+    token; otherwise (SFT) each gets a padded row and only the assistant's tokens are trained on."""
+    tokenizer = get_tokenizer()
+    check_tokenizer(tokenizer)
+    # before the phase starts, so that a missing source moves nothing
+    ckpt_dir, source_dir = phase_dirs(phase_key, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
+    phase = Phase(name, cfg, ckpt_dir, overrides)
+    model, source = start_model(phase, source_dir, cfg, tokenizer)
+    T, B = seq_len(cfg, model), cfg.device_batch_size
+    train_mix, test_mix = mixtures(cfg, phase)
+    plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=not packed))
+    optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
+    optimizers = Optimizers(model, optim_cfg, phase.dist.rank, phase.dist.world_size)
+    loader_cls = PackedLoader if packed else PaddedLoader
+    loader = loader_cls(tokenizer, train_mix, B, T, phase.device)
+    evaluate = evaluator(model, test_mix, loader_cls, B, T, plan.eval_steps, tokenizer, phase)
+    code = phase.train(model, optimizers, loader, plan, evaluate, meta={"source": source, "tasks": cfg.tasks})
+    if not packed and loader.slots:
+        print0(
+            f"padding: {100 * (1 - loader.targets / loader.slots):.1f}% of the row positions (rank 0) trained nothing"
+        )
+    return code
