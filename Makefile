@@ -51,12 +51,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install  # ~20 minutes on 2 cores; each script prints ratios measured side by side
+bench: install  # ~23 minutes on 2 cores; each script prints ratios measured side by side
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m scripts.bench_train
 	$(BIN)/python -m scripts.bench_checkpoint
 	$(BIN)/python -m scripts.bench_writer
 	$(BIN)/python -m scripts.bench_recovery
+	$(BIN)/python -m scripts.bench_chat
 
 clean:
 	rm -rf $(VENV) .pytest_cache

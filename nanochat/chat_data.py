@@ -13,20 +13,27 @@ import random
 import torch
 
 from nanochat.config import ConfigError
-from nanochat.tasks import TaskMixture
+from nanochat.tasks import Task, TaskMixture
 from nanochat.tokenizer import Tokenizer
 
 IGNORE = -1  # a target the loss skips (cross_entropy's ignore_index in GPT.forward)
 
 
+MAX_SKIPS = 1000  # conversations in a row with nothing to train on before a padded loader gives up
+
+
 def render(tokenizer: Tokenizer, mixture: TaskMixture, max_tokens: int) -> tuple[list[int], list[int]]:
-    """The mixture's next conversation, rendered; a malformed one is a one-line error naming it (exit 2)."""
+    """The mixture's next conversation, rendered."""
     task, index = mixture.advance()
+    return render_one(tokenizer, mixture.tasks[task], index, max_tokens)
+
+
+def render_one(tokenizer: Tokenizer, task: Task, index: int, max_tokens: int) -> tuple[list[int], list[int]]:
+    """Example `index` of `task`, rendered; a malformed one is a one-line error naming it (exit 2)."""
     try:
-        return tokenizer.render_conversation(mixture.tasks[task][index], max_tokens)
+        return tokenizer.render_conversation(task[index], max_tokens)
     except ValueError as e:
-        which = mixture.tasks[task]
-        raise ConfigError(f"task {which.name} ({which.split}) example {index}: {e}") from None
+        raise ConfigError(f"task {task.name} ({task.split}) example {index}: {e}") from None
 
 
 def mean_tokens(tokenizer: Tokenizer, mixture: TaskMixture, max_tokens: int, sample: int = 256) -> float:
@@ -37,8 +44,8 @@ def mean_tokens(tokenizer: Tokenizer, mixture: TaskMixture, max_tokens: int, sam
     for _ in range(sample):
         task = rng.choices(range(len(mixture.tasks)), weights=mixture.weights)[0]
         if len(mixture.tasks[task]):
-            conversation = mixture.tasks[task][rng.randrange(len(mixture.tasks[task]))]
-            lengths.append(len(tokenizer.render_conversation(conversation, max_tokens)[0]))
+            index = rng.randrange(len(mixture.tasks[task]))
+            lengths.append(len(render_one(tokenizer, mixture.tasks[task], index, max_tokens)[0]))
     return sum(lengths) / max(1, len(lengths))
 
 
@@ -67,7 +74,7 @@ class PackedLoader:
 
     def load_resharded(self, states: list[dict]) -> None:
         """Another world size: go on from the furthest rank's position (the others' leftovers are dropped)."""
-        self.mixture.load_state_dict(max((s["mixture"] for s in states), key=lambda m: m["step"]))
+        self.mixture.load_state_dict(furthest(states))
         self.buffer = []
 
 
@@ -84,7 +91,14 @@ class PaddedLoader:
         y = torch.full((self.B, self.T), IGNORE, dtype=torch.long)
         for row in range(self.B):
             ids, mask = render(self.tokenizer, self.mixture, self.T + 1)
+            skipped = 0
             while not any(mask[1:]):  # cut before the assistant's first token: nothing to learn from it
+                skipped += 1
+                if skipped == MAX_SKIPS:
+                    raise ConfigError(
+                        f"{MAX_SKIPS} conversations in a row end before the assistant speaks at --max_seq_len="
+                        f"{self.T}: raise it, or use tasks with shorter prompts"
+                    )
                 ids, mask = render(self.tokenizer, self.mixture, self.T + 1)
             n = len(ids) - 1
             x[row, :n] = torch.tensor(ids[:-1])
@@ -100,4 +114,10 @@ class PaddedLoader:
         self.mixture.load_state_dict(state["mixture"])
 
     def load_resharded(self, states: list[dict]) -> None:
-        self.mixture.load_state_dict(states[0]["mixture"])  # every rank draws one conversation per row: in step
+        """Another world size: go on from the furthest rank's position (ranks skip different conversations)."""
+        self.mixture.load_state_dict(furthest(states))
+
+
+def furthest(states: list[dict]) -> dict:
+    """Of the ranks' saved loader states, the mixture position furthest along: no draw is seen twice."""
+    return max((s["mixture"] for s in states), key=lambda m: m["step"])

@@ -9,6 +9,7 @@ checkpoint, and says so if its source has changed since it started from it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,10 @@ class ChatConfig(LoopConfig):
         super().__post_init__()
         if self.max_seq_len == 0 or self.max_seq_len < -1:
             raise ConfigError(f"--max_seq_len must be >= 1 or -1 (the source model's), got {self.max_seq_len}")
-        if self.source_step < -1 or self.task_size < 1 or self.num_epochs <= 0:
-            raise ConfigError("--source_step must be >= 0 (or -1), --task_size >= 1 and --num_epochs > 0")
+        if self.source_step < -1:
+            raise ConfigError(f"--source_step must be a step >= 0 (or -1: the final one), got {self.source_step}")
+        if self.task_size < 1 or self.num_epochs <= 0:
+            raise ConfigError(f"--task_size must be >= 1 and --num_epochs > 0, got {self.task_size}, {self.num_epochs}")
         for spec in filter(None, (self.tasks, self.eval_tasks)):
             try:
                 parse_mixture_spec(spec)  # names and weights only: nothing is loaded yet
@@ -92,17 +95,14 @@ def start_model(phase: Phase, source_dir: Path, cfg: ChatConfig, tokenizer: Toke
     if phase.resume_from is not None:  # only its own checkpoint; the source merely gets checked
         saved = phase.resume_from[1].meta
         record, model_cfg = saved.get("source", {}), GPTConfig(**saved["model_config"])
+        same_vocab(model_cfg, tokenizer, phase.ckpt_dir)
         if changed := checkpoint.source_changed(record):
             warn0(f"this phase started from {record.get('dir')} step {record.get('step')}, which {changed} since;"
                   " resuming from this phase's own checkpoint")  # fmt: skip
         return phase.build(model_cfg, init=lambda m: None), record
     source = find_source(phase, source_dir, cfg.source_step)
     model_cfg = GPTConfig(**source.meta["model_config"])
-    if model_cfg.vocab_size != tokenizer.vocab_size:
-        raise CheckpointError(
-            f"the model in {source_dir} has a vocabulary of {model_cfg.vocab_size}, the tokenizer"
-            f" {tokenizer.vocab_size}: it was trained with another tokenizer; retrain the base model with this one"
-        )
+    same_vocab(model_cfg, tokenizer, source_dir)
     record = checkpoint.source_record(source_dir, source)
     print0(f"starting from {source_dir} step {source.step} ({record.get('phase')})")
 
@@ -112,15 +112,22 @@ def start_model(phase: Phase, source_dir: Path, cfg: ChatConfig, tokenizer: Toke
     return phase.build(model_cfg, init), record
 
 
+def same_vocab(model_cfg: GPTConfig, tokenizer: Tokenizer, where: Path) -> None:
+    if model_cfg.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(
+            f"the model in {where} has a vocabulary of {model_cfg.vocab_size}, the tokenizer {tokenizer.vocab_size}:"
+            " it was trained with another tokenizer; use that one, or retrain the base model with this one"
+        )
+
+
 def seq_len(cfg: ChatConfig, model: GPT) -> int:
     if cfg.max_seq_len > model.config.sequence_len:
         raise ConfigError(f"--max_seq_len={cfg.max_seq_len} exceeds the model's context {model.config.sequence_len}")
     return cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
 
 
-def mixtures(cfg: ChatConfig, phase: Phase) -> tuple[TaskMixture, TaskMixture]:
+def mixtures(cfg: ChatConfig, rank: int, world: int) -> tuple[TaskMixture, TaskMixture]:
     """(training mixture, evaluation mixture), each sharded by rank; a task that cannot load is a one-line error."""
-    rank, world = phase.dist.rank, phase.dist.world_size
 
     def mixture(spec: str, split: str, size: int) -> TaskMixture:
         entries = parse_mixture_spec(spec)
@@ -162,12 +169,13 @@ def train_chat(name: str, cfg: ChatConfig, overrides: dict, phase_key: str, pack
     token; otherwise (SFT) each gets a padded row and only the assistant's tokens are trained on."""
     tokenizer = get_tokenizer()
     check_tokenizer(tokenizer)
-    # before the phase starts, so that a missing source moves nothing
+    # before the phase starts (and holds, maybe archives, its directory): a missing source folder or a task that
+    # cannot load changes nothing (torchrun's RANK and WORLD_SIZE: the process group comes with the phase)
     ckpt_dir, source_dir = phase_dirs(phase_key, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
+    train_mix, test_mix = mixtures(cfg, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     phase = Phase(name, cfg, ckpt_dir, overrides)
     model, source = start_model(phase, source_dir, cfg, tokenizer)
     T, B = seq_len(cfg, model), cfg.device_batch_size
-    train_mix, test_mix = mixtures(cfg, phase)
     plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=not packed))
     optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
     optimizers = Optimizers(model, optim_cfg, phase.dist.rank, phase.dist.world_size)

@@ -591,7 +591,7 @@ def update_meta(directory: Path, step: int, **fields) -> None:
 def source_record(directory: Path, ckpt: Checkpoint) -> dict:
     """What a derived phase records of the checkpoint it started from: phase, directory, step, model checksum."""
     model = ckpt.meta["files"][file_name("model", ckpt.step)]
-    return {"phase": ckpt.meta.get("phase", "base_train"), "dir": str(directory), "step": ckpt.step,
+    return {"phase": ckpt.meta.get("phase", "base_train"), "dir": str(directory.resolve()), "step": ckpt.step,
             "model_xxh3_64": model.get("xxh3_64")}  # fmt: skip
 
 

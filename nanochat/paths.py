@@ -26,7 +26,7 @@ def checkpoint_tag(model_tag: str, depth: int) -> str:
     if "/" in model_tag or "\\" in model_tag or ".." in model_tag:
         raise ConfigError(
             f"--model_tag={model_tag!r} must be a plain name (no '/', '\\' or '..'): it names a folder"
-            " under base_checkpoints/; use --checkpoint_dir for another place"
+            " under base_checkpoints/ (or the phase's folder); use --checkpoint_dir for another place"
         )
     return model_tag or f"d{depth}"
 
@@ -58,4 +58,8 @@ def phase_dirs(phase: str, model_tag: str, checkpoint_dir: str = "", source_dir:
     if not tag and not (checkpoint_dir and source_dir):
         tag = only_model(source)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else get_base_dir() / PHASE_DIRS[phase] / tag
-    return ckpt_dir, Path(source_dir) if source_dir else get_base_dir() / PHASE_DIRS[source] / tag
+    source_path = Path(source_dir) if source_dir else get_base_dir() / PHASE_DIRS[source] / tag
+    if not source_path.is_dir() and not ckpt_dir.is_dir():  # (a started phase resumes without its source)
+        raise ConfigError(f"no {source} model at {source_path} to start {phase} from: train that phase first, or"
+                          " pass --source_dir")  # fmt: skip
+    return ckpt_dir, source_path

@@ -166,6 +166,7 @@ class Plan:
     """A phase's horizon and batch geometry, decided before the loop."""
 
     num_iterations: int
+    seq_len: int  # tokens per row (a chat phase's -1 setting resolved to its model's context)
     grad_accum: int  # micro-batches per optimizer step on each rank
     tokens_per_step: int  # across all ranks (for tokens/s, MFU and the meta)
     eval_steps: int  # micro-batches per evaluation on each rank
@@ -208,6 +209,10 @@ class Phase:
             cfg.snapshot_every = 0
         self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
         self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
+        if self.resume_from is not None and (other := self.resume_from[1].meta.get("phase", "base_train")) != name:
+            raise CheckpointError(
+                f"{ckpt_dir} holds {other} checkpoints, not {name}'s: pick this phase's own --checkpoint_dir"
+            )
         self.saver.run_id = self.run_id
         self.t_found = time.perf_counter()
 
@@ -256,7 +261,7 @@ class Phase:
                f" {total // per_micro} accumulation steps")  # fmt: skip
         print0(f"training for {iterations:,} steps = {iterations * total:,} tokens")
         print0(f"evaluation: {eval_steps * per_micro:,} validation tokens ({eval_steps} batches) per evaluation")
-        return Plan(iterations, total // per_micro, total, eval_steps)
+        return Plan(iterations, tokens_per_row, total // per_micro, total, eval_steps)
 
     def train(
         self,
@@ -297,12 +302,20 @@ class Phase:
             step, smooth_loss, train_time = saved["step"], saved["smooth_loss"], saved["train_time"]
             val_bpb, val_bpb_step = saved.get("val_bpb"), saved.get("val_bpb_step")
             ranks = saved["ranks"]
-            if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
-                loader.load_state_dict(ranks[dist_info.rank]["loader"])
+            try:
+                if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+                    loader.load_state_dict(ranks[dist_info.rank]["loader"])
+                else:
+                    loader.load_resharded([r["loader"] for r in ranks])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f"the checkpoint at step {step} in {ckpt_dir} was saved with other data settings ({e}); restore"
+                    " them (e.g. --tasks, --task_size, --seed) or start fresh with --resume=False"
+                ) from None
+            if len(ranks) == world:
                 set_rng_state(ranks[dist_info.rank]["rng"], device)
                 print0(f"resumed from step {step} in {ckpt_dir}")
             else:
-                loader.load_resharded([r["loader"] for r in ranks])
                 print0(
                     f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
                     " weights, optimizer and schedule are exact; the data order continues approximately"
@@ -319,7 +332,7 @@ class Phase:
         started_at = time.time()
         heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
                               device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,
-                              max_seq_len=cfg.max_seq_len, world_size=world, device=device.type,
+                              max_seq_len=plan.seq_len, world_size=world, device=device.type,
                               dist_timeout=cfg.dist_timeout)  # fmt: skip
         heartbeat(step=step, phase="starting", checkpoint=step if self.resume_from else None)
 

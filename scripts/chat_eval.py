@@ -49,6 +49,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def categorical(engine: Engine, tokenizer: Tokenizer, task: Task, conversation: dict) -> bool:
     """The most likely of the conversation's answer letters, right after <|assistant_start|>."""
     prompt = tokenizer.render_for_completion(conversation)
+    if len(prompt) > engine.model.config.sequence_len:
+        return False  # the question alone overflows the context: no answer
     device = engine.model.wte.weight.device
     logits = engine.model(torch.tensor([prompt], dtype=torch.long, device=device))[0, -1]
     letters = conversation["letters"]

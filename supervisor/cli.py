@@ -157,7 +157,9 @@ def train(
     device_batch_size: Annotated[
         int | None, typer.Option(help="Sequences per micro-batch on each GPU. Default: 32.")
     ] = None,
-    model_tag: Annotated[str | None, typer.Option(help="Checkpoint subfolder name (default d<depth>).")] = None,
+    model_tag: Annotated[
+        str | None, typer.Option(help="Checkpoint subfolder name (default: d<depth>; mid/sft: the source's one model).")
+    ] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
     phase: PhaseOption = "base",
@@ -209,6 +211,10 @@ def train(
     extra = list(ctx.args)
     if phase not in PHASE_SCRIPTS:
         raise UsageProblem(f"--phase must be one of {', '.join(PHASE_SCRIPTS)}, got {phase!r}")
+    phase_of = {s: p for p, s in PHASE_SCRIPTS.items()}
+    if script in phase_of and phase != "base" and phase_of[script] != phase:
+        raise UsageProblem(f"--script {script} is the {phase_of[script]} phase's, not --phase {phase}'s: give one")
+    phase = phase_of.get(script, phase) if script else phase  # --script scripts.mid_train means --phase mid
     script = script or PHASE_SCRIPTS[phase]
     check_launch(script, nproc_per_node, nnodes, node_rank, progress_every)
     for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):

@@ -114,7 +114,12 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, menv, base):
     error = one_line_error(run(menv, "mid", tmp_path / "c", base, "--tasks=arithmtic"), name="mid_train")
     assert "did you mean 'arithmetic'" in error
     error = one_line_error(run(menv, "sft", tmp_path / "d", tmp_path / "no-mid"), name="chat_sft")
-    assert "has no valid final checkpoint to start from" in error
+    assert f"no mid model at {tmp_path / 'no-mid'} to start sft from" in error and not (tmp_path / "d").exists()
+    error = one_line_error(run(menv, "mid", tmp_path / "e", base, "--source_step=39"), name="mid_train")
+    assert "has no valid checkpoint at step 39 to start from" in error
+    other = Path(shutil.copytree(base, tmp_path / "other"))
+    error = one_line_error(run(menv, "mid", other, base), name="mid_train")  # a base model's dir given as mid's
+    assert f"{other} holds base_train checkpoints, not mid_train's" in error and snapshot(other) == snapshot(base)
     assert snapshot(base) == before
 
 
@@ -269,3 +274,40 @@ def test_cli_phase_picks_the_script_and_the_checkpoint_folder(tmp_path, menv, ba
         assert err.startswith("nanochat-run: error: no ") and err.count("\n") == 1, err
     err = subprocess.run([*NANOCHAT_RUN, "train", "--phase", "rl"], env=env, text=True, capture_output=True).stderr
     assert "--phase must be one of base, mid, sft" in err
+    out = subprocess.run([*NANOCHAT_RUN, "train", "--script", "scripts.mid_train", "--dry-run"], env=env, text=True,
+                         capture_output=True, timeout=120).stdout  # fmt: skip
+    assert f"--checkpoint_dir={home}/mid_checkpoints/d1" in out  # the script names the phase
+    both = ["train", "--phase", "sft", "--script", "scripts.mid_train", "--dry-run"]
+    err = subprocess.run([*NANOCHAT_RUN, *both], env=env, text=True, capture_output=True, timeout=120).stderr
+    assert "is the mid phase's, not --phase sft's" in err
+
+
+def test_a_resumed_phase_says_when_its_source_has_changed(tmp_path, menv, base):
+    source = Path(shutil.copytree(base, tmp_path / "source"))
+    d = tmp_path / "mid"
+    crashed = run(menv, "mid", d, source, "--debug_fault=sigkill@step:5")
+    assert crashed.returncode == -signal.SIGKILL and [c.step for c in checkpoint.scan(d)] == [4]
+    other = one_line_error(run(menv, "mid", d, source, "--tasks=arithmetic"), name="mid_train")
+    assert "was saved with other data settings" in other and "--resume=False" in other
+    shutil.rmtree(source)  # the base model it started from is gone: the phase goes on from its own checkpoint
+    resumed = run(menv, "mid", d, source)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"this phase started from {source} step 40, which is gone or unreadable since" in resumed.stderr
+
+
+def test_a_padded_loader_gives_up_on_conversations_cut_before_the_assistant(tokenizer: Tokenizer):
+    from nanochat.config import ConfigError
+    from nanochat.tasks import Task
+
+    class LongPrompts(Task):
+        name = "long"
+
+        def num_examples(self) -> int:
+            return 5
+
+        def example(self, index: int) -> dict:
+            return {"messages": [{"role": "user", "content": "why " * 200}, {"role": "assistant", "content": "ok"}]}
+
+    loader = PaddedLoader(tokenizer, TaskMixture([LongPrompts()]), 2, 32, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"end before the assistant speaks at --max_seq_len=32: raise it"):
+        loader.next_batch()

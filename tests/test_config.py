@@ -87,7 +87,8 @@ def test_config_errors_name_the_key(argv, message):
         (
             ["--model_tag=../escape"],
             "base_train: error: --model_tag='../escape' must be a plain name (no '/', '\\' or"
-            " '..'): it names a folder under base_checkpoints/; use --checkpoint_dir for another place",
+            " '..'): it names a folder under base_checkpoints/ (or the phase's folder); use --checkpoint_dir for"
+            " another place",
         ),
     ],
 )

@@ -130,7 +130,7 @@ def test_downloaded_task_without_datasets_is_a_one_line_error(monkeypatch: pytes
         get_task(name, "train")
     msg = str(info.value)
     assert "\n" not in msg and "pip install datasets" in msg and isinstance(info.value, ValueError)
-    assert f"the built-in alternative is --task={HF_TASKS.get(name, 'identity,spelling,arithmetic,choice')}" in msg
+    assert f"the built-in alternative is --tasks={HF_TASKS.get(name, 'identity,spelling,arithmetic,choice')}" in msg
     assert {"gsm8k": "openai/gsm8k", "mmlu": "cais/mmlu", "smoltalk": "smol-smoltalk"}.get(name, "ai2_arc") in msg
 
 
@@ -159,7 +159,7 @@ def test_downloaded_task_that_cannot_load_is_a_one_line_error(monkeypatch: pytes
         get_task("gsm8k", "test")
     msg = str(info.value)
     assert "\n" not in msg and "ConnectionError: Couldn't reach 'openai/gsm8k'" in msg
-    assert msg.endswith("the built-in alternative is --task=arithmetic")
+    assert msg.endswith("the built-in alternative is --tasks=arithmetic")
 
 
 def test_gsm8k_calculations_become_calculator_parts(monkeypatch: pytest.MonkeyPatch, tokenizer: Tokenizer) -> None:

@@ -180,7 +180,7 @@ class MultipleChoiceTask(Task):
 def load_hf(source: str, alternative: str, path: str, config: str | None, split: str) -> Any:
     """datasets.load_dataset(path, config, split=split), imported only now; any failure is a one-line
     TaskUnavailable naming the source and the built-in task to use instead."""
-    instead = f"the built-in alternative is --task={alternative}"
+    instead = f"the built-in alternative is --tasks={alternative}"
     try:
         import datasets
     except ImportError:
