@@ -63,3 +63,12 @@ def phase_dirs(phase: str, model_tag: str, checkpoint_dir: str = "", source_dir:
         raise ConfigError(f"no {source} model at {source_path} to start {phase} from: train that phase first, or"
                           " pass --source_dir")  # fmt: skip
     return ckpt_dir, source_path
+
+
+def model_dir(phase: str, model_tag: str = "", checkpoint_dir: str = "") -> Path:
+    """The checkpoint dir a model is read from (chat, evaluation): `checkpoint_dir`, else <phase's folder>/<tag>,
+    the tag defaulting to the phase's one model."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir)
+    tag = checkpoint_tag(model_tag, DEFAULT_DEPTH) if model_tag else only_model(phase)
+    return get_base_dir() / PHASE_DIRS[phase] / tag

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,7 +20,7 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.common import autodetect_device_type
 from nanochat.config import ConfigError
 from nanochat.engine import Engine, load_checkpoint_model
-from nanochat.paths import PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
+from nanochat.paths import PHASE_DIRS, model_dir
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -102,11 +101,7 @@ class Chat:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:
-        if args.checkpoint_dir:
-            directory = Path(args.checkpoint_dir)
-        else:
-            tag = checkpoint_tag(args.model_tag, 1) if args.model_tag else only_model(args.phase)
-            directory = get_base_dir() / PHASE_DIRS[args.phase] / tag
+        directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
         device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
         tokenizer = get_tokenizer()
         model, meta = load_checkpoint_model(directory, args.step, device)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,7 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.common import autodetect_device_type
 from nanochat.config import ConfigError
 from nanochat.engine import Engine, load_checkpoint_model
-from nanochat.paths import PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
+from nanochat.paths import PHASE_DIRS, model_dir
 from nanochat.tasks import Task, get_task, parse_mixture_spec
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -70,11 +69,7 @@ def generative(engine: Engine, tokenizer: Tokenizer, task: Task, conversation: d
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:
-        if args.checkpoint_dir:
-            directory = Path(args.checkpoint_dir)
-        else:
-            tag = checkpoint_tag(args.model_tag, 1) if args.model_tag else only_model(args.phase)
-            directory = get_base_dir() / PHASE_DIRS[args.phase] / tag
+        directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
         device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
         tokenizer = get_tokenizer()
         tasks = [get_task(name, "test", stop=args.max_problems) for name, _ in parse_mixture_spec(args.tasks)]
