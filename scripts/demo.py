@@ -39,7 +39,7 @@ def run(args: list[str]) -> str:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
-        if not line.startswith("  "):  # skip the trainer's settings dump
+        if not re.match(r"  \w+ = ", line):  # skip the trainer's settings dump (`  key = value`)
             print(line, end="", flush=True)
         lines.append(line)
     if proc.wait() != 0:
