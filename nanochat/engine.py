@@ -10,6 +10,7 @@ bf16 autocast is the caller's business: wrap the calls in torch.autocast on CUDA
 
 from __future__ import annotations
 
+import argparse
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,10 +23,28 @@ import torch.nn.functional as F
 from nanochat import checkpoint
 from nanochat.calculator import calculate
 from nanochat.checkpoint import CheckpointError
+from nanochat.common import autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.paths import PHASE_DIRS, model_dir
 from nanochat.tokenizer import Tokenizer
 
 PAD = -1  # the token reported for a row that has already finished
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the checkpoint to run (scripts/chat_cli.py, scripts/chat_eval.py)."""
+    parser.add_argument("--phase", choices=list(PHASE_DIRS), default="sft", help="whose checkpoint (default: sft)")
+    parser.add_argument("--model_tag", default="", help="the checkpoint folder (default: the phase's one model)")
+    parser.add_argument("--checkpoint_dir", default="", help="a checkpoint dir, instead of --phase/--model_tag")
+    parser.add_argument("--step", type=int, default=-1, help="a checkpoint step (default: the newest valid one)")
+    parser.add_argument("--device_type", choices=["auto", "cuda", "cpu"], default="auto")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[Path, GPT, dict]:
+    """(checkpoint dir, model, meta) for the options of add_model_args."""
+    directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
+    device = autodetect_device_type() if args.device_type == "auto" else args.device_type
+    return directory, *load_checkpoint_model(directory, args.step, torch.device(device))
 
 
 def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device | str = "cpu") -> tuple[GPT, dict]:

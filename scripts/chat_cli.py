@@ -17,25 +17,19 @@ import sys
 import torch
 
 from nanochat.checkpoint import CheckpointError
-from nanochat.common import autodetect_device_type
 from nanochat.config import ConfigError
-from nanochat.engine import Engine, load_checkpoint_model
-from nanochat.paths import PHASE_DIRS, model_dir
+from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=list(PHASE_DIRS), default="sft", help="whose checkpoint (default: sft)")
-    p.add_argument("--model_tag", default="", help="the checkpoint folder (default: the phase's one model)")
-    p.add_argument("--checkpoint_dir", default="", help="a checkpoint dir, instead of --phase/--model_tag")
-    p.add_argument("--step", type=int, default=-1, help="a checkpoint step (default: the newest valid one)")
+    add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = always the most likely token")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--max_tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device_type", choices=["auto", "cuda", "cpu"], default="auto")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 1 or args.max_tokens < 1:
         p.error("--temperature must be >= 0, --top_k >= 1 and --max_tokens >= 1")
@@ -101,16 +95,15 @@ class Chat:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:
-        directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
-        device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
         tokenizer = get_tokenizer()
-        model, meta = load_checkpoint_model(directory, args.step, device)
+        directory, model, meta = load_from_args(args)
         engine = Engine(model, tokenizer)
         chat = Chat(engine, tokenizer, args)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"chat_cli: error: {e}", file=sys.stderr)
         return 2
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    on_gpu = model.wte.weight.device.type == "cuda"
+    autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
     with autocast:
         if args.prompt is not None:
             chat.reply(args.prompt, sys.stdout)

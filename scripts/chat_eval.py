@@ -19,10 +19,8 @@ import torch
 
 from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError
-from nanochat.common import autodetect_device_type
 from nanochat.config import ConfigError
-from nanochat.engine import Engine, load_checkpoint_model
-from nanochat.paths import PHASE_DIRS, model_dir
+from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.tasks import Task, get_task, parse_mixture_spec
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -31,14 +29,10 @@ CHECKABLE = "arithmetic,spelling,choice"  # the built-in tasks with an automatic
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--phase", choices=list(PHASE_DIRS), default="sft", help="whose checkpoint (default: sft)")
-    p.add_argument("--model_tag", default="", help="the checkpoint folder (default: the phase's one model)")
-    p.add_argument("--checkpoint_dir", default="", help="a checkpoint dir, instead of --phase/--model_tag")
-    p.add_argument("--step", type=int, default=-1, help="a checkpoint step (default: the newest valid one)")
+    add_model_args(p)
     p.add_argument("--tasks", default=CHECKABLE, help=f"comma-separated task names (default: {CHECKABLE})")
     p.add_argument("--max_problems", type=int, default=200, help="per task, from the start of its test split")
     p.add_argument("--max_tokens", type=int, default=256, help="the longest generated answer")
-    p.add_argument("--device_type", choices=["auto", "cuda", "cpu"], default="auto")
     args = p.parse_args(argv)
     if args.max_problems < 1 or args.max_tokens < 1:
         p.error("--max_problems and --max_tokens must be >= 1")
@@ -69,20 +63,19 @@ def generative(engine: Engine, tokenizer: Tokenizer, task: Task, conversation: d
 def main(argv: list[str]) -> int:
     args = parse(argv)
     try:
-        directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
-        device = torch.device(autodetect_device_type() if args.device_type == "auto" else args.device_type)
         tokenizer = get_tokenizer()
         tasks = [get_task(name, "test", stop=args.max_problems) for name, _ in parse_mixture_spec(args.tasks)]
         for task in tasks:
             if task.eval_type is None:
                 raise ConfigError(f"the {task.name} task has no automatic check; checkable: {CHECKABLE} and the"
                                   " downloaded gsm8k, mmlu, arc-easy, arc-challenge")  # fmt: skip
-        model, meta = load_checkpoint_model(directory, args.step, device)
+        directory, model, meta = load_from_args(args)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # TaskUnavailable is a ValueError
         print(f"chat_eval: error: {e}", file=sys.stderr)
         return 2
     engine = Engine(model, tokenizer)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    on_gpu = model.wte.weight.device.type == "cuda"
+    autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
     print(f"evaluating {directory} step {meta['step']} ({meta.get('phase', 'base_train')})")
     results = {}
     with autocast, torch.inference_mode():
