@@ -40,7 +40,7 @@ class ChatConfig(LoopConfig):
     # data (nanochat/tasks): name[:weight],... ; the downloaded tasks need the `datasets` package
     tasks: str = BUILTIN_MIXTURE  # the training mixture, e.g. smoltalk,mmlu,gsm8k:2,identity
     eval_tasks: str = ""  # evaluated on their test split; default: the training tasks
-    task_size: int = 10000  # examples per generated task and split (the downloaded tasks have their own sizes)
+    task_size: int = 10000  # examples per generated task for training (a twentieth of it held out for evaluation)
     num_epochs: float = 1.0  # the horizon when num_iterations is -1: passes over the training mixture
 
     def __post_init__(self) -> None:
