@@ -567,9 +567,13 @@ def write(
 def write_record(directory: Path, kind: str, step: int, record: dict) -> Path:
     """A JSON record about the checkpoint at `step` (e.g. chat_eval's scores), beside it as <kind>_<step>.json,
     written atomically. Not a part of the checkpoint: it vouches for nothing, and pruning leaves it."""
-    path = directory / f"{kind}_{step:06d}.json"
+    path = record_path(directory, kind, step)
     write_text_atomic(path, json.dumps(record, indent=1))
     return path
+
+
+def record_path(directory: Path, kind: str, step: int) -> Path:
+    return directory / f"{kind}_{step:06d}.json"
 
 
 def mark_latest(directory: Path, step: int) -> None:

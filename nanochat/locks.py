@@ -3,6 +3,7 @@
     .trainer.lock        flock'ed by the trainer (rank 0) for its whole life, supervised or not: a second writer
                          can never start while one is alive (it would delete the first one's temp files)
     .nanochat-run.lock   flock'ed by `nanochat-run train`: one supervisor per checkpoint dir
+    .speedrun.lock       flock'ed by `nanochat-run speedrun` in its run dir: one speedrun per run dir
 
 Each lock file names its holder (pid, host, start time) for error messages and `nanochat-run status`.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError, make_dir
 from nanochat.lifeline import pid_alive
 
-LOCKS = {"supervisor": ".nanochat-run.lock", "trainer": ".trainer.lock"}
+LOCKS = {"supervisor": ".nanochat-run.lock", "trainer": ".trainer.lock", "speedrun": ".speedrun.lock"}
 
 
 class LockError(CheckpointError):
@@ -49,9 +50,8 @@ class DirLock:
                 holder = _read_lock(self.path)
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    who = "supervisor" if self.role == "supervisor" else "trainer"
                     raise LockError(
-                        f"another {who} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is using"
+                        f"another {self.role} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is using"
                         f" {self.path.parent}; stop it first, or use another --model_tag / --checkpoint_dir"
                     ) from None
                 if on_wait and not told:

@@ -32,9 +32,27 @@ def checkpoint_tag(model_tag: str, depth: int) -> str:
 
 
 # The training phases, in order: where each keeps its checkpoints, which phase it starts from, its script.
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints"}
-SOURCE_PHASE = {"mid": "base", "sft": "mid"}
-PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
+PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+              "rl": "chatrl_checkpoints"}  # fmt: skip
+SOURCE_PHASE = {"mid": "base", "sft": "mid", "rl": "sft"}
+PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
+                 "rl": "scripts.chat_rl"}  # fmt: skip
+
+
+def tokenizer_file(base: Path | None = None) -> Path:
+    """The trained tokenizer: <base>/tokenizer/tokenizer.json."""
+    return (base if base is not None else get_base_dir()) / "tokenizer" / "tokenizer.json"
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """A short content hash of a small file (the tokenizer's), None if it cannot be read: what a checkpoint
+    records to tell later whether it was made with the same one."""
+    import xxhash
+
+    try:
+        return xxhash.xxh3_64_hexdigest(path.read_bytes())
+    except OSError:
+        return None
 
 
 def only_model(phase: str) -> str:
@@ -51,7 +69,7 @@ def only_model(phase: str) -> str:
 
 
 def phase_dirs(phase: str, model_tag: str, checkpoint_dir: str = "", source_dir: str = "") -> tuple[Path, Path | None]:
-    """(checkpoint dir, source dir) of a chat phase (mid, sft). The tag defaults to the one model of the phase it
+    """(checkpoint dir, source dir) of a chat phase (mid, sft, rl). The tag defaults to the one model of the phase it
     starts from."""
     source = SOURCE_PHASE[phase]
     tag = checkpoint_tag(model_tag, DEFAULT_DEPTH) if model_tag else ""

@@ -1,4 +1,4 @@
-"""One training phase (base training, midtraining, SFT; RL next): the settings they all share, the start (process
+"""One training phase (base training, midtraining, SFT, RL): the settings they all share, the start (process
 group, stop flag, the checkpoint directory held, where the run resumes from), the exact resume of weights,
 optimizer, data position and RNG, and the training loop itself.
 
@@ -155,7 +155,7 @@ def check_compatible(meta: dict, model_cfg: GPTConfig, directory: Path) -> None:
 class Loader(Protocol):
     """What the loop needs of a phase's training data: batches, and a position a checkpoint can hold."""
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...  # (inputs, targets) unless the phase has its own loss_fn
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def load_resharded(self, states: list[dict]) -> None: ...
@@ -273,11 +273,20 @@ class Phase:
         meta: dict,
         sample: Callable[[int], None] | None = None,
         sample_every: int = -1,
+        loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None,
+        metric: str = "val_bpb",
+        step_stats: Callable[[], dict[str, float]] | None = None,
     ) -> int:
         """Resume the state (weights, optimizer, loader position, RNG, counters) if a checkpoint was found, then
         train to `plan.num_iterations`: every step saves what it owes (train_loop.save_due), evaluates every
         --eval_every steps and at the end, and stops cleanly on a signal. `evaluate(step, between)` returns the
-        metric (val bpb) or None when `between` reported a stop; `meta` goes into every checkpoint's meta."""
+        metric or None when `between` reported a stop; `meta` goes into every checkpoint's meta.
+
+        A micro-batch is `loss_fn(train_model, loader.next_batch())` (default: train_model(x, y), the next-token
+        loss); `metric` names the evaluation's number in the meta (with its step as `<metric>_step`), the logs
+        and the heartbeat; `step_stats()`, called by every rank at each step line, adds numbers to it."""
+        loss_fn = loss_fn or (lambda m, batch: m(*batch))
+        label = metric.removeprefix("val_").replace("_", " ")
         cfg, dist_info, device, ckpt_dir = self.cfg, self.dist, self.device, self.ckpt_dir
         world, stop, saver, fault = dist_info.world_size, self.stop, self.saver, self.fault
         num_iterations, total_batch = plan.num_iterations, plan.tokens_per_step
@@ -286,7 +295,7 @@ class Phase:
         t_optim = time.perf_counter()
 
         # ---- resume: weights, optimizer, schedule position, data position, RNG ---------------------------------
-        step, smooth_loss, train_time, val_bpb, val_bpb_step = 0, 0.0, 0.0, None, None
+        step, smooth_loss, train_time, val, val_step = 0, 0.0, 0.0, None, None
         if self.resume_from is not None:
             source, ckpt = self.resume_from
             if source != ckpt_dir:
@@ -300,7 +309,7 @@ class Phase:
             optimizers.load_state_dict(optim_state)
             del model_state, optim_state
             step, smooth_loss, train_time = saved["step"], saved["smooth_loss"], saved["train_time"]
-            val_bpb, val_bpb_step = saved.get("val_bpb"), saved.get("val_bpb_step")
+            val, val_step = saved.get(metric), saved.get(f"{metric}_step")
             ranks = saved["ranks"]
             try:
                 if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
@@ -351,8 +360,8 @@ class Phase:
                 "world_size": world,
                 "total_batch_size": total_batch,
                 "tokens_seen": step * total_batch,
-                "val_bpb": val_bpb,
-                "val_bpb_step": val_bpb_step,
+                metric: val,
+                f"{metric}_step": val_step,
                 "train_loss": smooth_loss / (1 - 0.9**step) if step else None,
                 "smooth_loss": smooth_loss,
                 "train_time": train_time,
@@ -373,8 +382,8 @@ class Phase:
                 print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
 
         def run_eval(step: int) -> float | None:
-            """Validation bpb, or None if a stop signal arrived meanwhile (the ranks agree on it after every batch,
-            so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
+            """The evaluation's metric, or None if a stop signal arrived meanwhile (the ranks agree on it after every
+            batch, so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
 
             def between(done: int, exhausted: bool) -> tuple[bool, bool]:
                 if fault and done:
@@ -387,37 +396,37 @@ class Phase:
             between(0, False)
             model.eval()
             with self.autocast:
-                bpb = evaluate(step, between)
+                result = evaluate(step, between)
             model.train()
-            if bpb is None:
+            if result is None:
                 print0(f"step {step:05d} | validation stopped by a signal")
                 return None
-            print0(f"step {step:05d} | validation bpb {bpb:.4f}")
+            print0(f"step {step:05d} | validation {label} {result:.4f}")
             if wandb_run:
-                wandb_run.log({"step": step, "val/bpb": bpb})
-            return bpb
+                wandb_run.log({"step": step, f"val/{label}": result})
+            return result
 
         def final_eval(step: int) -> bool:
-            """Evaluate the final checkpoint (already durable) and add its val bpb to the meta; False if stopped."""
-            nonlocal val_bpb, val_bpb_step
-            bpb = run_eval(step)
-            if bpb is None:
+            """Evaluate the final checkpoint (already durable) and add the metric to its meta; False if stopped."""
+            nonlocal val, val_step
+            result = run_eval(step)
+            if result is None:
                 return False
-            val_bpb, val_bpb_step = bpb, step
+            val, val_step = result, step
             if dist_info.master:
                 try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
-                    checkpoint.update_meta(ckpt_dir, step, val_bpb=val_bpb, val_bpb_step=step)
+                    checkpoint.update_meta(ckpt_dir, step, **{metric: val, f"{metric}_step": step})
                 except OSError as e:
-                    warn0(f"could not add the final val bpb to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
+                    warn0(f"could not add the final {label} to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
             return True
 
         def finished(step: int) -> int:
-            heartbeat(step=step, phase="done", loss=smooth_loss / (1 - 0.9**step), val_bpb=val_bpb, checkpoint=step)
+            heartbeat(step=step, phase="done", loss=smooth_loss / (1 - 0.9**step), checkpoint=step, **{metric: val})
             cleanup_distributed()
             return 0
 
         if step >= num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
-            if val_bpb_step == step:
+            if val_step == step:
                 print0(f"nothing to do: the final checkpoint at step {step} reaches num_iterations={num_iterations}")
             elif not final_eval(step):
                 return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
@@ -435,9 +444,9 @@ class Phase:
                 # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
                 # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
                 # overlaps the previous micro-batch's queued backward.
-                x, y = loader.next_batch()
+                batch = loader.next_batch()
                 with self.autocast:
-                    loss = train_model(x, y)
+                    loss = loss_fn(train_model, batch)
                 (loss / plan.grad_accum).backward()
             lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
             optimizers.step(lrm, muon_momentum(step))
@@ -475,14 +484,22 @@ class Phase:
                       checkpoint=saver.durable, phase="training")  # fmt: skip
             if step % cfg.log_every == 0 or step == num_iterations:
                 mfu = f" | mfu {mfu_now:.1f}%" if peak else ""
+                stats = step_stats() if step_stats else {}
                 print0(
                     f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}"
-                    f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
+                    + "".join(f" | {k.replace('_', ' ')} {v:.4f}" for k, v in stats.items())
+                    + f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
                     f" | total time {train_time / 60:.2f}m"
                 )
                 if wandb_run:
                     wandb_run.log(
-                        {"step": step, "train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s}
+                        {
+                            "step": step,
+                            "train/loss": debiased,
+                            "train/lrm": lrm,
+                            "train/tok_per_sec": tok_per_s,
+                            **{f"train/{k}": v for k, v in stats.items()},
+                        }
                     )
             if fault:
                 fault.at_step(step, dist_info.rank)
@@ -497,20 +514,20 @@ class Phase:
                 if not final_eval(step):
                     return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
             elif cfg.eval_every > 0 and step % cfg.eval_every == 0:
-                if (bpb := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
+                if (result := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
                     if cfg.save_every > 0 and step % cfg.save_every == 0:
                         saver.finish()  # saved just before the evaluation (perhaps still in the background)
                     else:
                         save(step, f"signal:{signal.Signals(stop.decided).name}")
                     return stopped(stop, stop.decided, step)
-                val_bpb, val_bpb_step = bpb, step
+                val, val_step = result, step
             if sample is not None and sample_every > 0 and (last or step % sample_every == 0):
                 sample(step)
 
         saver.finish()  # nothing should be in flight after the final save; this makes sure
         crc = check_replicas(model, dist_info)
         print0(f"weights identical on all {world} ranks (CRC32 {crc})")
-        print0(f"done: {step} steps, validation bpb {val_bpb:.4f}, training time {train_time / 60:.2f}m")
+        print0(f"done: {step} steps, validation {label} {val:.4f}, training time {train_time / 60:.2f}m")
         if wandb_run:
             wandb_run.finish()
         return finished(step)

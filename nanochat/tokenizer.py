@@ -16,7 +16,7 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanochat.common import get_base_dir
+from nanochat.paths import file_fingerprint, tokenizer_file
 
 BOS = "<|bos|>"
 # the chat's structure; ids follow BOS's, so they are the same in every tokenizer trained here
@@ -90,6 +90,7 @@ class Tokenizer:
         hf.encode_special_tokens = True
         self._hf = hf
         self._bos = bos
+        self.fingerprint: str | None = None  # of the file it was loaded from (Tokenizer.load)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -137,7 +138,9 @@ class Tokenizer:
             hf = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"{path} is not a valid tokenizer ({err}): rerun `python -m scripts.tok_train`") from err
-        return cls(hf)
+        tokenizer = cls(hf)
+        tokenizer.fingerprint = file_fingerprint(path)  # recorded by the base model trained with it
+        return tokenizer
 
     @property
     def bos_id(self) -> int:
@@ -246,7 +249,7 @@ class Tokenizer:
 
 def tokenizer_dir(base: Path | None = None) -> Path:
     """Where the tokenizer lives: <base>/tokenizer, base defaulting to get_base_dir()."""
-    return (base if base is not None else get_base_dir()) / "tokenizer"
+    return tokenizer_file(base).parent
 
 
 def get_tokenizer(base: Path | None = None) -> Tokenizer:

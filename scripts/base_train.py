@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
             print0(f"sample @ {step}: {prompt!r} -> {tokenizer.decode(out)!r}")
         model.train()
 
-    return phase.train(model, optimizers, loader, plan, evaluate, meta={}, sample=sample, sample_every=cfg.sample_every)
+    meta = {"tokenizer": tokenizer.fingerprint}  # a speedrun rerun tells from it whether the tokenizer changed
+    return phase.train(model, optimizers, loader, plan, evaluate, meta, sample=sample, sample_every=cfg.sample_every)
 
 
 def cli() -> None:

@@ -25,6 +25,7 @@ from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
 from supervisor.policy import AttemptSummary, Batch, Policy, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
+from supervisor.report import metric
 from supervisor.states import Action, AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
@@ -53,6 +54,7 @@ class TrainOptions:
     fresh_start: bool = False  # the user asked for --resume=False
     num_iterations: int | None = None  # the step budget asked for, when known
     policy: Policy = field(default_factory=Policy)
+    phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
@@ -133,7 +135,7 @@ class Agent:
             self.display.event(msg)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.events.append("run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir),
-                           run_id=self.run_id)  # fmt: skip
+                           run_id=self.run_id, phase=self.opts.phase)  # fmt: skip
         started = time.time()
         try:
             code = self._loop()
@@ -141,7 +143,7 @@ class Agent:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             lock.release()
-        self.events.append("run_end", state=self.state.value, exit_code=code)
+        self.events.append("run_end", state=self.state.value, exit_code=code, steps_lost=self.steps_lost)
         self._summary(time.time() - started)
         return code
 
@@ -158,8 +160,8 @@ class Agent:
         parts = [f"step {ckpt.step}/{budget}" if ckpt else "no checkpoint"]
         if v.loss is not None:
             parts.append(f"train loss {v.loss:.4f}")
-        if meta.get("val_bpb") is not None:
-            parts.append(f"val bpb {meta['val_bpb']:.4f} (step {meta.get('val_bpb_step')})")
+        if found := metric(meta):
+            parts.append(f"val {found[0]} {found[1]:.4f} (step {meta.get(f'val_{found[0]}_step')})")
         if v.tok_per_s:
             parts.append(f"{v.tok_per_s:,.0f} tokens/s")
         minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f}s"

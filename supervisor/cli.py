@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
 import time
@@ -24,14 +23,14 @@ from nanochat.locks import LockError, lock_holder
 from nanochat.paths import (
     DEFAULT_DEPTH,
     PHASE_DIRS,
-    PHASE_SCRIPTS,
     checkpoint_tag,
     get_base_dir,
     only_model,
-    phase_dirs,
 )
 from supervisor import report, tail
+from supervisor.launch import CONFIGS, Supervision, UsageProblem, check_script, phase_of_script, resolve, train_options
 from supervisor.records import RunDir, read_events
+from supervisor.speedrun_report import is_speedrun, phase_status, render_phases
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
@@ -57,17 +56,32 @@ def _root(
     """Train a nanochat-style GPT under a supervisor that survives crashes, OOMs, hangs and Ctrl+C."""
 
 
-DEFAULT_SCRIPT = "scripts.base_train"
-CONFIGS = {"scripts.base_train": "TrainConfig", "scripts.mid_train": "MidConfig", "scripts.chat_sft": "SFTConfig"}
 PhaseOption = Annotated[
-    str, typer.Option(help="The training phase: base, mid (midtraining) or sft; picks its checkpoint folder.")
+    str, typer.Option(help="The training phase: base, mid (midtraining), sft or rl; picks its checkpoint folder.")
 ]
-DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
-GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
-
-
-class UsageProblem(Exception):
-    """Bad input: printed as one line, exit 2."""
+# the supervisor's options, shared by `train` and `speedrun` (fields of launch.Supervision)
+NprocOption = Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")]
+MaxRestartsOption = Annotated[int, typer.Option(help="Restarts allowed after the first attempt (per phase).")]
+MaxNoProgressOption = Annotated[
+    int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
+]
+BackoffOption = Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")]
+BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")]
+HangOption = Annotated[
+    float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
+]
+StartupOption = Annotated[float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")]
+GraceOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
+        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
+    ),
+]
+OomShrinkOption = Annotated[
+    bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
+]
+ProgressOption = Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")]
 
 
 def resolve_dirs(
@@ -100,42 +114,6 @@ def resolve_dirs(
     return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
 
 
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def check_torch_sees_the_gpus() -> None:
-    """Refuse to train on the CPU of a GPU machine by accident: nvidia-smi lists GPUs but torch cannot use them
-    (the CPU build that `make install` puts in, or a driver older than torch's CUDA)."""
-    import shutil
-    import subprocess
-
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return
-    try:
-        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return
-    gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
-    import torch
-
-    if not gpus or torch.cuda.is_available():
-        return
-    if torch.version.cuda is None:
-        raise UsageProblem(
-            f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} is a CPU build: run `make install-cuda`"
-            " (or pass `-- --device_type=cpu` to train on the CPU anyway)"
-        )
-    raise UsageProblem(
-        f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use"
-        " them (torch.cuda.is_available() is False: is the driver older than that CUDA?); fix the driver or the"
-        " build (`make install-cuda CUDA=cu126`), or pass `-- --device_type=cpu`"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # train
 
@@ -166,33 +144,19 @@ def train(
     script: Annotated[
         str | None, typer.Option(help="The training module torchrun runs on every worker (default: the phase's).")
     ] = None,
-    nproc_per_node: Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")] = None,
+    nproc_per_node: NprocOption = None,
     nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
     node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="torchrun --rdzv-endpoint host:port.")] = None,
-    max_restarts: Annotated[int, typer.Option(help="Restarts allowed after the first attempt.")] = 5,
-    max_no_progress: Annotated[
-        int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
-    ] = 3,  # noqa: E501
-    backoff: Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")] = 5.0,
-    backoff_cap: Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")] = 300.0,
-    hang_timeout: Annotated[
-        float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
-    ] = 1800.0,
-    startup_timeout: Annotated[
-        float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")
-    ] = 3600.0,
-    grace_period: Annotated[
-        float | None,
-        typer.Option(
-            help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
-            " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
-        ),
-    ] = None,
-    oom_shrink: Annotated[
-        bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
-    ] = True,
-    progress_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30,
+    max_restarts: MaxRestartsOption = 5,
+    max_no_progress: MaxNoProgressOption = 3,
+    backoff: BackoffOption = 5.0,
+    backoff_cap: BackoffCapOption = 300.0,
+    hang_timeout: HangOption = 1800.0,
+    startup_timeout: StartupOption = 3600.0,
+    grace_period: GraceOption = None,
+    oom_shrink: OomShrinkOption = True,
+    progress_every: ProgressOption = 30,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
@@ -204,63 +168,35 @@ def train(
     eval_tokens auto (all evaluations together read at most a tenth of the training tokens, one at most 10M).
     `nanochat-run train -- --help` lists every trainer setting with its default.
     """
-    from supervisor.agent import Agent, TrainOptions
+    from supervisor.agent import Agent
     from supervisor.display import Display, make_display
-    from supervisor.policy import Policy
 
-    extra = list(ctx.args)
-    if phase not in PHASE_SCRIPTS:
-        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_SCRIPTS)}, got {phase!r}")
-    phase_of = {s: p for p, s in PHASE_SCRIPTS.items()}
-    if script in phase_of and phase != "base" and phase_of[script] != phase:
-        raise UsageProblem(f"--script {script} is the {phase_of[script]} phase's, not --phase {phase}'s: give one")
-    phase = phase_of.get(script, phase) if script else phase  # --script scripts.mid_train means --phase mid
-    script = script or PHASE_SCRIPTS[phase]
-    check_launch(script, nproc_per_node, nnodes, node_rank, progress_every)
-    for name, value in (("max_restarts", max_restarts), ("max_no_progress", max_no_progress)):
-        if value < 0 or (name == "max_no_progress" and value < 1):
-            raise UsageProblem(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'max_no_progress' else '>= 0'}")
-    timings = {"hang_timeout": hang_timeout, "startup_timeout": startup_timeout, "backoff": backoff,
-               "backoff_cap": backoff_cap, "grace_period": grace_period}  # fmt: skip
-    for name, value in timings.items():
-        if value is not None and value < 0:
-            raise UsageProblem(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value}")
+    phase, script = phase_of_script(phase, script)
+    sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
+                      backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every)  # fmt: skip
+    sup.check()
+    check_script(script)
     settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
                 "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,
                 "model_tag": model_tag}  # fmt: skip
-    trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + extra
-    dist_timeout, fresh, budget = DEFAULT_DIST_TIMEOUT, False, None
-    if script in CONFIGS:  # a phase of ours: check its settings now, not after torchrun has started
-        try:
-            cfg, _ = parse_args(getattr(importlib.import_module(script), CONFIGS[script])(), trainer_args)
-            if cfg.checkpoint_dir and checkpoint_dir is None:
-                checkpoint_dir = Path(cfg.checkpoint_dir)
-            if script != "scripts.base_train" and checkpoint_dir is None:  # where the chat phase will save
-                checkpoint_dir = phase_dirs(phase, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)[0]
-        except ConfigError as e:
-            raise UsageProblem(f"trainer setting: {e}") from None
-        except HelpRequested as h:  # `nanochat-run train -- --help`: the trainer's settings
-            print(h)
-            raise typer.Exit(0) from None
-        depth, model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
-        if cfg.device_type != "cpu":
-            check_torch_sees_the_gpus()
-        dist_timeout, fresh = cfg.dist_timeout, not cfg.resume
-        budget = cfg.num_iterations if cfg.num_iterations > 0 else None
-    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, new=True)
-    nproc = nproc_per_node or gpu_count() or 1
-    policy = Policy(max_restarts, max_no_progress, backoff, backoff_cap, oom_shrink)
-    grace = grace_period if grace_period is not None else dist_timeout + GRACE_MARGIN
-    opts = TrainOptions(script, trainer_args, ckpt_dir, run_path, nproc, nnodes, node_rank, rdzv_endpoint,
-                        hang_timeout, startup_timeout, grace, fresh, budget, policy)  # fmt: skip
+    trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + list(ctx.args)
+    try:
+        launch = resolve(phase, script, trainer_args, checkpoint_dir)
+    except HelpRequested as h:  # `nanochat-run train -- --help`: the trainer's settings
+        print(h)
+        raise typer.Exit(0) from None
+    ckpt_dir, run_path = resolve_dirs(launch.checkpoint_dir, run_dir, launch.depth, launch.model_tag, new=True)
+    opts = train_options(launch, run_path, sup)
     if dry_run:
         print_dry_run(Agent(opts, Display()), script in CONFIGS)
         return
     display = make_display(progress_every)
-    display.event(f"nanochat-run: {nproc} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
-    if grace <= dist_timeout:
-        display.event(f"warning: --grace-period={grace:g}s is not longer than the trainer's --dist_timeout="
-                      f"{dist_timeout}s: a stop may kill a save the other ranks still wait for")  # fmt: skip
+    display.event(f"nanochat-run: {opts.nproc_per_node} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
+    if opts.grace_period <= launch.dist_timeout:
+        display.event(
+            f"warning: --grace-period={opts.grace_period:g}s is not longer than the trainer's"
+            f" --dist_timeout={launch.dist_timeout}s: a stop may kill a save the other ranks still wait for"
+        )
     try:
         code = Agent(opts, display).run()
     except LockError as e:
@@ -284,23 +220,73 @@ def print_dry_run(agent, resolve: bool) -> None:
     )
 
 
-def check_launch(script: str, nproc: int | None, nnodes: str, node_rank: int | None, progress_every: float) -> None:
-    """What torchrun would only reject after a crash loop of ~20 s: refuse it now, in one line."""
-    if nproc is not None and nproc < 1:
-        raise UsageProblem(f"--nproc-per-node must be >= 1 (or left out: all GPUs, 1 on CPU), got {nproc}")
-    m = re.fullmatch(r"(\d+)(?::(\d+))?", nnodes)
-    if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-        raise UsageProblem(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX (e.g. 2 or 1:4), got {nnodes!r}")
-    if node_rank is not None and node_rank < 0:
-        raise UsageProblem(f"--node-rank must be >= 0, got {node_rank}")
-    if progress_every <= 0:
-        raise UsageProblem(f"--progress-every must be > 0 seconds, got {progress_every:g}")
+@app.command()
+def speedrun(
+    depth: Annotated[int, typer.Option(help="Model depth of the base model (20: nanochat's d20).")] = DEFAULT_DEPTH,
+    model_tag: Annotated[
+        str | None, typer.Option(help="Checkpoint folder name in every phase's folder. Default: d<depth>.")
+    ] = None,
+    builtin: Annotated[
+        bool, typer.Option(help="Train on the built-in corpus (no download) instead of FineWeb-edu shards.")
+    ] = False,
+    rl: Annotated[bool, typer.Option(help="Run the RL phase (--no-rl stops after SFT).")] = True,
+    redo: Annotated[
+        str | None,
+        typer.Option(help="Start this phase afresh, and every phase after it (its old checkpoints are archived)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="A TOML file with a table of settings per phase ([base], [sft], ...; see README)."),
+    ] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="The event log, logs and report.md of the whole run.")] = None,
+    nproc_per_node: NprocOption = None,
+    max_restarts: MaxRestartsOption = 5,
+    max_no_progress: MaxNoProgressOption = 3,
+    backoff: BackoffOption = 5.0,
+    backoff_cap: BackoffCapOption = 300.0,
+    hang_timeout: HangOption = 1800.0,
+    startup_timeout: StartupOption = 3600.0,
+    grace_period: GraceOption = None,
+    oom_shrink: OomShrinkOption = True,
+    progress_every: ProgressOption = 30,
+) -> None:
+    """From nothing to a chat model: data, tokenizer, base, mid, SFT, RL and evaluation, every training phase under
+    the same supervision as `train`. Rerun it after any stop or crash: finished phases are skipped, the interrupted
+    one resumes from its newest valid checkpoint. `nanochat-run status --speedrun` shows every phase.
+    """
+    from supervisor.agent import Agent
+    from supervisor.display import make_display
+    from supervisor.speedrun import Speedrun, check_config, load_config
+
+    sup = Supervision(nproc_per_node, max_restarts=max_restarts, max_no_progress=max_no_progress, backoff=backoff,
+                      backoff_cap=backoff_cap, hang_timeout=hang_timeout, startup_timeout=startup_timeout,
+                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every)  # fmt: skip
+    sup.check()
+    tables = load_config(config)
     try:
-        found = importlib.util.find_spec(script) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT_SCRIPT}")
+        check_config(tables)
+        tag = checkpoint_tag(model_tag or "", depth)
+    except ConfigError as e:
+        raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
+    run_path = (run_dir or speedrun_dir(tag)).expanduser().resolve()
+    display = make_display(progress_every)
+
+    def supervise(launch, fresh: bool) -> int:
+        return Agent(train_options(launch, run_path, sup, fresh=fresh), display).run()
+
+    try:
+        code = Speedrun(tag, depth, builtin, rl, redo, run_path, tables, supervise, display.event).run()
+    except LockError as e:
+        raise UsageProblem(str(e)) from None
+    except KeyboardInterrupt:  # between phases (a download, the tokenizer): nothing to save
+        code = 130
+    finally:
+        display.close()
+    raise typer.Exit(code)
+
+
+def speedrun_dir(tag: str) -> Path:
+    return get_base_dir() / "speedrun" / tag
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,18 +310,35 @@ def status(
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
     phase: PhaseOption = "base",
+    speedrun: Annotated[
+        bool,
+        typer.Option("--speedrun", help="The speedrun of --depth/--model-tag: every phase (or pass its --run-dir)."),
+    ] = False,
 ) -> None:
-    """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run."""
+    """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run; for a
+    speedrun, every phase first."""
     if interval <= 0:
         raise UsageProblem(f"--interval must be > 0 seconds, got {interval:g}")
+    if speedrun and run_dir is None:
+        try:
+            run_dir = speedrun_dir(checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH))
+        except ConfigError as e:
+            raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
+        if not run_dir.is_dir():
+            raise UsageProblem(f"no speedrun at {run_dir}: pass its --depth or --model-tag, or its --run-dir")
+    pipeline = run_dir is not None and checkpoint_dir is None and run_dir.is_dir() and is_speedrun(run_dir)
     ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
-    if not ckpt_dir.is_dir():
+    if not pipeline and not ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
-    if not watch:
-        print_status(report.gather_status(ckpt_dir, run_path, verify), json_out)
-        return
+
+    def gather() -> dict:
+        info = report.gather_status(ckpt_dir, run_path, verify) if ckpt_dir.is_dir() else None
+        if not pipeline:
+            return info
+        return {**phase_status(run_path), "current": info}
+
     try:
-        watch_status(ckpt_dir, run_path, verify, interval, json_out)
+        watch_status(gather, json_out, interval if watch else None)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -344,12 +347,25 @@ def print_status(info: dict, json_out: bool, indent: int | None = 1) -> None:
     if json_out:
         print(json.dumps(info, indent=indent, default=str), flush=True)
     else:
-        report.console().print(report.render(info))
+        report.console().print(render_status(info))
 
 
-def watch_status(ckpt_dir: Path, run_path: Path, verify: bool, interval: float, json_out: bool) -> None:
-    """Refresh until the run is over (no supervisor or trainer lock, no fresh heartbeat), then print the final
-    status once. A live panel on a terminal; off one, a block (or a JSON line) per refresh, for logs and scripts."""
+def render_status(info: dict):
+    if "phases" not in info:
+        return report.render(info)
+    from rich.console import Group
+
+    parts = [render_phases(info)]
+    return Group(*parts, report.render(info["current"])) if info.get("current") else parts[0]
+
+
+def watch_status(gather, json_out: bool, interval: float | None) -> None:
+    """Print the status once, or (with an interval) refresh until the run is over (no supervisor or trainer lock,
+    no fresh heartbeat), then print it once more. A live panel on a terminal; off one, a block (or a JSON line)
+    per refresh, for logs and scripts."""
+    if interval is None:
+        print_status(gather(), json_out)
+        return
     live = None
     if sys.stdout.isatty() and not json_out:
         from rich.live import Live
@@ -357,9 +373,9 @@ def watch_status(ckpt_dir: Path, run_path: Path, verify: bool, interval: float, 
         live = Live(console=report.console(), auto_refresh=False, transient=True)
         live.start()
     try:
-        while (info := report.gather_status(ckpt_dir, run_path, verify))["active"]:
+        while (info := gather())["active"]:
             if live:
-                live.update(report.render(info), refresh=True)
+                live.update(render_status(info), refresh=True)
             else:
                 print_status(info, json_out, indent=None)
                 if not json_out:

@@ -34,7 +34,8 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
     events = read_events(run)
     holder = lock_holder(ckpt_dir)
     trainer = lock_holder(ckpt_dir, "trainer")
-    runs = invocations(events, holder)
+    # a run dir may serve several checkpoint dirs (a speedrun's phases): this one's invocations only
+    runs = [r for r in invocations(events, holder) if r["checkpoint_dir"] in (None, str(ckpt_dir))]
     hb = read_heartbeat(run.heartbeat)
     age = time.time() - hb["time"] if hb and isinstance(hb.get("time"), (int, float)) else None
     live = hb is not None and age is not None and (holder is not None or age < LIVE_HEARTBEAT)
@@ -47,6 +48,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
                 "step": c.step,
                 "saved_at": (c.meta or {}).get("saved_at"),
                 "val_bpb": (c.meta or {}).get("val_bpb"),
+                "val": metric(c.meta or {}),
                 "size": c.size,
                 "valid": c.valid,
                 "final": c.final,
@@ -79,6 +81,12 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
     }
 
 
+def metric(meta: dict) -> tuple[str, float] | None:
+    """(name, value) of the evaluation a checkpoint's meta records: val_bpb, or RL's val_pass@k."""
+    found = [(k.removeprefix("val_"), v) for k, v in meta.items() if k.startswith("val_") and not k.endswith("_step")]
+    return next(((k, v) for k, v in found if v is not None), None)
+
+
 def budget(newest: checkpoint.Checkpoint | None, hb: dict | None) -> int | None:
     """The step budget: the one the newest checkpoint was saved under, unless a trainer started since then with
     another (a later `train --num-iterations`): then the heartbeat's, as the supervisor judges it too."""
@@ -98,6 +106,7 @@ def invocations(events: list[dict], holder: dict | None) -> list[dict]:
         kind = e.get("event")
         if kind == "run_start" or (kind in ("attempt_start", "attempt_end") and not runs):
             runs.append({"run_id": e.get("run_id"), "pid": e.get("pid") if kind == "run_start" else None,
+                         "phase": e.get("phase"), "checkpoint_dir": e.get("checkpoint_dir"),
                          "started": e.get("time"), "ended": None, "outcome": None, "state": None, "exit_code": None,
                          "reason": None, "attempts": []})  # fmt: skip
         if kind == "attempt_start":
@@ -143,10 +152,10 @@ def render(info: dict) -> Group:
     """The status block: the checkpoint table, then one line per fact. Plain Text, never markup: messages from
     the trainer may hold brackets."""
     table = Table(title=f"checkpoints in {info['checkpoint_dir']}")
-    for col in ("step", "saved", "val bpb", "size", "status"):
+    for col in ("step", "saved", "validation", "size", "status"):
         table.add_column(col)
     for c in info["checkpoints"]:
-        bpb = f"{c['val_bpb']:.4f}" if c["val_bpb"] is not None else "-"
+        bpb = f"{c['val'][0]} {c['val'][1]:.4f}" if c.get("val") else "-"
         state = ("valid" + (" (final)" if c["final"] else "")) if c["valid"] else f"INVALID: {c['problem']}"
         table.add_row(str(c["step"]), when(c["saved_at"]), bpb, f"{c['size'] / 1e6:.1f} MB", state)
     lines: list[RenderableType] = [table]

@@ -45,6 +45,17 @@ TINY = [
 LONG = ["--num_iterations=100000", "--save_every=0"]  # runs until a signal stops it
 
 
+T = 128  # the tiny base model's context: long enough for most built-in conversations (longer ones are cut)
+BASE = ["--depth=1", "--head_dim=32", f"--max_seq_len={T}", "--device_batch_size=4", "--total_batch_size=-1",
+        "--num_iterations=40", "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1",
+        "--save_every=0"]  # fmt: skip
+# 512 tokens per step: 2 micro-batches of 2 x 128 on one rank, one on each of two
+CHAT = ["--device_batch_size=2", "--total_batch_size=512", "--num_iterations=12", "--save_every=4",
+        "--keep_last_n_checkpoints=-1", "--eval_every=-1", "--eval_tokens=256", "--async_save=False",
+        "--task_size=200"]  # fmt: skip
+PHASES = {"mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
+
+
 # ---- running the trainer -----------------------------------------------------------------------------------
 
 
@@ -83,6 +94,11 @@ def train(
             kill_group(proc)
             pytest.fail(f"the trainer ran over {timeout}s: {' '.join(cmd)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_phase(env: dict, phase: str, d: Path, source: Path, *args: str, nproc: int = 1, tiny=CHAT, **kw):
+    """A chat phase (mid, sft, rl) from `source`, to the end."""
+    return train(env, d, f"--source_dir={source}", *args, nproc=nproc, module=PHASES[phase], tiny=tiny, **kw)
 
 
 class Trainer:

@@ -22,39 +22,21 @@ from nanochat.chat_data import IGNORE, PaddedLoader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer
-from tests.runs import REPO_ROOT, Trainer, assert_same_final_state, one_line_error, snapshot, train
+from tests.runs import (
+    CHAT,
+    PHASES,
+    REPO_ROOT,
+    T,
+    Trainer,
+    assert_same_final_state,
+    one_line_error,
+    snapshot,
+)
+from tests.runs import (
+    run_phase as run,
+)
 
 pytestmark = pytest.mark.slow
-
-T = 128  # the tiny base model's context: long enough for most built-in conversations (longer ones are cut)
-BASE = ["--depth=1", "--head_dim=32", f"--max_seq_len={T}", "--device_batch_size=4", "--total_batch_size=-1",
-        "--num_iterations=40", "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1",
-        "--save_every=0"]  # fmt: skip
-# 512 tokens per step: 2 micro-batches of 2 x 128 on one rank, one on each of two
-CHAT = ["--device_batch_size=2", "--total_batch_size=512", "--num_iterations=12", "--save_every=4",
-        "--keep_last_n_checkpoints=-1", "--eval_every=-1", "--eval_tokens=256", "--async_save=False",
-        "--task_size=200"]  # fmt: skip
-PHASES = {"mid": "scripts.mid_train", "sft": "scripts.chat_sft"}
-
-
-def run(env: dict, phase: str, d: Path, source: Path, *args: str, nproc: int = 1, **kw):
-    return train(env, d, f"--source_dir={source}", *args, nproc=nproc, module=PHASES[phase], tiny=CHAT, **kw)
-
-
-@pytest.fixture(scope="session")
-def base(tmp_path_factory, menv) -> Path:
-    d = tmp_path_factory.mktemp("chat_base") / "ckpt"
-    proc = train(menv, d, nproc=1, tiny=BASE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d
-
-
-@pytest.fixture(scope="session")
-def mid(tmp_path_factory, menv, base) -> Path:
-    d = tmp_path_factory.mktemp("chat_mid") / "ckpt"
-    proc = run(menv, "mid", d, base)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d
 
 
 def source_of(phase: str, base: Path, mid: Path) -> Path:
@@ -272,8 +254,8 @@ def test_cli_phase_picks_the_script_and_the_checkpoint_folder(tmp_path, menv, ba
     for args in (["status", "--phase", "sft"], ["prune", "--phase", "mid", "--dry-run"]):
         err = subprocess.run([*NANOCHAT_RUN, *args], env=env, text=True, capture_output=True, timeout=60).stderr
         assert err.startswith("nanochat-run: error: no ") and err.count("\n") == 1, err
-    err = subprocess.run([*NANOCHAT_RUN, "train", "--phase", "rl"], env=env, text=True, capture_output=True).stderr
-    assert "--phase must be one of base, mid, sft" in err
+    err = subprocess.run([*NANOCHAT_RUN, "train", "--phase", "ppo"], env=env, text=True, capture_output=True).stderr
+    assert "--phase must be one of base, mid, sft, rl, got 'ppo'" in err
     out = subprocess.run([*NANOCHAT_RUN, "train", "--script", "scripts.mid_train", "--dry-run"], env=env, text=True,
                          capture_output=True, timeout=120).stdout  # fmt: skip
     assert f"--checkpoint_dir={home}/mid_checkpoints/d1" in out  # the script names the phase

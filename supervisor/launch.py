@@ -1,0 +1,183 @@
+"""From a phase and its trainer settings to the agent's TrainOptions: what `nanochat-run train` and every phase of
+`nanochat-run speedrun` share. A phase's settings are parsed here, before torchrun starts, so a bad one is one
+line and changes nothing."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanochat.config import ConfigError, parse_args
+from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, PHASE_SCRIPTS, checkpoint_tag, get_base_dir, phase_dirs
+
+DEFAULT_SCRIPT = "scripts.base_train"
+CONFIGS = {"scripts.base_train": "TrainConfig", "scripts.mid_train": "MidConfig", "scripts.chat_sft": "SFTConfig",
+           "scripts.chat_rl": "RLConfig"}  # fmt: skip
+DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
+GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
+
+
+class UsageProblem(Exception):
+    """Bad input: printed as one line, exit 2."""
+
+
+@dataclass
+class Supervision:
+    """The supervisor's settings (what `train` and `speedrun` both take on the command line)."""
+
+    nproc_per_node: int | None = None  # None: all GPUs, 1 on CPU
+    nnodes: str = "1"
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    max_restarts: int = 5
+    max_no_progress: int = 3
+    backoff: float = 5.0
+    backoff_cap: float = 300.0
+    hang_timeout: float = 1800.0
+    startup_timeout: float = 3600.0
+    grace_period: float | None = None  # None: the trainer's --dist_timeout + GRACE_MARGIN
+    oom_shrink: bool = True
+    progress_every: float = 30.0
+
+    def check(self) -> None:
+        """What torchrun or the agent would only reject late (torchrun after a crash loop of ~20 s): now, one line."""
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise UsageProblem(f"--nproc-per-node must be >= 1 (or left out: all GPUs, 1 on CPU), got"
+                               f" {self.nproc_per_node}")  # fmt: skip
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)
+        if not m or int(m.group(1)) < 1 or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise UsageProblem(
+                f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX (e.g. 2 or 1:4), got {self.nnodes!r}"
+            )
+        if self.node_rank is not None and self.node_rank < 0:
+            raise UsageProblem(f"--node-rank must be >= 0, got {self.node_rank}")
+        if self.progress_every <= 0:
+            raise UsageProblem(f"--progress-every must be > 0 seconds, got {self.progress_every:g}")
+        if self.max_restarts < 0:
+            raise UsageProblem("--max-restarts must be >= 0")
+        if self.max_no_progress < 1:
+            raise UsageProblem("--max-no-progress must be >= 1")
+        for name in ("hang_timeout", "startup_timeout", "backoff", "backoff_cap", "grace_period"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageProblem(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value}")
+
+
+def check_script(script: str) -> None:
+    try:
+        found = importlib.util.find_spec(script) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT_SCRIPT}")
+
+
+def parse_settings(script: str, trainer_args: list[str]):
+    """The phase's config as its trainer will parse it (ConfigError and HelpRequested pass through)."""
+    return parse_args(getattr(importlib.import_module(script), CONFIGS[script])(), trainer_args)[0]
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_torch_sees_the_gpus() -> None:
+    """Refuse to train on the CPU of a GPU machine by accident: nvidia-smi lists GPUs but torch cannot use them
+    (the CPU build that `make install` puts in, or a driver older than torch's CUDA)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return
+    gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+    import torch
+
+    if not gpus or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        raise UsageProblem(
+            f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} is a CPU build: run `make install-cuda`"
+            " (or pass `-- --device_type=cpu` to train on the CPU anyway)"
+        )
+    raise UsageProblem(
+        f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use"
+        " them (torch.cuda.is_available() is False: is the driver older than that CUDA?); fix the driver or the"
+        " build (`make install-cuda CUDA=cu126`), or pass `-- --device_type=cpu`"
+    )
+
+
+@dataclass
+class Launch:
+    """A phase, resolved: where it saves, what its trainer gets, and the settings the supervisor must know."""
+
+    phase: str
+    script: str
+    trainer_args: list[str]
+    checkpoint_dir: Path
+    dist_timeout: int = DEFAULT_DIST_TIMEOUT
+    fresh: bool = False  # the settings ask for --resume=False
+    budget: int | None = None  # --num_iterations, when set
+    depth: int | None = None
+    model_tag: str | None = None
+
+
+def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
+    """Parse a phase's trainer settings (ours only; another --script is passed through unread) and find the
+    checkpoint dir it will save to, as the trainer computes it."""
+    launch = Launch(phase, script, trainer_args, checkpoint_dir or Path())
+    if script not in CONFIGS:
+        if checkpoint_dir is None:
+            launch.checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / checkpoint_tag("", DEFAULT_DEPTH)
+        return launch
+    try:
+        cfg = parse_settings(script, trainer_args)
+        if cfg.checkpoint_dir and checkpoint_dir is None:
+            checkpoint_dir = Path(cfg.checkpoint_dir)
+        if checkpoint_dir is None:
+            if phase == "base":
+                checkpoint_dir = get_base_dir() / PHASE_DIRS["base"] / checkpoint_tag(cfg.model_tag, cfg.depth)
+            else:  # a chat phase saves beside its source, under the same tag
+                checkpoint_dir = phase_dirs(phase, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)[0]
+    except ConfigError as e:
+        raise UsageProblem(f"trainer setting: {e}") from None
+    if cfg.device_type != "cpu":
+        check_torch_sees_the_gpus()
+    launch.checkpoint_dir = checkpoint_dir
+    launch.dist_timeout, launch.fresh = cfg.dist_timeout, not cfg.resume
+    launch.budget = cfg.num_iterations if cfg.num_iterations > 0 else None
+    launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
+    return launch
+
+
+def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
+    """The agent's TrainOptions for a resolved phase (`fresh` overrides the settings' --resume)."""
+    from supervisor.agent import TrainOptions
+    from supervisor.policy import Policy
+
+    policy = Policy(sup.max_restarts, sup.max_no_progress, sup.backoff, sup.backoff_cap, sup.oom_shrink)
+    grace = sup.grace_period if sup.grace_period is not None else launch.dist_timeout + GRACE_MARGIN
+    nproc = sup.nproc_per_node or gpu_count() or 1
+    return TrainOptions(launch.script, launch.trainer_args, launch.checkpoint_dir.expanduser().resolve(),
+                        run_dir.expanduser().resolve(), nproc, sup.nnodes, sup.node_rank, sup.rdzv_endpoint,
+                        sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
+                        launch.budget, policy, phase=launch.phase)  # fmt: skip
+
+
+def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:
+    """(phase, script) from `--phase` and `--script`: a script of ours implies its phase."""
+    if phase not in PHASE_SCRIPTS:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_SCRIPTS)}, got {phase!r}")
+    phase_of = {s: p for p, s in PHASE_SCRIPTS.items()}
+    if script in phase_of and phase != "base" and phase_of[script] != phase:
+        raise UsageProblem(f"--script {script} is the {phase_of[script]} phase's, not --phase {phase}'s: give one")
+    phase = phase_of.get(script, phase) if script else phase
+    return phase, script or PHASE_SCRIPTS[phase]

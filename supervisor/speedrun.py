@@ -1,0 +1,296 @@
+"""`nanochat-run speedrun`: from nothing to a chat model in one command, each training phase under the same
+supervision as `nanochat-run train`; rerun it after any stop and it goes on where it ended.
+
+    data -> tokenizer -> base -> mid -> sft -> rl -> eval -> report.md
+
+What a run does with each phase is decided by `plan_phase`, the whole policy:
+    skip    a finished phase (a valid final checkpoint, made with these settings, from the current parent)
+    resume  a started one (checkpoints, no final one): supervised again, from its newest valid checkpoint
+    fresh   nothing there yet; or --redo of it or of a phase before it (its checkpoints are archived by the
+            trainer, as with --resume=False); or its parent was retrained in this very run
+    refuse  a finished phase whose settings or parent differ from what this run asks: one line naming the phase
+            and the way out (--redo PHASE, or the old setting)
+
+Settings come from a TOML file (--config), one table per phase; a phase table's keys are the settings of the
+phase's script (`python -m scripts.chat_sft --help`), checked before anything runs:
+
+    [data]                       [tokenizer]            [base]                    [eval]
+    shards = 240                 vocab_size = 65536     device_batch_size = 16    tasks = "arithmetic,spelling"
+                                                        [sft]                     max_problems = 200
+                                                        num_iterations = 800
+
+The run dir (default $NANOCHAT_BASE_DIR/speedrun/<tag>) keeps one event log for all phases (phase starts, skips
+and ends, and every attempt of every phase, numbered across them), their logs, and report.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat import checkpoint
+from nanochat.config import ConfigError
+from nanochat.dataset import data_dir, list_shards
+from nanochat.locks import DirLock
+from nanochat.paths import PHASE_DIRS, PHASE_SCRIPTS, file_fingerprint, get_base_dir, tokenizer_file
+from supervisor.launch import Launch, UsageProblem, parse_settings, resolve
+from supervisor.records import EventLog, RunDir
+
+PHASES = ("data", "tokenizer", "base", "mid", "sft", "rl", "eval")
+TRAINED = ("base", "mid", "sft", "rl")
+# settings that change how a phase runs, not the model it produces: a rerun may change them freely
+RUNTIME = {"run", "device_type", "compile", "device_batch_size", "eval_every", "eval_tokens", "log_every",
+           "save_every", "keep_last_n_checkpoints", "resume", "async_save", "snapshot_every", "dist_timeout",
+           "heartbeat_file", "debug_fault", "sample_every", "checkpoint_dir", "source_dir", "eval_tasks",
+           "eval_problems", "pass_k"}  # fmt: skip
+TABLES = {"data": {"shards": 240, "max_docs": 0}, "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000},
+          "eval": {"tasks": "arithmetic,spelling,choice", "max_problems": 200, "max_tokens": 256}}  # fmt: skip
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def load_config(path: Path | None) -> dict[str, dict]:
+    """The TOML file as {phase: {key: value}}, every phase present; unknown tables or keys are one line."""
+    tables: dict[str, dict] = {p: {} for p in PHASES}
+    if path is None:
+        return tables | {p: dict(d) for p, d in TABLES.items()}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        loaded = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise UsageProblem(f"cannot read --config {path} ({e.strerror or e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageProblem(f"--config {path} is not valid TOML ({e})") from None
+    for name, table in loaded.items():
+        if name not in PHASES or not isinstance(table, dict):
+            raise UsageProblem(f"--config {path}: [{name}] is not a phase; the tables are {', '.join(PHASES)}")
+        if name in TABLES and (bad := set(table) - set(TABLES[name])):
+            raise UsageProblem(f"--config {path}: [{name}] has no setting {sorted(bad)[0]!r}; it takes"
+                               f" {', '.join(TABLES[name])}")  # fmt: skip
+        tables[name] = dict(table)
+    return tables | {p: {**d, **tables[p]} for p, d in TABLES.items()}
+
+
+def trainer_args(table: dict) -> list[str]:
+    return [f"--{k}={v}" for k, v in table.items()]
+
+
+@dataclass
+class Decision:
+    action: str  # skip | resume | fresh | refuse
+    why: str
+
+
+def settings_changed(saved: dict, asked) -> str:
+    """'' if the phase's saved train_config matches what this run asks, else the first difference, as a flag."""
+    for key, value in sorted(saved.items()):
+        if key not in RUNTIME and hasattr(asked, key) and getattr(asked, key) != value:
+            return f"--{key}={value!r}, this run asks for {getattr(asked, key)!r}"
+    return ""
+
+
+def plan_phase(phase: str, newest: checkpoint.Checkpoint | None, asked, redo: bool, parent_rebuilt: bool) -> Decision:
+    """What to do with a trained phase, given its newest valid checkpoint and the settings asked (module doc)."""
+    if redo:
+        return Decision("fresh", "--redo: starting afresh")
+    if newest is None:
+        return Decision("fresh", "starting")
+    meta = newest.meta or {}
+    problem = settings_changed(meta.get("train_config", {}), asked)
+    if phase == "base":
+        if meta.get("tokenizer") and meta["tokenizer"] != file_fingerprint(tokenizer_file()):
+            problem = problem or "it was trained with another tokenizer"
+    elif changed := checkpoint.source_changed(meta.get("source", {})):
+        if parent_rebuilt:  # its parent was (re)trained just now: it is stale by construction
+            return Decision("fresh", f"its parent {changed}: starting afresh")
+        problem = problem or f"its parent ({meta['source'].get('phase')} step {meta['source'].get('step')}) {changed}"
+    if problem and newest.final:
+        return Decision("refuse", f"finished at step {newest.step} with {problem}" if "--" in problem[:2]
+                        else f"finished at step {newest.step}, but {problem}")  # fmt: skip
+    if newest.final:
+        return Decision("skip", f"done at step {newest.step}")
+    return Decision("resume", f"resuming from step {newest.step}")
+
+
+def newest_valid(directory: Path) -> checkpoint.Checkpoint | None:
+    """The newest committed checkpoint whose files match its meta by size (the trainer and the next phase verify
+    checksums when they load it; a rerun that only skips must decide in a blink)."""
+    if not directory.is_dir():
+        return None
+    return next((c for c in reversed(checkpoint.scan(directory)) if c.valid), None)
+
+
+@dataclass
+class Speedrun:
+    """One `nanochat-run speedrun` invocation. `supervise(launch, fresh)` runs a phase under the agent and returns
+    its exit code; `display(line)` shows a line."""
+
+    tag: str
+    depth: int
+    builtin: bool
+    rl: bool
+    redo: str | None
+    run_dir: Path
+    tables: dict[str, dict]
+    supervise: Callable[[Launch, bool], int]
+    display: Callable[[str], None] = print
+    phases: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.phases = [p for p in PHASES if self.rl or p != "rl"]
+        if self.redo is not None and self.redo not in self.phases:
+            raise UsageProblem(f"--redo must name a phase of this run ({', '.join(self.phases)}), got {self.redo!r}")
+        self.events = EventLog(RunDir(self.run_dir), self.display)
+        self.launches = {p: self._launch(p) for p in TRAINED if p in self.phases}  # every setting checked now
+
+    def _launch(self, phase: str) -> Launch:
+        args = [f"--model_tag={self.tag}"] + (["--depth", str(self.depth)] if phase == "base" else [])
+        args += trainer_args(self.tables[phase])
+        try:
+            launch = resolve(phase, PHASE_SCRIPTS[phase], args, None if phase == "base" else self.dir_of(phase))
+        except UsageProblem as e:
+            raise UsageProblem(f"[{phase}] {e}") from None
+        if launch.fresh:
+            raise UsageProblem(f"[{phase}] resume = false: use --redo {phase} to start a phase afresh")
+        return launch
+
+    def dir_of(self, phase: str) -> Path:
+        return get_base_dir() / PHASE_DIRS[phase] / self.tag
+
+    # ---- the run ---------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        lock = DirLock(self.run_dir, "speedrun")
+        if msg := lock.acquire():
+            self.display(msg)
+        self.events.append("speedrun_start", phases=self.phases, tag=self.tag, depth=self.depth, redo=self.redo,
+                           dirs={p: str(self.dir_of(p)) for p in TRAINED})  # fmt: skip
+        code, redo, rebuilt, t0 = EXIT_OK, False, False, time.time()
+        try:
+            for phase in self.phases:
+                redo = redo or phase == self.redo
+                started = time.time()
+                code, ran = self._phase(phase, redo, rebuilt)
+                rebuilt = rebuilt or ran
+                if code != EXIT_OK:
+                    self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
+                    break
+        finally:
+            from supervisor.speedrun_report import write_report
+
+            path = write_report(self.run_dir, self.phases, {p: self.dir_of(p) for p in TRAINED})
+            self.events.append("speedrun_end", exit_code=code, seconds=time.time() - t0, report=str(path))
+            lock.release()
+        if code == EXIT_OK:
+            self.display(f"speedrun: done in {(time.time() - t0) / 60:.1f} min; report: {path}")
+        return code
+
+    def _phase(self, phase: str, redo: bool, rebuilt: bool) -> tuple[int, bool]:
+        """(exit code, whether it produced something new) for one phase."""
+        if phase == "data":
+            return self._data(redo)
+        if phase == "tokenizer":
+            return self._tokenizer(redo)
+        if phase == "eval":
+            return self._eval(redo), False
+        launch = self.launches[phase]
+        newest = newest_valid(launch.checkpoint_dir)
+        decision = plan_phase(phase, newest, parse_settings(launch.script, launch.trainer_args), redo, rebuilt)
+        if decision.action == "refuse":
+            raise UsageProblem(f"{phase}: {decision.why}: pass --redo {phase} to retrain it and what follows it,"
+                               " or restore the setting")  # fmt: skip
+        if decision.action == "skip":
+            self.events.append("phase_skip", phase=phase, why=decision.why, step=newest.step,
+                               checkpoint_dir=str(launch.checkpoint_dir))  # fmt: skip
+            self.display(f"speedrun: {phase}: {decision.why}, skipped")
+            return EXIT_OK, False
+        self.display(f"speedrun: {phase}: {decision.why}")
+        self.events.append("phase_start", phase=phase, action=decision.action, why=decision.why,
+                           checkpoint_dir=str(launch.checkpoint_dir))  # fmt: skip
+        started = time.time()
+        code = self.supervise(launch, decision.action == "fresh")
+        self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
+        return code, True
+
+    def _command(self, phase: str, args: list[str]) -> int:
+        """A phase that is one plain command (data, tokenizer, eval): shown, run, its output to the run dir."""
+        log = self.run_dir / f"{phase}.log"
+        self.display(f"speedrun: {phase}: $ python {' '.join(args)}  (log: {log})")
+        self.events.append("phase_start", phase=phase, action="run", cmd=args)
+        started = time.time()
+        with open(log, "ab") as out:
+            code = subprocess.call([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
+        self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
+        if code:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            self.display(f"speedrun: {phase} failed (exit {code}): {tail[0]}; see {log}")
+        return EXIT_FAILED if code else EXIT_OK
+
+    def _data(self, redo: bool) -> tuple[int, bool]:
+        table, shards = self.tables["data"], list_shards(data_dir(get_base_dir()))
+        want = 2 if self.builtin else int(table["shards"])
+        if len(shards) >= want and not redo:
+            self.events.append("phase_skip", phase="data", why=f"{len(shards)} shards")
+            self.display(f"speedrun: data: {len(shards)} shards in {data_dir(get_base_dir())}, skipped")
+            return EXIT_OK, False
+        args = ["-m", "nanochat.dataset"] + (["--builtin"] if self.builtin else ["-n", str(want)])
+        if self.builtin and int(table["max_docs"]) > 0:
+            args += ["--max-docs", str(table["max_docs"])]
+        return self._command("data", args), True
+
+    def _tokenizer(self, redo: bool) -> tuple[int, bool]:
+        path, vocab = tokenizer_file(), int(self.tables["tokenizer"]["vocab_size"])
+        if path.exists() and not redo:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            have = HFTokenizer.from_file(str(path)).get_vocab_size()
+            if have != vocab:
+                raise UsageProblem(f"tokenizer: {path} has a vocabulary of {have}, this run asks for {vocab}: pass"
+                                   " --redo tokenizer to train a new one (and everything after it)")  # fmt: skip
+            self.events.append("phase_skip", phase="tokenizer", why=f"vocabulary {have}")
+            self.display(f"speedrun: tokenizer: {path} (vocabulary {have}), skipped")
+            return EXIT_OK, False
+        args = [
+            "-m",
+            "scripts.tok_train",
+            f"--vocab_size={vocab}",
+            f"--max_chars={self.tables['tokenizer']['max_chars']}",
+        ]
+        return self._command("tokenizer", args), True
+
+    def _eval(self, redo: bool) -> int:
+        """chat_eval on the final model of each chat phase that has one; a record already there is kept."""
+        table = self.tables["eval"]
+        for phase in [p for p in ("sft", "rl") if p in self.phases]:
+            newest = newest_valid(self.dir_of(phase))
+            if newest is None or not newest.final:
+                continue
+            record = checkpoint.record_path(self.dir_of(phase), "chat_eval", newest.step)
+            if record.exists() and not redo:
+                self.display(f"speedrun: eval: {phase} step {newest.step} already evaluated ({record.name}), skipped")
+                continue
+            args = ["-m", "scripts.chat_eval", f"--checkpoint_dir={self.dir_of(phase)}", f"--step={newest.step}",
+                    f"--tasks={table['tasks']}", f"--max_problems={table['max_problems']}",
+                    f"--max_tokens={table['max_tokens']}"]  # fmt: skip
+            if code := self._command("eval", args):
+                return code
+        return EXIT_OK
+
+
+def check_config(tables: dict[str, dict]) -> None:
+    """The numbers of the plain tables (the phase tables are checked by their scripts' parsers)."""
+    for phase, key in (
+        ("data", "shards"),
+        ("tokenizer", "vocab_size"),
+        ("eval", "max_problems"),
+        ("eval", "max_tokens"),
+    ):
+        value = tables[phase][key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"[{phase}] {key} must be a whole number >= 1, got {value!r}")
