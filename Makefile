@@ -9,7 +9,7 @@ CUDA ?= cu128
 BIN := $(VENV)/bin
 export NANOCHAT_BASE_DIR ?= $(HOME)/.cache/nanochat
 
-.PHONY: install install-cuda torch test test-fast demo lint bench clean
+.PHONY: install install-cuda torch chromium test test-fast demo lint bench clean
 
 install: $(VENV)/.installed torch
 
@@ -38,11 +38,16 @@ install-cuda:  # the CUDA build of torch; fails loudly if what got installed is 
 	  ' is still a CPU build')"; $(BIN)/python -c "import torch; print('torch', torch.__version__, 'CUDA', \
 	  torch.version.cuda, '|', torch.cuda.device_count(), 'GPU(s) usable now')"
 
+chromium:  # Debian's Chromium, which tests/test_chat_web.py drives (the test skips without it, except in CI)
+	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+# Two workers (pytest-xdist): most tests wait on real processes, signals and timeouts, so two at a time fit a
+# 2-core machine (~9 minutes instead of ~17). xdist_group marks keep a module's shared fixture on one worker.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 demo: install
 	$(BIN)/python -m scripts.demo
@@ -58,6 +63,7 @@ bench: install  # ~23 minutes on 2 cores; each script prints ratios measured sid
 	$(BIN)/python -m scripts.bench_writer
 	$(BIN)/python -m scripts.bench_recovery
 	$(BIN)/python -m scripts.bench_chat
+	$(BIN)/python -m scripts.bench_rl
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -332,7 +332,7 @@ def status(
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
 
     def gather() -> dict:
-        info = report.gather_status(ckpt_dir, run_path, verify) if ckpt_dir.is_dir() else None
+        info = report.gather_status(ckpt_dir, run_path, verify, pipeline) if ckpt_dir.is_dir() else None
         if not pipeline:
             return info
         return {**phase_status(run_path), "current": info}

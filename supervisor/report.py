@@ -22,8 +22,9 @@ from supervisor.records import RunDir, read_events, read_heartbeat
 LIVE_HEARTBEAT = 5.0  # seconds: a heartbeat younger than this means a trainer is still at work
 
 
-def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
-    """Everything `status` reports, as plain data (`--json` prints it as is; times are Unix seconds)."""
+def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: bool = False) -> dict:
+    """Everything `status` reports, as plain data (`--json` prints it as is; times are Unix seconds).
+    `this_dir_only`: the run dir serves several checkpoint dirs (a speedrun's phases); show this one's runs."""
     ckpts = checkpoint.scan(ckpt_dir, verify=verify)
     marker, marker_problem = checkpoint.read_latest_marker(ckpt_dir)
     warnings: list[str] = []
@@ -34,8 +35,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool) -> dict:
     events = read_events(run)
     holder = lock_holder(ckpt_dir)
     trainer = lock_holder(ckpt_dir, "trainer")
-    # a run dir may serve several checkpoint dirs (a speedrun's phases): this one's invocations only
-    runs = [r for r in invocations(events, holder) if r["checkpoint_dir"] in (None, str(ckpt_dir))]
+    runs = [r for r in invocations(events, holder) if not this_dir_only or r["checkpoint_dir"] == str(ckpt_dir)]
     hb = read_heartbeat(run.heartbeat)
     age = time.time() - hb["time"] if hb and isinstance(hb.get("time"), (int, float)) else None
     live = hb is not None and age is not None and (holder is not None or age < LIVE_HEARTBEAT)

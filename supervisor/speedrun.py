@@ -88,10 +88,21 @@ class Decision:
 
 
 def settings_changed(saved: dict, asked) -> str:
-    """'' if the phase's saved train_config matches what this run asks, else the first difference, as a flag."""
+    """'' if the phase's saved train_config matches what this run asks, else the first difference."""
     for key, value in sorted(saved.items()):
         if key not in RUNTIME and hasattr(asked, key) and getattr(asked, key) != value:
-            return f"--{key}={value!r}, this run asks for {getattr(asked, key)!r}"
+            return f"with --{key}={value!r}, this run asks for {getattr(asked, key)!r}"
+    return ""
+
+
+def parent_changed(phase: str, meta: dict) -> str:
+    """'' if what the phase was made from is as it was (base: the tokenizer; the others: the source checkpoint)."""
+    if phase == "base":
+        saved = meta.get("tokenizer")
+        return "but with another tokenizer" if saved and saved != file_fingerprint(tokenizer_file()) else ""
+    source = meta.get("source", {})
+    if changed := checkpoint.source_changed(source):
+        return f"but its parent ({source.get('phase')} step {source.get('step')}) {changed} since"
     return ""
 
 
@@ -102,20 +113,14 @@ def plan_phase(phase: str, newest: checkpoint.Checkpoint | None, asked, redo: bo
     if newest is None:
         return Decision("fresh", "starting")
     meta = newest.meta or {}
-    problem = settings_changed(meta.get("train_config", {}), asked)
-    if phase == "base":
-        if meta.get("tokenizer") and meta["tokenizer"] != file_fingerprint(tokenizer_file()):
-            problem = problem or "it was trained with another tokenizer"
-    elif changed := checkpoint.source_changed(meta.get("source", {})):
-        if parent_rebuilt:  # its parent was (re)trained just now: it is stale by construction
-            return Decision("fresh", f"its parent {changed}: starting afresh")
-        problem = problem or f"its parent ({meta['source'].get('phase')} step {meta['source'].get('step')}) {changed}"
-    if problem and newest.final:
-        return Decision("refuse", f"finished at step {newest.step} with {problem}" if "--" in problem[:2]
-                        else f"finished at step {newest.step}, but {problem}")  # fmt: skip
+    parent = parent_changed(phase, meta)
+    if parent and parent_rebuilt:  # its parent was (re)made in this very run: this phase is stale by construction
+        return Decision("fresh", f"{parent.removeprefix('but ')}: starting afresh")
     if newest.final:
+        if problem := settings_changed(meta.get("train_config", {}), asked) or parent:
+            return Decision("refuse", f"finished at step {newest.step} {problem}")
         return Decision("skip", f"done at step {newest.step}")
-    return Decision("resume", f"resuming from step {newest.step}")
+    return Decision("resume", f"resuming from step {newest.step}")  # (the trainer checks its own resume)
 
 
 def newest_valid(directory: Path) -> checkpoint.Checkpoint | None:
@@ -151,13 +156,14 @@ class Speedrun:
 
     def _launch(self, phase: str) -> Launch:
         args = [f"--model_tag={self.tag}"] + (["--depth", str(self.depth)] if phase == "base" else [])
+        if taken := {"depth", "model_tag", "checkpoint_dir", "source_dir", "resume"} & set(self.tables[phase]):
+            raise UsageProblem(f"[{phase}] {sorted(taken)[0]} is the speedrun's to set: use --depth, --model-tag,"
+                               f" --redo {phase}")  # fmt: skip
         args += trainer_args(self.tables[phase])
         try:
             launch = resolve(phase, PHASE_SCRIPTS[phase], args, None if phase == "base" else self.dir_of(phase))
         except UsageProblem as e:
             raise UsageProblem(f"[{phase}] {e}") from None
-        if launch.fresh:
-            raise UsageProblem(f"[{phase}] resume = false: use --redo {phase} to start a phase afresh")
         return launch
 
     def dir_of(self, phase: str) -> Path:

@@ -16,6 +16,8 @@ from nanochat.chat_data import IGNORE
 from nanochat.rl import pg_loss, sample_seed
 from tests.runs import assert_same_final_state, one_line_error, run_phase
 
+pytestmark = pytest.mark.xdist_group("rl")  # under pytest-xdist, one worker builds `reference` once
+
 # 8 steps of 2 prompts x 4 samples; multiple-choice and spelling problems: a tiny model gets some right by chance,
 # so the groups' rewards differ and the weights move
 RL = ["--num_iterations=8", "--prompts_per_step=2", "--num_samples=4", "--device_batch_size=2", "--max_new_tokens=8",
@@ -27,7 +29,7 @@ def rl(env: dict, d: Path, sft: Path, *args: str, nproc: int = 1):
     return run_phase(env, "rl", d, sft, *args, nproc=nproc, tiny=RL)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # (a module fixture would be rebuilt when xdist interleaves modules)
 def reference(tmp_path_factory, menv, sft) -> tuple[Path, str]:
     d = tmp_path_factory.mktemp("rl_reference") / "ckpt"
     proc = rl(menv, d, sft)

@@ -20,7 +20,7 @@ from nanochat.tokenizer import tokenizer_dir
 from tests.runs import REPO_ROOT, assert_identical, kill_group
 from tests.supervised import NANOCHAT_RUN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("speedrun")]  # one worker builds `clean` once
 
 TOML = """
 [tokenizer]
@@ -111,7 +111,7 @@ def final_model(env: dict, phase: str) -> dict:
     return checkpoint.load_model(d, final)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # (a module fixture would be rebuilt when xdist interleaves modules)
 def clean(tmp_path_factory, base_dir, tokenizer) -> tuple[dict, Path, subprocess.CompletedProcess]:
     """The whole pipeline, no faults."""
     env, config = setup(tmp_path_factory.mktemp("speedrun_clean"), base_dir, tokenizer)
@@ -171,6 +171,14 @@ def test_a_changed_setting_is_refused_naming_the_phase_unless_redo(tmp_path, cle
     assert checkpoint.find_latest_valid(home / "chatrl_checkpoints" / "d1", pytest.fail).step == 7
     proc = speedrun(env, changed, "--depth", "2", "--model-tag", "d1")  # (another depth alone is another tag)
     assert proc.returncode == 2 and "base: finished at step 20 with --depth=1, this run asks for 2" in proc.stderr
+    tokenizer_file = tokenizer_dir(home) / "tokenizer.json"
+    original = tokenizer_file.read_text()
+    tokenizer_file.write_text(json.dumps(json.loads(original), indent=1))  # the same vocabulary, another file
+    try:
+        proc = speedrun(env, config)
+    finally:
+        tokenizer_file.write_text(original)
+    assert proc.returncode == 2 and "base: finished at step 20 but with another tokenizer" in proc.stderr
 
 
 def test_ctrl_c_in_sft_then_a_rerun_skips_base_and_mid_and_resumes_sft(tmp_path, base_dir, tokenizer):
