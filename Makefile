@@ -56,7 +56,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install  # ~23 minutes on 2 cores; each script prints ratios measured side by side
+bench: install  # ~25 minutes on 2 cores; each script prints ratios measured side by side
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m scripts.bench_train
 	$(BIN)/python -m scripts.bench_checkpoint

@@ -30,7 +30,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import OptimConfig, Optimizers
 from nanochat.rl import pg_loss, rollout
 from nanochat.tasks import get_task
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import Tokenizer
 from scripts.bench_chat import prepare
 
 SPEEDRUN_TOML = """
@@ -78,8 +78,7 @@ max_tokens = 8
 
 
 def random_model(depth: int, tokenizer: Tokenizer) -> GPT:
-    """An untrained model whose samples run the full length: random output projections (zero ones make every
-    position alike) and no special token ever likely (none ends an answer early or calls the tool)."""
+    """An untrained model with random output projections (zero ones would make every position alike)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_depth(depth, tokenizer.vocab_size, 1024, head_dim=64))
     model.init_weights(0)
@@ -87,10 +86,14 @@ def random_model(depth: int, tokenizer: Tokenizer) -> GPT:
         for block in model.blocks:
             block.attn.c_proj.weight.normal_(0, 0.02)
             block.mlp.c_proj.weight.normal_(0, 0.02)
-        model.lm_head.weight.normal_(0, 0.02)
-        for token in SPECIAL_TOKENS:
-            model.lm_head.weight[tokenizer.special_id(token)] = -1.0  # far below the others after the norm
     return model
+
+
+def full_length(engine: Engine) -> Engine:
+    """The engine with no stop token and no tool: every sample runs --new_tokens long, so the arms compare like for
+    like (an untrained model would otherwise end samples at random points)."""
+    engine.stop, engine.python_start = set(), -1
+    return engine
 
 
 def rollouts(args: argparse.Namespace, model: GPT, engine: Engine, prompt: list[int]) -> dict[str, float]:
@@ -173,7 +176,7 @@ def main() -> None:
         base = Path(tmp)
         tokenizer = prepare(base)
         model = random_model(args.depth, tokenizer)
-        engine = Engine(model.eval(), tokenizer)
+        engine = full_length(Engine(model.eval(), tokenizer))
         prompt = tokenizer.render_for_completion(get_task("arithmetic", "test")[0])
         print(f"depth {args.depth} ({model.num_params():,} parameters), {args.threads} threads, a group of"
               f" {args.samples} x {args.new_tokens} tokens from a {len(prompt)}-token arithmetic prompt")  # fmt: skip
