@@ -57,7 +57,7 @@ RUN_ID = ".run_id"
 TMP_PREFIX = ".tmp."
 _NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
 _TMP_WRITER = re.compile(r"\.(\d+)(?:-(\d+))?$")  # .<pid>-<process start time>
-_KINDS = ("model", "optim")  # the payload files a meta vouches for
+KINDS = ("model", "optim")  # the payload files a meta vouches for
 _TORCH_CRC_LOCK = threading.Lock()
 
 
@@ -72,6 +72,12 @@ class StorageError(CheckpointError):
 def file_name(kind: str, step: int) -> str:
     """The one place that spells checkpoint file names."""
     return f"{kind}_{step:06d}.json" if kind == "meta" else f"{kind}_{step:06d}.pt"
+
+
+def parse_name(name: str) -> tuple[str, int] | None:
+    """(kind, step) of a checkpoint file name; None for any other file."""
+    m = _NAME.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 @dataclass
@@ -255,17 +261,15 @@ def inspect(
         ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
         return ckpt
     ckpt.meta = meta
-    for kind in _KINDS:
+    for kind in KINDS:
         name = file_name(kind, step)
         path, want = directory / name, files.get(name)
         if want is None:
             ckpt.problem = f"{meta_path.name} does not list {name}"
         elif not path.exists():
             ckpt.problem = f"{name} is missing"
-        elif path.stat().st_size != want["size"]:
-            ckpt.problem = f"{name} has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
-        elif verify and file_digest(path, want["algo"]) != want["digest"]:
-            ckpt.problem = f"{name} fails its checksum (corrupted)"
+        elif problem := check_file(path, want, verify):
+            ckpt.problem = f"{name} {problem}"
         elif verify and load_check:
             ckpt.problem = _unsafe(path)
         if ckpt.problem:
@@ -283,6 +287,16 @@ def _unsafe(path: Path) -> str:
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError from the zip reader, OSError, ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         return f"{path.name} does not load safely ({type(e).__name__}: {first})"
+    return ""
+
+
+def check_file(path: Path, want: dict, verify: bool = True) -> str:
+    """'' if the file has the size (and with `verify` the checksum) its meta entry promises, else what is wrong."""
+    want = _expected(want) if "algo" not in want else want
+    if path.stat().st_size != want["size"]:
+        return f"has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
+    if verify and file_digest(path, want["algo"]) != want["digest"]:
+        return "fails its checksum (corrupted)"
     return ""
 
 
@@ -379,7 +393,7 @@ def find_resume_point(
 
 def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
     """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
-    states = _load(directory, ckpt, device, _KINDS)
+    states = _load(directory, ckpt, device, KINDS)
     return states[0], states[1]
 
 

@@ -30,7 +30,7 @@ def print0(*args, **kwargs) -> None:
 
 def warn0(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+        print(f"WARNING: {msg}\n", end="", file=sys.stderr, flush=True)  # one write: threads print too
 
 
 def autodetect_device_type() -> str:

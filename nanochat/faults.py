@@ -8,6 +8,8 @@
     oom@step:5           raise torch.OutOfMemoryError (what a CUDA OOM looks like to the supervisor)
     hang@step:5          stop making progress forever (sleeps; signals still work)
     memhog@step:3        allocate and touch memory until the kernel's OOM killer steps in
+    sigkill@upload:optim SIGKILL in the middle of a remote upload (--remote_dir): after model|optim is sent, or
+                         before the meta (meta)
     sleep@save:40        sleep 40 s in the middle of every save (a slow save, for grace-period tests)
     sleep@eval:2         sleep 2 s after every validation batch (a slow evaluation, for stop tests)
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
+_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval|upload):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
 _SAVE_PHASES = ("model", "optim", "meta", "latest", "prune", "snapshot")
 
 
@@ -61,6 +63,10 @@ class Fault:
             raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, e.g. @step:7")
         if not timed and where == "save" and what not in _SAVE_PHASES:
             raise ValueError(f"--debug_fault={spec!r}: save phase must be one of {', '.join(_SAVE_PHASES)}")
+        if where == "upload" and (timed or what not in ("model", "optim", "meta")):
+            raise ValueError(
+                f"--debug_fault={spec!r}: upload faults take model, optim or meta, e.g. sigkill@upload:optim"
+            )
         return cls(kind, where, what, bool(bang), int(rank or 0), spec)
 
     def _armed(self, rank: int) -> bool:
@@ -92,6 +98,11 @@ class Fault:
                 time.sleep(float(self.what))
         elif phase == self.what and self._armed(rank):
             fire(self.kind, f"save phase {phase}")
+
+    def at_upload(self, phase: str) -> None:
+        """In the uploader thread (rank 0): after the `phase` file is sent (before the meta, for "meta")."""
+        if self.where == "upload" and phase == self.what and self._armed(0):
+            fire(self.kind, f"upload phase {phase}")
 
     def at_eval_batch(self, rank: int) -> None:
         if self.where == "eval" and rank == self.rank:

@@ -30,6 +30,7 @@ from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat.paths import checkpoint_tag
+from nanochat.remote import Uploader, check_remote, restore_if_newer
 from nanochat.saver import Saver
 from nanochat.train_loop import (
     Heartbeat,
@@ -78,6 +79,10 @@ class LoopConfig:
     async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
     snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
     dist_timeout: int = 1800  # seconds any collective may wait; must cover the longest save (rank 0 writes, all wait)
+    # remote copies (nanochat/remote.py): any fsspec URL; s3:// needs nanochat-run[s3], gs:// nanochat-run[gcs]
+    remote_dir: str = ""  # copy every checkpoint here in the background, and restore from it when it is newer
+    remote_keep_last_n: int = 0  # remote checkpoints kept (the final one always); 0 = as local, -1 = all
+    remote_flush_timeout: int = 600  # seconds the final or signal save may wait for its upload before the exit
     # supervision and drills
     heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
     debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
@@ -113,6 +118,10 @@ class LoopConfig:
             Fault.parse(self.debug_fault)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.remote_keep_last_n < -1 or self.remote_flush_timeout < 0:
+            raise ConfigError("--remote_keep_last_n must be >= -1 (0: as local) and --remote_flush_timeout >= 0")
+        if self.remote_dir:
+            check_remote(self.remote_dir)  # a malformed URL or a missing filesystem package: one line, now
 
 
 EVAL_TOKENS_CAP = 20 * 524288  # what one evaluation of a full-size run reads (nanochat's 10M tokens)
@@ -208,7 +217,20 @@ class Phase:
             )
             cfg.snapshot_every = 0
         self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
+        remote = check_remote(cfg.remote_dir) if cfg.remote_dir else None
+        if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer
+            restore_if_newer(remote, ckpt_dir, warn0, print0)
         self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
+        self.uploader = None
+        if remote and self.dist.master:
+            keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
+            at_upload = self.fault.at_upload if self.fault else (lambda phase: None)
+            # one write per line: the uploader's thread prints between the training thread's lines
+            log = lambda msg: print0(msg + "\n", end="")  # noqa: E731
+            self.uploader = Uploader(remote, ckpt_dir, keep, warn0, log, at_upload, self.run_id)
+            self.saver.on_durable = self.uploader.offer
+            if self.resume_from is not None and self.resume_from[0] == ckpt_dir:
+                self.uploader.offer(self.resume_from[1].step)  # a copy an earlier run did not finish (or begin)
         if self.resume_from is not None and (other := self.resume_from[1].meta.get("phase", "base_train")) != name:
             raise CheckpointError(
                 f"{ckpt_dir} holds {other} checkpoints, not {name}'s: pick this phase's own --checkpoint_dir"
@@ -263,7 +285,21 @@ class Phase:
         print0(f"evaluation: {eval_steps * per_micro:,} validation tokens ({eval_steps} batches) per evaluation")
         return Plan(iterations, tokens_per_row, total // per_micro, total, eval_steps)
 
-    def train(
+    def train(self, *args, **kwargs) -> int:
+        """Run `_train` (below), then wait for the last checkpoint's upload, if a --remote_dir is set (rank 0, up to
+        --remote_flush_timeout): a finished or stopped run is in the bucket when the process ends."""
+        code = self._train(*args, **kwargs)
+        if self.uploader is not None and self.uploader.offered is not None:
+            if self.uploader.flush(self.cfg.remote_flush_timeout):
+                print0(f"remote: step {self.uploader.uploaded} is in {self.uploader.remote.url}")
+            else:
+                why = self.uploader.error or "still uploading"
+                warn0(f"remote: step {self.uploader.offered} is not in {self.uploader.remote.url} after"
+                      f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
+                      " `nanochat-run push` copies it later")  # fmt: skip
+        return code
+
+    def _train(
         self,
         model: GPT,
         optimizers: Optimizers,
@@ -479,7 +515,8 @@ class Phase:
                 timed += 1
                 smooth_tps = 0.9 * smooth_tps + 0.1 * tok_per_s
             mfu_now = 100 * flops_per_token * tok_per_s / (peak * world) if peak else None
-            heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None,
+            remote = self.uploader.status() if self.uploader else {}
+            heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None, **remote,
                       mfu=mfu_now, gpu_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                       checkpoint=saver.durable, phase="training")  # fmt: skip
             if step % cfg.log_every == 0 or step == num_iterations:

@@ -66,6 +66,7 @@ class Saver:
     run_id: str | None = None  # the lineage whose snapshots this run may reuse (set by the trainer after start)
     lock_wait: float = 60.0  # seconds to wait for a previous trainer still saving into the directory
     snapshots_off: bool = False  # set on rank 0 after a snapshot failed
+    on_durable: Callable[[int], None] | None = None  # told each step whose disk checkpoint is committed (uploads)
     warnings: list[str] = field(default_factory=list)  # earlier failures a later save made harmless
     records: list[SaveRecord] = field(default_factory=list)  # rank 0's saves, oldest first
     _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
@@ -217,6 +218,8 @@ class Saver:
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
         rec.durable_at = time.perf_counter()
+        if self.on_durable is not None:
+            self.on_durable(rec.step)
 
     def _write_in_background(self, rec, slot, model_state, optim_state, meta, in_memory, copied) -> None:
         try:

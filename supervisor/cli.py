@@ -82,6 +82,13 @@ OomShrinkOption = Annotated[
     bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
 ]
 ProgressOption = Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")]
+RemoteOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Also copy checkpoints to this fsspec URL (s3://bucket/prefix, gs://..., file:///...) and"
+        " restore from it when it is newer (the trainer's --remote_dir)."
+    ),
+]
 
 
 def resolve_dirs(
@@ -139,6 +146,7 @@ def train(
         str | None, typer.Option(help="Checkpoint subfolder name (default: d<depth>; mid/sft: the source's one model).")
     ] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
+    remote_dir: RemoteOption = None,
     run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
     phase: PhaseOption = "base",
     script: Annotated[
@@ -178,7 +186,7 @@ def train(
     check_script(script)
     settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
                 "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,
-                "model_tag": model_tag}  # fmt: skip
+                "model_tag": model_tag, "remote_dir": remote_dir}  # fmt: skip
     trainer_args = [f"--{k}={v}" for k, v in settings.items() if v is not None] + list(ctx.args)
     try:
         launch = resolve(phase, script, trainer_args, checkpoint_dir)
@@ -239,6 +247,7 @@ def speedrun(
         typer.Option(help="A TOML file with a table of settings per phase ([base], [sft], ...; see README)."),
     ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="The event log, logs and report.md of the whole run.")] = None,
+    remote_dir: RemoteOption = None,
     nproc_per_node: NprocOption = None,
     max_restarts: MaxRestartsOption = 5,
     max_no_progress: MaxNoProgressOption = 3,
@@ -275,7 +284,7 @@ def speedrun(
         return Agent(train_options(launch, run_path, sup, fresh=fresh), display).run()
 
     try:
-        code = Speedrun(tag, depth, builtin, rl, redo, run_path, tables, supervise, display.event).run()
+        code = Speedrun(tag, depth, builtin, rl, redo, run_path, tables, supervise, display.event, remote_dir).run()
     except LockError as e:
         raise UsageProblem(str(e)) from None
     except KeyboardInterrupt:  # between phases (a download, the tokenizer): nothing to save

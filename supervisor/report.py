@@ -230,6 +230,10 @@ def heartbeat_line(hb: dict) -> str:
         parts.append(f"mfu {hb['mfu']:.1f}%")
     if isinstance(hb.get("gpu_mem"), (int, float)):
         parts.append(f"gpu mem {hb['gpu_mem'] / 2**30:.1f} GiB")
+    if "remote_step" in hb:  # --remote_dir: how far the copies lag
+        behind = ", behind the newest checkpoint" if hb.get("remote_behind") else ""
+        error = f"; last error: {hb['remote_error']}" if hb.get("remote_error") else ""
+        parts.append(f"remote: step {hb['remote_step']}{behind}{error}")
     return ", ".join(parts) + f" (heartbeat {hb['age']:.0f}s ago)"
 
 

@@ -145,6 +145,7 @@ class Speedrun:
     tables: dict[str, dict]
     supervise: Callable[[Launch, bool], int]
     display: Callable[[str], None] = print
+    remote: str | None = None  # each phase copies to <remote>/<phase's folder>/<tag>
     phases: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -156,9 +157,12 @@ class Speedrun:
 
     def _launch(self, phase: str) -> Launch:
         args = [f"--model_tag={self.tag}"] + (["--depth", str(self.depth)] if phase == "base" else [])
-        if taken := {"depth", "model_tag", "checkpoint_dir", "source_dir", "resume"} & set(self.tables[phase]):
+        if self.remote:
+            args.append(f"--remote_dir={self.remote.rstrip('/')}/{PHASE_DIRS[phase]}/{self.tag}")
+        owned = {"depth", "model_tag", "checkpoint_dir", "source_dir", "resume", "remote_dir"}
+        if taken := owned & set(self.tables[phase]):
             raise UsageProblem(f"[{phase}] {sorted(taken)[0]} is the speedrun's to set: use --depth, --model-tag,"
-                               f" --redo {phase}")  # fmt: skip
+                               f" --remote-dir, --redo {phase}")  # fmt: skip
         args += trainer_args(self.tables[phase])
         try:
             launch = resolve(phase, PHASE_SCRIPTS[phase], args, None if phase == "base" else self.dir_of(phase))

@@ -1,0 +1,279 @@
+"""Remote copies of checkpoints at any fsspec URL (s3://bucket/prefix, gs://..., file:///mnt/shared/...), so a run
+outlives its machine. The local checkpoint dir stays the one the trainer writes and resumes from; this module
+copies its committed checkpoints out, and back in on a machine that lacks them.
+
+The remote holds the same files (names from nanochat/checkpoint.py) and the same commit rule: a checkpoint is
+committed when its meta exists, so an upload sends the payload files first, the meta last, then latest_step.txt;
+a deletion removes the meta first. An upload killed at any point leaves payload files without a meta: not a
+checkpoint, overwritten by the next upload of that step, removed by pruning once a newer one is committed. A
+download goes through temp files and is verified against the meta (sizes and xxh3 checksums) before it is
+committed locally, meta last.
+
+A remote dir may hold checkpoints of several runs (a --resume=False start makes a new run id): only the run's
+own lineage is restored or pruned; the others are left as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanochat import checkpoint
+from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat.config import ConfigError
+
+EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+RETRY_CAP = 120.0  # longest wait between upload retries, in seconds
+
+
+def open_remote(url: str) -> Remote:
+    """The fsspec filesystem of `url`; a protocol whose package is missing is a one-line ConfigError naming it."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except ImportError:
+        package, extra = EXTRAS.get(protocol, (protocol, protocol))
+        raise ConfigError(
+            f"--remote_dir={url}: {protocol}:// needs {package}: pip install 'nanochat-run[{extra}]'"
+        ) from None
+    except ValueError as e:
+        raise ConfigError(f"--remote_dir={url}: {e}") from None
+    return Remote(fs, root.rstrip("/"), url)
+
+
+@dataclass
+class Remote:
+    fs: object  # an fsspec AbstractFileSystem
+    root: str
+    url: str
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def files(self) -> dict[int, dict[str, int]]:
+        """{step: {file name: size}} of the checkpoint files there (anything else is ignored)."""
+        try:
+            self.fs.invalidate_cache(self.root)  # s3fs and gcsfs cache listings; another process may have written
+            listing = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        found: dict[int, dict[str, int]] = {}
+        for entry in listing:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if parsed := checkpoint.parse_name(name):
+                found.setdefault(parsed[1], {})[name] = int(entry.get("size") or 0)
+        return found
+
+    def meta(self, step: int) -> dict:
+        return json.loads(self.fs.cat_file(self.path(checkpoint.file_name("meta", step))))
+
+    def committed(self, run_id: str | None = None) -> list[tuple[int, dict]]:
+        """(step, meta) of the committed checkpoints whose files match their meta's sizes, newest first; only
+        those of `run_id` when given."""
+        out = []
+        for step, names in sorted(self.files().items(), reverse=True):
+            if checkpoint.file_name("meta", step) not in names:
+                continue
+            try:
+                meta = self.meta(step)
+                sizes = {name: int(entry["size"]) for name, entry in meta["files"].items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if all(names.get(name) == size for name, size in sizes.items()) and meta.get("step") == step:
+                if run_id is None or meta.get("run_id") == run_id:
+                    out.append((step, meta))
+        return out
+
+    def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None) -> bool:
+        """Copy the committed local checkpoint `step`: payload files, then the meta (the commit), then the marker.
+        False if the remote already holds it (the same meta, committed)."""
+        meta_name = checkpoint.file_name("meta", step)
+        meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
+        if any(s == step and m == json.loads(meta_bytes) for s, m in self.committed()):
+            return False
+        for kind in checkpoint.KINDS:
+            name = checkpoint.file_name(kind, step)
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.put_file(str(local / name), self.path(name))
+            fault(kind)
+        fault("meta")
+        self.fs.pipe_file(self.path(meta_name), meta_bytes)
+        self.fs.pipe_file(self.path(checkpoint.LATEST), f"{step}\n".encode())
+        return True
+
+    def download(self, step: int, local: Path) -> checkpoint.Checkpoint:
+        """Fetch `step` into the local dir through temp files, verify it against its meta, commit it (meta last).
+        Raises CheckpointError if it does not verify (nothing of it is left behind then)."""
+        meta_text = self.fs.cat_file(self.path(checkpoint.file_name("meta", step))).decode()
+        meta = json.loads(meta_text)
+        checkpoint.make_dir(local)
+        fetched = []
+        try:
+            for kind in checkpoint.KINDS:
+                name = checkpoint.file_name(kind, step)
+                tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
+                self.fs.get_file(self.path(name), str(tmp))
+                fetched.append(tmp)
+                if problem := checkpoint.check_file(tmp, meta["files"][name]):
+                    raise CheckpointError(f"{self.url}/{name}: {problem}")
+            for tmp in fetched:
+                tmp.rename(local / tmp.name.removeprefix(checkpoint.TMP_PREFIX).removesuffix(".download"))
+            checkpoint.write_text_atomic(local / checkpoint.file_name("meta", step), meta_text)
+            checkpoint.mark_latest(local, step)
+        finally:
+            for tmp in fetched:
+                tmp.unlink(missing_ok=True)
+        return checkpoint.inspect(local, step)
+
+    def prune(self, keep: int, run_id: str | None) -> list[int]:
+        """Keep the run's newest `keep` committed checkpoints (-1: all) and its final one; delete the others (meta
+        first), and payload files left without a meta below the newest committed step. Returns deleted steps."""
+        committed = self.committed(run_id)
+        doomed = [s for i, (s, meta) in enumerate(committed) if keep >= 0 and i >= keep and not meta.get("final")]
+        newest = committed[0][0] if committed else -1
+        deleted = []
+        for step, names in self.files().items():
+            orphan = checkpoint.file_name("meta", step) not in names and step < newest
+            if step in doomed or orphan:
+                for name in sorted(names, key=lambda n: not n.startswith("meta")):  # the meta first
+                    self.fs.rm_file(self.path(name))
+                deleted.append(step)
+        return sorted(deleted)
+
+
+def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], log: Callable[[str], None]) -> None:
+    """Rank 0 at start: if the remote holds a checkpoint of this dir's lineage (any, when the dir has none yet)
+    newer than the newest valid local one, download it. One that fails verification is skipped with a warning and
+    the next older one is tried."""
+    point = checkpoint.find_latest_valid(local, warn=lambda msg: None) if local.is_dir() else None
+    lineage = checkpoint.run_id(local, point)
+    have = point.step if point else -1
+    try:
+        candidates = remote.committed(lineage)
+    except Exception as e:  # noqa: BLE001 - unreachable, no credentials: train from what is here
+        warn(f"cannot read the remote {remote.url} ({type(e).__name__}: {first_line(e)}); resuming from local files")
+        return
+    for step, meta in candidates:
+        if step <= have:
+            return
+        try:
+            log(f"the remote {remote.url} has step {step}, newer than the local {have if have >= 0 else 'nothing'}:"
+                " downloading it")  # fmt: skip
+            t0 = time.perf_counter()
+            remote.download(step, local)
+            if lineage is None and meta.get("run_id"):
+                checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta["run_id"] + "\n")
+            log(f"downloaded step {step} in {time.perf_counter() - t0:.1f}s")
+            return
+        except (OSError, CheckpointError, KeyError, ValueError) as e:
+            warn(f"skipping the remote checkpoint at step {step}: {first_line(e)}")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+@dataclass
+class Uploader:
+    """Copies committed checkpoints to the remote in a background thread (rank 0). `offer(step)` after each
+    commit; the newest offered step wins (an older one still waiting is skipped). Failures warn once per kind of
+    error and retry with backoff; the training loop never waits, except `flush` at the end or on a signal."""
+
+    remote: Remote
+    local: Path
+    keep: int
+    warn: Callable[[str], None] = print
+    log: Callable[[str], None] = print
+    fault: Callable[[str], None] = field(default=lambda phase: None)
+    run_id: str | None = None
+    uploaded: int | None = None  # the newest step committed remotely by this run
+    offered: int | None = None  # the newest step offered
+    error: str = ""  # the last failure, until an upload succeeds
+    _want: int | None = field(default=None, init=False, repr=False)
+    _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
+
+    def offer(self, step: int) -> None:
+        with self._cond:
+            self._want = self.offered = step
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ckpt-uploader", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def status(self) -> dict:
+        """For the heartbeat and `status`: how far the remote lags."""
+        return {"remote_step": self.uploaded, "remote_error": self.error or None,
+                "remote_behind": self.offered is not None and self.uploaded != self.offered}  # fmt: skip
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until the newest offered step is uploaded; False if it is not."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.offered is not None and self.uploaded != self.offered:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        delay, warned = 1.0, ""
+        while True:
+            with self._cond:
+                while self._want is None and not self._closed:
+                    self._cond.wait()
+                if self._want is None:
+                    return
+                step, self._want = self._want, None
+            try:
+                t0 = time.perf_counter()
+                sent = self.remote.upload(self.local, step, self.fault)
+                pruned = self.remote.prune(self.keep, self.run_id)
+                with self._cond:
+                    self.uploaded, self.error, delay = step, "", 1.0
+                    self._cond.notify_all()
+                if sent:
+                    self.log(f"uploaded step {step} to {self.remote.url} in {time.perf_counter() - t0:.1f}s"
+                             + (f" (pruned remote steps {pruned})" if pruned else ""))  # fmt: skip
+                if warned:
+                    self.log(f"the remote {self.remote.url} works again")
+                    warned = ""
+            except FileNotFoundError as e:  # pruned locally meanwhile: a newer step is on its way
+                self.error = f"step {step} was pruned locally before its upload ({first_line(e)})"
+            except Exception as e:  # noqa: BLE001 - network, credentials, throttling, a full bucket: retry later
+                self.error = f"{type(e).__name__}: {first_line(e)}"
+                kind = type(e).__name__
+                if kind != warned:  # one warning per kind of failure, not one per retry
+                    self.warn(f"uploading step {step} to {self.remote.url} failed ({self.error}); retrying in the"
+                              " background, training goes on")  # fmt: skip
+                    warned = kind
+                with self._cond:
+                    if self._want is None:
+                        self._want = step  # try this one again, unless a newer one came meanwhile
+                    self._cond.wait(delay)
+                delay = min(2 * delay, RETRY_CAP)
+
+
+def check_remote(url: str) -> Remote:
+    """A remote URL from the settings, opened (a missing filesystem package is a ConfigError)."""
+    if not re.match(r"^[a-z][a-z0-9+.-]*://", url):
+        raise ConfigError(f"--remote_dir={url!r} is not a URL: write s3://bucket/prefix, gs://..., file:///path")
+    return open_remote(url)
+
+
+__all__ = ["Remote", "Uploader", "open_remote", "check_remote", "restore_if_newer", "StorageError"]

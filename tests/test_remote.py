@@ -1,0 +1,135 @@
+"""Remote copies (--remote_dir) against a real S3 API on localhost (moto in server mode, s3fs as the client) and a
+file:// remote: uploads in commit order, restore on a fresh machine bit-identical, a SIGKILL mid-upload leaves no
+half checkpoint, an endpoint that is down only warns (once) and is caught up later, retention."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nanochat import checkpoint
+from nanochat.remote import open_remote
+from tests.runs import Trainer, assert_finished, assert_same_final_state, kill_group, one_line_error, train
+
+pytestmark = pytest.mark.xdist_group("s3")  # one moto server per worker is plenty
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_env(env: dict, port: int) -> dict:
+    return {**env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> int:
+    """A moto S3 server on 127.0.0.1 (the port), with a bucket `ckpts`."""
+    pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[test]')")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("the moto server did not start")
+            time.sleep(0.2)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_env({}, port).items():
+            mp.setenv(key, value)
+        open_remote("s3://ckpts").fs.mkdir("ckpts")
+        yield port
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def remote_steps(url: str) -> list[int]:
+    return sorted(step for step, _ in open_remote(url).committed())
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_resumes_from_the_s3_copy_bit_identical(tmp_path, menv, s3, reference_1):
+    env, url = s3_env(menv, s3), "s3://ckpts/fresh-machine"
+    d = tmp_path / "ckpt"
+    t = Trainer(env, d, f"--remote_dir={url}", "--debug_fault=hang@step:10")  # the upload of 8 runs meanwhile
+    t.wait_for(r"uploaded step 8 to s3://ckpts/fresh-machine")
+    kill_group(t.proc)  # the machine dies
+    assert remote_steps(url) == [4, 8]
+    shutil.rmtree(d)  # the machine is gone
+    proc = train(env, d, f"--remote_dir={url}")
+    assert "the remote s3://ckpts/fresh-machine has step 8, newer than the local nothing" in proc.stdout
+    assert "resumed from step 8" in proc.stdout
+    assert_finished(proc, d)
+    assert_same_final_state(d, reference_1[0])
+    assert remote_steps(url) == [4, 8, 12] and "remote: step 12 is in s3://ckpts/fresh-machine" in proc.stdout
+    meta = open_remote(url).meta(12)
+    assert meta["final"] and meta["files"] == checkpoint.inspect(d, 12).meta["files"]
+
+
+@pytest.mark.slow
+def test_a_sigkill_mid_upload_leaves_no_remote_checkpoint_and_the_next_run_uploads_it(tmp_path, menv):
+    url = f"file://{tmp_path / 'remote'}"
+    d = tmp_path / "ckpt"
+    killed = train(menv, d, f"--remote_dir={url}", "--debug_fault=sigkill@upload:optim", "--num_iterations=4")
+    assert killed.returncode == -9 and "debug_fault: sigkill at upload phase optim" in killed.stdout
+    on_remote = sorted(p.name for p in (tmp_path / "remote").iterdir())
+    assert on_remote == ["model_000004.pt", "optim_000004.pt"] and remote_steps(url) == []  # payload, no meta
+    again = train(menv, d, f"--remote_dir={url}", "--num_iterations=4")
+    assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stdout + again.stderr
+    assert "uploaded step 4" in again.stdout and remote_steps(url) == [4]
+
+
+@pytest.mark.slow
+def test_an_endpoint_that_is_down_warns_once_and_is_caught_up_later(tmp_path, menv, s3):
+    down = {**s3_env(menv, free_port()), "AWS_MAX_ATTEMPTS": "1"}  # nothing listens there; botocore tries once
+    url, d = "s3://ckpts/was-down", tmp_path / "ckpt"
+    proc = train(down, d, f"--remote_dir={url}", "--remote_flush_timeout=3")
+    assert_finished(proc, d)
+    warnings = [line for line in proc.stderr.splitlines() if "uploading step" in line]
+    assert len(warnings) == 1 and "retrying in the background, training goes on" in warnings[0], proc.stderr
+    assert "remote: step 12 is not in s3://ckpts/was-down after --remote_flush_timeout=3s" in proc.stderr
+    proc = train(s3_env(menv, s3), d, f"--remote_dir={url}")  # back up: the finished run's copy catches up
+    assert proc.returncode == 0 and "uploaded step 12" in proc.stdout, proc.stdout + proc.stderr
+    assert remote_steps(url) == [12]
+
+
+@pytest.mark.slow
+def test_remote_retention_keeps_the_newest_and_never_touches_other_files(tmp_path, menv):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "notes.txt").write_text("mine")
+    proc = train(menv, tmp_path / "ckpt", f"--remote_dir=file://{remote}", "--remote_keep_last_n=2")
+    assert proc.returncode == 0, proc.stderr
+    assert remote_steps(f"file://{remote}") == [8, 12] and (remote / "notes.txt").read_text() == "mine"
+    assert json.loads((remote / "meta_000012.json").read_text())["final"]
+    assert (remote / "latest_step.txt").read_text() == "12\n"
+
+
+def test_a_url_without_its_filesystem_package_is_one_line(tmp_path, menv):
+    pytest.importorskip("s3fs")
+    proc = train(menv, tmp_path / "ckpt", "--remote_dir=gs://bucket/run")
+    if "gcsfs" in sys.modules or _installed("gcsfs"):
+        pytest.skip("gcsfs is installed here")
+    assert "gs:// needs gcsfs: pip install 'nanochat-run[gcs]'" in one_line_error(proc)
+    assert "is not a URL" in one_line_error(train(menv, tmp_path / "ckpt", "--remote_dir=bucket/run"))
+
+
+def _installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
