@@ -176,6 +176,55 @@ def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], l
             warn(f"skipping the remote checkpoint at step {step}: {first_line(e)}")
 
 
+def pull(url: str, step: int | None, to: Path) -> checkpoint.Checkpoint:
+    """`nanochat-run pull`: the remote checkpoint at `step` (default: the newest committed) into `to`, verified.
+    A checkpoint that fails verification is refused (CheckpointError) and leaves nothing behind."""
+    remote = check_remote(url)
+    committed = remote.committed()
+    if not committed:
+        raise CheckpointError(f"{url} holds no committed checkpoint")
+    steps = [s for s, _ in committed]
+    if step is not None and step not in steps:
+        raise CheckpointError(
+            f"{url} has no committed checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})"
+        )
+    step = steps[0] if step is None else step
+    if (to / checkpoint.file_name("meta", step)).exists():
+        raise CheckpointError(f"{to} already holds step {step}: pick another --to")
+    ckpt = remote.download(step, to)
+    if not ckpt.valid:
+        raise CheckpointError(f"the download of step {step} does not verify: {ckpt.problem}")
+    return ckpt
+
+
+def push(local: Path, url: str, log: Callable[[str], None] = print) -> list[int]:
+    """`nanochat-run push`: upload every valid local checkpoint the remote lacks, oldest first. Returns the steps
+    sent. Nothing remote is deleted."""
+    remote = check_remote(url)
+    have = {s: m for s, m in remote.committed()}
+    sent = []
+    for ckpt in sorted(checkpoint.valid_newest_first(local, warn=log), key=lambda c: c.step):
+        if have.get(ckpt.step) == ckpt.meta:
+            continue
+        t0 = time.perf_counter()
+        remote.upload(local, ckpt.step)
+        log(f"uploaded step {ckpt.step} to {url} in {time.perf_counter() - t0:.1f}s")
+        sent.append(ckpt.step)
+    return sent
+
+
+def lag(local: Path, url: str) -> dict:
+    """For `nanochat-run status --remote-dir`: the remote's newest committed step of this dir's lineage and how
+    many local valid checkpoints are newer (not copied yet)."""
+    point = checkpoint.find_latest_valid(local, warn=lambda msg: None, load_check=False) if local.is_dir() else None
+    lineage = checkpoint.run_id(local, point)
+    committed = check_remote(url).committed(lineage)
+    newest = committed[0][0] if committed else None
+    local_steps = [c.step for c in checkpoint.scan(local) if c.valid] if local.is_dir() else []
+    return {"url": url, "remote_step": newest, "remote_steps": sorted(s for s, _ in committed),
+            "behind": sum(1 for s in local_steps if newest is None or s > newest)}  # fmt: skip
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__

@@ -323,6 +323,9 @@ def status(
         bool,
         typer.Option("--speedrun", help="The speedrun of --depth/--model-tag: every phase (or pass its --run-dir)."),
     ] = False,
+    remote_dir: Annotated[
+        str | None, typer.Option(help="Also show this run's remote copies (an fsspec URL) and how far they lag.")
+    ] = None,
 ) -> None:
     """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run; for a
     speedrun, every phase first."""
@@ -342,6 +345,10 @@ def status(
 
     def gather() -> dict:
         info = report.gather_status(ckpt_dir, run_path, verify, pipeline) if ckpt_dir.is_dir() else None
+        if info is not None and remote_dir:
+            from nanochat import remote
+
+            info["remote"] = _remote_call("reading", remote_dir, lambda: remote.lag(ckpt_dir, remote_dir))
         if not pipeline:
             return info
         return {**phase_status(run_path), "current": info}
@@ -517,6 +524,60 @@ def prune_snapshots(dry_run: bool, yes: bool) -> None:
         raise typer.Exit(1)
     removed = [home for home, _ in found if snapshots.remove_home(home)]
     print(f"removed {len(removed)} snapshot folders, freed {sum(sizes[h] for h in removed) / 1e6:.1f} MB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# remote copies (nanochat/remote.py)
+
+
+def _remote_call(what: str, url: str, call):
+    """Run a remote operation; a missing filesystem package is bad usage, the storage failing one line (exit 1)."""
+    from nanochat.remote import first_line
+
+    try:
+        return call()
+    except ConfigError as e:
+        raise UsageProblem(str(e).replace("--remote_dir", "the URL")) from None
+    except (checkpoint.CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket: one line, never a traceback
+        raise checkpoint.StorageError(f"{what} {url} failed ({type(e).__name__}: {first_line(e)})") from None
+
+
+@app.command()
+def pull(
+    url: Annotated[str, typer.Argument(help="The remote dir of a run: s3://bucket/prefix, gs://..., file:///...")],
+    step: Annotated[int | None, typer.Option(help="The checkpoint's step (default: the newest committed).")] = None,
+    to: Annotated[
+        Path | None, typer.Option(help="The local dir to put it in (default: ./<the URL's last part>).")
+    ] = None,
+) -> None:
+    """Fetch a remote checkpoint, verified against its meta (sizes and checksums), e.g. to chat with it elsewhere."""
+    from nanochat import remote
+
+    target = (to or Path.cwd() / url.rstrip("/").rsplit("/", 1)[-1]).expanduser().resolve()
+    ckpt = _remote_call("pulling from", url, lambda: remote.pull(url, step, target))
+    print(f"pulled step {ckpt.step} ({(ckpt.meta or {}).get('phase', 'base_train')}) into {target}, verified")
+    print(f"chat with it: python -m scripts.chat_cli --checkpoint_dir {target}")
+
+
+@app.command()
+def push(
+    remote_dir: Annotated[str, typer.Option("--remote-dir", help="Where to copy them (an fsspec URL).")],
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth.")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    phase: PhaseOption = "base",
+) -> None:
+    """Upload a run's valid local checkpoints that the remote lacks (oldest first; nothing remote is deleted)."""
+    from nanochat import remote
+
+    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
+    if not any(c.valid for c in checkpoint.scan(ckpt_dir)):
+        raise UsageProblem(f"no valid checkpoints in {ckpt_dir}: nothing to push")
+    sent = _remote_call("pushing to", remote_dir, lambda: remote.push(ckpt_dir, remote_dir))
+    print(f"pushed {len(sent)} checkpoint(s) to {remote_dir}" if sent else f"{remote_dir} already has them all")
 
 
 # ---------------------------------------------------------------------------------------------------------------

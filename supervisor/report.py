@@ -193,6 +193,9 @@ def render(info: dict) -> Group:
         say(f"trainer: pid {trainer.get('pid')} on {trainer.get('host')} holds the checkpoint dir (unsupervised, or"
             " finishing its save after its supervisor died)")  # fmt: skip
     say(f"disk free: {info['disk_free'] / 1e9:.1f} GB")
+    if r := info.get("remote"):
+        behind = f", {r['behind']} checkpoint(s) behind" if r["behind"] else ", up to date"
+        say(f"remote: {r['url']}: step {r['remote_step']}{behind} (steps there: {r['remote_steps'] or 'none'})")
     return Group(*lines)
 
 

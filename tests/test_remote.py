@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from nanochat import checkpoint
 from nanochat.remote import open_remote
 from tests.runs import Trainer, assert_finished, assert_same_final_state, kill_group, one_line_error, train
+from tests.supervised import cli
 
 pytestmark = pytest.mark.xdist_group("s3")  # one moto server per worker is plenty
 
@@ -133,3 +135,34 @@ def _installed(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+@pytest.mark.slow
+def test_push_pull_and_status_and_a_tampered_remote_file_is_refused(tmp_path, menv, reference_1):
+    local = Path(shutil.copytree(reference_1[0], tmp_path / "ckpt"))
+    remote = tmp_path / "remote"
+    url = f"file://{remote}"
+    st = cli(menv, "status", "--json", "--checkpoint-dir", str(local), "--remote-dir", url)
+    assert st.returncode == 0 and json.loads(st.stdout)["remote"]["behind"] == 3, st.stderr
+    pushed = cli(menv, "push", "--remote-dir", url, "--checkpoint-dir", str(local))
+    assert pushed.returncode == 0 and "pushed 3 checkpoint(s)" in pushed.stdout, pushed.stderr
+    assert remote_steps(url) == [4, 8, 12]
+    again = cli(menv, "push", "--remote-dir", url, "--checkpoint-dir", str(local))
+    assert "already has them all" in again.stdout
+    st = json.loads(cli(menv, "status", "--json", "--checkpoint-dir", str(local), "--remote-dir", url).stdout)
+    assert st["remote"] == {"url": url, "remote_step": 12, "remote_steps": [4, 8, 12], "behind": 0}
+
+    pulled = cli(menv, "pull", url, "--step", "8", "--to", str(tmp_path / "pulled"))
+    assert pulled.returncode == 0 and "pulled step 8" in pulled.stdout, pulled.stderr
+    assert checkpoint.inspect(tmp_path / "pulled", 8).valid
+    assert (tmp_path / "pulled" / "model_000008.pt").read_bytes() == (local / "model_000008.pt").read_bytes()
+
+    data = bytearray((remote / "optim_000012.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the checksum can tell
+    (remote / "optim_000012.pt").write_bytes(bytes(data))
+    bad = cli(menv, "pull", url, "--to", str(tmp_path / "tampered"))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "optim_000012.pt: fails its checksum (corrupted)" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert not list((tmp_path / "tampered").glob("*.pt"))  # nothing half-fetched is left
+    missing = cli(menv, "pull", url, "--step", "5", "--to", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "has no committed checkpoint at step 5 (it has 4, 8, 12)" in missing.stderr
