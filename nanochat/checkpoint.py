@@ -99,6 +99,12 @@ class Checkpoint:
         return bool(self.meta and self.meta.get("final"))
 
     @property
+    def weights_only(self) -> bool:
+        """Its optimizer file was dropped (see `slim`): fine for evaluation, chat and the next phase; a resume from
+        it starts the optimizer afresh."""
+        return bool(self.meta and self.meta.get("weights_only"))
+
+    @property
     def size(self) -> int:
         return sum(p.stat().st_size for p in self.paths if p.exists())
 
@@ -261,7 +267,7 @@ def inspect(
         ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
         return ckpt
     ckpt.meta = meta
-    for kind in KINDS:
+    for kind in ("model",) if meta.get("weights_only") else KINDS:
         name = file_name(kind, step)
         path, want = directory / name, files.get(name)
         if want is None:
@@ -391,8 +397,11 @@ def find_resume_point(
     return (directory, disk) if disk else None
 
 
-def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """(model state, optimizer state) of a verified checkpoint, never unpickling code."""
+def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict | None]:
+    """(model state, optimizer state) of a verified checkpoint, never unpickling code; the optimizer state is None
+    for a weights-only checkpoint."""
+    if ckpt.weights_only:
+        return _load(directory, ckpt, device, ("model",))[0], None
     states = _load(directory, ckpt, device, KINDS)
     return states[0], states[1]
 
@@ -469,6 +478,30 @@ def prune(
 ) -> list[Path]:
     """Delete what plan_prune names: the meta first, so a crash mid-prune leaves no half-valid checkpoint."""
     return _delete(directory, plan_prune(directory, keep, cache), hook)
+
+
+def slim(directory: Path, keep_full: int, cache: dict | None = None) -> list[Path]:
+    """Drop the optimizer file of every valid checkpoint older than the newest `keep_full` ones (-1: none), except a
+    final one: the disk budget of a long run, where only the newest checkpoint needs the optimizer state for an
+    exact resume. The meta is rewritten first, as weights-only (that is the commit of the change), then the file is
+    deleted: a crash between leaves a valid weights-only checkpoint and a stray file the next call removes."""
+    if keep_full == -1:
+        return []
+    removed = []
+    for i, c in enumerate(valid_newest_first(directory, cache=cache)):
+        optim = directory / file_name("optim", c.step)
+        if i < keep_full or c.final:
+            continue
+        if not c.weights_only:
+            files = {name: f for name, f in c.meta["files"].items() if name != optim.name}
+            meta = {**c.meta, "weights_only": True, "files": files}
+            write_text_atomic(directory / file_name("meta", c.step), json.dumps(meta, indent=1))
+        if optim.exists():
+            optim.unlink()
+            removed.append(optim)
+    if removed:
+        fsync_path(directory)
+    return removed
 
 
 def make_room(directory: Path, keep: int, need: int, cache: dict | None = None) -> list[Path]:

@@ -75,6 +75,7 @@ class LoopConfig:
     checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
     save_every: int = 500  # save every N steps; 0 = only the final checkpoint
     keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
+    keep_optim_last_n: int = 1  # of those, the newest N keep the optimizer state; older ones weights only; -1 = all
     resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
     async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
     snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
@@ -112,6 +113,8 @@ class LoopConfig:
         if self.dist_timeout < 1:
             raise ConfigError(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
         checkpoint_tag(self.model_tag, 1)  # raises for a tag that is not a plain folder name
+        if self.keep_optim_last_n == 0 or self.keep_optim_last_n < -1:
+            raise ConfigError(f"--keep_optim_last_n must be >= 1 or -1 (all), got {self.keep_optim_last_n}")
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
         try:
@@ -205,7 +208,7 @@ class Phase:
             self.fault.marker_dir = ckpt_dir
         rank = self.dist.rank
         self.saver = Saver(
-            ckpt_dir, cfg.keep_last_n_checkpoints, rank, self.dist.world_size, self.device,
+            ckpt_dir, cfg.keep_last_n_checkpoints, cfg.keep_optim_last_n, rank, self.dist.world_size, self.device,
             fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
             warn=warn0, log=print0, async_save=cfg.async_save,
         )  # fmt: skip
@@ -342,7 +345,11 @@ class Phase:
                     print0(f"resume: --{key} changed from {old!r} to {self.overrides[key]!r}")
             model_state, optim_state = checkpoint.load(source, ckpt, device)
             model.load_state_dict(model_state)
-            optimizers.load_state_dict(optim_state)
+            if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
+                warn0(f"resuming from the weights-only checkpoint at step {ckpt.step}: the optimizer state (Adam"
+                      " moments, Muon momentum) starts afresh, so this resume is not exact")  # fmt: skip
+            else:
+                optimizers.load_state_dict(optim_state)
             del model_state, optim_state
             step, smooth_loss, train_time = saved["step"], saved["smooth_loss"], saved["train_time"]
             val, val_step = saved.get(metric), saved.get(f"{metric}_step")

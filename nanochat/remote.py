@@ -96,13 +96,15 @@ class Remote:
         False if the remote already holds it (the same meta, committed)."""
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
-        if any(s == step and m == json.loads(meta_bytes) for s, m in self.committed()):
+        meta = json.loads(meta_bytes)
+        if any(s == step and m == meta for s, m in self.committed()):
             return False
+        self.fs.makedirs(self.root, exist_ok=True)
         for kind in checkpoint.KINDS:
             name = checkpoint.file_name(kind, step)
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.put_file(str(local / name), self.path(name))
-            fault(kind)
+            if name in meta["files"]:  # (a weights-only checkpoint has no optimizer file)
+                self.fs.put_file(str(local / name), self.path(name))
+                fault(kind)
         fault("meta")
         self.fs.pipe_file(self.path(meta_name), meta_bytes)
         self.fs.pipe_file(self.path(checkpoint.LATEST), f"{step}\n".encode())
@@ -116,8 +118,7 @@ class Remote:
         checkpoint.make_dir(local)
         fetched = []
         try:
-            for kind in checkpoint.KINDS:
-                name = checkpoint.file_name(kind, step)
+            for name in meta["files"]:
                 tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
                 self.fs.get_file(self.path(name), str(tmp))
                 fetched.append(tmp)

@@ -56,6 +56,7 @@ class Saver:
 
     directory: Path
     keep: int = 3
+    keep_full: int = -1  # checkpoints that keep their optimizer state (the newest ones); -1: all (checkpoint.slim)
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
@@ -217,6 +218,7 @@ class Saver:
         pruned = checkpoint.prune(d, self.keep, self.fault, self._verified)
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
+        checkpoint.slim(d, self.keep_full, self._verified)
         rec.durable_at = time.perf_counter()
         if self.on_durable is not None:
             self.on_durable(rec.step)

@@ -52,6 +52,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
                 "size": c.size,
                 "valid": c.valid,
                 "final": c.final,
+                "weights_only": c.weights_only,
                 "problem": c.problem,
                 "stop_reason": (c.meta or {}).get("stop_reason"),
             }
@@ -156,7 +157,8 @@ def render(info: dict) -> Group:
         table.add_column(col)
     for c in info["checkpoints"]:
         bpb = f"{c['val'][0]} {c['val'][1]:.4f}" if c.get("val") else "-"
-        state = ("valid" + (" (final)" if c["final"] else "")) if c["valid"] else f"INVALID: {c['problem']}"
+        kind = " (final)" if c["final"] else " (weights only)" if c.get("weights_only") else ""
+        state = f"valid{kind}" if c["valid"] else f"INVALID: {c['problem']}"
         table.add_row(str(c["step"]), when(c["saved_at"]), bpb, f"{c['size'] / 1e6:.1f} MB", state)
     lines: list[RenderableType] = [table]
     say = lambda s: lines.append(Text(s))  # noqa: E731

@@ -38,6 +38,7 @@ TINY = [
     "--sample_every=-1",
     "--save_every=4",
     "--keep_last_n_checkpoints=-1",
+    "--keep_optim_last_n=-1",  # every checkpoint a full one: a fallback resume stays exact (slimming: test_resume)
     # Synchronous saves, so "killed after the checkpoint at step k" means that checkpoint is on disk. With
     # async saves a crash during the background write falls back one checkpoint further (tested below).
     "--async_save=False",

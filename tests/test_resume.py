@@ -103,6 +103,28 @@ def test_final_checkpoint_is_never_pruned(reference_1, tmp_path, menv) -> None:
     assert steps(d) == [12, 20] and checkpoint.inspect(d, 12).final  # 4, 8 and 16 pruned, the old final kept
 
 
+def test_older_checkpoints_keep_weights_only_and_a_fallback_to_one_says_so(reference_1, tmp_path, menv) -> None:
+    """--keep_optim_last_n=1: only the newest checkpoint (and a final one) keeps the optimizer file; the older ones
+    stay valid for evaluation and the next phase, and a resume that must fall back to one resets the optimizer."""
+    d = tmp_path / "ckpt"
+    proc = train(menv, d, "--keep_optim_last_n=1", "--debug_fault=sigkill@step:10")
+    on_disk = sorted(p.name for p in d.glob("*_0000*"))
+    assert on_disk == ["meta_000004.json", "meta_000008.json", "model_000004.pt", "model_000008.pt",
+                       "optim_000008.pt"], on_disk  # fmt: skip
+    old = checkpoint.inspect(d, 4)
+    assert old.valid and old.weights_only and list(old.meta["files"]) == ["model_000004.pt"]
+    assert checkpoint.load(d, old)[1] is None and torch.equal(
+        checkpoint.load_model(d, old)["wte.weight"],
+        torch.load(reference_1[0] / file_name("model", 4), weights_only=True)["wte.weight"],
+    )  # the weights are the full checkpoint's, bit for bit
+    (d / "optim_000008.pt").write_bytes(b"rotten")  # the newest full checkpoint is damaged
+    proc = train(menv, d, "--keep_optim_last_n=1")
+    assert "skipping the checkpoint at step 8" in proc.stderr and "resumed from step 4" in proc.stdout
+    assert "resuming from the weights-only checkpoint at step 4: the optimizer state" in proc.stderr
+    final = assert_finished(proc, d)
+    assert not final.weights_only and (d / "optim_000012.pt").exists()
+
+
 # ---- exact resume ------------------------------------------------------------------------------------------
 
 
