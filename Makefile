@@ -42,12 +42,12 @@ chromium:  # Debian's Chromium, which tests/test_chat_web.py drives (the test sk
 	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
 # Two workers (pytest-xdist): most tests wait on real processes, signals and timeouts, so two at a time fit a
-# 2-core machine (~9 minutes instead of ~17). xdist_group marks keep a module's shared fixture on one worker.
+# 2-core machine (~11 minutes instead of ~17). Each worker builds the shared runs once (tests/runs.py built_once).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 demo: install
 	$(BIN)/python -m scripts.demo

@@ -17,7 +17,18 @@ import pytest
 from nanochat.checkpoint import LATEST
 from nanochat.dataset import data_dir, iter_texts, train_val_shards, write_builtin_corpus
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
-from tests.runs import BASE, REPO_ROOT, Trainer, assert_finished, crashed, kill_group, run_phase, steps, train
+from tests.runs import (
+    BASE,
+    REPO_ROOT,
+    Trainer,
+    assert_finished,
+    built_once,
+    crashed,
+    kill_group,
+    run_phase,
+    steps,
+    train,
+)
 
 TEST_DOCS = 300  # a seeded slice of the built-in corpus: enough for a few training steps, quick to tokenise
 TEST_SHARDS = 3  # two train shards + one val shard
@@ -94,26 +105,17 @@ def menv(base_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory, menv) -> Path:
-    d = tmp_path_factory.mktemp("chat_base") / "ckpt"
-    proc = train(menv, d, nproc=1, tiny=BASE)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d
+    return built_once(tmp_path_factory, "chat_base", lambda d: train(menv, d, nproc=1, tiny=BASE))
 
 
 @pytest.fixture(scope="session")
 def mid(tmp_path_factory, menv, base) -> Path:
-    d = tmp_path_factory.mktemp("chat_mid") / "ckpt"
-    proc = run_phase(menv, "mid", d, base)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d
+    return built_once(tmp_path_factory, "chat_mid", lambda d: run_phase(menv, "mid", d, base))
 
 
 @pytest.fixture(scope="session")
 def sft(tmp_path_factory, menv, mid) -> Path:
-    d = tmp_path_factory.mktemp("chat_sft") / "ckpt"
-    proc = run_phase(menv, "sft", d, mid)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d
+    return built_once(tmp_path_factory, "chat_sft", lambda d: run_phase(menv, "sft", d, mid))
 
 
 @pytest.fixture(scope="session")

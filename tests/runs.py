@@ -102,6 +102,20 @@ def run_phase(env: dict, phase: str, d: Path, source: Path, *args: str, nproc: i
     return train(env, d, f"--source_dir={source}", *args, nproc=nproc, module=PHASES[phase], tiny=tiny, **kw)
 
 
+def built_once(tmp_path_factory, name: str, run) -> Path:
+    """<basetemp>/<name>/ckpt made by `run(dir)` (a process that must exit 0), once per test process (per
+    pytest-xdist worker): a session fixture may be set up again within one process, and must not train again."""
+    d = tmp_path_factory.getbasetemp() / name / "ckpt"
+    done = d.parent / ".built"
+    if not done.exists():
+        shutil.rmtree(d.parent, ignore_errors=True)
+        d.parent.mkdir(parents=True)
+        proc = run(d)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        done.write_text(proc.stdout)
+    return d
+
+
 class Trainer:
     """A trainer running in the background whose output we read line by line, to signal it at the right moment."""
 

@@ -14,9 +14,7 @@ import torch
 from nanochat import checkpoint
 from nanochat.chat_data import IGNORE
 from nanochat.rl import pg_loss, sample_seed
-from tests.runs import assert_same_final_state, one_line_error, run_phase
-
-pytestmark = pytest.mark.xdist_group("rl")  # under pytest-xdist, one worker builds `reference` once
+from tests.runs import assert_same_final_state, built_once, one_line_error, run_phase
 
 # 8 steps of 2 prompts x 4 samples; multiple-choice and spelling problems: a tiny model gets some right by chance,
 # so the groups' rewards differ and the weights move
@@ -29,12 +27,10 @@ def rl(env: dict, d: Path, sft: Path, *args: str, nproc: int = 1):
     return run_phase(env, "rl", d, sft, *args, nproc=nproc, tiny=RL)
 
 
-@pytest.fixture(scope="session")  # (a module fixture would be rebuilt when xdist interleaves modules)
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory, menv, sft) -> tuple[Path, str]:
-    d = tmp_path_factory.mktemp("rl_reference") / "ckpt"
-    proc = rl(menv, d, sft)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return d, proc.stdout
+    d = built_once(tmp_path_factory, "rl_reference", lambda d: rl(menv, d, sft))
+    return d, (d.parent / ".built").read_text()
 
 
 @pytest.mark.slow

@@ -19,8 +19,6 @@ from nanochat.remote import open_remote
 from tests.runs import Trainer, assert_finished, assert_same_final_state, kill_group, one_line_error, train
 from tests.supervised import cli
 
-pytestmark = pytest.mark.xdist_group("s3")  # one moto server per worker is plenty
-
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -6,6 +6,7 @@ line naming the phase unless --redo; status and report.md show every phase."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,10 +18,10 @@ import pytest
 from nanochat import checkpoint
 from nanochat.dataset import data_dir
 from nanochat.tokenizer import tokenizer_dir
-from tests.runs import REPO_ROOT, assert_identical, kill_group
+from tests.runs import REPO_ROOT, assert_identical, built_once, kill_group
 from tests.supervised import NANOCHAT_RUN
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("speedrun")]  # one worker builds `clean` once
+pytestmark = pytest.mark.slow
 
 TOML = """
 [tokenizer]
@@ -87,8 +88,11 @@ def setup(tmp_path: Path, base_dir: Path, tokenizer, sft_steps: int = 8, **fault
     fault = {p: f'debug_fault = "{faults[p]}"' if p in faults else "" for p in ("base", "sft", "rl")}
     config = tmp_path / "speedrun.toml"
     config.write_text(TOML.format(vocab=tokenizer.vocab_size, sft_steps=sft_steps, **fault))
-    env = {**__import__("os").environ, "NANOCHAT_BASE_DIR": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return env, config
+    return home_env(home), config
+
+
+def home_env(home: Path) -> dict:
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(home), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def speedrun(env: dict, config: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -111,13 +115,17 @@ def final_model(env: dict, phase: str) -> dict:
     return checkpoint.load_model(d, final)
 
 
-@pytest.fixture(scope="session")  # (a module fixture would be rebuilt when xdist interleaves modules)
-def clean(tmp_path_factory, base_dir, tokenizer) -> tuple[dict, Path, subprocess.CompletedProcess]:
+@pytest.fixture(scope="session")
+def clean(tmp_path_factory, base_dir, tokenizer) -> tuple[dict, Path]:
     """The whole pipeline, no faults."""
-    env, config = setup(tmp_path_factory.mktemp("speedrun_clean"), base_dir, tokenizer)
-    proc = speedrun(env, config)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return env, config, proc
+    where = tmp_path_factory.getbasetemp() / "speedrun_clean"
+
+    def run(d: Path) -> subprocess.CompletedProcess:
+        env, config = setup(d.parent, base_dir, tokenizer)
+        return speedrun(env, config)
+
+    built_once(tmp_path_factory, "speedrun_clean", run)
+    return home_env(where / "home"), where / "speedrun.toml"
 
 
 def test_crashes_in_base_sft_and_rl_end_bit_identical_to_a_clean_pipeline(tmp_path, base_dir, tokenizer, clean):
@@ -142,7 +150,7 @@ def test_crashes_in_base_sft_and_rl_end_bit_identical_to_a_clean_pipeline(tmp_pa
 
 
 def test_a_rerun_of_a_finished_speedrun_skips_every_phase_at_once(clean):
-    env, config, _ = clean
+    env, config = clean
     t0 = time.monotonic()
     proc = speedrun(env, config)
     took = time.monotonic() - t0
@@ -154,7 +162,7 @@ def test_a_rerun_of_a_finished_speedrun_skips_every_phase_at_once(clean):
 
 
 def test_a_changed_setting_is_refused_naming_the_phase_unless_redo(tmp_path, clean):
-    env, config, _ = clean
+    env, config = clean
     home = Path(env["NANOCHAT_BASE_DIR"])
     before = {p: sorted(x.name for x in (home / d / "d1").iterdir()) for p, d in PHASE_DIRS.items()}
     changed = tmp_path / "changed.toml"
@@ -221,7 +229,7 @@ def test_ctrl_c_in_sft_then_a_rerun_skips_base_and_mid_and_resumes_sft(tmp_path,
 
 
 def test_bad_speedrun_input_is_one_line(tmp_path, clean):
-    env, config, _ = clean
+    env, config = clean
     bad = tmp_path / "bad.toml"
     cases = [
         ("[bse]\n", "[bse] is not a phase"),

@@ -1,0 +1,230 @@
+"""What do checkpoint files cost to store and move? Measured on a real trained state, side by side in one run.
+
+    python -m scripts.bench_storage                    # trains depth 4 for 200 steps first (~2-4 minutes on 2 cores)
+    python -m scripts.bench_storage --ckpt DIR         # the newest valid checkpoint in DIR instead (any codec)
+
+A benchmark, never a test: it prints numbers and asserts nothing about speed. The state comes from the project's
+own trainer (scripts.base_train on the built-in corpus with a freshly trained tokenizer, in a temp base dir), so
+the weights and optimizer moments have the statistics of a real run. Sections:
+
+compression: every candidate codec on the model file's state and on the optimizer file's state: ratio (raw tensor
+  bytes / compressed bytes), and compress and decompress speed in raw MB/s with 1 thread and with all threads,
+  the best of --reps runs. "file" candidates compress the torch.save file as it is, in one zstd frame (so their
+  decompression is one thread whatever the setting); "nanochat" is nanochat/compress.py (byte planes, chunked
+  frames), whose decompression is the real load path (a page-cached file into tensors); blosc2 candidates (if
+  python-blosc2 is installed) compress each tensor with blosc2's SIMD shuffle filters. Then what the chosen codec
+  does to the time a checkpoint takes to write or send, at a few bandwidths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import zstandard
+
+from nanochat import checkpoint, compress
+from nanochat.saver import tensors
+
+# ----------------------------------------------------------------------------------------------------------------
+# the state: a short real training run
+
+
+def train_state(args: argparse.Namespace, tmp: Path) -> Path:
+    """Corpus, tokenizer and a depth-`args.depth` run of `args.steps` steps; returns its checkpoint dir."""
+    from nanochat.dataset import data_dir, iter_texts, train_val_shards, write_builtin_corpus
+    from nanochat.tokenizer import Tokenizer, tokenizer_dir
+
+    base, out = tmp / "base", tmp / "ckpt"
+    t0 = time.perf_counter()
+    write_builtin_corpus(data_dir(base), num_shards=3, max_docs=2000, seed=0)
+    train, _ = train_val_shards(data_dir(base))
+    Tokenizer.train(iter_texts(train, max_chars=4_000_000), args.vocab_size).save(tokenizer_dir(base))
+    cmd = [sys.executable, "-m", "scripts.base_train", f"--depth={args.depth}", "--head_dim=64", "--max_seq_len=256",
+           "--device_batch_size=4", "--total_batch_size=-1", f"--num_iterations={args.steps}", "--eval_every=-1",
+           "--eval_tokens=1024", "--save_every=0", "--sample_every=-1", "--log_every=50", f"--checkpoint_dir={out}",
+           "--resume=False"]  # fmt: skip
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": str(compress.all_threads())}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"base_train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    print(f"trained depth {args.depth} for {args.steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
+    return out
+
+
+def load_states(directory: Path) -> dict[str, dict]:
+    ckpt = checkpoint.find_latest_valid(directory)
+    if ckpt is None:
+        sys.exit(f"no valid checkpoint in {directory}")
+    print(f"checkpoint {directory} step {ckpt.step}")
+    return {kind: compress.load(directory / checkpoint.file_name(kind, ckpt.step)) for kind in checkpoint.KINDS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# compression
+
+
+class Sink:
+    """A writer that only counts bytes: compression speed without the cost of storing the output."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.size += memoryview(data).nbytes
+        return memoryview(data).nbytes
+
+
+def best(fn: Callable[[], object], reps: int, budget: float = 1.0) -> float:
+    """The fastest of up to `reps` runs (fewer if they take more than `budget` seconds in all)."""
+    times: list[float] = []
+    while len(times) < reps and (not times or sum(times) < budget):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def file_zstd(level: int):
+    """zstd over the torch.save file, as one frame (zstd's own threads split the compression only)."""
+
+    def measure(state: dict, threads: int, reps: int, tmp: Path) -> tuple[int, float, float]:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+        zc = zstandard.ZstdCompressor(level=level, threads=threads if threads > 1 else 0)
+        out = zc.compress(data)
+        return len(out), best(lambda: zc.compress(data), reps), best(lambda: zstandard.decompress(out), reps)
+
+    return measure
+
+
+def nanochat_zstd(level: int, group: bool = True):
+    def measure(state: dict, threads: int, reps: int, tmp: Path) -> tuple[int, float, float]:
+        path = tmp / "nanochat.z"
+        with open(path, "wb") as f:
+            compress.dump(state, f, level=level, threads=threads, group=group)
+        back = compress.load(path, threads=threads)
+        for a, b in zip(tensors(state), tensors(back)):  # lossless, or the numbers mean nothing
+            assert a.dtype == b.dtype and a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8))
+        ct = best(lambda: compress.dump(state, Sink(), level=level, threads=threads, group=group), reps)
+        return path.stat().st_size, ct, best(lambda: compress.load(path, threads=threads), reps)
+
+    return measure
+
+
+def blosc2_codec(codec: str, filters: tuple[str, ...], level: int):
+    """python-blosc2 on each tensor's bytes (one call per tensor: blosc2 splits it into blocks and threads)."""
+
+    def measure(state: dict, threads: int, reps: int, tmp: Path) -> tuple[int, float, float]:
+        import blosc2
+
+        kw = {"codec": getattr(blosc2.Codec, codec), "filters": [getattr(blosc2.Filter, f) for f in filters],
+              "clevel": level, "nthreads": threads}  # fmt: skip
+        arrays = [(t.contiguous().reshape(-1).view(torch.uint8).numpy(), t.element_size()) for t in tensors(state)]
+        comp = lambda: [blosc2.compress2(a, typesize=k, **kw) for a, k in arrays]  # noqa: E731
+        out = comp()
+        decomp = lambda: [blosc2.decompress2(c, nthreads=threads) for c in out]  # noqa: E731
+        return sum(len(c) for c in out), best(comp, reps), best(decomp, reps)
+
+    return measure
+
+
+def candidates() -> list[tuple[str, Callable]]:
+    found = [
+        ("zstd-1 file (plain)", file_zstd(1)),
+        ("zstd-3 file (plain)", file_zstd(3)),
+        ("nanochat zstd-1 no planes", nanochat_zstd(1, group=False)),
+        ("nanochat zstd-1  <- default", nanochat_zstd(1)),
+        ("nanochat zstd-3", nanochat_zstd(3)),
+        ("nanochat zstd-9", nanochat_zstd(9)),
+    ]
+    try:
+        import blosc2  # noqa: F401
+    except ImportError:
+        print("python-blosc2 is not installed: its candidates are skipped (pip install blosc2)")
+        return found
+    return found + [
+        ("blosc2 shuffle+zstd-1", blosc2_codec("ZSTD", ("SHUFFLE",), 1)),
+        ("blosc2 shuffle+zstd-5", blosc2_codec("ZSTD", ("SHUFFLE",), 5)),
+        ("blosc2 shuffle+bytedelta+zstd-1", blosc2_codec("ZSTD", ("SHUFFLE", "BYTEDELTA"), 1)),
+        ("blosc2 bitshuffle+zstd-1", blosc2_codec("ZSTD", ("BITSHUFFLE",), 1)),
+        ("blosc2 shuffle+lz4-5", blosc2_codec("LZ4", ("SHUFFLE",), 5)),
+        ("blosc2 bitshuffle+lz4-5", blosc2_codec("LZ4", ("BITSHUFFLE",), 5)),
+    ]
+
+
+def compression_section(states: dict[str, dict], reps: int, tmp: Path) -> dict[str, dict]:
+    n = compress.all_threads()
+    raw = {kind: sum(t.numel() * t.element_size() for t in tensors(s)) for kind, s in states.items()}
+    print(f"\n== compression: model {raw['model'] / 1e6:.1f} MB, optimizer {raw['optim'] / 1e6:.1f} MB of tensors;"
+          f" speeds in raw MB/s over both files, best of {reps}, 1 thread and {n} threads ==")  # fmt: skip
+    head = ("candidate", "model x", "optim x", "comp 1t", f"comp {n}t", "dec 1t", f"dec {n}t")
+    print(f"{head[0]:32s}" + "".join(f"{h:>9s}" for h in head[1:]), flush=True)
+    results = {}
+    for name, measure in candidates():
+        row = {"ratio": {}, "comp": {}, "dec": {}}
+        for threads in (1, n):
+            sizes, ct, dt = {}, 0.0, 0.0
+            for kind, state in states.items():
+                size, c, d = measure(state, threads, reps, tmp)
+                sizes[kind], ct, dt = size, ct + c, dt + d
+            row["ratio"] = {kind: raw[kind] / sizes[kind] for kind in states}
+            row["comp"][threads], row["dec"][threads] = sum(raw.values()) / ct / 1e6, sum(raw.values()) / dt / 1e6
+        results[name] = row
+        cells = [f"{row['ratio']['model']:.3f}", f"{row['ratio']['optim']:.3f}"]
+        cells += [f"{row[what][t]:.0f}" for what in ("comp", "dec") for t in (1, n)]
+        print(f"{name:32s}" + "".join(f"{c:>9s}" for c in cells), flush=True)
+    return results
+
+
+def tradeoff(results: dict[str, dict], states: dict[str, dict]) -> None:
+    """Seconds to write (or send) and to read back 1 GB of state, uncompressed against the default codec, when
+    compression and I/O run one after the other (the conservative case: a pipelined writer hides the shorter)."""
+    row, n = results["nanochat zstd-1  <- default"], compress.all_threads()
+    ratio = sum(sum(t.numel() * t.element_size() for t in tensors(s)) for s in states.values()) / sum(
+        sum(t.numel() * t.element_size() for t in tensors(s)) / row["ratio"][k] for k, s in states.items()
+    )
+    print(f"\n== the default codec (ratio {ratio:.3f} over both files) against none: seconds per GB of state ==")
+    print(f"{'link / disk':28s}{'none':>8s}{'zstd 1t':>10s}{f'zstd {n}t':>10s}{'load none':>11s}{f'load {n}t':>10s}")
+    for label, mbps in (("local NVMe 2000 MB/s", 2000), ("network disk 500 MB/s", 500),
+                        ("remote 10 Gbit/s ~1100 MB/s", 1100), ("remote 1 Gbit/s ~110 MB/s", 110),
+                        ("remote 200 Mbit/s ~22 MB/s", 22)):  # fmt: skip
+        io_s = 1000 / mbps
+        zs = {t: 1000 / row["comp"][t] + io_s / ratio for t in (1, n)}
+        load = 1000 / row["dec"][n] + io_s / ratio
+        print(f"{label:28s}{io_s:8.2f}{zs[1]:10.2f}{zs[n]:10.2f}{io_s:11.2f}{load:10.2f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_storage", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--ckpt", help="measure the newest valid checkpoint in this dir instead of training one")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--vocab_size", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (the best counts)")
+    args = p.parse_args(argv)
+    t_start, load0 = time.time(), os.getloadavg()[0]
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # decompression from memory, not a slow disk
+    with tempfile.TemporaryDirectory(prefix="bench_storage.") as t, tempfile.TemporaryDirectory(dir=shm) as scratch:
+        states = load_states(Path(args.ckpt) if args.ckpt else train_state(args, Path(t)))
+        results = compression_section(states, args.reps, Path(scratch))
+        tradeoff(results, states)
+    print(f"\nload average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; wall {time.time() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
