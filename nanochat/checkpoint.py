@@ -285,7 +285,16 @@ def inspect(
 
 def _unsafe(path: Path) -> str:
     """Why `path` does not load as a plain state dict with weights_only=True ('' if it does). Memory-mapped, so
-    only the pickle is read: a forged meta that vouches for a file with code in it is caught here, not at load."""
+    only the pickle is read: a forged meta that vouches for a file with code in it is caught here, not at load.
+    A compressed file never unpickles anything: its layout (index, frame sizes) is checked instead."""
+    from nanochat import compress
+
+    if compress.codec_of(path) == "zstd":
+        try:
+            compress.read_index(path)
+        except (compress.CompressedFileError, OSError) as e:
+            return f"{path.name} is not a valid compressed checkpoint file ({e})"
+        return ""
     import torch
 
     try:
@@ -414,6 +423,8 @@ def load_model(directory: Path, ckpt: Checkpoint, device: torch.device | str = "
 def _load(directory: Path, ckpt: Checkpoint, device, kinds) -> list[dict]:
     import torch
 
+    from nanochat import compress
+
     states = []
     on_cpu = torch.device(device).type == "cpu"
     for kind in kinds:
@@ -422,7 +433,9 @@ def _load(directory: Path, ckpt: Checkpoint, device, kinds) -> list[dict]:
         mmap = not (on_cpu and kind == "optim")
         path = directory / file_name(kind, ckpt.step)
         try:
-            state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+            state = compress.load(path, threads=0, mmap=mmap)  # plain torch.load(weights_only=True) if uncompressed
+        except compress.CompressedFileError as e:
+            raise CheckpointError(f"{path} cannot be read ({e}); resume falls back to an older checkpoint") from e
         except OSError as e:
             raise StorageError(f"reading {path} failed ({e.strerror or e}); check the storage, then resume") from e
         if torch.device(device).type != "cpu":
@@ -594,18 +607,26 @@ def write(
     meta: dict,
     fault: Callable[[str], None] = lambda phase: None,
     private: bool = False,
+    codec: str = "none",
+    threads: int = 1,
 ) -> None:
     """Write and commit one checkpoint: both payload files, then the meta that vouches for them (the commit).
+    `codec` "zstd" compresses them losslessly on `threads` threads (nanochat/compress.py); loading needs no flag.
 
     Does not touch latest_step.txt or prune (see `mark_latest`, `prune`); nanochat/saver.py does the ordering.
     """
     files = {}
     for kind, state in (("model", model_state), ("optim", optim_state)):
         name = file_name(kind, step)
-        size, digest = _write_atomic(
-            directory / name, lambda w, s=state: _torch_save(s, w), lambda k=kind: fault(k), private
-        )
-        files[name] = {"size": size, "xxh3_64": digest}
+        info: dict = {}  # a compressed file's codec, level and raw size (none: nothing, as in every older meta)
+        if codec == "none":
+            write = lambda w, s=state: _torch_save(s, w)  # noqa: E731
+        else:
+            from nanochat import compress  # imports torch and numpy: only when compressing
+
+            write = lambda w, s=state, i=info: i.update(compress.dump(s, w, codec, threads=threads))  # noqa: E731
+        size, digest = _write_atomic(directory / name, write, lambda k=kind: fault(k), private)
+        files[name] = {"size": size, "xxh3_64": digest, **info}
     meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
     fault("meta")
     write_text_atomic(directory / file_name("meta", step), json.dumps(meta, indent=1), private)  # the commit point

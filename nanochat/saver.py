@@ -68,6 +68,8 @@ class Saver:
     lock_wait: float = 60.0  # seconds to wait for a previous trainer still saving into the directory
     snapshots_off: bool = False  # set on rank 0 after a snapshot failed
     on_durable: Callable[[int], None] | None = None  # told each step whose disk checkpoint is committed (uploads)
+    codec: str = "none"  # the disk checkpoints' payload compression (nanochat/compress.py); snapshots never
+    codec_threads: int = 1
     warnings: list[str] = field(default_factory=list)  # earlier failures a later save made harmless
     records: list[SaveRecord] = field(default_factory=list)  # rank 0's saves, oldest first
     _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
@@ -212,7 +214,8 @@ class Saver:
         checkpoint.make_dir(d)
         checkpoint.set_aside(d, rec.step, self.warn)
         self._ensure_space(d, model_state, optim_state)
-        checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault)
+        checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault, codec=self.codec,
+                         threads=self.codec_threads)  # fmt: skip
         self.fault("latest")
         checkpoint.mark_latest(d, rec.step)
         pruned = checkpoint.prune(d, self.keep, self.fault, self._verified)

@@ -71,6 +71,8 @@ def load_states(directory: Path) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # compression
 
+DEFAULT = f"nanochat zstd-{compress.DEFAULT_LEVEL}  <- default"
+
 
 class Sink:
     """A writer that only counts bytes: compression speed without the cost of storing the output."""
@@ -143,7 +145,7 @@ def candidates() -> list[tuple[str, Callable]]:
         ("zstd-1 file (plain)", file_zstd(1)),
         ("zstd-3 file (plain)", file_zstd(3)),
         ("nanochat zstd-1 no planes", nanochat_zstd(1, group=False)),
-        ("nanochat zstd-1  <- default", nanochat_zstd(1)),
+        (DEFAULT, nanochat_zstd(compress.DEFAULT_LEVEL)),
         ("nanochat zstd-3", nanochat_zstd(3)),
         ("nanochat zstd-9", nanochat_zstd(9)),
     ]
@@ -162,23 +164,24 @@ def candidates() -> list[tuple[str, Callable]]:
     ]
 
 
-def compression_section(states: dict[str, dict], reps: int, tmp: Path) -> dict[str, dict]:
-    n = compress.all_threads()
+def compression_section(states: dict[str, dict], reps: int, n: int, tmp: Path) -> dict[str, dict]:
     raw = {kind: sum(t.numel() * t.element_size() for t in tensors(s)) for kind, s in states.items()}
+    arms = candidates()
     print(f"\n== compression: model {raw['model'] / 1e6:.1f} MB, optimizer {raw['optim'] / 1e6:.1f} MB of tensors;"
           f" speeds in raw MB/s over both files, best of {reps}, 1 thread and {n} threads ==")  # fmt: skip
     head = ("candidate", "model x", "optim x", "comp 1t", f"comp {n}t", "dec 1t", f"dec {n}t")
     print(f"{head[0]:32s}" + "".join(f"{h:>9s}" for h in head[1:]), flush=True)
     results = {}
-    for name, measure in candidates():
-        row = {"ratio": {}, "comp": {}, "dec": {}}
+    for name, measure in arms:
+        row: dict = {"comp": {}, "dec": {}}
         for threads in (1, n):
             sizes, ct, dt = {}, 0.0, 0.0
             for kind, state in states.items():
-                size, c, d = measure(state, threads, reps, tmp)
-                sizes[kind], ct, dt = size, ct + c, dt + d
-            row["ratio"] = {kind: raw[kind] / sizes[kind] for kind in states}
+                sizes[kind], c, d = measure(state, threads, reps, tmp)
+                ct, dt = ct + c, dt + d
             row["comp"][threads], row["dec"][threads] = sum(raw.values()) / ct / 1e6, sum(raw.values()) / dt / 1e6
+        row["ratio"] = {kind: raw[kind] / sizes[kind] for kind in states}
+        row["ratio"]["all"] = sum(raw.values()) / sum(sizes.values())
         results[name] = row
         cells = [f"{row['ratio']['model']:.3f}", f"{row['ratio']['optim']:.3f}"]
         cells += [f"{row[what][t]:.0f}" for what in ("comp", "dec") for t in (1, n)]
@@ -186,22 +189,24 @@ def compression_section(states: dict[str, dict], reps: int, tmp: Path) -> dict[s
     return results
 
 
-def tradeoff(results: dict[str, dict], states: dict[str, dict]) -> None:
-    """Seconds to write (or send) and to read back 1 GB of state, uncompressed against the default codec, when
-    compression and I/O run one after the other (the conservative case: a pipelined writer hides the shorter)."""
-    row, n = results["nanochat zstd-1  <- default"], compress.all_threads()
-    ratio = sum(sum(t.numel() * t.element_size() for t in tensors(s)) for s in states.values()) / sum(
-        sum(t.numel() * t.element_size() for t in tensors(s)) / row["ratio"][k] for k, s in states.items()
-    )
-    print(f"\n== the default codec (ratio {ratio:.3f} over both files) against none: seconds per GB of state ==")
-    print(f"{'link / disk':28s}{'none':>8s}{'zstd 1t':>10s}{f'zstd {n}t':>10s}{'load none':>11s}{f'load {n}t':>10s}")
-    for label, mbps in (("local NVMe 2000 MB/s", 2000), ("network disk 500 MB/s", 500),
+def tradeoff(row: dict, n: int) -> None:
+    """What the default codec does to the time a checkpoint takes to write (or upload) and to read back (or
+    download and load), per GB of state, at a few bandwidths: compression then I/O one after the other ("seq",
+    as through a temp file), or overlapped ("stream": frames go out while the next chunks compress)."""
+    r, c1, cn, dn = row["ratio"]["all"], row["comp"][1], row["comp"][n], row["dec"][n]
+    print(f"\n== default codec (ratio {r:.3f}) against none: seconds per GB of state, compressed on 1 or {n} threads")
+    head = ("none", "seq 1t", f"seq {n}t", f"stream {n}t", "read none", f"read {n}t")
+    print(f"{'disk or link':30s}" + "".join(f"{h:>11s}" for h in head))
+    for label, mbps in (("local NVMe ~2000 MB/s", 2000), ("network disk ~500 MB/s", 500),
                         ("remote 10 Gbit/s ~1100 MB/s", 1100), ("remote 1 Gbit/s ~110 MB/s", 110),
                         ("remote 200 Mbit/s ~22 MB/s", 22)):  # fmt: skip
         io_s = 1000 / mbps
-        zs = {t: 1000 / row["comp"][t] + io_s / ratio for t in (1, n)}
-        load = 1000 / row["dec"][n] + io_s / ratio
-        print(f"{label:28s}{io_s:8.2f}{zs[1]:10.2f}{zs[n]:10.2f}{io_s:11.2f}{load:10.2f}")
+        cells = (io_s, 1000 / c1 + io_s / r, 1000 / cn + io_s / r, max(1000 / cn, io_s / r), io_s, 1000 / dn + io_s / r)
+        print(f"{label:30s}" + "".join(f"{x:11.2f}" for x in cells))
+    # one after the other, compressing pays off at B MB/s when 1/c + 1/(r B) < 1/B, i.e. B < c (1 - 1/r);
+    # overlapped, when max(1/c, 1/(r B)) < 1/B, i.e. B < c
+    print(f"compression saves time below {c1 * (1 - 1 / r):.0f} MB/s (seq, 1 thread), {cn * (1 - 1 / r):.0f} MB/s"
+          f" (seq, {n}), {cn:.0f} MB/s (stream, {n}); it saves {100 * (1 - 1 / r):.0f}% of the bytes")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (the best counts)")
+    p.add_argument("--threads", type=int, default=compress.all_threads(), help="the 'all threads' arm (default: all)")
     args = p.parse_args(argv)
     t_start, load0 = time.time(), os.getloadavg()[0]
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # decompression from memory, not a slow disk
     with tempfile.TemporaryDirectory(prefix="bench_storage.") as t, tempfile.TemporaryDirectory(dir=shm) as scratch:
         states = load_states(Path(args.ckpt) if args.ckpt else train_state(args, Path(t)))
-        results = compression_section(states, args.reps, Path(scratch))
-        tradeoff(results, states)
+        results = compression_section(states, args.reps, args.threads, Path(scratch))
+        tradeoff(results[DEFAULT], args.threads)
     print(f"\nload average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; wall {time.time() - t_start:.0f}s")
     return 0
 

@@ -13,10 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from nanochat import checkpoint
+from nanochat import checkpoint, compress
 from nanochat.remote import open_remote
-from tests.runs import Trainer, assert_finished, assert_same_final_state, kill_group, one_line_error, train
+from tests.runs import (
+    Trainer,
+    assert_finished,
+    assert_identical,
+    assert_same_final_state,
+    kill_group,
+    one_line_error,
+    train,
+)
 from tests.supervised import cli
 
 
@@ -79,6 +88,26 @@ def test_a_fresh_machine_resumes_from_the_s3_copy_bit_identical(tmp_path, menv, 
     assert remote_steps(url) == [4, 8, 12] and "remote: step 12 is in s3://ckpts/fresh-machine" in proc.stdout
     meta = open_remote(url).meta(12)
     assert meta["final"] and meta["files"] == checkpoint.inspect(d, 12).meta["files"]
+
+
+@pytest.mark.slow
+def test_a_fresh_machine_resumes_from_a_compressed_copy_bit_identical(tmp_path, menv, reference_1):
+    """--compress=auto compresses when there is a remote: the files there (and here) are zstd; resume is exact."""
+    url, d = f"file://{tmp_path / 'remote'}", tmp_path / "ckpt"
+    t = Trainer(menv, d, f"--remote_dir={url}", "--debug_fault=hang@step:10")
+    t.wait_for(r"uploaded step 8 to file://")
+    kill_group(t.proc)
+    meta = open_remote(url).meta(8)
+    assert {f["codec"] for f in meta["files"].values()} == {"zstd"}
+    assert all(f["size"] < f["raw_size"] for f in meta["files"].values())
+    shutil.rmtree(d)
+    proc = train(menv, d, f"--remote_dir={url}")
+    assert "resumed from step 8" in proc.stdout
+    assert_finished(proc, d)
+    want = reference_1[0]
+    for kind in ("model", "optim"):
+        got = compress.load(d / checkpoint.file_name(kind, 12))
+        assert_identical(got, torch.load(want / checkpoint.file_name(kind, 12), weights_only=True), kind)
 
 
 @pytest.mark.slow
