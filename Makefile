@@ -56,7 +56,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install  # ~25 minutes on 2 cores; each script prints ratios measured side by side
+bench: install  # ~30 minutes on 2 cores; each script prints ratios measured side by side
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m scripts.bench_train
 	$(BIN)/python -m scripts.bench_checkpoint
@@ -64,6 +64,7 @@ bench: install  # ~25 minutes on 2 cores; each script prints ratios measured sid
 	$(BIN)/python -m scripts.bench_recovery
 	$(BIN)/python -m scripts.bench_chat
 	$(BIN)/python -m scripts.bench_rl
+	$(BIN)/python -m scripts.bench_storage
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -14,6 +14,11 @@ compression: every candidate codec on the model file's state and on the optimize
   frames), whose decompression is the real load path (a page-cached file into tensors); blosc2 candidates (if
   python-blosc2 is installed) compress each tensor with blosc2's SIMD shuffle filters. Then what the chosen codec
   does to the time a checkpoint takes to write or send, at a few bandwidths.
+remote: against a real S3 API on localhost (moto in server mode, s3fs as the client, as tests/test_remote.py):
+  upload and download throughput of the checkpoint, plain and compressed; the training step time with uploads in
+  flight against a run without a remote (median over the steps of each, the two runs back to back, --remote_steps
+  steps, a checkpoint every 5); the start-up of a resume (to its first step) from the local checkpoint against a
+  fresh machine's (an empty checkpoint dir: the checkpoint is downloaded and verified first).
 """
 
 from __future__ import annotations
@@ -210,6 +215,93 @@ def tradeoff(row: dict, n: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# remote: a moto S3 server on localhost
+
+
+def moto_server(tmp: Path) -> tuple[subprocess.Popen, dict]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    os.environ.update(env)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return proc, env
+
+
+def transfer_section(ckpt_dir: Path, tmp: Path) -> None:
+    from nanochat.remote import open_remote
+
+    ckpt = checkpoint.find_latest_valid(ckpt_dir)
+    model, optim = (compress.load(ckpt_dir / checkpoint.file_name(k, ckpt.step)) for k in checkpoint.KINDS)
+    remote = open_remote("s3://bench")
+    remote.fs.mkdir("bench")
+    print("\nremote (moto S3 on localhost)     size MB   upload MB/s   download+verify MB/s")
+    for codec in ("none", "zstd"):
+        local = tmp / f"local-{codec}"
+        checkpoint.make_dir(local)
+        checkpoint.write(local, ckpt.step, model, optim, dict(ckpt.meta), codec=codec, threads=compress.all_threads())
+        size = sum(p.stat().st_size for p in local.glob("*.pt")) / 1e6
+        r = open_remote(f"s3://bench/{codec}")
+        t0 = time.perf_counter()
+        r.upload(local, ckpt.step)
+        up = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r.download(ckpt.step, tmp / f"down-{codec}")
+        down = time.perf_counter() - t0
+        print(f"  {codec:<31}{size:>8.1f}{size / up:>14.0f}{size / down:>23.0f}")
+
+
+def step_times(out: str) -> list[float]:
+    import re
+
+    return [float(m) for m in re.findall(r"\| dt (\d+)ms", out)][1:]  # the first step warms up
+
+
+def training_section(args: argparse.Namespace, base: Path, env_s3: dict) -> None:
+    import re
+    import shutil
+    import statistics
+
+    env = {**os.environ, **env_s3, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, "-m", "scripts.base_train", f"--depth={args.depth}", "--head_dim=64",
+              "--max_seq_len=256", "--device_batch_size=4", "--total_batch_size=-1", "--eval_every=-1",
+              "--eval_tokens=1024", "--sample_every=-1", "--save_every=5", "--keep_last_n_checkpoints=2"]  # fmt: skip
+
+    def run(d: Path, *extra: str) -> str:
+        proc = subprocess.run([*common, f"--checkpoint_dir={d}", *extra], env=env, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"base_train failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        return proc.stdout
+
+    n = f"--num_iterations={args.remote_steps}"
+    plain = step_times(run(base / "plain", n, "--resume=False"))
+    url = "s3://bench/train"
+    uploading = run(base / "remote", n, "--resume=False", f"--remote_dir={url}")
+    with_remote = step_times(uploading)
+    uploads = len(re.findall(r"uploaded step", uploading))
+    a, b = statistics.median(plain), statistics.median(with_remote)
+    print(f"\ntraining step, depth {args.depth}, a checkpoint every 5 steps: median {a:.0f} ms without a remote,"
+          f" {b:.0f} ms with uploads to S3 in flight ({uploads} uploads, compressed): {b / a:.3f}x")  # fmt: skip
+    more = f"--num_iterations={args.remote_steps + 1}"
+    local = run(base / "remote", more)
+    shutil.rmtree(base / "remote")  # a fresh machine: only the bucket is left
+    fresh = run(base / "remote", more, f"--remote_dir={url}")
+    start = lambda out: float(re.search(r"startup: .*; ([\d.]+)s in all", out).group(1))  # noqa: E731
+    print(f"start-up to the first step: local resume {start(local):.2f}s, fresh machine (download + verify + resume)"
+          f" {start(fresh):.2f}s: {start(fresh) / start(local):.2f}x")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +313,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--reps", type=int, default=3, help="timed runs per measurement (the best counts)")
     p.add_argument("--threads", type=int, default=compress.all_threads(), help="the 'all threads' arm (default: all)")
+    p.add_argument(
+        "--remote_steps",
+        type=int,
+        default=60,
+        help="steps of each training run with and without a remote"
+        " (0: skip the remote section; it needs moto[server] and s3fs, in the test extra)",
+    )
     args = p.parse_args(argv)
     t_start, load0 = time.time(), os.getloadavg()[0]
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # decompression from memory, not a slow disk
@@ -228,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         states = load_states(Path(args.ckpt) if args.ckpt else train_state(args, Path(t)))
         results = compression_section(states, args.reps, args.threads, Path(scratch))
         tradeoff(results[DEFAULT], args.threads)
+        if args.remote_steps:
+            server, env_s3 = moto_server(Path(t))
+            try:
+                transfer_section(Path(args.ckpt) if args.ckpt else Path(t) / "ckpt", Path(t) / "transfer")
+                if not args.ckpt:
+                    training_section(args, Path(t) / "base", env_s3)
+            finally:
+                server.terminate()
     print(f"\nload average at start {load0:.2f}, at end {os.getloadavg()[0]:.2f}; wall {time.time() - t_start:.0f}s")
     return 0
 
