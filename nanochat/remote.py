@@ -133,20 +133,22 @@ class Remote:
                 tmp.unlink(missing_ok=True)
         return checkpoint.inspect(local, step)
 
-    def prune(self, keep: int, run_id: str | None) -> list[int]:
-        """Keep the run's newest `keep` committed checkpoints (-1: all) and its final one; delete the others (meta
-        first), and payload files left without a meta below the newest committed step. Returns deleted steps."""
+    def plan_prune(self, keep: int, run_id: str | None) -> dict[int, list[str]]:
+        """What `prune` would delete, {step: file names}: the run's committed checkpoints past its newest `keep`
+        (-1: none) except a final one, and payload files left without a meta below the newest committed step."""
         committed = self.committed(run_id)
         doomed = [s for i, (s, meta) in enumerate(committed) if keep >= 0 and i >= keep and not meta.get("final")]
         newest = committed[0][0] if committed else -1
-        deleted = []
-        for step, names in self.files().items():
-            orphan = checkpoint.file_name("meta", step) not in names and step < newest
-            if step in doomed or orphan:
-                for name in sorted(names, key=lambda n: not n.startswith("meta")):  # the meta first
-                    self.fs.rm_file(self.path(name))
-                deleted.append(step)
-        return sorted(deleted)
+        return {step: sorted(names) for step, names in sorted(self.files().items())
+                if step in doomed or checkpoint.file_name("meta", step) not in names and step < newest}  # fmt: skip
+
+    def prune(self, keep: int, run_id: str | None) -> list[int]:
+        """Delete what plan_prune names, the meta of each first. Returns the deleted steps."""
+        doomed = self.plan_prune(keep, run_id)
+        for names in doomed.values():
+            for name in sorted(names, key=lambda n: not n.startswith("meta")):
+                self.fs.rm_file(self.path(name))
+        return list(doomed)
 
 
 def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], log: Callable[[str], None]) -> None:

@@ -465,6 +465,10 @@ def prune(
         ),
     ] = False,
     phase: PhaseOption = "base",
+    remote_dir: Annotated[
+        str | None,
+        typer.Option(help="Prune this remote copy (an fsspec URL) instead: the run's newest N and its final one stay."),
+    ] = None,
 ) -> None:
     """Delete old checkpoints by the checkpoint module's rules: never the newest valid, the final or a damaged one."""
     if stale_snapshots:
@@ -472,6 +476,9 @@ def prune(
         return
     if keep < 1:
         raise UsageProblem(f"--keep must be >= 1, got {keep}")
+    if remote_dir:
+        prune_remote(remote_dir, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes)
+        return
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {ckpt_dir}: pass --checkpoint-dir, --run-dir or --model-tag")
@@ -500,6 +507,28 @@ def prune(
     point = checkpoint.find_resume_point(ckpt_dir, warn=lambda msg: None)
     if point and point[0] == ckpt_dir and snapshots.remove(ckpt_dir):  # a resume would not use them
         print("removed the in-memory snapshots (not newer than the newest checkpoint)")
+
+
+def prune_remote(url, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run: bool, yes: bool) -> None:
+    """`prune --remote-dir`: the remote's retention by hand. With a local checkpoint dir, only that run's lineage
+    is touched (as the uploader does); without one, every checkpoint there counts."""
+    from nanochat import remote
+
+    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
+    lineage = checkpoint.run_id(ckpt_dir) if ckpt_dir.is_dir() else None
+    r = _remote_call("reading", url, lambda: remote.check_remote(url))
+    doomed = _remote_call("reading", url, lambda: r.plan_prune(keep, lineage))
+    if not doomed:
+        print(f"nothing to prune in {url} (keeping the newest {keep})")
+        return
+    for step, names in doomed.items():
+        print(f"{'would delete' if dry_run else 'delete'} step {step}: {', '.join(names)}")
+    if dry_run:
+        return
+    if not yes and not confirm("delete these remote files?"):
+        raise typer.Exit(1)
+    deleted = _remote_call("pruning", url, lambda: r.prune(keep, lineage))
+    print(f"deleted {len(deleted)} checkpoint(s) from {url}")
 
 
 def confirm(question: str) -> bool:

@@ -5,6 +5,7 @@ half checkpoint, an endpoint that is down only warns (once) and is caught up lat
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -193,3 +194,8 @@ def test_push_pull_and_status_and_a_tampered_remote_file_is_refused(tmp_path, me
     assert not list((tmp_path / "tampered").glob("*.pt"))  # nothing half-fetched is left
     missing = cli(menv, "pull", url, "--step", "5", "--to", str(tmp_path / "x"))
     assert missing.returncode == 1 and "has no committed checkpoint at step 5 (it has 4, 8, 12)" in missing.stderr
+    plan = cli(menv, "prune", "--keep", "1", "--dry-run", "--remote-dir", url, "--checkpoint-dir", str(local))
+    assert plan.returncode == 0 and re.findall(r"would delete step (\d+):", plan.stdout) == ["4", "8"], plan.stderr
+    done = cli(menv, "prune", "--keep", "1", "--yes", "--remote-dir", url, "--checkpoint-dir", str(local))
+    assert done.returncode == 0 and "deleted 2 checkpoint(s)" in done.stdout, done.stderr
+    assert remote_steps(url) == [12] and len(list(remote.glob("*_0000*"))) == 3  # the final one, whole
