@@ -1,4 +1,5 @@
-"""`nanochat-run`: train (supervised), status, logs, prune. Argument parsing only; the work is elsewhere.
+"""`nanochat-run`: train (supervised), speedrun (every phase), status, logs, prune, pull and push (remote copies).
+Argument parsing only; the work is elsewhere.
 
 Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75 stopped by SIGTERM after saving
 (requeue the job), 130 stopped by Ctrl+C after saving.
