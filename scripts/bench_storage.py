@@ -7,6 +7,7 @@ A benchmark, never a test: it prints numbers and asserts nothing about speed. Th
 own trainer (scripts.base_train on the built-in corpus with a freshly trained tokenizer, in a temp base dir), so
 the weights and optimizer moments have the statistics of a real run. Sections:
 
+budget: the disk use of a d20 run's checkpoints at keep 3, by --keep_optim_last_n (from the shapes alone).
 compression: every candidate codec on the model file's state and on the optimizer file's state: ratio (raw tensor
   bytes / compressed bytes), and compress and decompress speed in raw MB/s with 1 thread and with all threads,
   the best of --reps runs. "file" candidates compress the torch.save file as it is, in one zstd frame (so their
@@ -215,6 +216,24 @@ def tradeoff(row: dict, n: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the disk budget of a d20 run (README, "Disk budget"), from the real shapes of its state
+
+
+def budget_section(depth: int = 20, keep: int = 3) -> None:
+    from nanochat.gpt import GPT, GPTConfig
+
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = GPT(GPTConfig.from_depth(depth, 65536, 2048))
+    n, matrices = model.num_params(), sum(p.numel() for p in model.matrix_params())
+    weights, optim = 4 * n, 4 * (2 * (n - matrices) + matrices)  # fp32; AdamW: 2 moments, Muon: 1 momentum
+    print(f"\n== disk budget, d{depth}: {n / 1e6:.0f}M parameters, {weights / 1e9:.2f} GB fp32 weights +"
+          f" {optim / 1e9:.2f} GB optimizer state = {(weights + optim) / 1e9:.2f} GB per full checkpoint")  # fmt: skip
+    for full in range(keep, 0, -1):
+        total = full * (weights + optim) + (keep - full) * weights
+        print(f"keep {keep}, --keep_optim_last_n={full}: {total / 1e9:.1f} GB (x{1 / 1.21:.2f} with --compress=zstd)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # remote: a moto S3 server on localhost
 
 
@@ -322,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     t_start, load0 = time.time(), os.getloadavg()[0]
+    budget_section()
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # decompression from memory, not a slow disk
     with tempfile.TemporaryDirectory(prefix="bench_storage.") as t, tempfile.TemporaryDirectory(dir=shm) as scratch:
         states = load_states(Path(args.ckpt) if args.ckpt else train_state(args, Path(t)))
