@@ -100,7 +100,7 @@ def test_advantages_and_the_loss_follow_the_rewards():
     assert logits.grad[0, 0, 1] < 0 and logits.grad[1, 0, 3] > 0 and torch.all(logits.grad[0, 1] == 0)
 
 
-def test_sample_seeds_depend_on_the_draw_not_on_the_rank_or_world_size():
+def test_sample_seeds_are_distinct_valid_torch_seeds_keyed_by_seed_kind_and_draw():
     seeds = {sample_seed(0, "train", n) for n in range(1000)}
     assert len(seeds) == 1000 and all(0 <= s < 2**63 for s in seeds)
     assert sample_seed(0, "train", 5) != sample_seed(0, "eval", 5) != sample_seed(1, "train", 5)
