@@ -39,7 +39,9 @@ def attempt_heartbeat(run: Run, n: int) -> dict:
 
 
 def test_killed_torchrun_leaves_no_orphans_and_its_workers_save_first(supervise):
-    run = supervise(iters=14, save_every=100)  # no periodic checkpoint: only the stop-save and the final one
+    # no periodic checkpoint: only the stop-save and the final one; 300 steps, so that under load the kill after step
+    # 3 cannot land after the last step (at ~10 ms a step, a 14-step run had sometimes finished by then)
+    run = supervise(iters=300, save_every=1000)
     # (a) attempt 1: the workers exist but have not trained (no heartbeat): nothing to save, they must just go
     first = torchrun_of(run)
     run.wait_for("the workers", lambda: len(workers_of(first)) == 2 and not attempt_heartbeat(run, 1))
@@ -65,7 +67,7 @@ def test_killed_torchrun_leaves_no_orphans_and_its_workers_save_first(supervise)
     assert ends[1]["checkpoint_step"] == saved[0].step and ends[1]["progressed"]
     assert run.events("attempt_start")[2]["start_step"] == saved[0].step
     assert f"resumed from step {saved[0].step}" in run.attempt_log(3)
-    assert newest(run.ckpt).step == 14 and newest(run.ckpt).final
+    assert newest(run.ckpt).step == 300 and newest(run.ckpt).final
     assert "a worker" not in "\n".join(e["outcome"]["message"] for e in ends)
 
 
