@@ -232,7 +232,7 @@ class Phase:
         if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer
             restore_if_newer(remote, ckpt_dir, warn0, print0)
         self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
-        self.uploader = None
+        self.uploader, self.heartbeat = None, None
         if remote and self.dist.master:
             keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
             at_upload = self.fault.at_upload if self.fault else (lambda phase: None)
@@ -308,6 +308,8 @@ class Phase:
                 warn0(f"remote: step {self.uploader.offered} is not in {self.uploader.remote.url} after"
                       f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
                       " `nanochat-run push` copies it later")  # fmt: skip
+            if self.heartbeat is not None:  # the supervisor's end-of-run summary shows how far the remote lags
+                self.heartbeat.amend(**self.uploader.status())
         return code
 
     def _train(
@@ -390,7 +392,7 @@ class Phase:
 
         wandb_run = _setup_wandb(cfg, dist_info)
         started_at = time.time()
-        heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
+        heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
                               device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,
                               max_seq_len=plan.seq_len, world_size=world, device=device.type,
                               dist_timeout=cfg.dist_timeout)  # fmt: skip

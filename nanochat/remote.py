@@ -228,6 +228,19 @@ def lag(local: Path, url: str) -> dict:
             "behind": sum(1 for s in local_steps if newest is None or s > newest)}  # fmt: skip
 
 
+def copy_tree(local: Path, url: str, skip: Callable[[Path], bool] = lambda path: False) -> int:
+    """Copy every file under `local` (logs, reports: not checkpoints) to the same relative paths under `url`,
+    overwriting; returns how many were sent."""
+    remote = check_remote(url)
+    sent = 0
+    for path in sorted(p for p in local.rglob("*") if p.is_file() and not skip(p)):
+        target = remote.path(path.relative_to(local).as_posix())
+        remote.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        remote.fs.put_file(str(path), target)
+        sent += 1
+    return sent
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__

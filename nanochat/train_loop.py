@@ -116,8 +116,14 @@ class Heartbeat:
 
     def __init__(self, path: str, enabled: bool, **fixed) -> None:
         self.path, self.enabled, self.fixed, self.failed = path, bool(path) and enabled, fixed, False
+        self.last: dict = {}  # the fields of the last beat, for `amend`
+
+    def amend(self, **fields) -> None:
+        """Write the last beat again with these fields added (e.g. the remote's state after the final upload)."""
+        self(**{**self.last, **fields})
 
     def __call__(self, **fields) -> None:
+        self.last = fields
         if not self.enabled:
             return
         tmp = f"{self.path}.tmp"

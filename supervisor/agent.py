@@ -25,7 +25,7 @@ from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
 from supervisor.policy import AttemptSummary, Batch, Policy, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
-from supervisor.report import metric
+from supervisor.report import metric, remote_lag
 from supervisor.states import Action, AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
@@ -168,6 +168,9 @@ class Agent:
         self.display.event(f"summary: {self.state.value} in {minutes}: {', '.join(parts)}")
         self.display.event(f"  attempts: {len(self.history)} ({kinds}); steps lost to failures: {self.steps_lost}")
         self.display.event(f"  checkpoints: {self.opts.checkpoint_dir}")
+        if v.remote_step is not None or v.remote_error:
+            valid = [c.step for c in checkpoint.scan(self.opts.checkpoint_dir) if c.valid]
+            self.display.event(f"  remote: {remote_lag(valid, v.remote_step, v.remote_error)}")
         self.display.event(f"  logs: {self.run_dir.path} (nanochat-run logs, nanochat-run status)")
 
     def _loop(self) -> int:

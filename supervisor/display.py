@@ -34,6 +34,8 @@ class View:
     rss: int = 0
     cpu: float = 0.0
     restarts: list[str] = field(default_factory=list)  # the class of each finished attempt
+    remote_step: int | None = None  # with --remote_dir: the newest checkpoint copied there
+    remote_error: str | None = None  # the uploader's last error, while it lasts
 
     def new_attempt(self, n: int, tries: int, start_step: int | None) -> None:
         """A new attempt: nothing of the previous one's is shown; the step is where it resumes from."""
@@ -49,6 +51,8 @@ class View:
                 setattr(self, key, hb[key])
         if hb.get("checkpoint") is not None:
             self.last_checkpoint = hb["checkpoint"]
+        if "remote_step" in hb:
+            self.remote_step, self.remote_error = hb["remote_step"], hb.get("remote_error")
         self.eval_batch, self.eval_batches = hb.get("eval_batch"), hb.get("eval_batches")
 
     @property

@@ -174,7 +174,7 @@ def render(info: dict) -> Group:
     if runs := info["invocations"]:
         say(f"last run: {invocation_line(runs[-1])}")
     if hb := info["heartbeat"]:
-        say(f"live: {heartbeat_line(hb)}")
+        say(f"live: {heartbeat_line(hb, [c['step'] for c in info['checkpoints'] if c['valid']])}")
     if runs:
         say("runs (one per `nanochat-run train`):")
     for r in runs:
@@ -221,7 +221,16 @@ def attempt_line(a: dict, outcome: str) -> str:
     return f"attempt {a['attempt']}: {a['class']}: {a['message']} ({where}{lost})"
 
 
-def heartbeat_line(hb: dict) -> str:
+def remote_lag(valid_steps: list[int], remote_step: int | None, error: str | None) -> str:
+    """How far a run's remote copies lag, e.g. "step 2500, 1 checkpoint behind; last error: ...": `valid_steps`
+    are the local valid checkpoints, `remote_step` the newest one copied (the uploader's word)."""
+    behind = sum(1 for s in valid_steps if remote_step is None or s > remote_step)
+    text = f"step {remote_step}" if remote_step is not None else "nothing copied yet"
+    text += f", {behind} checkpoint{'s' * (behind != 1)} behind" if behind else ", up to date"
+    return text + (f"; last error: {error}" if error else "")
+
+
+def heartbeat_line(hb: dict, valid_steps: list[int]) -> str:
     """The trainer's last heartbeat: where it is and how fast, and how old that news is."""
     step, total = hb.get("step"), hb.get("num_iterations")
     parts = [f"step {step}" + (f" of {total}" if total else ""), str(hb.get("phase") or "?")]
@@ -236,9 +245,7 @@ def heartbeat_line(hb: dict) -> str:
     if isinstance(hb.get("gpu_mem"), (int, float)):
         parts.append(f"gpu mem {hb['gpu_mem'] / 2**30:.1f} GiB")
     if "remote_step" in hb:  # --remote_dir: how far the copies lag
-        behind = ", behind the newest checkpoint" if hb.get("remote_behind") else ""
-        error = f"; last error: {hb['remote_error']}" if hb.get("remote_error") else ""
-        parts.append(f"remote: step {hb['remote_step']}{behind}{error}")
+        parts.append(f"remote: {remote_lag(valid_steps, hb['remote_step'], hb.get('remote_error'))}")
     return ", ".join(parts) + f" (heartbeat {hb['age']:.0f}s ago)"
 
 

@@ -20,13 +20,17 @@ phase's script (`python -m scripts.chat_sft --help`), checked before anything ru
                                                         num_iterations = 800
 
 The run dir (default $NANOCHAT_BASE_DIR/speedrun/<tag>) keeps one event log for all phases (phase starts, skips
-and ends, and every attempt of every phase, numbered across them), their logs, and report.md.
+and ends, and every attempt of every phase, numbered across them), their logs, and report.md. With --remote-dir,
+each phase copies its checkpoints to <remote>/<phase's folder>/<tag>, and the run dir goes to
+<remote>/speedrun/<tag> after each phase; a phase whose checkpoints are there but not here (a new machine) is
+restored from there first, verified, and then planned as usual (skipped when its final checkpoint came back).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +54,7 @@ RUNTIME = {"run", "device_type", "compile", "device_batch_size", "eval_every", "
 TABLES = {"data": {"shards": 240, "max_docs": 0}, "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000},
           "eval": {"tasks": "arithmetic,spelling,choice", "max_problems": 200, "max_tokens": 256}}  # fmt: skip
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+RUN_DIR_COPY_TIMEOUT = 120  # seconds
 
 
 def load_config(path: Path | None) -> dict[str, dict]:
@@ -147,6 +152,7 @@ class Speedrun:
     display: Callable[[str], None] = print
     remote: str | None = None  # each phase copies to <remote>/<phase's folder>/<tag>
     phases: list[str] = field(default_factory=list)
+    _copy_failed: bool = False
 
     def __post_init__(self) -> None:
         self.phases = [p for p in PHASES if self.rl or p != "rl"]
@@ -158,7 +164,7 @@ class Speedrun:
     def _launch(self, phase: str) -> Launch:
         args = [f"--model_tag={self.tag}"] + (["--depth", str(self.depth)] if phase == "base" else [])
         if self.remote:
-            args.append(f"--remote_dir={self.remote.rstrip('/')}/{PHASE_DIRS[phase]}/{self.tag}")
+            args.append(f"--remote_dir={self.remote_of(PHASE_DIRS[phase])}")
         owned = {"depth", "model_tag", "checkpoint_dir", "source_dir", "resume", "remote_dir"}
         if taken := owned & set(self.tables[phase]):
             raise UsageProblem(f"[{phase}] {sorted(taken)[0]} is the speedrun's to set: use --depth, --model-tag,"
@@ -169,6 +175,9 @@ class Speedrun:
         except UsageProblem as e:
             raise UsageProblem(f"[{phase}] {e}") from None
         return launch
+
+    def remote_of(self, folder: str) -> str:
+        return f"{self.remote.rstrip('/')}/{folder}/{self.tag}"
 
     def dir_of(self, phase: str) -> Path:
         return get_base_dir() / PHASE_DIRS[phase] / self.tag
@@ -191,15 +200,41 @@ class Speedrun:
                 if code != EXIT_OK:
                     self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
                     break
+                self._copy_run_dir()
         finally:
             from supervisor.speedrun_report import write_report
 
             path = write_report(self.run_dir, self.phases, {p: self.dir_of(p) for p in TRAINED})
             self.events.append("speedrun_end", exit_code=code, seconds=time.time() - t0, report=str(path))
+            self._copy_run_dir()
             lock.release()
         if code == EXIT_OK:
             self.display(f"speedrun: done in {(time.time() - t0) / 60:.1f} min; report: {path}")
         return code
+
+    def _copy_run_dir(self) -> None:
+        """With --remote-dir, the run dir (events, logs, report.md) goes to <remote>/speedrun/<tag> after each
+        phase, so the story of a run outlives the machine with its checkpoints. Best effort: a failure is one line
+        (once), and a slow remote holds the run up at most RUN_DIR_COPY_TIMEOUT seconds."""
+        if not self.remote or self._copy_failed:
+            return
+        from nanochat.remote import copy_tree, first_line
+
+        url, failure = self.remote_of("speedrun"), []
+
+        def copy() -> None:
+            try:
+                copy_tree(self.run_dir, url, skip=lambda p: p.name == "heartbeat.json" or p.name.startswith("."))
+            except Exception as e:  # noqa: BLE001 - the storage failing: say so, the run goes on
+                failure.append(first_line(e))
+
+        worker = threading.Thread(target=copy, daemon=True)
+        worker.start()
+        worker.join(RUN_DIR_COPY_TIMEOUT)
+        if failure or worker.is_alive():
+            why = failure[0] if failure else f"no answer in {RUN_DIR_COPY_TIMEOUT}s"
+            self.display(f"speedrun: could not copy the run dir to {url} ({why}); the checkpoints' copies go on")
+            self._copy_failed = True
 
     def _phase(self, phase: str, redo: bool, rebuilt: bool) -> tuple[int, bool]:
         """(exit code, whether it produced something new) for one phase."""
@@ -210,6 +245,11 @@ class Speedrun:
         if phase == "eval":
             return self._eval(redo), False
         launch = self.launches[phase]
+        if self.remote and not redo and not rebuilt:  # a fresh machine, a wiped disk: what is done is in the remote
+            from nanochat.remote import check_remote, restore_if_newer
+
+            say = lambda msg: self.display(f"speedrun: {phase}: {msg}")  # noqa: E731
+            restore_if_newer(check_remote(self.remote_of(PHASE_DIRS[phase])), launch.checkpoint_dir, say, say)
         newest = newest_valid(launch.checkpoint_dir)
         decision = plan_phase(phase, newest, parse_settings(launch.script, launch.trainer_args), redo, rebuilt)
         if decision.action == "refuse":

@@ -4,12 +4,15 @@ half checkpoint, an endpoint that is down only warns (once) and is caught up lat
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from tests.runs import (
     one_line_error,
     train,
 )
-from tests.supervised import cli
+from tests.supervised import Run, cli, train_cmd
 
 
 def free_port() -> int:
@@ -136,6 +139,89 @@ def test_an_endpoint_that_is_down_warns_once_and_is_caught_up_later(tmp_path, me
     proc = train(s3_env(menv, s3), d, f"--remote_dir={url}")  # back up: the finished run's copy catches up
     assert proc.returncode == 0 and "uploaded step 12" in proc.stdout, proc.stdout + proc.stderr
     assert remote_steps(url) == [12]
+
+
+class Throttle(http.server.ThreadingHTTPServer):
+    """An HTTP proxy to the moto server on 127.0.0.1 that answers the first `n` uploads (PUT/POST) with S3's
+    throttling error (503 SlowDown), as a busy bucket does, and passes everything else through."""
+
+    def __init__(self, upstream: int, n: int):
+        self.upstream, self.left, self.throttled = upstream, n, 0
+        super().__init__(("127.0.0.1", 0), _ThrottleHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+class _ThrottleHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        server: Throttle = self.server  # type: ignore[assignment]
+        if self.command in ("PUT", "POST") and server.left > 0:
+            server.left, server.throttled = server.left - 1, server.throttled + 1
+            error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", server.upstream, timeout=60)
+        upstream.request(self.command, self.path, body, dict(self.headers))
+        reply = upstream.getresponse()
+        data = reply.read()
+        self.send_response(reply.status)
+        for key, value in reply.getheaders():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_throttling_bucket_warns_once_and_the_uploads_catch_up(tmp_path, menv, s3):
+    proxy = Throttle(s3, n=12)  # s3fs itself retries SlowDown 5 times: the uploader sees two failed tries
+    try:
+        env = {**s3_env(menv, proxy.server_address[1]), "AWS_MAX_ATTEMPTS": "1"}
+        url, d = "s3://ckpts/throttled", tmp_path / "ckpt"
+        proc = train(env, d, f"--remote_dir={url}", "--remote_flush_timeout=120")
+    finally:
+        proxy.shutdown()
+    assert_finished(proc, d)
+    assert proxy.throttled == 12
+    warnings = [line for line in proc.stderr.splitlines() if "uploading step" in line]
+    assert len(warnings) == 1 and "reduce your request rate" in warnings[0], proc.stderr
+    assert "retrying in the background, training goes on" in warnings[0]
+    assert "the remote s3://ckpts/throttled works again" in proc.stdout, proc.stdout
+    assert 12 in remote_steps(url) and "remote: step 12 is in s3://ckpts/throttled" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_full_remote_warns_once_the_summary_and_status_show_the_lag_and_push_catches_up(tmp_path, menv, small_fs):
+    """The supervisor's view: a file:// remote on a filesystem that is full. The run completes locally; its
+    end-of-run summary and `status` say how far the remote lags and why; once there is room, push sends the rest."""
+    remote = small_fs("64k")
+    url, d = f"file://{remote}", tmp_path / "ckpt"
+    run = Run(train_cmd(d, "--remote-dir", url, iters=12, save_every=4, trainer=("--remote_flush_timeout=3",)), d,
+              menv)  # fmt: skip
+    out, log = run.finish(0), run.attempt_log(1)
+    assert len(re.findall(r"uploading step \d+ to file://\S+ failed", log)) == 1, log
+    (summary,) = [line for line in out.splitlines() if "  remote: " in line]
+    assert "remote: nothing copied yet, 3 checkpoints behind; last error: " in summary, summary
+    assert "No space left on device" in summary
+    st = cli(menv, "status", "--checkpoint-dir", str(d))
+    assert "remote: nothing copied yet, 3 checkpoints behind; last error: " in st.stdout, st.stdout
+    subprocess.run(["mount", "-o", "remount,size=64m", str(remote)], check=True)  # room again
+    pushed = cli(menv, "push", "--remote-dir", url, "--checkpoint-dir", str(d))
+    assert pushed.returncode == 0 and "pushed 3 checkpoint(s)" in pushed.stdout, pushed.stdout + pushed.stderr
+    assert remote_steps(url) == [4, 8, 12]
 
 
 @pytest.mark.slow

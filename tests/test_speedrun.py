@@ -228,6 +228,31 @@ def test_ctrl_c_in_sft_then_a_rerun_skips_base_and_mid_and_resumes_sft(tmp_path,
     assert info["sft"]["state"] == "done" and info["sft"]["step"] == 400 and info["eval"]["state"] == "done"
 
 
+def test_with_a_remote_dir_a_wiped_machine_restores_every_finished_phase_instead_of_retraining(
+    tmp_path, base_dir, tokenizer
+):
+    env, config = setup(tmp_path, base_dir, tokenizer)
+    remote, home = tmp_path / "bucket", Path(env["NANOCHAT_BASE_DIR"])
+    proc = speedrun(env, config, "--no-rl", "--remote-dir", f"file://{remote}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    before = {phase: final_model(env, phase) for phase in ("base", "mid", "sft")}
+    for phase in ("base", "mid", "sft"):  # each phase's checkpoints, the final one committed there
+        final = json.loads((remote / PHASE_DIRS[phase] / "d1" / "latest_step.txt").read_text())
+        assert json.loads((remote / PHASE_DIRS[phase] / "d1" / f"meta_{final:06d}.json").read_text())["final"]
+    copied = remote / "speedrun" / "d1"  # the run's story: events, logs, the report
+    assert (copied / "report.md").read_text() == (home / "speedrun" / "d1" / "report.md").read_text()
+    assert "phase_end" in (copied / "events.jsonl").read_text() and list(copied.glob("attempt-*/torchrun.log"))
+    for folder in PHASE_DIRS.values():  # the checkpoint disk is wiped
+        shutil.rmtree(home / folder, ignore_errors=True)
+    proc = speedrun(env, config, "--no-rl", "--remote-dir", f"file://{remote}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for phase, step in (("base", 20), ("mid", 8), ("sft", 8)):
+        assert f"speedrun: {phase}: the remote file://{remote}/{PHASE_DIRS[phase]}/d1 has step {step}" in proc.stdout
+        assert f"{phase}: done at step {step}, skipped" in proc.stdout, proc.stdout
+        assert_identical(final_model(env, phase), before[phase], phase)
+    assert "attempt" not in proc.stdout  # nothing was trained again
+
+
 def test_bad_speedrun_input_is_one_line(tmp_path, clean):
     env, config = clean
     bad = tmp_path / "bad.toml"
