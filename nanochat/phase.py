@@ -22,9 +22,9 @@ from typing import Protocol
 import psutil
 import torch
 
-from nanochat import checkpoint, snapshots
+from nanochat import checkpoint, metrics, snapshots
 from nanochat.checkpoint import CheckpointError
-from nanochat.common import DistInfo, cleanup_distributed, init_distributed, keep_freed_memory, print0, warn0
+from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, warn0
 from nanochat.config import ConfigError, describe
 from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
@@ -390,7 +390,8 @@ class Phase:
                 )
         t_loaded = time.perf_counter()
 
-        wandb_run = _setup_wandb(cfg, dist_info)
+        wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master)
+        log = metrics.MetricsLog(ckpt_dir, dist_info.master, step)
         started_at = time.time()
         heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
                               device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,
@@ -455,6 +456,7 @@ class Phase:
                 print0(f"step {step:05d} | validation stopped by a signal")
                 return None
             print0(f"step {step:05d} | validation {label} {result:.4f}")
+            log.eval(step, **{metric: result})
             if wandb_run:
                 wandb_run.log({"step": step, f"val/{label}": result})
             return result
@@ -536,6 +538,7 @@ class Phase:
             heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None, **remote,
                       mfu=mfu_now, gpu_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                       checkpoint=saver.durable, phase="training")  # fmt: skip
+            stats = {}
             if step % cfg.log_every == 0 or step == num_iterations:
                 mfu = f" | mfu {mfu_now:.1f}%" if peak else ""
                 stats = step_stats() if step_stats else {}
@@ -555,6 +558,7 @@ class Phase:
                             **{f"train/{k}": v for k, v in stats.items()},
                         }
                     )
+            log.step(step, loss=debiased, lrm=lrm, tok_per_s=tok_per_s, mfu=mfu_now, dt=dt, **stats)
             if fault:
                 fault.at_step(step, dist_info.rank)
 
@@ -591,14 +595,3 @@ def _compile(cfg: LoopConfig, device: torch.device) -> bool:
     if cfg.compile.lower() == "auto":
         return device.type == "cuda"
     return cfg.compile.lower() in ("true", "1")
-
-
-def _setup_wandb(cfg: LoopConfig, dist_info: DistInfo):
-    if cfg.run == "dummy" or not dist_info.master:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        warn0(f"--run={cfg.run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
-        return None
-    return wandb.init(project="nanochat", name=cfg.run, config=asdict(cfg))

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from nanochat import checkpoint, snapshots
+from nanochat import checkpoint, metrics, snapshots
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
 from nanochat.config import ConfigError, HelpRequested
@@ -40,6 +40,7 @@ def find_start(
             point = None
             if not resume and (archived := checkpoint.archive(ckpt_dir)):
                 print0(f"--resume=False: starting fresh; moved the old checkpoints to {archived} (nothing deleted)")
+                metrics.archive(ckpt_dir, archived)
             if resume:
                 point = checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=snapshots_ok)
             run_id = checkpoint.start_lineage(ckpt_dir, point[1] if point else None)

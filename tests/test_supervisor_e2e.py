@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import checkpoint
+from nanochat import checkpoint, metrics
 from nanochat.locks import LOCKS, DirLock
 from supervisor import memory
 from tests.supervised import (
@@ -87,6 +87,11 @@ def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Ru
     )
     assert "attempts: 2 (crash, completed); steps lost to failures: 2" in out
     assert out.count("torchrun is stopping the others") <= 1  # the crash's, never the success's
+    # metrics.jsonl: one line per step of the one history, and where each attempt began and what it cost
+    lines = metrics.read(run.ckpt)
+    assert [r["step"] for r in lines if r["kind"] == "step"] == list(range(1, 31))
+    starts = [(r["step"], r["attempt"], r["reached"]) for r in lines if r["kind"] == "start"]
+    assert starts == [(0, 1, None), (10, 2, 12)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

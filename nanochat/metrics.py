@@ -1,0 +1,116 @@
+"""What a run records about itself as it trains: `metrics.jsonl` beside its checkpoints (one JSON line per step,
+kept across restarts), and wandb when `--run` names one.
+
+metrics.jsonl holds three kinds of lines, each with "kind", "step" and "time":
+    start  an attempt began at "step" (0: from scratch; else the checkpoint it resumed from), with "attempt" (the
+           supervisor's attempt number, None when unsupervised) and "reached": the highest step the previous
+           attempts had logged (the steps past "step" were lost with them; None when nothing was lost)
+    step   one optimizer step: "loss" (smoothed, debiased), "lrm" (learning-rate multiplier), "tok_per_s", "mfu"
+           (percent, where the peak is known), "dt" (seconds), "attempt", plus the phase's own numbers (RL's reward)
+    eval   an evaluation at "step": the metric by name ("val_bpb", "val_pass@k")
+
+A started attempt first drops every line past the step it resumes from (rewriting the file to a temp file and
+renaming it, so a crash meanwhile leaves the old file or the new one), then appends its start line: the file always
+tells one consistent history, one "step" line per step, plus where each attempt began and what the one before it
+lost. Rank 0 writes it; a failure (a full disk) warns once and never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from nanochat.common import warn0
+
+FILE = "metrics.jsonl"
+
+
+def read(directory: Path) -> list[dict]:
+    """Every well-formed line of a checkpoint dir's metrics.jsonl, in order (a torn last line is skipped)."""
+    path = directory / FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            out.append(record)
+    return out
+
+
+def attempt_number() -> int | None:
+    """The supervisor's attempt number (NANOCHAT_ATTEMPT_ID is "<run id>-<n>"), None when unsupervised."""
+    tail = os.environ.get("NANOCHAT_ATTEMPT_ID", "").rpartition("-")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def archive(directory: Path, into: Path) -> None:
+    """A fresh start (--resume=False) moved the old checkpoints into `into`: their history goes with them."""
+    if (directory / FILE).exists():
+        os.replace(directory / FILE, into / FILE)
+
+
+def setup_wandb(run: str, config: dict, master: bool):
+    """A wandb run when --run names one (rank 0), else None; wandb missing is a warning, not a failure."""
+    if run == "dummy" or not master:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        warn0(f"--run={run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
+        return None
+    return wandb.init(project="nanochat", name=run, config=config)
+
+
+class MetricsLog:
+    """metrics.jsonl for one attempt (module doc). `enabled` is False on every rank but 0."""
+
+    def __init__(self, directory: Path, enabled: bool, start_step: int) -> None:
+        self.path, self.enabled, self.failed = directory / FILE, enabled, False
+        self.attempt, self.start = attempt_number(), None
+        if not enabled:
+            return
+        try:
+            records, reached = read(directory), None
+            kept = [r for r in records if r["step"] <= start_step]
+            for record in records:
+                if record["step"] > start_step and record.get("kind") == "step":
+                    reached = max(reached or 0, record["step"])
+            lines = self.path.read_text(errors="replace").count("\n") if self.path.exists() else 0
+            if len(kept) != lines:  # lines past the resume point (or a torn one): rewrite, atomically
+                tmp = self.path.with_name(FILE + ".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                os.replace(tmp, self.path)
+        except OSError as e:
+            self._failed(e)
+            return
+        # written with the first record: a rerun that finds the run finished and does nothing adds no line
+        self.start = {"kind": "start", "step": start_step, "attempt": self.attempt, "reached": reached}
+
+    def step(self, step: int, **numbers) -> None:
+        self._append({"kind": "step", "step": step, "attempt": self.attempt, **numbers})
+
+    def eval(self, step: int, **metric) -> None:
+        self._append({"kind": "eval", "step": step, **metric})
+
+    def _append(self, record: dict) -> None:
+        if not self.enabled or self.failed:
+            return
+        if self.start is not None:
+            start, self.start = self.start, None
+            self._append(start)
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        if not self.failed:
+            warn0(f"cannot write {self.path} ({e.strerror or e}); training goes on without it")
+        self.failed = True
