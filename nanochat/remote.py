@@ -57,6 +57,13 @@ class Remote:
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
 
+    def makedirs(self, path: str) -> None:
+        """Folders, where the filesystem has them. Never on an object store: there a folder is implicit, and
+        s3fs's makedirs would create a missing bucket (a typo in the URL must be an error, not a new bucket)."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        if {"file", "local"} & set(protocols):
+            self.fs.makedirs(path, exist_ok=True)
+
     def files(self) -> dict[int, dict[str, int]]:
         """{step: {file name: size}} of the checkpoint files there (anything else is ignored)."""
         try:
@@ -99,7 +106,7 @@ class Remote:
         meta = json.loads(meta_bytes)
         if any(s == step and m == meta for s, m in self.committed()):
             return False
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.makedirs(self.root)
         for kind in checkpoint.KINDS:
             name = checkpoint.file_name(kind, step)
             if name in meta["files"]:  # (a weights-only checkpoint has no optimizer file)
@@ -235,7 +242,7 @@ def copy_tree(local: Path, url: str, skip: Callable[[Path], bool] = lambda path:
     sent = 0
     for path in sorted(p for p in local.rglob("*") if p.is_file() and not skip(p)):
         target = remote.path(path.relative_to(local).as_posix())
-        remote.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        remote.makedirs(target.rsplit("/", 1)[0])
         remote.fs.put_file(str(path), target)
         sent += 1
     return sent
@@ -318,9 +325,10 @@ class Uploader:
                 if warned:
                     self.log(f"the remote {self.remote.url} works again")
                     warned = ""
-            except FileNotFoundError as e:  # pruned locally meanwhile: a newer step is on its way
-                self.error = f"step {step} was pruned locally before its upload ({first_line(e)})"
-            except Exception as e:  # noqa: BLE001 - network, credentials, throttling, a full bucket: retry later
+            except Exception as e:  # noqa: BLE001 - network, credentials, throttling, a full or missing bucket: retry
+                if isinstance(e, FileNotFoundError) and not (self.local / checkpoint.file_name("meta", step)).exists():
+                    self.error = f"step {step} was pruned locally before its upload ({first_line(e)})"
+                    continue  # a newer step is on its way
                 self.error = f"{type(e).__name__}: {first_line(e)}"
                 kind = type(e).__name__
                 if kind != warned:  # one warning per kind of failure, not one per retry

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import json
+import os
 import re
 import shutil
 import socket
@@ -44,23 +45,29 @@ def s3_env(env: dict, port: int) -> dict:
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
 
 
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory) -> int:
-    """A moto S3 server on 127.0.0.1 (the port), with a bucket `ckpts`."""
+def start_moto(log_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
+    """A moto S3 server on 127.0.0.1 (the process, its port); `env` configures it (e.g. to check credentials)."""
     pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[test]')")
     port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **env})  # fmt: skip
     deadline = time.monotonic() + 60
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
+            return proc, port
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
                 pytest.fail("the moto server did not start")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory) -> int:
+    """A moto S3 server on 127.0.0.1 (the port), with a bucket `ckpts`."""
+    proc, port = start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_env({}, port).items():
             mp.setenv(key, value)
@@ -68,7 +75,6 @@ def s3(tmp_path_factory) -> int:
         yield port
     proc.terminate()
     proc.wait(10)
-    log.close()
 
 
 def remote_steps(url: str) -> list[int]:
@@ -183,6 +189,26 @@ class _ThrottleHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+@pytest.mark.slow
+def test_wrong_credentials_and_a_missing_bucket_warn_once_and_the_run_completes_locally(tmp_path, menv, s3):
+    proc = train({**s3_env(menv, s3), "AWS_MAX_ATTEMPTS": "1"}, tmp_path / "a", "--remote_dir=s3://no-such-bucket/run",
+                 "--remote_flush_timeout=2")  # fmt: skip
+    assert_finished(proc, tmp_path / "a")
+    warnings = [line for line in proc.stderr.splitlines() if "uploading step" in line]
+    assert len(warnings) == 1 and "The specified bucket does not exist" in warnings[0], proc.stderr
+    assert "no-such-bucket" not in open_remote("s3://ckpts").fs.ls("")  # never created by us
+    server, port = start_moto(tmp_path / "moto-auth.log", INITIAL_NO_AUTH_ACTION_COUNT="0")  # checks credentials
+    try:
+        env = {**s3_env(menv, port), "AWS_MAX_ATTEMPTS": "1"}
+        proc = train(env, tmp_path / "b", "--remote_dir=s3://ckpts/run", "--remote_flush_timeout=2")
+    finally:
+        server.kill()
+    assert_finished(proc, tmp_path / "b")
+    warnings = [line for line in proc.stderr.splitlines() if "uploading step" in line]
+    assert len(warnings) == 1 and "Access Key Id you provided does not exist" in warnings[0], proc.stderr
+    assert "remote: step 12 is not in s3://ckpts/run after --remote_flush_timeout=2s" in proc.stderr
 
 
 @pytest.mark.slow
