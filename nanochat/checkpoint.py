@@ -460,14 +460,20 @@ def _to_device(obj, device):
 # pruning and cleanup
 
 
-def plan_prune(directory: Path, keep: int, cache: dict | None = None) -> list[Checkpoint]:
+def kept_forever(step: int, final: bool, keep_every: int) -> bool:
+    """A checkpoint no retention deletes: the final one, and with keep_every=N > 0 every N-th step's (for
+    evaluation across a run, like Orbax's keep period)."""
+    return final or keep_every > 0 and step % keep_every == 0
+
+
+def plan_prune(directory: Path, keep: int, cache: dict | None = None, keep_every: int = 0) -> list[Checkpoint]:
     """What pruning to the newest `keep` valid checkpoints would delete (keep=-1: nothing).
 
     The kept set is made of *verified* checkpoints, newest first: a newer checkpoint whose bytes rotted at the same
     size takes no keep slot, so the newest verified checkpoint is never deleted. Never deleted either: a final
-    checkpoint, or a damaged one (the user decides about those). Uncommitted files (no meta) older than the newest
-    kept checkpoint are debris and go too. Verification reads each checkpoint (once per `cache`, see
-    `valid_newest_first`).
+    checkpoint, one whose step is a multiple of `keep_every` (> 0), or a damaged one (the user decides about
+    those). Uncommitted files (no meta) older than the newest kept checkpoint are debris and go too. Verification
+    reads each checkpoint (once per `cache`, see `valid_newest_first`).
     """
     if keep == -1:
         return []
@@ -478,7 +484,7 @@ def plan_prune(directory: Path, keep: int, cache: dict | None = None) -> list[Ch
     for c in valid_newest_first(directory, cache=cache):
         if len(kept) < keep:
             kept.append(c)
-        elif not c.final:
+        elif not kept_forever(c.step, c.final, keep_every):
             doomed.append(c)
     if not kept:
         return []
@@ -487,10 +493,14 @@ def plan_prune(directory: Path, keep: int, cache: dict | None = None) -> list[Ch
 
 
 def prune(
-    directory: Path, keep: int, hook: Callable[[str], None] | None = None, cache: dict | None = None
+    directory: Path,
+    keep: int,
+    hook: Callable[[str], None] | None = None,
+    cache: dict | None = None,
+    keep_every: int = 0,
 ) -> list[Path]:
     """Delete what plan_prune names: the meta first, so a crash mid-prune leaves no half-valid checkpoint."""
-    return _delete(directory, plan_prune(directory, keep, cache), hook)
+    return _delete(directory, plan_prune(directory, keep, cache, keep_every), hook)
 
 
 def slim(directory: Path, keep_full: int, cache: dict | None = None) -> list[Path]:
@@ -517,14 +527,14 @@ def slim(directory: Path, keep_full: int, cache: dict | None = None) -> list[Pat
     return removed
 
 
-def make_room(directory: Path, keep: int, need: int, cache: dict | None = None) -> list[Path]:
+def make_room(directory: Path, keep: int, need: int, cache: dict | None = None, keep_every: int = 0) -> list[Path]:
     """Before a save of `need` bytes that does not fit: prune one more than usual (to keep-1, at least 1), so the
     new checkpoint takes the freed slot, but only if that makes room. A save that cannot fit anyway must fail with
     every earlier checkpoint still in place. Returns what was deleted."""
     free = shutil.disk_usage(directory).free
     if free >= need or keep == -1:
         return []
-    doomed = plan_prune(directory, max(1, keep - 1), cache)
+    doomed = plan_prune(directory, max(1, keep - 1), cache, keep_every)
     if free + sum(c.size for c in doomed) < need:
         return []
     return _delete(directory, doomed)

@@ -76,6 +76,7 @@ class LoopConfig:
     save_every: int = 500  # save every N steps; 0 = only the final checkpoint
     keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
     keep_optim_last_n: int = 1  # of those, the newest N keep the optimizer state; older ones weights only; -1 = all
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, for `nanochat-run eval`; 0 = off
     resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
     async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
     snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
@@ -116,6 +117,8 @@ class LoopConfig:
         checkpoint_tag(self.model_tag, 1)  # raises for a tag that is not a plain folder name
         if self.keep_optim_last_n == 0 or self.keep_optim_last_n < -1:
             raise ConfigError(f"--keep_optim_last_n must be >= 1 or -1 (all), got {self.keep_optim_last_n}")
+        if self.keep_every < 0:
+            raise ConfigError(f"--keep_every must be >= 0 (0: off), got {self.keep_every}")
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
         try:
@@ -213,7 +216,7 @@ class Phase:
         self.saver = Saver(
             ckpt_dir, cfg.keep_last_n_checkpoints, cfg.keep_optim_last_n, rank, self.dist.world_size, self.device,
             fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
-            warn=warn0, log=print0, async_save=cfg.async_save,
+            warn=warn0, log=print0, async_save=cfg.async_save, keep_every=cfg.keep_every,
         )  # fmt: skip
         # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
         one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)) == self.dist.world_size
@@ -238,7 +241,7 @@ class Phase:
             at_upload = self.fault.at_upload if self.fault else (lambda phase: None)
             # one write per line: the uploader's thread prints between the training thread's lines
             log = lambda msg: print0(msg + "\n", end="")  # noqa: E731
-            self.uploader = Uploader(remote, ckpt_dir, keep, warn0, log, at_upload, self.run_id)
+            self.uploader = Uploader(remote, ckpt_dir, keep, warn0, log, at_upload, self.run_id, cfg.keep_every)
             self.saver.on_durable = self.uploader.offer
             if self.resume_from is not None and self.resume_from[0] == ckpt_dir:
                 self.uploader.offer(self.resume_from[1].step)  # a copy an earlier run did not finish (or begin)

@@ -140,18 +140,23 @@ class Remote:
                 tmp.unlink(missing_ok=True)
         return checkpoint.inspect(local, step)
 
-    def plan_prune(self, keep: int, run_id: str | None) -> dict[int, list[str]]:
+    def plan_prune(self, keep: int, run_id: str | None, keep_every: int = 0) -> dict[int, list[str]]:
         """What `prune` would delete, {step: file names}: the run's committed checkpoints past its newest `keep`
-        (-1: none) except a final one, and payload files left without a meta below the newest committed step."""
+        (-1: none) except those kept forever (the final one, keep_every's), and payload files left without a meta
+        below the newest committed step."""
         committed = self.committed(run_id)
-        doomed = [s for i, (s, meta) in enumerate(committed) if keep >= 0 and i >= keep and not meta.get("final")]
+        doomed = [
+            s
+            for i, (s, meta) in enumerate(committed)
+            if keep >= 0 and i >= keep and not checkpoint.kept_forever(s, bool(meta.get("final")), keep_every)
+        ]
         newest = committed[0][0] if committed else -1
         return {step: sorted(names) for step, names in sorted(self.files().items())
                 if step in doomed or checkpoint.file_name("meta", step) not in names and step < newest}  # fmt: skip
 
-    def prune(self, keep: int, run_id: str | None) -> list[int]:
+    def prune(self, keep: int, run_id: str | None, keep_every: int = 0) -> list[int]:
         """Delete what plan_prune names, the meta of each first. Returns the deleted steps."""
-        doomed = self.plan_prune(keep, run_id)
+        doomed = self.plan_prune(keep, run_id, keep_every)
         for names in doomed.values():
             for name in sorted(names, key=lambda n: not n.startswith("meta")):
                 self.fs.rm_file(self.path(name))
@@ -266,6 +271,7 @@ class Uploader:
     log: Callable[[str], None] = print
     fault: Callable[[str], None] = field(default=lambda phase: None)
     run_id: str | None = None
+    keep_every: int = 0  # remote retention also keeps every checkpoint whose step is a multiple of this
     uploaded: int | None = None  # the newest step committed remotely by this run
     offered: int | None = None  # the newest step offered
     error: str = ""  # the last failure, until an upload succeeds
@@ -315,7 +321,7 @@ class Uploader:
             try:
                 t0 = time.perf_counter()
                 sent = self.remote.upload(self.local, step, self.fault)
-                pruned = self.remote.prune(self.keep, self.run_id)
+                pruned = self.remote.prune(self.keep, self.run_id, self.keep_every)
                 with self._cond:
                     self.uploaded, self.error, delay = step, "", 1.0
                     self._cond.notify_all()

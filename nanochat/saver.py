@@ -68,6 +68,7 @@ class Saver:
     lock_wait: float = 60.0  # seconds to wait for a previous trainer still saving into the directory
     snapshots_off: bool = False  # set on rank 0 after a snapshot failed
     on_durable: Callable[[int], None] | None = None  # told each step whose disk checkpoint is committed (uploads)
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: off; checkpoint.kept_forever)
     codec: str = "none"  # the disk checkpoints' payload compression (nanochat/compress.py); snapshots never
     codec_threads: int = 1
     warnings: list[str] = field(default_factory=list)  # earlier failures a later save made harmless
@@ -218,7 +219,7 @@ class Saver:
                          threads=self.codec_threads)  # fmt: skip
         self.fault("latest")
         checkpoint.mark_latest(d, rec.step)
-        pruned = checkpoint.prune(d, self.keep, self.fault, self._verified)
+        pruned = checkpoint.prune(d, self.keep, self.fault, self._verified, self.keep_every)
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
         checkpoint.slim(d, self.keep_full, self._verified)
@@ -304,7 +305,7 @@ class Saver:
     def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
         if d == self.directory:
-            for path in checkpoint.make_room(d, self.keep, need, self._verified):
+            for path in checkpoint.make_room(d, self.keep, need, self._verified, self.keep_every):
                 self.warn(f"low disk space: pruned {path.name} early")
         free = shutil.disk_usage(d).free
         if free < need and d == self.directory:

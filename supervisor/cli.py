@@ -450,6 +450,9 @@ def logs(
 @app.command()
 def prune(
     keep: Annotated[int, typer.Option(help="Keep the newest N valid checkpoints (the final one is always kept).")] = 3,
+    keep_every: Annotated[
+        int, typer.Option(help="Also keep every checkpoint whose step is a multiple of N (for eval); 0: off.")
+    ] = 0,
     run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
     depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth.")] = None,
@@ -475,10 +478,10 @@ def prune(
     if stale_snapshots:
         prune_snapshots(dry_run, yes)
         return
-    if keep < 1:
-        raise UsageProblem(f"--keep must be >= 1, got {keep}")
+    if keep < 1 or keep_every < 0:
+        raise UsageProblem(f"--keep must be >= 1 and --keep-every >= 0, got {keep} and {keep_every}")
     if remote_dir:
-        prune_remote(remote_dir, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes)
+        prune_remote(remote_dir, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes)
         return
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not ckpt_dir.is_dir():
@@ -491,7 +494,7 @@ def prune(
     trainer = lock_holder(ckpt_dir, "trainer")
     if trainer and not force and not dry_run:
         raise UsageProblem(f"a trainer (pid {trainer.get('pid')}) is writing to {ckpt_dir}; stop it or pass --force")
-    doomed = checkpoint.plan_prune(ckpt_dir, keep)
+    doomed = checkpoint.plan_prune(ckpt_dir, keep, keep_every=keep_every)
     freed = sum(c.size for c in doomed)
     if not doomed:
         print(f"nothing to prune in {ckpt_dir} (keeping the newest {keep})")
@@ -503,14 +506,14 @@ def prune(
         return
     if not yes and not confirm("delete these files?"):
         raise typer.Exit(1)
-    removed = checkpoint.prune(ckpt_dir, keep)
+    removed = checkpoint.prune(ckpt_dir, keep, keep_every=keep_every)
     print(f"deleted {len(removed)} files, freed {freed / 1e6:.1f} MB")
     point = checkpoint.find_resume_point(ckpt_dir, warn=lambda msg: None)
     if point and point[0] == ckpt_dir and snapshots.remove(ckpt_dir):  # a resume would not use them
         print("removed the in-memory snapshots (not newer than the newest checkpoint)")
 
 
-def prune_remote(url, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run: bool, yes: bool) -> None:
+def prune_remote(url, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes) -> None:
     """`prune --remote-dir`: the remote's retention by hand. With a local checkpoint dir, only that run's lineage
     is touched (as the uploader does); without one, every checkpoint there counts."""
     from nanochat import remote
@@ -518,7 +521,7 @@ def prune_remote(url, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dr
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     lineage = checkpoint.run_id(ckpt_dir) if ckpt_dir.is_dir() else None
     r = _remote_call("reading", url, lambda: remote.check_remote(url))
-    doomed = _remote_call("reading", url, lambda: r.plan_prune(keep, lineage))
+    doomed = _remote_call("reading", url, lambda: r.plan_prune(keep, lineage, keep_every))
     if not doomed:
         print(f"nothing to prune in {url} (keeping the newest {keep})")
         return
@@ -528,7 +531,7 @@ def prune_remote(url, keep, checkpoint_dir, run_dir, depth, model_tag, phase, dr
         return
     if not yes and not confirm("delete these remote files?"):
         raise typer.Exit(1)
-    deleted = _remote_call("pruning", url, lambda: r.prune(keep, lineage))
+    deleted = _remote_call("pruning", url, lambda: r.prune(keep, lineage, keep_every))
     print(f"deleted {len(deleted)} checkpoint(s) from {url}")
 
 

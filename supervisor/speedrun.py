@@ -50,7 +50,8 @@ TRAINED = ("base", "mid", "sft", "rl")
 RUNTIME = {"run", "device_type", "compile", "device_batch_size", "eval_every", "eval_tokens", "log_every",
            "save_every", "keep_last_n_checkpoints", "resume", "async_save", "snapshot_every", "dist_timeout",
            "heartbeat_file", "debug_fault", "sample_every", "checkpoint_dir", "source_dir", "eval_tasks",
-           "eval_problems", "pass_k"}  # fmt: skip
+           "eval_problems", "pass_k", "keep_optim_last_n", "keep_every", "remote_keep_last_n",
+           "remote_flush_timeout", "compress"}  # fmt: skip
 TABLES = {"data": {"shards": 240, "max_docs": 0}, "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000},
           "eval": {"tasks": "arithmetic,spelling,choice", "max_problems": 200, "max_tokens": 256}}  # fmt: skip
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

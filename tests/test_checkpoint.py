@@ -360,6 +360,14 @@ def test_plan_prune_and_prune(prunable: Path, keep: int, deleted: list[int]) -> 
     assert (prunable / "model_000007.pt").exists() and (prunable / "optim_000008.pt").exists()  # damaged: kept
 
 
+def test_keep_every_keeps_the_multiples_on_top_of_the_newest(tmp_path: Path) -> None:
+    for step in range(2, 21, 2):
+        save(tmp_path, step)
+    assert [c.step for c in checkpoint.plan_prune(tmp_path, 2, keep_every=6)] == [2, 4, 8, 10, 14, 16]
+    save(tmp_path, 22, keep=2, keep_every=6)  # the saver prunes by the same rule after its commit
+    assert steps_on_disk(tmp_path) == [6, 12, 18, 20, 22]
+
+
 def test_a_rotted_newest_checkpoint_never_costs_the_valid_ones(tmp_path: Path) -> None:
     """The hostile-review case: keep=1, the newest checkpoint (30) rots at the same size, resume falls back to 20.
     The next save (25) must keep 25, the newest *verified* checkpoint, not prune it and 20 for the corrupt 30."""

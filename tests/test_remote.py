@@ -251,6 +251,20 @@ def test_a_full_remote_warns_once_the_summary_and_status_show_the_lag_and_push_c
 
 
 @pytest.mark.slow
+def test_keep_every_is_honoured_by_the_trainer_the_remote_and_prune(tmp_path, menv, reference_1):
+    url, d = f"file://{tmp_path / 'remote'}", tmp_path / "ckpt"
+    proc = train(menv, d, f"--remote_dir={url}", "--save_every=2", "--keep_last_n_checkpoints=2", "--keep_every=6")
+    assert_finished(proc, d)
+    assert [c.step for c in checkpoint.scan(d)] == [6, 10, 12]
+    assert remote_steps(url) == [6, 10, 12]
+    local = Path(shutil.copytree(reference_1[0], tmp_path / "ref"))  # checkpoints 4, 8, 12
+    done = cli(menv, "prune", "--keep", "1", "--keep-every", "8", "--yes", "--checkpoint-dir", str(local))
+    assert done.returncode == 0 and [c.step for c in checkpoint.scan(local)] == [8, 12], done.stdout + done.stderr
+    bad = cli(menv, "prune", "--keep-every", "-1", "--checkpoint-dir", str(local))
+    assert bad.returncode == 2 and "--keep-every >= 0" in bad.stderr
+
+
+@pytest.mark.slow
 def test_remote_retention_keeps_the_newest_and_never_touches_other_files(tmp_path, menv):
     remote = tmp_path / "remote"
     remote.mkdir()
