@@ -22,7 +22,7 @@ from typing import Protocol
 import psutil
 import torch
 
-from nanochat import checkpoint, metrics, snapshots
+from nanochat import checkpoint, metrics, resume, snapshots
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, warn0
 from nanochat.config import ConfigError, describe
@@ -66,6 +66,7 @@ class LoopConfig:
     warmup_ratio: float = 0.0  # fraction of steps warming the LR up
     warmdown_ratio: float = 0.2  # fraction of steps decaying the LR at the end
     final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
+    rewarm_steps: int = 0  # raising --num_iterations of a finished run: ramp the LR back up over N steps (0: at once)
     # evaluation and logging
     eval_every: int = 250  # -1 = only at the end
     eval_tokens: int = -1  # validation tokens per evaluation; -1 = auto (see eval_token_count)
@@ -117,6 +118,8 @@ class LoopConfig:
         checkpoint_tag(self.model_tag, 1)  # raises for a tag that is not a plain folder name
         if self.keep_optim_last_n == 0 or self.keep_optim_last_n < -1:
             raise ConfigError(f"--keep_optim_last_n must be >= 1 or -1 (all), got {self.keep_optim_last_n}")
+        if self.rewarm_steps < 0:
+            raise ConfigError(f"--rewarm_steps must be >= 0, got {self.rewarm_steps}")
         if self.keep_every < 0:
             raise ConfigError(f"--keep_every must be >= 0 (0: off), got {self.keep_every}")
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
@@ -156,18 +159,6 @@ def peak_flops(device: torch.device) -> float | None:
         if key in name:
             return flops
     return None
-
-
-def check_compatible(meta: dict, model_cfg: GPTConfig, directory: Path) -> None:
-    """Refuse to resume into a different model; one line naming the mismatch and the way out."""
-    saved = meta["model_config"]
-    names = {"n_layer": "depth", "n_embd": "model width", "n_head": "heads", "n_kv_head": "kv heads"}
-    for key, label in {**names, "vocab_size": "vocab size"}.items():
-        if saved.get(key) != getattr(model_cfg, key):
-            raise CheckpointError(
-                f"the checkpoint at step {meta['step']} in {directory} has {label} {saved.get(key)}, this run asks"
-                f" for {getattr(model_cfg, key)}; use --resume=False to start fresh or pick another --model_tag"
-            )
 
 
 class Loader(Protocol):
@@ -261,7 +252,8 @@ class Phase:
     def build(self, model_cfg: GPTConfig, init: Callable[[GPT], None]) -> GPT:
         """The model, allocated on the device; `init` fills it unless a resume will load it anyway."""
         if self.resume_from is not None:
-            check_compatible(self.resume_from[1].meta, model_cfg, self.ckpt_dir)  # before anything big is built
+            # before anything big is built
+            resume.check_compatible(self.resume_from[1].meta, model_cfg, asdict(self.cfg), self.ckpt_dir)
         with torch.device(self.device):
             model = GPT(model_cfg)
         model.to(self.device)  # the rotary tables are made on the CPU
@@ -348,14 +340,23 @@ class Phase:
 
         # ---- resume: weights, optimizer, schedule position, data position, RNG ---------------------------------
         step, smooth_loss, train_time, val, val_step = 0, 0.0, 0.0, None, None
+        history, extended, tokens_seen = [], None, 0  # tokens_seen: tokens before the current batch size took over
         if self.resume_from is not None:
             source, ckpt = self.resume_from
             if source != ckpt_dir:
                 print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
             saved = ckpt.meta
-            for key, old in saved["train_config"].items():
-                if key in self.overrides and old != self.overrides[key]:
-                    print0(f"resume: --{key} changed from {old!r} to {self.overrides[key]!r}")
+            resume.check_tokenizer(saved, meta.get("tokenizer"), ckpt_dir)
+            for change in (changed := resume.changes(saved["train_config"], asdict(cfg))):
+                print0(f"resume: --{change['setting']} changed from {change['from']!r} to {change['to']!r}")
+            history = saved.get("changed_on_resume", []) + [{"step": saved["step"], **c} for c in changed]
+            extended = resume.extension(saved, ckpt.final, num_iterations, cfg.rewarm_steps)
+            if extended and extended.step == saved["step"]:
+                ramp = f"ramps up over --rewarm_steps={extended.rewarm}" if extended.rewarm else "goes back at once"
+                was = f"the LR multiplier was {extended.from_lrm:.2f}; it {ramp}"
+                print0(f"resume: the run had finished at step {saved['step']}; it goes on to {num_iterations} under"
+                       f" the new budget's schedule ({was})")  # fmt: skip
+            tokens_seen = saved.get("tokens_seen", saved["step"] * total_batch) - saved["step"] * total_batch
             model_state, optim_state = checkpoint.load(source, ckpt, device)
             model.load_state_dict(model_state)
             if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
@@ -416,7 +417,9 @@ class Phase:
                 "train_config": asdict(cfg),
                 "world_size": world,
                 "total_batch_size": total_batch,
-                "tokens_seen": step * total_batch,
+                "tokens_seen": tokens_seen + step * total_batch,
+                "changed_on_resume": history,
+                "schedule_extended": resume.record(extended),
                 metric: val,
                 f"{metric}_step": val_step,
                 "train_loss": smooth_loss / (1 - 0.9**step) if step else None,
@@ -507,6 +510,7 @@ class Phase:
                     loss = loss_fn(train_model, batch)
                 (loss / plan.grad_accum).backward()
             lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            lrm = extended.lrm(step, lrm) if extended else lrm
             optimizers.step(lrm, muon_momentum(step))
             optimizers.zero_grad()
             saver.settle()  # the snapshot of the step before, written during this one, is committed

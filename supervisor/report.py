@@ -69,6 +69,11 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         "invocations": runs,
         "attempts": [a for r in runs for a in r["attempts"] if a["class"] is not None],  # the finished ones
         "heartbeat": {**hb, "age": round(age, 1)} if live else None,
+        # what the trainer said last about its remote copies (kept after it ended: the end-of-run lag matters most)
+        "remote_lag": remote_lag([c.step for c in ckpts if c.valid], hb["remote_step"], hb.get("remote_error"))
+        if hb and "remote_step" in hb
+        else None,
+        "changed_on_resume": (newest.meta or {}).get("changed_on_resume", []) if newest else [],
         "snapshots": [
             {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
             for slot in snapshots.slots(ckpt_dir)
@@ -175,6 +180,10 @@ def render(info: dict) -> Group:
         say(f"last run: {invocation_line(runs[-1])}")
     if hb := info["heartbeat"]:
         say(f"live: {heartbeat_line(hb, [c['step'] for c in info['checkpoints'] if c['valid']])}")
+    elif info.get("remote_lag"):
+        say(f"remote copies (the trainer's last word): {info['remote_lag']}")
+    for c in info.get("changed_on_resume", []):
+        say(f"changed on resume at step {c['step']}: --{c['setting']} {c['from']!r} -> {c['to']!r}")
     if runs:
         say("runs (one per `nanochat-run train`):")
     for r in runs:

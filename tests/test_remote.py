@@ -243,7 +243,7 @@ def test_a_full_remote_warns_once_the_summary_and_status_show_the_lag_and_push_c
     assert "remote: nothing copied yet, 3 checkpoints behind; last error: " in summary, summary
     assert "No space left on device" in summary
     st = cli(menv, "status", "--checkpoint-dir", str(d))
-    assert "remote: nothing copied yet, 3 checkpoints behind; last error: " in st.stdout, st.stdout
+    assert "nothing copied yet, 3 checkpoints behind; last error: " in st.stdout, st.stdout
     subprocess.run(["mount", "-o", "remount,size=64m", str(remote)], check=True)  # room again
     pushed = cli(menv, "push", "--remote-dir", url, "--checkpoint-dir", str(d))
     assert pushed.returncode == 0 and "pushed 3 checkpoint(s)" in pushed.stdout, pushed.stdout + pushed.stderr

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import checkpoint
+from nanochat import checkpoint, compress, metrics
 from nanochat.checkpoint import LATEST, RUN_ID, file_name
 from nanochat.dataset import data_dir, train_val_shards
 from nanochat.locks import LOCKS
+from nanochat.optim import lr_multiplier
+from nanochat.resume import Extension
 from nanochat.tokenizer import tokenizer_dir
 from scripts.base_train import TrainConfig
 from tests.runs import (
@@ -36,6 +38,7 @@ from tests.runs import (
     temp_files,
     train,
 )
+from tests.supervised import cli
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +93,9 @@ def test_save_cadence_and_pruning(reference_1, tmp_path, menv, save_every, keep,
     assert steps(d) == on_disk
     assert all(c.valid for c in checkpoint.scan(d, verify=True))
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [LATEST, RUN_ID, LOCKS["trainer"], *(file_name(k, s) for s in on_disk for k in ("model", "optim", "meta"))]
-    )
+        [LATEST, RUN_ID, LOCKS["trainer"], metrics.FILE,
+         *(file_name(k, s) for s in on_disk for k in ("model", "optim", "meta"))]
+    )  # fmt: skip
 
 
 def test_final_checkpoint_is_never_pruned(reference_1, tmp_path, menv) -> None:
@@ -266,8 +270,9 @@ def _other_vocab(d: Path) -> None:
     "args, edit, mismatch",
     [
         (["--depth=2"], None, "depth 1, this run asks for 2"),
-        (["--head_dim=48"], None, "model width 64, this run asks for 96"),
-        ([], _other_vocab, "vocab size 1024, this run asks for 512"),
+        (["--head_dim=48"], None, "model width (--head_dim, depth) 64, this run asks for 96"),
+        ([], _other_vocab, "vocab size (the tokenizer) 1024, this run asks for 512"),
+        (["--max_seq_len=64"], None, "sequence length (--max_seq_len) 32, this run asks for 64"),
     ],
 )
 def test_incompatible_checkpoint_is_refused(crashed_1, tmp_path, menv, args, edit, mismatch) -> None:
@@ -301,6 +306,58 @@ def test_allowed_changes_are_logged_and_the_run_finishes(crashed_1, tmp_path, me
     assert re.findall(r"^step (\d+) \| validation bpb", proc.stdout, re.M) == ["00014"]  # 7 is before the resume
     ckpt = assert_finished(proc, d, step=14)
     assert ckpt.meta["train_config"]["matrix_lr"] == 0.03 and ckpt.meta["tokens_seen"] == 14 * 128
+
+
+def test_changed_settings_are_applied_recorded_in_the_meta_and_shown_by_status(crashed_1, reference_1, tmp_path, menv):
+    d = copy(crashed_1, tmp_path)  # checkpoints 4 and 8
+    saved = checkpoint.inspect(d, 8).meta
+    old_batch = saved["total_batch_size"]
+    proc = train(menv, d, "--matrix_lr=0.03", f"--total_batch_size={2 * old_batch}", "--warmdown_ratio=0.5")
+    final = assert_finished(proc, d)
+    assert final.meta["changed_on_resume"] == [
+        {"step": 8, "setting": "matrix_lr", "from": 0.02, "to": 0.03},
+        {"step": 8, "setting": "total_batch_size", "from": saved["train_config"]["total_batch_size"],
+         "to": 2 * old_batch},
+        {"step": 8, "setting": "warmdown_ratio", "from": 0.2, "to": 0.5},
+    ]  # fmt: skip
+    lrms = {r["step"]: r["lrm"] for r in metrics.read(d) if r["kind"] == "step" and r["step"] > 8}
+    assert lrms == {s + 1: lr_multiplier(s, 12, 0.0, 0.5, 0.0) for s in range(8, 12)}  # the new schedule
+    assert final.meta["tokens_seen"] == 8 * old_batch + 4 * 2 * old_batch  # counted in tokens across the change
+    got, want = (compress.load(x / file_name("model", 12)) for x in (d, reference_1[0]))
+    assert any(not torch.equal(got[k], want[k]) for k in got)  # the new settings were applied
+    st = cli(menv, "status", "--checkpoint-dir", str(d))
+    assert "changed on resume at step 8: --matrix_lr 0.02 -> 0.03" in st.stdout, st.stdout
+
+
+def test_raising_num_iterations_after_the_end_continues_and_the_rewarm_resumes_exactly(reference_1, tmp_path, menv):
+    a, b = copy(reference_1[0], tmp_path / "a"), copy(reference_1[0], tmp_path / "b")  # finished at step 12
+    proc = train(menv, a, "--num_iterations=20", "--rewarm_steps=8")
+    assert "resume: the run had finished at step 12; it goes on to 20 under the new budget's schedule" in proc.stdout
+    final = assert_finished(proc, a, step=20)
+    assert checkpoint.inspect(a, 12).final  # the old budget's final checkpoint stays
+    ext = final.meta["schedule_extended"]
+    assert ext == {"step": 12, "from_lrm": lr_multiplier(11, 12, 0.0, 0.2, 0.0), "rewarm": 8}
+    ramp = Extension(**ext)
+    lrms = {r["step"]: r["lrm"] for r in metrics.read(a) if r["kind"] == "step" and r["step"] > 12}
+    assert lrms == {s + 1: ramp.lrm(s, lr_multiplier(s, 20, 0.0, 0.2, 0.0)) for s in range(12, 20)}
+    assert lrms[13] < lrms[14] < lrms[15] < lrms[16] and ext["from_lrm"] < lrms[13]  # ramps up from the old end
+    killed = train(menv, b, "--num_iterations=20", "--rewarm_steps=8", "--debug_fault=sigkill@step:17")
+    assert killed.returncode == -9
+    proc = train(menv, b, "--num_iterations=20", "--rewarm_steps=8")  # resumes at 16, inside the ramp
+    assert "resumed from step 16" in proc.stdout and "it goes on to" not in proc.stdout
+    assert_finished(proc, b, step=20)
+    assert_same_final_state(b, a, step=20)
+
+
+def test_another_tokenizer_with_the_same_vocab_size_is_refused(crashed_1, tmp_path, base_dir, menv):
+    home = tmp_path / "home"
+    shutil.copytree(data_dir(base_dir), data_dir(home))
+    shutil.copytree(tokenizer_dir(base_dir), tokenizer_dir(home))
+    path = tokenizer_dir(home) / "tokenizer.json"
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=1))  # the same tokens, another file
+    d = copy(crashed_1, tmp_path)
+    error = one_line_error(train({**menv, "NANOCHAT_BASE_DIR": str(home)}, d))
+    assert "was trained with another tokenizer.json (the same vocab size, a different file)" in error
 
 
 def test_resume_false_archives_the_old_checkpoints_and_starts_fresh(reference_1, crashed_1, tmp_path, menv) -> None:
