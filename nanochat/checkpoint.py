@@ -613,7 +613,7 @@ def write(
     directory: Path,
     step: int,
     model_state: dict,
-    optim_state: dict,
+    optim_state: dict | None,
     meta: dict,
     fault: Callable[[str], None] = lambda phase: None,
     private: bool = False,
@@ -624,9 +624,13 @@ def write(
     `codec` "zstd" compresses them losslessly on `threads` threads (nanochat/compress.py); loading needs no flag.
 
     Does not touch latest_step.txt or prune (see `mark_latest`, `prune`); nanochat/saver.py does the ordering.
+    `optim_state` None writes a weights-only checkpoint (no optimizer file; e.g. an average of checkpoints).
     """
     files = {}
-    for kind, state in (("model", model_state), ("optim", optim_state)):
+    states = (("model", model_state),) + ((("optim", optim_state),) if optim_state is not None else ())
+    if optim_state is None:
+        meta = {**meta, "weights_only": True}
+    for kind, state in states:
         name = file_name(kind, step)
         info: dict = {}  # a compressed file's codec, level and raw size (none: nothing, as in every older meta)
         if codec == "none":

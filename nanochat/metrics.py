@@ -20,9 +20,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from nanochat.common import warn0
 
 FILE = "metrics.jsonl"
 
@@ -55,14 +54,14 @@ def archive(directory: Path, into: Path) -> None:
         os.replace(directory / FILE, into / FILE)
 
 
-def setup_wandb(run: str, config: dict, master: bool):
+def setup_wandb(run: str, config: dict, master: bool, warn: Callable[[str], None]):
     """A wandb run when --run names one (rank 0), else None; wandb missing is a warning, not a failure."""
     if run == "dummy" or not master:
         return None
     try:
         import wandb
     except ImportError:
-        warn0(f"--run={run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
+        warn(f"--run={run} asks for wandb logging but wandb is not installed (pip install wandb); not logging")
         return None
     return wandb.init(project="nanochat", name=run, config=config)
 
@@ -70,8 +69,8 @@ def setup_wandb(run: str, config: dict, master: bool):
 class MetricsLog:
     """metrics.jsonl for one attempt (module doc). `enabled` is False on every rank but 0."""
 
-    def __init__(self, directory: Path, enabled: bool, start_step: int) -> None:
-        self.path, self.enabled, self.failed = directory / FILE, enabled, False
+    def __init__(self, directory: Path, enabled: bool, start_step: int, warn: Callable[[str], None]) -> None:
+        self.path, self.enabled, self.failed, self.warn = directory / FILE, enabled, False, warn
         self.attempt, self.start = attempt_number(), None
         if not enabled:
             return
@@ -112,5 +111,5 @@ class MetricsLog:
 
     def _failed(self, e: OSError) -> None:
         if not self.failed:
-            warn0(f"cannot write {self.path} ({e.strerror or e}); training goes on without it")
+            self.warn(f"cannot write {self.path} ({e.strerror or e}); training goes on without it")
         self.failed = True

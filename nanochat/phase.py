@@ -394,8 +394,8 @@ class Phase:
                 )
         t_loaded = time.perf_counter()
 
-        wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master)
-        log = metrics.MetricsLog(ckpt_dir, dist_info.master, step)
+        wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
+        log = metrics.MetricsLog(ckpt_dir, dist_info.master, step, warn0)
         started_at = time.time()
         heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
                               device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,

@@ -2,8 +2,9 @@
 
 Builds the built-in corpus and a small tokenizer under $NANOCHAT_BASE_DIR (unless they are already there), then
 trains a tiny model under the supervisor, `nanochat-run train`, with one injected crash: you see the failure
-classified, a restart with resume from the last checkpoint, and the budget completed; then `nanochat-run status`.
-Each step is a real command, printed before it runs, so you can run any of them yourself afterwards.
+classified, a restart with resume from the last checkpoint, and the budget completed; then `nanochat-run status` and
+`nanochat-run plot` (a PNG of the run). Each step is a real command, printed before it runs, so you can run any of
+them yourself afterwards.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def main() -> None:
     trainer_log = "".join(p.read_text() for p in sorted(ckpt_dir.with_name("demo.run").glob("attempt-*/torchrun.log")))
     losses = [float(m) for m in re.findall(r"\| loss ([0-9.]+)", trainer_log)]
     run([py, "-m", "supervisor.cli", "status", "--model-tag", "demo"])
+    picture = run([py, "-m", "supervisor.cli", "plot", "--model-tag", "demo"]).strip().splitlines()[-1]
     print(f"\ndemo: done in {time.time() - t0:.0f}s")
     if losses:
         print(f"demo: training loss fell from {losses[0]:.3f} to {losses[-1]:.3f}")
     print(f"demo: the trainer's own logs are in {ckpt_dir.with_name('demo.run')}/attempt-*/torchrun.log")
+    print(f"demo: a picture of the run (loss, the crash and its restart, tokens/s): {picture}")
 
 
 if __name__ == "__main__":

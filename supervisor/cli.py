@@ -1,5 +1,5 @@
-"""`nanochat-run`: train (supervised), speedrun (every phase), status, logs, prune, pull and push (remote copies).
-Argument parsing only; the work is elsewhere.
+"""`nanochat-run`: train (supervised), speedrun (every phase), status, logs, prune, pull and push (remote copies),
+plot (a PNG of a run) and eval (across checkpoints). Argument parsing only; the work is elsewhere.
 
 Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75 stopped by SIGTERM after saving
 (requeue the job), 130 stopped by Ctrl+C after saving.
@@ -8,11 +8,9 @@ Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -23,15 +21,29 @@ from nanochat.config import ConfigError, HelpRequested, describe, parse_args
 from nanochat.locks import LockError, lock_holder
 from nanochat.paths import (
     DEFAULT_DEPTH,
-    PHASE_DIRS,
     checkpoint_tag,
     get_base_dir,
-    only_model,
 )
-from supervisor import report, tail
+from supervisor import cli_remote, report, tail
 from supervisor.launch import CONFIGS, Supervision, UsageProblem, check_script, phase_of_script, resolve, train_options
-from supervisor.records import RunDir, read_events
-from supervisor.speedrun_report import is_speedrun, phase_status, render_phases
+from supervisor.options import (
+    BackoffCapOption,
+    BackoffOption,
+    GraceOption,
+    HangOption,
+    MaxNoProgressOption,
+    MaxRestartsOption,
+    NprocOption,
+    OomShrinkOption,
+    PhaseOption,
+    ProgressOption,
+    RemoteOption,
+    StartupOption,
+    confirm,
+    resolve_dirs,
+)
+from supervisor.records import RunDir
+from supervisor.speedrun_report import is_speedrun, phase_status
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
@@ -55,71 +67,6 @@ def _root(
     ] = False,
 ) -> None:
     """Train a nanochat-style GPT under a supervisor that survives crashes, OOMs, hangs and Ctrl+C."""
-
-
-PhaseOption = Annotated[
-    str, typer.Option(help="The training phase: base, mid (midtraining), sft or rl; picks its checkpoint folder.")
-]
-# the supervisor's options, shared by `train` and `speedrun` (fields of launch.Supervision)
-NprocOption = Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")]
-MaxRestartsOption = Annotated[int, typer.Option(help="Restarts allowed after the first attempt (per phase).")]
-MaxNoProgressOption = Annotated[
-    int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
-]
-BackoffOption = Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")]
-BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")]
-HangOption = Annotated[
-    float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
-]
-StartupOption = Annotated[float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")]
-GraceOption = Annotated[
-    float | None,
-    typer.Option(
-        help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
-        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
-    ),
-]
-OomShrinkOption = Annotated[
-    bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
-]
-ProgressOption = Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")]
-RemoteOption = Annotated[
-    str | None,
-    typer.Option(
-        help="Also copy checkpoints to this fsspec URL (s3://bucket/prefix, gs://..., file:///...) and"
-        " restore from it when it is newer (the trainer's --remote_dir)."
-    ),
-]
-
-
-def resolve_dirs(
-    checkpoint_dir: Path | None,
-    run_dir: Path | None,
-    depth: int | None,
-    model_tag: str | None,
-    new: bool = False,
-    phase: str = "base",
-) -> tuple[Path, Path]:
-    """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
-    if phase not in PHASE_DIRS:
-        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_DIRS)}, got {phase!r}")
-    if checkpoint_dir is None and run_dir is not None:
-        if not new and not run_dir.is_dir():  # status and prune read an existing run; train may start one
-            raise UsageProblem(f"no run dir at {run_dir}: pass the run dir of a supervised run, or --checkpoint-dir")
-        starts = [e for e in read_events(RunDir(run_dir)) if e.get("event") == "run_start"]
-        if starts:
-            checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
-    if checkpoint_dir is None:
-        try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/ (or the phase's)
-            if phase == "base" or model_tag:
-                tag = checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH)
-            else:
-                tag = only_model(phase)
-        except ConfigError as e:
-            raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
-        checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / tag
-    checkpoint_dir = checkpoint_dir.expanduser().resolve()
-    return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,11 +274,16 @@ def status(
     remote_dir: Annotated[
         str | None, typer.Option(help="Also show this run's remote copies (an fsspec URL) and how far they lag.")
     ] = None,
+    text_plot: Annotated[
+        bool, typer.Option("--plot", help="Also draw the training loss as a text curve (for a remote shell).")
+    ] = False,
 ) -> None:
     """Show checkpoints, progress to the budget, each `train` invocation with its attempts, and the live run; for a
     speedrun, every phase first."""
     if interval <= 0:
         raise UsageProblem(f"--interval must be > 0 seconds, got {interval:g}")
+    if text_plot and json_out:
+        raise UsageProblem("--plot draws for people and --json prints for scripts: pick one")
     if speedrun and run_dir is None:
         try:
             run_dir = speedrun_dir(checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH))
@@ -349,59 +301,49 @@ def status(
         if info is not None and remote_dir:
             from nanochat import remote
 
-            info["remote"] = _remote_call("reading", remote_dir, lambda: remote.lag(ckpt_dir, remote_dir))
+            info["remote"] = cli_remote.remote_call("reading", remote_dir, lambda: remote.lag(ckpt_dir, remote_dir))
         if not pipeline:
             return info
         return {**phase_status(run_path), "current": info}
 
     try:
-        watch_status(gather, json_out, interval if watch else None)
+        report.watch_status(gather, json_out, interval if watch else None)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    if text_plot:
+        from supervisor import plot as pictures
+
+        print(pictures.terminal(ckpt_dir, run_path))
 
 
-def print_status(info: dict, json_out: bool, indent: int | None = 1) -> None:
-    if json_out:
-        print(json.dumps(info, indent=indent, default=str), flush=True)
-    else:
-        report.console().print(render_status(info))
+@app.command("plot")
+def plot_run(
+    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    phase: PhaseOption = "base",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The PNG to write. Default: plot.png in the run dir (unsupervised: in the checkpoint dir)."),
+    ] = None,
+    compare: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="<dir>", help="Another run's checkpoint dir whose loss curve to draw too; repeat it for several."
+        ),
+    ] = None,
+) -> None:
+    """Draw a run into a PNG from its metrics.jsonl: loss and validation by step, every restart with why it happened
+    and the steps it lost, and tokens per second. Prints the PNG's path."""
+    from supervisor import plot as pictures
 
-
-def render_status(info: dict):
-    if "phases" not in info:
-        return report.render(info)
-    from rich.console import Group
-
-    parts = [render_phases(info)]
-    return Group(*parts, report.render(info["current"])) if info.get("current") else parts[0]
-
-
-def watch_status(gather, json_out: bool, interval: float | None) -> None:
-    """Print the status once, or (with an interval) refresh until the run is over (no supervisor or trainer lock,
-    no fresh heartbeat), then print it once more. A live panel on a terminal; off one, a block (or a JSON line)
-    per refresh, for logs and scripts."""
-    if interval is None:
-        print_status(gather(), json_out)
-        return
-    live = None
-    if sys.stdout.isatty() and not json_out:
-        from rich.live import Live
-
-        live = Live(console=report.console(), auto_refresh=False, transient=True)
-        live.start()
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
+    others = [c.expanduser().resolve() for c in compare or []]
     try:
-        while (info := gather())["active"]:
-            if live:
-                live.update(render_status(info), refresh=True)
-            else:
-                print_status(info, json_out, indent=None)
-                if not json_out:
-                    print(flush=True)  # a blank line between blocks
-            time.sleep(interval)
-    finally:
-        if live:
-            live.stop()
-    print_status(info, json_out, indent=None if json_out else 1)
+        print(pictures.make(ckpt_dir, run_path, out.expanduser().resolve() if out else None, others))
+    except pictures.PlotError as e:
+        raise UsageProblem(str(e)) from None
 
 
 @app.command()
@@ -481,7 +423,9 @@ def prune(
     if keep < 1 or keep_every < 0:
         raise UsageProblem(f"--keep must be >= 1 and --keep-every >= 0, got {keep} and {keep_every}")
     if remote_dir:
-        prune_remote(remote_dir, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes)
+        cli_remote.prune_remote(
+            remote_dir, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes
+        )
         return
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     if not ckpt_dir.is_dir():
@@ -513,35 +457,6 @@ def prune(
         print("removed the in-memory snapshots (not newer than the newest checkpoint)")
 
 
-def prune_remote(url, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes) -> None:
-    """`prune --remote-dir`: the remote's retention by hand. With a local checkpoint dir, only that run's lineage
-    is touched (as the uploader does); without one, every checkpoint there counts."""
-    from nanochat import remote
-
-    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
-    lineage = checkpoint.run_id(ckpt_dir) if ckpt_dir.is_dir() else None
-    r = _remote_call("reading", url, lambda: remote.check_remote(url))
-    doomed = _remote_call("reading", url, lambda: r.plan_prune(keep, lineage, keep_every))
-    if not doomed:
-        print(f"nothing to prune in {url} (keeping the newest {keep})")
-        return
-    for step, names in doomed.items():
-        print(f"{'would delete' if dry_run else 'delete'} step {step}: {', '.join(names)}")
-    if dry_run:
-        return
-    if not yes and not confirm("delete these remote files?"):
-        raise typer.Exit(1)
-    deleted = _remote_call("pruning", url, lambda: r.prune(keep, lineage, keep_every))
-    print(f"deleted {len(deleted)} checkpoint(s) from {url}")
-
-
-def confirm(question: str) -> bool:
-    """Ask on a terminal; off one (a script, CI) there is nobody to ask: refuse rather than guess."""
-    if not sys.stdin.isatty():
-        raise UsageProblem("refusing to delete without --yes (not a terminal)")
-    return typer.confirm(question, default=False)
-
-
 def prune_snapshots(dry_run: bool, yes: bool) -> None:
     """`prune --snapshots`: this user's snapshot folders that no live or future run needs."""
     found = snapshots.stale()
@@ -560,57 +475,56 @@ def prune_snapshots(dry_run: bool, yes: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# remote copies (nanochat/remote.py)
+# remote copies (supervisor/cli_remote.py)
+
+app.command()(cli_remote.pull)
+app.command()(cli_remote.push)
 
 
-def _remote_call(what: str, url: str, call):
-    """Run a remote operation; a missing filesystem package is bad usage, the storage failing one line (exit 1)."""
-    from nanochat.remote import first_line
-
-    try:
-        return call()
-    except ConfigError as e:
-        raise UsageProblem(str(e).replace("--remote_dir", "the URL")) from None
-    except (checkpoint.CheckpointError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket: one line, never a traceback
-        raise checkpoint.StorageError(f"{what} {url} failed ({type(e).__name__}: {first_line(e)})") from None
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation across checkpoints (supervisor/eval_cmd.py, nanochat/ensemble.py)
 
 
-@app.command()
-def pull(
-    url: Annotated[str, typer.Argument(help="The remote dir of a run: s3://bucket/prefix, gs://..., file:///...")],
-    step: Annotated[int | None, typer.Option(help="The checkpoint's step (default: the newest committed).")] = None,
-    to: Annotated[
-        Path | None, typer.Option(help="The local dir to put it in (default: ./<the URL's last part>).")
-    ] = None,
-) -> None:
-    """Fetch a remote checkpoint, verified against its meta (sizes and checksums), e.g. to chat with it elsewhere."""
-    from nanochat import remote
-
-    target = (to or Path.cwd() / url.rstrip("/").rsplit("/", 1)[-1]).expanduser().resolve()
-    ckpt = _remote_call("pulling from", url, lambda: remote.pull(url, step, target))
-    print(f"pulled step {ckpt.step} ({(ckpt.meta or {}).get('phase', 'base_train')}) into {target}, verified")
-    print(f"chat with it: python -m scripts.chat_cli --checkpoint_dir {target}")
-
-
-@app.command()
-def push(
-    remote_dir: Annotated[str, typer.Option("--remote-dir", help="Where to copy them (an fsspec URL).")],
+@app.command("eval")
+def evaluate(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
-    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
     model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
     phase: PhaseOption = "base",
+    checkpoints: Annotated[
+        str, typer.Option(help="Which ones: last:N (the newest N valid), all, or steps such as 1000,2000,3000.")
+    ] = "last:5",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: each (every checkpoint), ensemble (their mean output probabilities),"
+            " average (their mean weights)."
+        ),
+    ] = "each,ensemble,average",
+    tasks: Annotated[
+        str | None, typer.Option(help="sft and rl checkpoints: the tasks to score. Default: chat_eval's.")
+    ] = None,
+    max_problems: Annotated[int, typer.Option(help="sft and rl: problems per task, from its test split.")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="sft and rl: the longest generated answer, in tokens.")] = 256,
+    eval_tokens: Annotated[
+        int | None, typer.Option(help="base and mid: validation tokens. Default: what the trainer evaluates.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON record instead of the table.")] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the weight average into this new dir as a checkpoint of its own.")
+    ] = None,
 ) -> None:
-    """Upload a run's valid local checkpoints that the remote lacks (oldest first; nothing remote is deleted)."""
-    from nanochat import remote
+    """Evaluate several checkpoints of one run: each one, their ensemble and their weight average, by validation
+    bits per byte (base, mid) or task accuracy (sft, rl). A table, and a JSON record and a plot in the run dir."""
+    from supervisor.eval_cmd import EvalRequest, run
 
-    ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
-    if not any(c.valid for c in checkpoint.scan(ckpt_dir)):
-        raise UsageProblem(f"no valid checkpoints in {ckpt_dir}: nothing to push")
-    sent = _remote_call("pushing to", remote_dir, lambda: remote.push(ckpt_dir, remote_dir))
-    print(f"pushed {len(sent)} checkpoint(s) to {remote_dir}" if sent else f"{remote_dir} already has them all")
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, None, depth, model_tag, phase=phase)
+    request = EvalRequest(ckpt_dir, run_path, checkpoints, mode, tasks, max_problems, max_tokens, eval_tokens,
+                          json_out, save.expanduser() if save else None)  # fmt: skip
+    try:
+        run(request)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

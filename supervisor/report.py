@@ -6,6 +6,7 @@ Torch-free unless asked to `verify`: status must answer in a blink, and torch's 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -265,3 +266,48 @@ def when(t: float | None) -> str:
 def console() -> Console:
     # soft wrap: long lines stay whole in a log or a pipe (and tests grep them) instead of breaking at 80 columns
     return Console(file=sys.stdout, soft_wrap=True, highlight=False)
+
+
+def print_status(info: dict, json_out: bool, indent: int | None = 1) -> None:
+    if json_out:
+        print(json.dumps(info, indent=indent, default=str), flush=True)
+    else:
+        console().print(render_status(info))
+
+
+def render_status(info: dict):
+    """The status block, or a speedrun's phases and then its current phase's block."""
+    if "phases" not in info:
+        return render(info)
+    from supervisor.speedrun_report import render_phases  # (it imports this module)
+
+    parts = [render_phases(info)]
+    return Group(*parts, render(info["current"])) if info.get("current") else parts[0]
+
+
+def watch_status(gather, json_out: bool, interval: float | None) -> None:
+    """Print the status once, or (with an interval) refresh until the run is over (no supervisor or trainer lock,
+    no fresh heartbeat), then print it once more. A live panel on a terminal; off one, a block (or a JSON line)
+    per refresh, for logs and scripts."""
+    if interval is None:
+        print_status(gather(), json_out)
+        return
+    live = None
+    if sys.stdout.isatty() and not json_out:
+        from rich.live import Live
+
+        live = Live(console=console(), auto_refresh=False, transient=True)
+        live.start()
+    try:
+        while (info := gather())["active"]:
+            if live:
+                live.update(render_status(info), refresh=True)
+            else:
+                print_status(info, json_out, indent=None)
+                if not json_out:
+                    print(flush=True)  # a blank line between blocks
+            time.sleep(interval)
+    finally:
+        if live:
+            live.stop()
+    print_status(info, json_out, indent=None if json_out else 1)

@@ -1,0 +1,86 @@
+"""The `nanochat-run` options that several commands share, and how a command finds a run's directories from
+them (the checkpoint dir as the trainer computes it, the run dir beside it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nanochat.config import ConfigError
+from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
+from supervisor.launch import UsageProblem
+from supervisor.records import RunDir, read_events
+
+PhaseOption = Annotated[
+    str, typer.Option(help="The training phase: base, mid (midtraining), sft or rl; picks its checkpoint folder.")
+]
+# the supervisor's options, shared by `train` and `speedrun` (fields of launch.Supervision)
+NprocOption = Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")]
+MaxRestartsOption = Annotated[int, typer.Option(help="Restarts allowed after the first attempt (per phase).")]
+MaxNoProgressOption = Annotated[
+    int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
+]
+BackoffOption = Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")]
+BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")]
+HangOption = Annotated[
+    float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
+]
+StartupOption = Annotated[float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")]
+GraceOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
+        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
+    ),
+]
+OomShrinkOption = Annotated[
+    bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
+]
+ProgressOption = Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")]
+RemoteOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Also copy checkpoints to this fsspec URL (s3://bucket/prefix, gs://..., file:///...) and"
+        " restore from it when it is newer (the trainer's --remote_dir)."
+    ),
+]
+
+
+def resolve_dirs(
+    checkpoint_dir: Path | None,
+    run_dir: Path | None,
+    depth: int | None,
+    model_tag: str | None,
+    new: bool = False,
+    phase: str = "base",
+) -> tuple[Path, Path]:
+    """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
+    if phase not in PHASE_DIRS:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_DIRS)}, got {phase!r}")
+    if checkpoint_dir is None and run_dir is not None:
+        if not new and not run_dir.is_dir():  # status and prune read an existing run; train may start one
+            raise UsageProblem(f"no run dir at {run_dir}: pass the run dir of a supervised run, or --checkpoint-dir")
+        starts = [e for e in read_events(RunDir(run_dir)) if e.get("event") == "run_start"]
+        if starts:
+            checkpoint_dir = Path(starts[-1]["checkpoint_dir"])
+    if checkpoint_dir is None:
+        try:  # the trainer's own check: a tag is a plain folder name under base_checkpoints/ (or the phase's)
+            if phase == "base" or model_tag:
+                tag = checkpoint_tag(model_tag or "", depth or DEFAULT_DEPTH)
+            else:
+                tag = only_model(phase)
+        except ConfigError as e:
+            raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
+        checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / tag
+    checkpoint_dir = checkpoint_dir.expanduser().resolve()
+    return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
+
+
+def confirm(question: str) -> bool:
+    """Ask on a terminal; off one (a script, CI) there is nobody to ask: refuse rather than guess."""
+    if not sys.stdin.isatty():
+        raise UsageProblem("refusing to delete without --yes (not a terminal)")
+    return typer.confirm(question, default=False)
