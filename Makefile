@@ -9,7 +9,7 @@ CUDA ?= cu128
 BIN := $(VENV)/bin
 export NANOCHAT_BASE_DIR ?= $(HOME)/.cache/nanochat
 
-.PHONY: install install-cuda torch chromium test test-fast demo lint bench clean
+.PHONY: install install-cuda torch chromium slurm test test-fast demo lint bench clean
 
 install: $(VENV)/.installed torch
 
@@ -40,6 +40,11 @@ install-cuda:  # the CUDA build of torch; fails loudly if what got installed is 
 
 chromium:  # Debian's Chromium, which tests/test_chat_web.py drives (the test skips without it, except in CI)
 	@test -x /usr/bin/chromium || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+slurm:  # a one-machine SLURM (controller, node daemon, client tools) and munge, for tests/test_slurm.py (root, Debian)
+	@for t in slurmctld slurmd munged sbatch scontrol scancel squeue sinfo; do \
+	  command -v $$t >/dev/null || missing=1; done; \
+	  test -z "$$missing" || { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; }
 
 # Two workers (pytest-xdist): most tests wait on real processes, signals and timeouts, so two at a time fit a
 # 2-core machine (~11 minutes instead of ~17). Each worker builds the shared runs once (tests/runs.py built_once).

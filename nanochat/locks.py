@@ -32,8 +32,11 @@ class DirLock:
     """An exclusive flock on `.trainer.lock` or `.nanochat-run.lock` in a checkpoint dir, naming its holder. The
     kernel drops it when the holder dies, so a lock file whose flock can be taken is stale, whatever pid it names."""
 
-    def __init__(self, directory: Path, role: str):
-        self.path, self.role = directory / LOCKS[role], role
+    def __init__(self, directory: Path, role: str, node: int | None = None):
+        # a multi-node run's supervisors share the checkpoint dir: one lock per node rank (two supervisors for the
+        # same node of the same run are refused, the nodes of one run are not)
+        name = LOCKS[role] if node is None else LOCKS[role].replace(".lock", f"-node{node}.lock")
+        self.path, self.role = directory / name, role
         self.fd: int | None = None
 
     def acquire(self, wait: float = 0.0, on_wait: Callable[[dict], None] | None = None) -> str:

@@ -397,10 +397,12 @@ class Phase:
         wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
         log = metrics.MetricsLog(ckpt_dir, dist_info.master, step, warn0)
         started_at = time.time()
-        heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.master, num_iterations=num_iterations,
-                              device_batch_size=cfg.device_batch_size, total_batch_size=total_batch,
-                              max_seq_len=plan.seq_len, world_size=world, device=device.type,
-                              dist_timeout=cfg.dist_timeout)  # fmt: skip
+        # every node's supervisor watches its own node: each node's local rank 0 beats
+        heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.local_rank == 0,
+                                               num_iterations=num_iterations, device_batch_size=cfg.device_batch_size,
+                                               total_batch_size=total_batch, max_seq_len=plan.seq_len,
+                                               world_size=world, device=device.type,
+                                               dist_timeout=cfg.dist_timeout)  # fmt: skip
         heartbeat(step=step, phase="starting", checkpoint=step if self.resume_from else None)
 
         def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:

@@ -111,9 +111,9 @@ class StopFlag:
 
 
 class Heartbeat:
-    """Rank 0 rewrites a small JSON file every step; the supervisor watches it. Atomic and cheap (no fsync: a lost
-    heartbeat costs nothing, a torn one would confuse the supervisor) and best effort: a failed write (a full disk
-    under the run dir) warns once and never stops training."""
+    """Each node's local rank 0 rewrites a small JSON file every step; that node's supervisor watches it. Atomic
+    and cheap (no fsync: a lost heartbeat costs nothing, a torn one would confuse the supervisor) and best effort:
+    a failed write (a full disk under the run dir) warns once and never stops training."""
 
     def __init__(self, path: str, enabled: bool, **fixed) -> None:
         self.path, self.enabled, self.fixed, self.failed = path, bool(path) and enabled, fixed, False

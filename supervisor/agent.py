@@ -23,10 +23,11 @@ from nanochat.locks import DirLock, lock_holder
 from supervisor import memory, procs
 from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
+from supervisor.nodes import ACK_TIMEOUT, Coordinator, LeaderLost, as_outcome, decision_of, root_cause
 from supervisor.policy import AttemptSummary, Batch, Policy, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
 from supervisor.report import metric, remote_lag
-from supervisor.states import Action, AttemptClass, Outcome, RunState
+from supervisor.states import Action, AttemptClass, Decision, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
 EXIT_OK = 0
@@ -54,6 +55,8 @@ class TrainOptions:
     fresh_start: bool = False  # the user asked for --resume=False
     num_iterations: int | None = None  # the step budget asked for, when known
     policy: Policy = field(default_factory=Policy)
+    node_timeout: float = 600.0  # multi-node: how long the leader waits for every node to report an attempt's end
+    rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
     phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
@@ -94,8 +97,9 @@ class Attempt:
 
 
 class Agent:
-    def __init__(self, opts: TrainOptions, display: Display):
+    def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None):
         self.opts = opts
+        self.nodes = nodes  # a multi-node run: the leader decides for every node (supervisor/nodes.py)
         self.display = display
         self.run_dir = RunDir(opts.run_dir)
         self.events = EventLog(self.run_dir, display.event)
@@ -109,6 +113,8 @@ class Agent:
         self.attempt_no = 0
         self.view = View(max_attempts=opts.policy.max_restarts + 1)
         self.steps_lost = 0  # steps trained by this invocation's attempts that no checkpoint kept
+        self.stop_code: int | None = None  # a follower: the exit code the leader's stop decision carries
+        self.agreed: Decision | None = None  # several nodes: the leader's decision on the attempt that just ended
         self._proc_cache: dict = {}
 
     # ---- state ---------------------------------------------------------------------------------------------
@@ -130,7 +136,8 @@ class Agent:
     # ---- the run -------------------------------------------------------------------------------------------
 
     def run(self) -> int:
-        lock = DirLock(self.opts.checkpoint_dir, "supervisor")
+        follower = self.nodes is not None and not self.nodes.leader
+        lock = DirLock(self.opts.checkpoint_dir, "supervisor", self.nodes.node if follower else None)
         if msg := lock.acquire():
             self.display.event(msg)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -174,24 +181,39 @@ class Agent:
         self.display.event(f"  logs: {self.run_dir.path} (nanochat-run logs, nanochat-run status)")
 
     def _loop(self) -> int:
+        follower = self.nodes is not None and not self.nodes.leader
         while True:
-            if (code := self._wait_for_previous_trainer()) is not None:
-                return code
-            self.attempt_no = self.run_dir.next_attempt()
+            if follower:  # the leader waits for any previous trainer, then says go
+                if (code := self._wait_for_go()) is not None:
+                    return code
+            else:
+                if (code := self._wait_for_previous_trainer()) is not None:
+                    return code
+                self.attempt_no = self.run_dir.next_attempt()
+                if self.nodes:
+                    self.nodes.go(self.attempt_no, self.overrides, self.fresh)
             outcome, summary = self._attempt(self.attempt_no)
             n = self.attempt_no
             self.history.append(summary)
             self.view.restarts.append(outcome.kind.value)
-            decision = decide(outcome, self.history, self.opts.policy, self.batch)
+            if self.nodes:  # the leader's decision, for every node (made in _attempt, before the record)
+                decision = self.agreed
+            else:
+                decision = decide(outcome, self.history, self.opts.policy, self.batch)
             self.events.append("decision", attempt=n, action=decision.action.value, reason=decision.reason,
                                delay=decision.delay, overrides=decision.trainer_overrides,
                                next_attempt=n + 1 if decision.action is Action.RESTART else None)  # fmt: skip
+            if follower and decision.action is Action.RESTART:  # the leader sleeps the backoff, then says go
+                self.overrides.update(decision.trainer_overrides)
+                self._set_state(RunState.BACKOFF, f"{decision.reason}; waiting for the leader's next attempt")
+                self._set_state(RunState.STARTING, "the leader's next attempt")
+                continue
             if decision.action is Action.FINISH:  # STARTING/HEALTHY -> SUCCEEDED
                 self._set_state(RunState.SUCCEEDED, decision.reason)
                 return EXIT_OK
             if decision.action is Action.STOP:  # STOPPING -> STOPPED
                 self._set_state(RunState.STOPPED, decision.reason)
-                return self._stop_code()
+                return self.stop_code if self.stop_code is not None else self._stop_code()
             if decision.action is Action.GIVE_UP:  # STARTING/HEALTHY -> FAILED
                 self._set_state(RunState.FAILED, decision.reason)
                 self.display.event(f"diagnosis: {outcome.kind.value}: {outcome.message}; read {self._log_of(n)}")
@@ -242,6 +264,56 @@ class Agent:
 
     # ---- one attempt: launch -> watch -> reap -> evidence -> classify -> record -----------------------------
 
+    def _wait_for_go(self) -> int | None:
+        """A follower: until the leader starts the next attempt (its number, overrides and --resume become ours);
+        an exit code if we are stopped meanwhile or the leader is gone."""
+        try:
+            got = self.nodes.wait_go(self.attempt_no, lambda: bool(self.signals))
+        except LeaderLost as e:
+            self._set_state(RunState.FAILED, str(e))
+            return EXIT_FAILED
+        if got is None:
+            self._set_state(RunState.STOPPED, "stop requested while waiting for the leader")
+            return self._stop_code()
+        self.attempt_no, self.overrides, self.fresh = got
+        return None
+
+    def _agree(self, a: Attempt, outcome: Outcome, summary: AttemptSummary) -> tuple[Outcome, Decision]:
+        """A multi-node attempt has ended here: tell the leader how; the leader hears every node, finds the root
+        cause and decides for all (supervisor/nodes.py). Returns this node's outcome as recorded (peer_failure
+        when another node failed first) and the decision."""
+        nodes, stop = self.nodes, lambda: False
+        nodes.report(a.n, outcome, a.worker_died_at or a.exited_at)
+        if nodes.leader:
+            ends = nodes.gather(a.n, self.opts.node_timeout, stop)
+            root, end = root_cause(ends)
+            decision = decide(as_outcome(end, root), [*self.history, summary], self.opts.policy, self.batch)
+            if self.signals:  # the user stopped the run here: every node's workers have saved; stop them all
+                decision, root = Decision(Action.STOP, "stopped on request (on the leader)"), nodes.node
+            elif lost := [k for k, e in ends.items() if e is None]:
+                decision = Decision(Action.GIVE_UP, f"node(s) {lost} did not report the end of attempt {a.n} within"
+                                    f" --node-timeout={self.opts.node_timeout:g}s")  # fmt: skip
+            code = self._stop_code() if decision.action is Action.STOP and self.signals else None
+            nodes.decide(a.n, decision, root, code)
+            if decision.action is not Action.RESTART:
+                nodes.wait_acks(a.n, ACK_TIMEOUT)
+        else:
+            try:
+                record = nodes.wait_decision(a.n, stop)
+            except LeaderLost as e:
+                record = {"action": "give_up", "reason": str(e), "delay": 0.0, "overrides": {}, "root": None,
+                          "exit_code": None}  # fmt: skip
+            decision, root = decision_of(record), record["root"]
+            self.stop_code = record.get("exit_code")
+        failed = outcome.kind not in (AttemptClass.COMPLETED, AttemptClass.STOPPED)
+        if decision.action is Action.STOP and failed:  # a stop asked on another node: our workers saved with it
+            outcome = dataclasses.replace(outcome, kind=AttemptClass.STOPPED,
+                                          message=f"stopped with node {root}: {outcome.message}")  # fmt: skip
+        elif failed and root is not None and root != nodes.node:
+            outcome = dataclasses.replace(outcome, kind=AttemptClass.PEER_FAILURE,
+                                          message=f"node {root} failed first; here: {outcome.message}")  # fmt: skip
+        return outcome, decision
+
     def _attempt(self, n: int) -> tuple[Outcome, AttemptSummary]:
         a = self._launch(n)
         try:
@@ -256,8 +328,12 @@ class Agent:
         after = None if self.fresh else self._resume_point()
         progressed, budget = self._judge(a, after)
         outcome = classify(self._evidence(a, after, progressed, budget))
+        summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"))
+        if self.nodes:  # several nodes: this node's outcome as recorded, and the leader's decision for all
+            outcome, self.agreed = self._agree(a, outcome, summary)
+            summary = dataclasses.replace(summary, kind=outcome.kind)
         self._record(a, outcome, after, progressed)
-        return outcome, AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"))
+        return outcome, summary
 
     def _resume_point(self) -> tuple[Path, checkpoint.Checkpoint] | None:
         """The one answer to "the newest usable checkpoint": what the trainer will resume from."""
@@ -303,8 +379,9 @@ class Agent:
         args = [*opts.trainer_args, f"--resume={not self.fresh}", f"--checkpoint_dir={opts.checkpoint_dir}",
                 f"--heartbeat_file={self.run_dir.heartbeat}"]  # fmt: skip
         args += [f"--{k}={v}" for k, v in self.overrides.items()]  # later settings win in the trainer's parser
+        # a rendezvous per attempt, named by its number: every node knows it (the leader's go carries it)
         return procs.LaunchSpec(opts.script, args, opts.nproc_per_node, log_dir, opts.nnodes, opts.node_rank,
-                                opts.rdzv_endpoint)  # fmt: skip
+                                opts.rdzv_endpoint, f"{opts.rdzv_id or 'nanochat'}-{self.attempt_no}")  # fmt: skip
 
     def _watch(self, a: Attempt) -> None:
         """Until torchrun exits: track workers, sample memory, read heartbeats, deliver a stop, detect hangs."""

@@ -104,6 +104,9 @@ def train(
     nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
     node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="torchrun --rdzv-endpoint host:port.")] = None,
+    node_timeout: Annotated[
+        float, typer.Option(help="Multi-node: seconds the leader waits for every node to report an attempt's end.")
+    ] = 600.0,
     max_restarts: MaxRestartsOption = 5,
     max_no_progress: MaxNoProgressOption = 3,
     backoff: BackoffOption = 5.0,
@@ -124,13 +127,20 @@ def train(
     eval_tokens auto (all evaluations together read at most a tenth of the training tokens, one at most 10M).
     `nanochat-run train -- --help` lists every trainer setting with its default.
     """
+    from supervisor import slurm
     from supervisor.agent import Agent
     from supervisor.display import Display, make_display
 
     phase, script = phase_of_script(phase, script)
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
-                      backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every)  # fmt: skip
+                      backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
+                      node_timeout)  # fmt: skip
+    from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
+    if sup.max_nodes > 1:
+        from supervisor.nodes import quiet_torch
+
+        quiet_torch()  # before the trainer's settings are parsed (that imports torch)
     check_script(script)
     settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
                 "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,
@@ -142,19 +152,30 @@ def train(
         print(h)
         raise typer.Exit(0) from None
     ckpt_dir, run_path = resolve_dirs(launch.checkpoint_dir, run_dir, launch.depth, launch.model_tag, new=True)
+    if sup.max_nodes > 1 and sup.node_rank:  # a follower's records go beside the leader's, never over them
+        run_path = run_path / f"node{sup.node_rank}"
     opts = train_options(launch, run_path, sup)
     if dry_run:
         print_dry_run(Agent(opts, Display()), script in CONFIGS)
         return
     display = make_display(progress_every)
     display.event(f"nanochat-run: {opts.nproc_per_node} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
+    if from_slurm:
+        display.event(from_slurm)
     if opts.grace_period <= launch.dist_timeout:
         display.event(
             f"warning: --grace-period={opts.grace_period:g}s is not longer than the trainer's"
             f" --dist_timeout={launch.dist_timeout}s: a stop may kill a save the other ranks still wait for"
         )
+    nodes = None
+    if sup.max_nodes > 1:
+        from supervisor.nodes import Coordinator
+
+        role = "the leader" if sup.node_rank == 0 else f"node {sup.node_rank}"
+        display.event(f"multi-node: {role} of --nnodes {sup.nnodes}; the leader decides for every node")
+        nodes = Coordinator.connect(sup.node_rank, sup.max_nodes, sup.rdzv_endpoint)
     try:
-        code = Agent(opts, display).run()
+        code = Agent(opts, display, nodes).run()
     except LockError as e:
         display.close()
         raise UsageProblem(str(e)) from None

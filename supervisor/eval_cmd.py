@@ -223,13 +223,12 @@ def write_outputs(record: dict, run_dir: Path) -> None:
 def plot(record: dict, path: Path) -> None:
     """The metric against the step for each checkpoint; the ensemble (dashed) and the average (dotted) as
     horizontal lines, in the colour of their column."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: a file
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.ticker import MaxNLocator
 
     cols = columns(record)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for i, col in enumerate(cols):
         # one column (bpb): a colour per mode; several (tasks): a colour per task, a line style per mode
         name, colors = ("", ["C0", "C1", "C2"]) if len(cols) == 1 else (f"{col}: ", [f"C{i}"] * 3)
@@ -244,10 +243,11 @@ def plot(record: dict, path: Path) -> None:
     pad = max(1, (max(steps) - min(steps)) * 0.05)
     ax.set_xlim(min(steps) - pad, max(steps) + pad)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation bits per byte" if record["metric"] == "val_bpb" else "accuracy")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    accuracy = f"{cols[0]} accuracy" if len(cols) == 1 else "accuracy"
+    ax.set_ylabel("validation bits per byte" if record["metric"] == "val_bpb" else accuracy)
     ax.set_title(f"{record['phase']} checkpoints in {Path(record['checkpoint_dir']).name}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

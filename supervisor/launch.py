@@ -43,6 +43,14 @@ class Supervision:
     grace_period: float | None = None  # None: the trainer's --dist_timeout + GRACE_MARGIN
     oom_shrink: bool = True
     progress_every: float = 30.0
+    node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
+    rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
+
+    @property
+    def max_nodes(self) -> int:
+        """The most nodes --nnodes allows (N, or MAX of MIN:MAX); 1 for a malformed value (check() says so)."""
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)
+        return int(m.group(2) or m.group(1)) if m else 1
 
     def check(self) -> None:
         """What torchrun or the agent would only reject late (torchrun after a crash loop of ~20 s): now, one line."""
@@ -56,16 +64,33 @@ class Supervision:
             )
         if self.node_rank is not None and self.node_rank < 0:
             raise UsageProblem(f"--node-rank must be >= 0, got {self.node_rank}")
+        if self.max_nodes > 1 or self.rdzv_endpoint:
+            if not self.rdzv_endpoint:
+                raise UsageProblem(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT, the address every node"
+                                   " reaches the first one at (e.g. --rdzv-endpoint 10.0.0.1:29500)")  # fmt: skip
+            split_endpoint(self.rdzv_endpoint)
+            if self.node_rank is None:
+                raise UsageProblem(f"--nnodes {self.nnodes} needs --node-rank on every node: 0 on the leader (the"
+                                   " node that decides restarts for all), 1, 2, ... on the others")  # fmt: skip
         if self.progress_every <= 0:
             raise UsageProblem(f"--progress-every must be > 0 seconds, got {self.progress_every:g}")
         if self.max_restarts < 0:
             raise UsageProblem("--max-restarts must be >= 0")
         if self.max_no_progress < 1:
             raise UsageProblem("--max-no-progress must be >= 1")
-        for name in ("hang_timeout", "startup_timeout", "backoff", "backoff_cap", "grace_period"):
+        for name in ("hang_timeout", "startup_timeout", "backoff", "backoff_cap", "grace_period", "node_timeout"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageProblem(f"--{name.replace('_', '-')} must be >= 0 seconds, got {value}")
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets: [::1]:29500) as (host, port); anything else is one line."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", endpoint)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise UsageProblem(f"--rdzv-endpoint must be HOST:PORT with a port in 1-65535 (e.g. 10.0.0.1:29500 or"
+                           f" [fd00::1]:29500), got {endpoint!r}")  # fmt: skip
+    return m.group(1).strip("[]"), int(m.group(2))
 
 
 def check_script(script: str) -> None:
@@ -169,7 +194,8 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
     return TrainOptions(launch.script, launch.trainer_args, launch.checkpoint_dir.expanduser().resolve(),
                         run_dir.expanduser().resolve(), nproc, sup.nnodes, sup.node_rank, sup.rdzv_endpoint,
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
-                        launch.budget, policy, phase=launch.phase)  # fmt: skip
+                        launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
+                        phase=launch.phase)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

@@ -45,6 +45,8 @@ class AttemptClass(enum.Enum):
         STOPPED --------------------------------------------------> stop (exit 130 / 75)
         REFUSED --------------------------------------------------> give up at once (a restart cannot fix it)
         CRASH, STORAGE, HOST_OOM, HANG, SIGNAL, NCCL_TIMEOUT -----> restart with backoff, resume
+        PEER_FAILURE (multi-node: recorded by the nodes that did not fail first; the leader decides on the class
+                      of the node that did: supervisor/nodes.py)
         CUDA_OOM -------------------------------------------------> restart with a smaller device batch
         (any restart) -- --max-restarts used up, or --max-no-progress attempts without a new checkpoint --> give up
 
@@ -61,6 +63,7 @@ class AttemptClass(enum.Enum):
     HANG = "hang"  # no heartbeat progress for --hang-timeout (or --startup-timeout before the first step)
     SIGNAL = "signal"  # killed by some other signal (a worker, or torchrun itself)
     NCCL_TIMEOUT = "nccl_timeout"  # a collective timed out (NCCL watchdog or gloo timeout)
+    PEER_FAILURE = "peer_failure"  # multi-node: another node failed first; this node's workers ended with it
 
 
 @dataclass

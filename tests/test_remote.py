@@ -27,17 +27,12 @@ from tests.runs import (
     assert_finished,
     assert_identical,
     assert_same_final_state,
+    free_port,
     kill_group,
     one_line_error,
     train,
 )
 from tests.supervised import Run, cli, train_cmd
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def s3_env(env: dict, port: int) -> dict:

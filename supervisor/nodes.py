@@ -1,0 +1,162 @@
+"""Several nodes, one run: `nanochat-run train --nnodes N --node-rank K --rdzv-endpoint HOST:PORT` on every node.
+
+One supervisor per node. The leader (node rank 0) makes every decision: restart or not, the backoff, a smaller
+batch after an OOM, give up, stop. The followers carry them out and never decide alone, so every node starts each
+attempt together, with the same settings, and a fresh rendezvous.
+
+The channel is a torch.distributed.TCPStore that the leader's supervisor hosts at the rendezvous host's port + 1
+for the whole run, across attempts. It is what torchrun's own c10d rendezvous is built on, needs no shared
+filesystem, and outlives every attempt's workers. Keys, each a JSON value:
+
+    latest                   the leader: the number of the newest attempt it started
+    attempt/<n>/go           the leader: launch attempt n, with these trainer overrides and this --resume
+    attempt/<n>/end/<node>   every node: how attempt n ended there (class, message, when its first worker failed)
+    attempt/<n>/decision     the leader: restart | finish | stop | give_up, why, the delay, the root-cause node
+
+The root cause of a failed attempt is the node whose first worker failed first (by wall clock: the nodes of a run
+are NTP-synced machines, and the gap between the first failure and its echo on the other nodes is seconds); it
+names the class the policy acts on, and the other nodes record peer_failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from supervisor.launch import split_endpoint
+from supervisor.states import Action, AttemptClass, Decision, Outcome
+
+CONNECT_TIMEOUT = 600.0  # seconds a follower waits for the leader's store (the leader may start later)
+ACK_TIMEOUT = 30.0  # seconds the leader waits, before it exits, for the followers to read its last decision
+
+
+def quiet_torch() -> None:
+    """Load torch in this supervisor with its C++ warnings off (read once, when the library loads): a follower
+    that finds the leader gone says so in one line, not a C++ stack trace. Call it before anything imports torch;
+    the workers, started later, get the environment as it was."""
+    before = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    import torch  # noqa: F401
+
+    if before is None:
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+    else:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = before
+
+
+class LeaderLost(Exception):
+    """A follower cannot reach the leader's store any more: the leader's supervisor (or its machine) is gone."""
+
+
+@dataclass
+class Coordinator:
+    node: int
+    nodes: int  # how many nodes report the end of an attempt (--nnodes, or its MAX)
+    store: object  # torch.distributed.TCPStore
+    tick: float = 0.2
+
+    @classmethod
+    def connect(cls, node: int, nodes: int, rdzv_endpoint: str) -> Coordinator:
+        from torch.distributed import TCPStore
+
+        host, port = split_endpoint(rdzv_endpoint)
+        store = TCPStore(host, port + 1, is_master=node == 0, timeout=timedelta(seconds=CONNECT_TIMEOUT),
+                         wait_for_workers=False, multi_tenant=False)  # fmt: skip
+        return cls(node, nodes, store)
+
+    @property
+    def leader(self) -> bool:
+        return self.node == 0
+
+    # ---- the store, as JSON --------------------------------------------------------------------------------
+
+    def _set(self, key: str, value) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def _get(self, key: str, stop: Callable[[], bool], timeout: float | None = None):
+        """The value at `key` once it is there; None if `stop()` turns true or `timeout` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if self.store.check([key]):
+                    return json.loads(self.store.get(key))
+            except RuntimeError as e:  # the store's host is gone
+                raise LeaderLost(f"the leader's supervisor cannot be reached ({str(e).splitlines()[0][:200]})") from e
+            if stop() or (deadline is not None and time.monotonic() > deadline):
+                return None
+            time.sleep(self.tick)
+
+    # ---- an attempt ----------------------------------------------------------------------------------------
+
+    def go(self, n: int, overrides: dict, fresh: bool) -> None:
+        """The leader: every node launches attempt `n` now."""
+        self._set(f"attempt/{n}/go", {"overrides": overrides, "fresh": fresh})
+        self._set("latest", n)
+
+    def wait_go(self, after: int, stop: Callable[[], bool]) -> tuple[int, dict, bool] | None:
+        """A follower: the next attempt the leader starts (number, overrides, fresh); None on a stop."""
+        while True:
+            n = self._get("latest", stop)
+            if n is None:
+                return None
+            if n > after:
+                go = self._get(f"attempt/{n}/go", stop)
+                return None if go is None else (n, go["overrides"], go["fresh"])
+            time.sleep(self.tick)
+
+    def report(self, n: int, outcome: Outcome, failed_at: float | None) -> None:
+        """Every node: how attempt `n` ended here."""
+        self._set(f"attempt/{n}/end/{self.node}", {"class": outcome.kind.value, "message": outcome.message,
+                                                   "failed_at": failed_at})  # fmt: skip
+
+    def gather(self, n: int, timeout: float, stop: Callable[[], bool]) -> dict[int, dict | None]:
+        """The leader: every node's end of attempt `n`, waiting up to `timeout` for each (None: it never came)."""
+        deadline = time.monotonic() + timeout
+        return {k: self._get(f"attempt/{n}/end/{k}", stop, max(0.0, deadline - time.monotonic()))
+                for k in range(self.nodes)}  # fmt: skip
+
+    def decide(self, n: int, decision: Decision, root: int, exit_code: int | None) -> None:
+        self._set(f"attempt/{n}/decision", {"action": decision.action.value, "reason": decision.reason,
+                                            "delay": decision.delay, "overrides": decision.trainer_overrides,
+                                            "root": root, "exit_code": exit_code})  # fmt: skip
+
+    def wait_decision(self, n: int, stop: Callable[[], bool]) -> dict | None:
+        """A follower: the leader's decision on attempt `n` (acknowledged, so the leader may exit after it)."""
+        record = self._get(f"attempt/{n}/decision", stop)
+        self._set(f"attempt/{n}/ack/{self.node}", True)
+        return record
+
+    def wait_acks(self, n: int, timeout: float) -> None:
+        """The leader, before it exits: every follower has read the last decision (its store dies with it)."""
+        deadline = time.monotonic() + timeout
+        for k in range(1, self.nodes):
+            self._get(f"attempt/{n}/ack/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
+
+
+def root_cause(ends: dict[int, dict | None]) -> tuple[int, dict]:
+    """The node whose attempt failed first, and its end. A node that never reported counts as failed at the
+    start (lost with its machine); when no node failed (all completed, or all stopped), node 0's end."""
+    failed = {k: e for k, e in ends.items() if e is None or e["class"] not in (AttemptClass.COMPLETED.value,
+                                                                               AttemptClass.STOPPED.value)}  # fmt: skip
+    if not failed:
+        return 0, ends[0] or {"class": AttemptClass.COMPLETED.value, "message": "", "failed_at": None}
+    lost = [k for k, e in failed.items() if e is None]
+    if lost:
+        return lost[0], {"class": AttemptClass.SIGNAL.value, "message": f"node {lost[0]} never reported the end of"
+                         " the attempt (its supervisor or machine is gone)", "failed_at": None}  # fmt: skip
+    known = [k for k, e in failed.items() if e["failed_at"] is not None and e["class"] != "peer_failure"]
+    k = min(known, key=lambda k: failed[k]["failed_at"]) if known else min(failed)
+    return k, failed[k]
+
+
+def as_outcome(end: dict, node: int) -> Outcome:
+    """A node's reported end, as the Outcome the policy decides on."""
+    return Outcome(AttemptClass(end["class"]), f"node {node}: {end['message']}")
+
+
+def decision_of(record: dict) -> Decision:
+    return Decision(Action(record["action"]), record["reason"], record["delay"], record["overrides"])
