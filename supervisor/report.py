@@ -75,6 +75,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         if hb and "remote_step" in hb
         else None,
         "changed_on_resume": (newest.meta or {}).get("changed_on_resume", []) if newest else [],
+        "nodes": other_nodes(run_path),
         "snapshots": [
             {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
             for slot in snapshots.slots(ckpt_dir)
@@ -183,6 +184,10 @@ def render(info: dict) -> Group:
         say(f"live: {heartbeat_line(hb, [c['step'] for c in info['checkpoints'] if c['valid']])}")
     elif info.get("remote_lag"):
         say(f"remote copies (the trainer's last word): {info['remote_lag']}")
+    for n in info.get("nodes", []):
+        beat = f"step {n['step']} (heartbeat {n['age']:.0f}s ago)" if n["age"] is not None else "no heartbeat"
+        last = f"; attempts {n['attempts']}, the last {n['last']}" if n["attempts"] else ""
+        say(f"node {n['node']}: {beat}{last}")
     for c in info.get("changed_on_resume", []):
         say(f"changed on resume at step {c['step']}: --{c['setting']} {c['from']!r} -> {c['to']!r}")
     if runs:
@@ -229,6 +234,22 @@ def attempt_line(a: dict, outcome: str) -> str:
     where = f"checkpoint {a['checkpoint_step']}" if a["checkpoint_step"] is not None else "no checkpoint"
     lost = f", {a['steps_lost']} steps lost" if a["steps_lost"] else ""
     return f"attempt {a['attempt']}: {a['class']}: {a['message']} ({where}{lost})"
+
+
+def other_nodes(run_path: Path) -> list[dict]:
+    """A multi-node run's followers, as their records in <run dir>/nodeK/ tell: the leader's `status` shows all."""
+    out = []
+    for d in sorted(run_path.glob("node*"), key=lambda d: d.name) if run_path.is_dir() else []:
+        if not (d.is_dir() and d.name[4:].isdigit()):
+            continue
+        hb, ends = (
+            read_heartbeat(RunDir(d).heartbeat),
+            [e for e in read_events(RunDir(d)) if e["event"] == "attempt_end"],
+        )
+        age = time.time() - hb["time"] if hb and isinstance(hb.get("time"), (int, float)) else None
+        out.append({"node": int(d.name[4:]), "step": (hb or {}).get("step"), "age": age, "attempts": len(ends),
+                    "last": ends[-1]["class"] if ends else None})  # fmt: skip
+    return out
 
 
 def remote_lag(valid_steps: list[int], remote_step: int | None, error: str | None) -> str:

@@ -46,6 +46,8 @@ def test_two_nodes_complete_bit_identical_to_one_node_with_two_processes(tmp_pat
     run_dir = ckpt.with_name("ckpt.run")
     assert classes(run_dir) == ["completed"] and classes(run_dir / "node1") == ["completed"]
     assert (run_dir / "node1" / "heartbeat.json").exists()  # each node watches its own workers
+    st = cli(menv, "status", "--checkpoint-dir", str(ckpt))  # the leader's status shows every node
+    assert "node 1: step 12 (heartbeat" in st.stdout and "attempts 1, the last completed" in st.stdout, st.stdout
 
 
 def test_a_worker_killed_on_one_node_restarts_both_nodes_together(tmp_path, menv, reference_2):
