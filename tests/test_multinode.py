@@ -67,6 +67,20 @@ def test_a_worker_killed_on_one_node_restarts_both_nodes_together(tmp_path, menv
     assert_same_final_state(ckpt, reference_2)
 
 
+def test_a_cuda_oom_on_one_node_halves_the_device_batch_on_both(tmp_path, menv):
+    ckpt, port = tmp_path / "ckpt", free_port()
+    fault = "--debug_fault=oom@step:7,rank=1"
+    finish([node(menv, ckpt, 0, port, fault), node(menv, ckpt, 1, port, fault)], 0)
+    run_dir = ckpt.with_name("ckpt.run")
+    assert sorted([classes(run_dir), classes(run_dir / "node1")]) == [["cuda_oom", "completed"],
+                                                                      ["peer_failure", "completed"]]  # fmt: skip
+    for d in (run_dir, run_dir / "node1"):  # the leader's overrides, carried out by both nodes
+        second = [e for e in read_events(RunDir(d)) if e["event"] == "attempt_start"][1]
+        assert second["overrides"] == {"device_batch_size": "1", "total_batch_size": "128"}, second
+    final = checkpoint.find_latest_valid(ckpt, pytest.fail)
+    assert final.final and final.meta["train_config"]["device_batch_size"] == 1
+
+
 def test_ctrl_c_to_the_leader_stops_every_node_at_the_same_step_and_a_rerun_resumes(tmp_path, menv, reference_2):
     ckpt, port = tmp_path / "ckpt", free_port()
     slow = ("--num_iterations=100000", "--save_every=0")
