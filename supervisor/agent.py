@@ -291,8 +291,15 @@ class Agent:
             if self.signals:  # the user stopped the run here: every node's workers have saved; stop them all
                 decision, root = Decision(Action.STOP, "stopped on request (on the leader)"), nodes.node
             elif lost := [k for k, e in ends.items() if e is None]:
-                decision = Decision(Action.GIVE_UP, f"node(s) {lost} did not report the end of attempt {a.n} within"
-                                    f" --node-timeout={self.opts.node_timeout:g}s")  # fmt: skip
+                silent = f"node(s) {lost} did not report the end of attempt {a.n} within --node-timeout="
+                silent += f"{self.opts.node_timeout:g}s"
+                left = [k for k in nodes.members if k not in lost]
+                if len(left) >= nodes.min_nodes and decision.action is Action.RESTART:  # --nnodes MIN:MAX
+                    nodes.members = left
+                    why = f"{silent}: going on with {len(left)} node(s) (--nnodes {self.opts.nnodes})"
+                    decision = dataclasses.replace(decision, reason=why)
+                else:
+                    decision = Decision(Action.GIVE_UP, silent)
             code = self._stop_code() if decision.action is Action.STOP and self.signals else None
             nodes.decide(a.n, decision, root, code)
             if decision.action is not Action.RESTART:

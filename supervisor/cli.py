@@ -173,7 +173,7 @@ def train(
 
         role = "the leader" if sup.node_rank == 0 else f"node {sup.node_rank}"
         display.event(f"multi-node: {role} of --nnodes {sup.nnodes}; the leader decides for every node")
-        nodes = Coordinator.connect(sup.node_rank, sup.max_nodes, sup.rdzv_endpoint)
+        nodes = Coordinator.connect(sup.node_rank, sup.max_nodes, sup.rdzv_endpoint, sup.min_nodes)
     try:
         code = Agent(opts, display, nodes).run()
     except LockError as e:

@@ -47,6 +47,12 @@ class Supervision:
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
 
     @property
+    def min_nodes(self) -> int:
+        """The fewest nodes --nnodes allows (N, or MIN of MIN:MAX)."""
+        m = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)
+        return int(m.group(1)) if m else 1
+
+    @property
     def max_nodes(self) -> int:
         """The most nodes --nnodes allows (N, or MAX of MIN:MAX); 1 for a malformed value (check() says so)."""
         m = re.fullmatch(r"(\d+)(?::(\d+))?", self.nnodes)

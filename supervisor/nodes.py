@@ -55,18 +55,19 @@ class LeaderLost(Exception):
 @dataclass
 class Coordinator:
     node: int
-    nodes: int  # how many nodes report the end of an attempt (--nnodes, or its MAX)
+    members: list[int]  # the node ranks that take part (all of --nnodes at first; fewer after one is lost)
     store: object  # torch.distributed.TCPStore
+    min_nodes: int = 0  # --nnodes MIN:MAX: the run goes on while at least MIN nodes are left (0: all of them)
     tick: float = 0.2
 
     @classmethod
-    def connect(cls, node: int, nodes: int, rdzv_endpoint: str) -> Coordinator:
+    def connect(cls, node: int, nodes: int, rdzv_endpoint: str, min_nodes: int = 0) -> Coordinator:
         from torch.distributed import TCPStore
 
         host, port = split_endpoint(rdzv_endpoint)
         store = TCPStore(host, port + 1, is_master=node == 0, timeout=timedelta(seconds=CONNECT_TIMEOUT),
                          wait_for_workers=False, multi_tenant=False)  # fmt: skip
-        return cls(node, nodes, store)
+        return cls(node, list(range(nodes)), store, min_nodes or nodes)
 
     @property
     def leader(self) -> bool:
@@ -117,7 +118,7 @@ class Coordinator:
         """The leader: every node's end of attempt `n`, waiting up to `timeout` for each (None: it never came)."""
         deadline = time.monotonic() + timeout
         return {k: self._get(f"attempt/{n}/end/{k}", stop, max(0.0, deadline - time.monotonic()))
-                for k in range(self.nodes)}  # fmt: skip
+                for k in self.members}  # fmt: skip
 
     def decide(self, n: int, decision: Decision, root: int, exit_code: int | None) -> None:
         self._set(f"attempt/{n}/decision", {"action": decision.action.value, "reason": decision.reason,
@@ -133,7 +134,7 @@ class Coordinator:
     def wait_acks(self, n: int, timeout: float) -> None:
         """The leader, before it exits: every follower has read the last decision (its store dies with it)."""
         deadline = time.monotonic() + timeout
-        for k in range(1, self.nodes):
+        for k in self.members[1:]:
             self._get(f"attempt/{n}/ack/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
 
 

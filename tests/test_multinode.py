@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nanochat import checkpoint
@@ -19,10 +20,10 @@ from tests.supervised import NANOCHAT_RUN, Run, assert_no_orphans, cli
 pytestmark = pytest.mark.slow
 
 
-def node(env: dict, ckpt: Path, rank: int, port: int, *trainer: str) -> Run:
-    cmd = [*NANOCHAT_RUN, "train", "--checkpoint-dir", str(ckpt), "--nproc-per-node", "1", "--nnodes", "2",
+def node(env: dict, ckpt: Path, rank: int, port: int, *trainer: str, nnodes: str = "2", timeout: int = 60) -> Run:
+    cmd = [*NANOCHAT_RUN, "train", "--checkpoint-dir", str(ckpt), "--nproc-per-node", "1", "--nnodes", nnodes,
            "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}", "--backoff", "0", "--progress-every",
-           "600", "--node-timeout", "60", "--", *TINY, *trainer]  # fmt: skip
+           "600", "--node-timeout", str(timeout), "--", *TINY, *trainer]  # fmt: skip
     return Run(cmd, ckpt, env, out_dir=ckpt.parent)
 
 
@@ -97,6 +98,25 @@ def test_ctrl_c_to_the_leader_stops_every_node_at_the_same_step_and_a_rerun_resu
     assert checkpoint.find_latest_valid(ckpt, pytest.fail).step == saved.step + 2
     starts = [e for e in read_events(RunDir(run_dir / "node1")) if e["event"] == "attempt_start"]
     assert starts[-1]["start_step"] == saved.step  # both nodes resumed from the stop's checkpoint
+
+
+def test_a_node_lost_for_good_under_nnodes_min_max_leaves_the_run_to_the_others(tmp_path, menv):
+    """Node 1's supervisor, torchrun and worker are SIGKILLed mid-run and never come back: with --nnodes 1:2 the
+    leader waits --node-timeout for its report, then goes on alone at the new world size, and says why."""
+    ckpt, port, slow = tmp_path / "ckpt", free_port(), ("--num_iterations=40",)
+    leader = node(menv, ckpt, 0, port, *slow, nnodes="1:2", timeout=5)
+    follower = node(menv, ckpt, 1, port, *slow, nnodes="1:2", timeout=5)
+    leader.wait_for_step(6)
+    tree = [follower.proc, *psutil.Process(follower.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=10)
+    finish([leader], 0, timeout=240)
+    decisions = [e for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "decision"]
+    assert decisions[0]["action"] == "restart" and "going on with 1 node(s) (--nnodes 1:2)" in decisions[0]["reason"]
+    assert decisions[-1]["action"] == "finish"
+    final = checkpoint.find_latest_valid(ckpt, pytest.fail)
+    assert final.final and final.step == 40 and final.meta["world_size"] == 1
 
 
 def test_multi_node_options_are_checked_up_front(tmp_path, menv):
