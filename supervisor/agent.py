@@ -145,7 +145,7 @@ class Agent:
                            run_id=self.run_id, phase=self.opts.phase)  # fmt: skip
         started = time.time()
         try:
-            code = self._loop()
+            code = self._check_nodes() or self._loop()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -263,6 +263,20 @@ class Agent:
         return None
 
     # ---- one attempt: launch -> watch -> reap -> evidence -> classify -> record -----------------------------
+
+    def _check_nodes(self) -> int | None:
+        """Several nodes: before anything runs, every node must see the same checkpoint dir (supervisor/nodes.py)."""
+        if self.nodes is None:
+            return None
+        remote = any(arg.split("=")[0] in ("--remote_dir", "--remote-dir") for arg in self.opts.trainer_args)
+        try:
+            why = self.nodes.same_dir(self.opts.checkpoint_dir, remote, self.opts.node_timeout)
+        except LeaderLost as e:
+            why = str(e)
+        if not why:
+            return None
+        self._set_state(RunState.FAILED, why)
+        return EXIT_USAGE
 
     def _wait_for_go(self) -> int | None:
         """A follower: until the leader starts the next attempt (its number, overrides and --resume become ours);

@@ -137,10 +137,6 @@ def train(
                       node_timeout)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
-    if sup.max_nodes > 1:
-        from supervisor.nodes import quiet_torch
-
-        quiet_torch()  # before the trainer's settings are parsed (that imports torch)
     check_script(script)
     settings = {"depth": depth, "num_iterations": num_iterations, "save_every": save_every,
                 "keep_last_n_checkpoints": keep_last_n, "device_batch_size": device_batch_size,

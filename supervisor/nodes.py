@@ -21,31 +21,19 @@ names the class the policy acts on, and the other nodes record peer_failure.
 from __future__ import annotations
 
 import json
-import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
+from nanochat import checkpoint
 from supervisor.launch import split_endpoint
 from supervisor.states import Action, AttemptClass, Decision, Outcome
 
 CONNECT_TIMEOUT = 600.0  # seconds a follower waits for the leader's store (the leader may start later)
 ACK_TIMEOUT = 30.0  # seconds the leader waits, before it exits, for the followers to read its last decision
-
-
-def quiet_torch() -> None:
-    """Load torch in this supervisor with its C++ warnings off (read once, when the library loads): a follower
-    that finds the leader gone says so in one line, not a C++ stack trace. Call it before anything imports torch;
-    the workers, started later, get the environment as it was."""
-    before = os.environ.get("TORCH_CPP_LOG_LEVEL")
-    os.environ["TORCH_CPP_LOG_LEVEL"] = "ERROR"
-    import torch  # noqa: F401
-
-    if before is None:
-        del os.environ["TORCH_CPP_LOG_LEVEL"]
-    else:
-        os.environ["TORCH_CPP_LOG_LEVEL"] = before
 
 
 class LeaderLost(Exception):
@@ -91,7 +79,39 @@ class Coordinator:
                 return None
             time.sleep(self.tick)
 
-    # ---- an attempt ----------------------------------------------------------------------------------------
+    # ---- before the first attempt: does every node see the same checkpoint dir? -----------------------------
+
+    def same_dir(self, directory: Path, remote: bool, timeout: float) -> str:
+        """'' if every node sees the leader's checkpoint dir, else why not (one line). The leader writes a token
+        file into it and every follower looks for it in its own. Node-local dirs would lose every checkpoint with
+        node 0 (only global rank 0 writes them), so they are refused."""
+        if self.leader:
+            token = directory / f".nodes-{secrets.token_hex(6)}"
+            checkpoint.make_dir(directory)
+            token.write_text("written by the leader's supervisor; every node must see this file\n")
+            self._set("shared/token", token.name)
+            seen = {k: self._get(f"shared/{k}", lambda: False, timeout) for k in self.members[1:]}
+            token.unlink(missing_ok=True)
+            blind = [k for k, ok in seen.items() if not ok]
+            why = ""
+            if blind:
+                why = (
+                    f"node(s) {blind} do not see the checkpoint dir {directory} that node 0 writes to: put it on"
+                    " storage every node mounts at the same path (NFS, Lustre, ...)"
+                )
+                if remote:
+                    why += "; node-local dirs with --remote-dir are not supported yet"
+                else:
+                    why += ", or add --remote-dir (node-local dirs would lose every checkpoint with node 0)"
+            self._set("shared/verdict", why)
+            for k in self.members[1:]:  # read by every follower before the leader (and its store) may go
+                self._get(f"shared/ack/{k}", lambda: False, ACK_TIMEOUT)
+            return why
+        name = self._get("shared/token", lambda: False, timeout)
+        self._set(f"shared/{self.node}", bool(name) and (directory / name).exists())
+        verdict = self._get("shared/verdict", lambda: False, timeout) or ""
+        self._set(f"shared/ack/{self.node}", True)
+        return verdict
 
     def go(self, n: int, overrides: dict, fresh: bool) -> None:
         """The leader: every node launches attempt `n` now."""

@@ -119,6 +119,16 @@ def test_a_node_lost_for_good_under_nnodes_min_max_leaves_the_run_to_the_others(
     assert final.final and final.step == 40 and final.meta["world_size"] == 1
 
 
+def test_node_local_checkpoint_dirs_are_refused_before_anything_runs(tmp_path, menv):
+    port, dirs = free_port(), [tmp_path / "node0", tmp_path / "node1"]  # as if each node had its own disk
+    for d in dirs:
+        d.mkdir()
+    outs = finish([node(menv, dirs[0] / "ckpt", 0, port), node(menv, dirs[1] / "ckpt", 1, port)], 2, timeout=120)
+    for out in outs:
+        assert "node(s) [1] do not see the checkpoint dir" in out and "or add --remote-dir" in out, out
+    assert not list(dirs[0].glob("ckpt.run/attempt-*"))  # refused before any attempt
+
+
 def test_multi_node_options_are_checked_up_front(tmp_path, menv):
     base = ["train", "--checkpoint-dir", str(tmp_path / "ckpt"), "--nproc-per-node", "1"]
     cases = [
