@@ -23,8 +23,9 @@ from nanochat.locks import DirLock, lock_holder
 from supervisor import memory, procs
 from supervisor.classify import Evidence, classify
 from supervisor.display import Display, View
-from supervisor.nodes import ACK_TIMEOUT, Coordinator, LeaderLost, as_outcome, decision_of, root_cause
-from supervisor.policy import AttemptSummary, Batch, Policy, decide
+from supervisor.launch import TrainOptions
+from supervisor.nodes import ACK_TIMEOUT, Coordinator, LeaderLost, as_recorded, decision_of
+from supervisor.policy import AttemptSummary, Batch, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
 from supervisor.report import metric, remote_lag
 from supervisor.states import Action, AttemptClass, Decision, Outcome, RunState
@@ -37,28 +38,6 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; a scheduler
 EXIT_INTERRUPTED = 130  # stopped by Ctrl+C after saving
 KILL_WAIT = 5.0  # seconds between SIGTERM and SIGKILL when we take a tree down
 NOTICE_DELAY = 1.0  # a worker gone with an unknown status is announced only if torchrun outlives it this long
-
-
-@dataclass
-class TrainOptions:
-    script: str
-    trainer_args: list[str]  # everything the trainer gets except what the agent adds per attempt
-    checkpoint_dir: Path
-    run_dir: Path
-    nproc_per_node: int = 1
-    nnodes: str = "1"
-    node_rank: int | None = None
-    rdzv_endpoint: str | None = None
-    hang_timeout: float = 1800.0  # 0 = off
-    startup_timeout: float = 3600.0  # 0 = off
-    grace_period: float = 2100.0  # the trainer's --dist_timeout (default 1800) + 300
-    fresh_start: bool = False  # the user asked for --resume=False
-    num_iterations: int | None = None  # the step budget asked for, when known
-    policy: Policy = field(default_factory=Policy)
-    node_timeout: float = 600.0  # multi-node: how long the leader waits for every node to report an attempt's end
-    rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
-    phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
-    tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
 @dataclass
@@ -300,20 +279,8 @@ class Agent:
         nodes.report(a.n, outcome, a.worker_died_at or a.exited_at)
         if nodes.leader:
             ends = nodes.gather(a.n, self.opts.node_timeout, stop)
-            root, end = root_cause(ends)
-            decision = decide(as_outcome(end, root), [*self.history, summary], self.opts.policy, self.batch)
-            if self.signals:  # the user stopped the run here: every node's workers have saved; stop them all
-                decision, root = Decision(Action.STOP, "stopped on request (on the leader)"), nodes.node
-            elif lost := [k for k, e in ends.items() if e is None]:
-                silent = f"node(s) {lost} did not report the end of attempt {a.n} within --node-timeout="
-                silent += f"{self.opts.node_timeout:g}s"
-                left = [k for k in nodes.members if k not in lost]
-                if len(left) >= nodes.min_nodes and decision.action is Action.RESTART:  # --nnodes MIN:MAX
-                    nodes.members = left
-                    why = f"{silent}: going on with {len(left)} node(s) (--nnodes {self.opts.nnodes})"
-                    decision = dataclasses.replace(decision, reason=why)
-                else:
-                    decision = Decision(Action.GIVE_UP, silent)
+            policy = lambda o: decide(o, [*self.history, summary], self.opts.policy, self.batch)  # noqa: E731
+            decision, root = nodes.decide_for_all(a.n, ends, policy, bool(self.signals), self.opts.node_timeout)
             code = self._stop_code() if decision.action is Action.STOP and self.signals else None
             nodes.decide(a.n, decision, root, code)
             if decision.action is not Action.RESTART:
@@ -326,14 +293,7 @@ class Agent:
                           "exit_code": None}  # fmt: skip
             decision, root = decision_of(record), record["root"]
             self.stop_code = record.get("exit_code")
-        failed = outcome.kind not in (AttemptClass.COMPLETED, AttemptClass.STOPPED)
-        if decision.action is Action.STOP and failed:  # a stop asked on another node: our workers saved with it
-            outcome = dataclasses.replace(outcome, kind=AttemptClass.STOPPED,
-                                          message=f"stopped with node {root}: {outcome.message}")  # fmt: skip
-        elif failed and root is not None and root != nodes.node:
-            outcome = dataclasses.replace(outcome, kind=AttemptClass.PEER_FAILURE,
-                                          message=f"node {root} failed first; here: {outcome.message}")  # fmt: skip
-        return outcome, decision
+        return as_recorded(outcome, decision, root, nodes.node), decision
 
     def _attempt(self, n: int) -> tuple[Outcome, AttemptSummary]:
         a = self._launch(n)

@@ -9,11 +9,12 @@ import importlib.util
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.config import ConfigError, parse_args
 from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, PHASE_SCRIPTS, checkpoint_tag, get_base_dir, phase_dirs
+from supervisor.policy import Policy
 
 DEFAULT_SCRIPT = "scripts.base_train"
 CONFIGS = {"scripts.base_train": "TrainConfig", "scripts.mid_train": "MidConfig", "scripts.chat_sft": "SFTConfig",
@@ -189,10 +190,30 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     return launch
 
 
+@dataclass
+class TrainOptions:
+    script: str
+    trainer_args: list[str]  # everything the trainer gets except what the agent adds per attempt
+    checkpoint_dir: Path
+    run_dir: Path
+    nproc_per_node: int = 1
+    nnodes: str = "1"
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    hang_timeout: float = 1800.0  # 0 = off
+    startup_timeout: float = 3600.0  # 0 = off
+    grace_period: float = 2100.0  # the trainer's --dist_timeout (default 1800) + 300
+    fresh_start: bool = False  # the user asked for --resume=False
+    num_iterations: int | None = None  # the step budget asked for, when known
+    policy: Policy = field(default_factory=Policy)
+    node_timeout: float = 600.0  # multi-node: how long the leader waits for every node to report an attempt's end
+    rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
+    phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
+    tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
+
+
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
     """The agent's TrainOptions for a resolved phase (`fresh` overrides the settings' --resume)."""
-    from supervisor.agent import TrainOptions
-    from supervisor.policy import Policy
 
     policy = Policy(sup.max_restarts, sup.max_no_progress, sup.backoff, sup.backoff_cap, sup.oom_shrink)
     grace = sup.grace_period if sup.grace_period is not None else launch.dist_timeout + GRACE_MARGIN

@@ -20,6 +20,7 @@ names the class the policy acts on, and the other nodes record peer_failure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -145,6 +146,24 @@ class Coordinator:
                                             "delay": decision.delay, "overrides": decision.trainer_overrides,
                                             "root": root, "exit_code": exit_code})  # fmt: skip
 
+    def decide_for_all(self, n: int, ends: dict[int, dict | None], policy: Callable[[Outcome], Decision],
+                       stopped: bool, node_timeout: float) -> tuple[Decision, int]:  # fmt: skip
+        """The leader: the decision on attempt `n` for every node, and the root-cause node. The policy acts on the
+        root cause's class; a stop asked on the leader stops all; a node that never reported is lost: the run goes
+        on without it while --nnodes MIN allows (it is dropped from `members`), else it gives up naming it."""
+        root, end = root_cause(ends)
+        decision = policy(as_outcome(end, root))
+        if stopped:  # the user stopped the run on the leader: every node's workers have saved; stop them all
+            return Decision(Action.STOP, "stopped on request (on the leader)"), self.node
+        if lost := [k for k, e in ends.items() if e is None]:
+            silent = f"node(s) {lost} did not report the end of attempt {n} within --node-timeout={node_timeout:g}s"
+            left = [k for k in self.members if k not in lost]
+            if len(left) < self.min_nodes or decision.action is not Action.RESTART:
+                return Decision(Action.GIVE_UP, silent), root
+            self.members = left
+            return dataclasses.replace(decision, reason=f"{silent}: going on with {len(left)} node(s)"), root
+        return decision, root
+
     def wait_decision(self, n: int, stop: Callable[[], bool]) -> dict | None:
         """A follower: the leader's decision on attempt `n` (acknowledged, so the leader may exit after it)."""
         record = self._get(f"attempt/{n}/decision", stop)
@@ -177,6 +196,20 @@ def root_cause(ends: dict[int, dict | None]) -> tuple[int, dict]:
 def as_outcome(end: dict, node: int) -> Outcome:
     """A node's reported end, as the Outcome the policy decides on."""
     return Outcome(AttemptClass(end["class"]), f"node {node}: {end['message']}")
+
+
+def as_recorded(outcome: Outcome, decision: Decision, root: int | None, node: int) -> Outcome:
+    """This node's outcome as its event log keeps it: stopped, when the leader stopped the run (our workers saved
+    with the others); peer_failure, when another node failed first."""
+    if outcome.kind in (AttemptClass.COMPLETED, AttemptClass.STOPPED):
+        return outcome
+    if decision.action is Action.STOP:
+        return dataclasses.replace(outcome, kind=AttemptClass.STOPPED, message=f"stopped with node {root}:"
+                                   f" {outcome.message}")  # fmt: skip
+    if root is not None and root != node:
+        return dataclasses.replace(outcome, kind=AttemptClass.PEER_FAILURE, message=f"node {root} failed first;"
+                                   f" here: {outcome.message}")  # fmt: skip
+    return outcome
 
 
 def decision_of(record: dict) -> Decision:
