@@ -391,12 +391,6 @@ def each(
     return results
 
 
-def ensemble(model: GPT, directory: Path, ckpts: list[Checkpoint], evaluation: Evaluation) -> Scores:
-    """The scores of the mean of the checkpoints' output probabilities (one model loaded at a time)."""
-    each(model, directory, ckpts, evaluation, pool=True, solo=False)
-    return evaluation.pooled()
-
-
 def average(directory: Path, ckpts: list[Checkpoint], device: torch.device) -> dict[str, torch.Tensor]:
     """The uniform average of the checkpoints' weights: a running sum in the weights' own dtype (one set) plus the
     checkpoint being added (the second), divided at the end. Added oldest first."""

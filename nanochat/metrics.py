@@ -29,10 +29,12 @@ FILE = "metrics.jsonl"
 def read(directory: Path) -> list[dict]:
     """Every well-formed line of a checkpoint dir's metrics.jsonl, in order (a torn last line is skipped)."""
     path = directory / FILE
-    if not path.exists():
-        return []
+    return parse(path.read_text(errors="replace")) if path.exists() else []
+
+
+def parse(text: str) -> list[dict]:
     out = []
-    for line in path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -71,17 +73,18 @@ class MetricsLog:
 
     def __init__(self, directory: Path, enabled: bool, start_step: int, warn: Callable[[str], None]) -> None:
         self.path, self.enabled, self.failed, self.warn = directory / FILE, enabled, False, warn
-        self.attempt, self.start = attempt_number(), None
+        self.attempt, self.start, self.file = attempt_number(), None, None
         if not enabled:
             return
         try:
-            records, reached = read(directory), None
+            text = self.path.read_text(errors="replace") if self.path.exists() else ""
+            records, reached = parse(text), None
             kept = [r for r in records if r["step"] <= start_step]
             for record in records:
                 if record["step"] > start_step and record.get("kind") == "step":
                     reached = max(reached or 0, record["step"])
-            lines = self.path.read_text(errors="replace").count("\n") if self.path.exists() else 0
-            if len(kept) != lines:  # lines past the resume point (or a torn one): rewrite, atomically
+            # lines past the resume point, a torn or malformed one: rewrite, atomically
+            if len(kept) != len(text.splitlines()) or text and not text.endswith("\n"):
                 tmp = self.path.with_name(FILE + ".tmp")
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
                 os.replace(tmp, self.path)
@@ -104,8 +107,9 @@ class MetricsLog:
             start, self.start = self.start, None
             self._append(start)
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+            if self.file is None:  # opened once, line-buffered: a step costs one write, and a crash tears one line
+                self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the attempt
+            self.file.write(json.dumps({**record, "time": time.time()}) + "\n")
         except OSError as e:
             self._failed(e)
 

@@ -29,6 +29,7 @@ from nanochat.config import ConfigError
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 RETRY_CAP = 120.0  # longest wait between upload retries, in seconds
+OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}  # folders are implicit there
 
 
 def open_remote(url: str) -> Remote:
@@ -61,7 +62,7 @@ class Remote:
         """Folders, where the filesystem has them. Never on an object store: there a folder is implicit, and
         s3fs's makedirs would create a missing bucket (a typo in the URL must be an error, not a new bucket)."""
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        if {"file", "local"} & set(protocols):
+        if not OBJECT_STORES & set(protocols):
             self.fs.makedirs(path, exist_ok=True)
 
     def files(self) -> dict[int, dict[str, int]]:
@@ -187,8 +188,8 @@ def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], l
                 checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta["run_id"] + "\n")
             log(f"downloaded step {step} in {time.perf_counter() - t0:.1f}s")
             return
-        except (OSError, CheckpointError, KeyError, ValueError) as e:
-            warn(f"skipping the remote checkpoint at step {step}: {first_line(e)}")
+        except Exception as e:  # noqa: BLE001 - a bad copy, or the storage failing: try the next older one
+            warn(f"skipping the remote checkpoint at step {step}: {type(e).__name__}: {first_line(e)}")
 
 
 def pull(url: str, step: int | None, to: Path) -> checkpoint.Checkpoint:

@@ -183,7 +183,6 @@ class Agent:
                                delay=decision.delay, overrides=decision.trainer_overrides,
                                next_attempt=n + 1 if decision.action is Action.RESTART else None)  # fmt: skip
             if follower and decision.action is Action.RESTART:  # the leader sleeps the backoff, then says go
-                self.overrides.update(decision.trainer_overrides)
                 self._set_state(RunState.BACKOFF, f"{decision.reason}; waiting for the leader's next attempt")
                 self._set_state(RunState.STARTING, "the leader's next attempt")
                 continue
@@ -271,16 +270,16 @@ class Agent:
         self.attempt_no, self.overrides, self.fresh = got
         return None
 
-    def _agree(self, a: Attempt, outcome: Outcome, summary: AttemptSummary) -> tuple[Outcome, Decision]:
+    def _agree(self, a: Attempt, outcome: Outcome, summary: AttemptSummary):
         """A multi-node attempt has ended here: tell the leader how; the leader hears every node, finds the root
         cause and decides for all (supervisor/nodes.py). Returns this node's outcome as recorded (peer_failure
-        when another node failed first) and the decision."""
+        when another node failed first), the decision, and the root cause's class (the leader's; else None)."""
         nodes, stop = self.nodes, lambda: False
         nodes.report(a.n, outcome, a.worker_died_at or a.exited_at)
         if nodes.leader:
             ends = nodes.gather(a.n, self.opts.node_timeout, stop)
             policy = lambda o: decide(o, [*self.history, summary], self.opts.policy, self.batch)  # noqa: E731
-            decision, root = nodes.decide_for_all(a.n, ends, policy, bool(self.signals), self.opts.node_timeout)
+            decision, root, cause = nodes.decide_for_all(a.n, ends, policy, bool(self.signals), self.opts.node_timeout)
             code = self._stop_code() if decision.action is Action.STOP and self.signals else None
             nodes.decide(a.n, decision, root, code)
             if decision.action is not Action.RESTART:
@@ -291,9 +290,9 @@ class Agent:
             except LeaderLost as e:
                 record = {"action": "give_up", "reason": str(e), "delay": 0.0, "overrides": {}, "root": None,
                           "exit_code": None}  # fmt: skip
-            decision, root = decision_of(record), record["root"]
+            decision, root, cause = decision_of(record), record["root"], None
             self.stop_code = record.get("exit_code")
-        return as_recorded(outcome, decision, root, nodes.node), decision
+        return as_recorded(outcome, decision, root, nodes.node), decision, cause
 
     def _attempt(self, n: int) -> tuple[Outcome, AttemptSummary]:
         a = self._launch(n)
@@ -311,8 +310,8 @@ class Agent:
         outcome = classify(self._evidence(a, after, progressed, budget))
         summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"))
         if self.nodes:  # several nodes: this node's outcome as recorded, and the leader's decision for all
-            outcome, self.agreed = self._agree(a, outcome, summary)
-            summary = dataclasses.replace(summary, kind=outcome.kind)
+            outcome, self.agreed, cause = self._agree(a, outcome, summary)
+            summary = dataclasses.replace(summary, kind=cause or outcome.kind)  # the policy's history: the cause
         self._record(a, outcome, after, progressed)
         return outcome, summary
 

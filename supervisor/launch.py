@@ -94,8 +94,8 @@ class Supervision:
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """HOST:PORT (an IPv6 host in brackets: [::1]:29500) as (host, port); anything else is one line."""
     m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})", endpoint)
-    if not m or not 1 <= int(m.group(2)) <= 65535:
-        raise UsageProblem(f"--rdzv-endpoint must be HOST:PORT with a port in 1-65535 (e.g. 10.0.0.1:29500 or"
+    if not m or not 1 <= int(m.group(2)) <= 65534:  # the supervisors' channel takes the next port
+        raise UsageProblem(f"--rdzv-endpoint must be HOST:PORT with a port in 1-65534 (e.g. 10.0.0.1:29500 or"
                            f" [fd00::1]:29500), got {endpoint!r}")  # fmt: skip
     return m.group(1).strip("[]"), int(m.group(2))
 

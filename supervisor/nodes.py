@@ -30,7 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from nanochat import checkpoint
-from supervisor.launch import split_endpoint
+from supervisor.launch import UsageProblem, split_endpoint
 from supervisor.states import Action, AttemptClass, Decision, Outcome
 
 CONNECT_TIMEOUT = 600.0  # seconds a follower waits for the leader's store (the leader may start later)
@@ -54,8 +54,14 @@ class Coordinator:
         from torch.distributed import TCPStore
 
         host, port = split_endpoint(rdzv_endpoint)
-        store = TCPStore(host, port + 1, is_master=node == 0, timeout=timedelta(seconds=CONNECT_TIMEOUT),
-                         wait_for_workers=False, multi_tenant=False)  # fmt: skip
+        try:
+            store = TCPStore(host, port + 1, is_master=node == 0, timeout=timedelta(seconds=CONNECT_TIMEOUT),
+                             wait_for_workers=False, multi_tenant=False)  # fmt: skip
+        except RuntimeError as e:  # the port is taken (leader), or no leader there within the timeout (follower)
+            where = f"{host}:{port + 1}, the rendezvous port + 1"
+            what = "host" if node == 0 else f"reach within {CONNECT_TIMEOUT:g}s"
+            raise UsageProblem(f"cannot {what} the supervisors' channel at {where} ({str(e).splitlines()[0][:160]});"
+                               " free that port on node 0, or start node 0") from None  # fmt: skip
         return cls(node, list(range(nodes)), store, min_nodes or nodes)
 
     @property
@@ -65,7 +71,10 @@ class Coordinator:
     # ---- the store, as JSON --------------------------------------------------------------------------------
 
     def _set(self, key: str, value) -> None:
-        self.store.set(key, json.dumps(value))
+        try:
+            self.store.set(key, json.dumps(value))
+        except RuntimeError as e:  # the store's host is gone
+            raise LeaderLost(f"the leader's supervisor cannot be reached ({str(e).splitlines()[0][:200]})") from e
 
     def _get(self, key: str, stop: Callable[[], bool], timeout: float | None = None):
         """The value at `key` once it is there; None if `stop()` turns true or `timeout` passes first."""
@@ -91,7 +100,9 @@ class Coordinator:
             checkpoint.make_dir(directory)
             token.write_text("written by the leader's supervisor; every node must see this file\n")
             self._set("shared/token", token.name)
-            seen = {k: self._get(f"shared/{k}", lambda: False, timeout) for k in self.members[1:]}
+            deadline = time.monotonic() + timeout
+            seen = {k: self._get(f"shared/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
+                    for k in self.members[1:]}  # fmt: skip
             token.unlink(missing_ok=True)
             blind = [k for k, ok in seen.items() if not ok]
             why = ""
@@ -147,22 +158,28 @@ class Coordinator:
                                             "root": root, "exit_code": exit_code})  # fmt: skip
 
     def decide_for_all(self, n: int, ends: dict[int, dict | None], policy: Callable[[Outcome], Decision],
-                       stopped: bool, node_timeout: float) -> tuple[Decision, int]:  # fmt: skip
-        """The leader: the decision on attempt `n` for every node, and the root-cause node. The policy acts on the
+                       stopped: bool, node_timeout: float) -> tuple[Decision, int, AttemptClass | None]:  # fmt: skip
+        """The leader: the decision on attempt `n` for every node, the root-cause node and its class (what the
+        policy's history keeps for this attempt; None on a stop). The policy acts on the
         root cause's class; a stop asked on the leader stops all; a node that never reported is lost: the run goes
         on without it while --nnodes MIN allows (it is dropped from `members`), else it gives up naming it."""
-        root, end = root_cause(ends)
-        decision = policy(as_outcome(end, root))
         if stopped:  # the user stopped the run on the leader: every node's workers have saved; stop them all
-            return Decision(Action.STOP, "stopped on request (on the leader)"), self.node
+            return Decision(Action.STOP, "stopped on request (on the leader)"), self.node, None
+        root, end = root_cause(ends)
+        cause = as_outcome(end, root)
+        decision = policy(cause)
         if lost := [k for k, e in ends.items() if e is None]:
             silent = f"node(s) {lost} did not report the end of attempt {n} within --node-timeout={node_timeout:g}s"
             left = [k for k in self.members if k not in lost]
             if len(left) < self.min_nodes or decision.action is not Action.RESTART:
-                return Decision(Action.GIVE_UP, silent), root
+                return Decision(Action.GIVE_UP, silent), root, cause.kind
             self.members = left
-            return dataclasses.replace(decision, reason=f"{silent}: going on with {len(left)} node(s)"), root
-        return decision, root
+            return (
+                dataclasses.replace(decision, reason=f"{silent}: going on with {len(left)} node(s)"),
+                root,
+                cause.kind,
+            )
+        return decision, root, cause.kind
 
     def wait_decision(self, n: int, stop: Callable[[], bool]) -> dict | None:
         """A follower: the leader's decision on attempt `n` (acknowledged, so the leader may exit after it)."""
@@ -188,7 +205,9 @@ def root_cause(ends: dict[int, dict | None]) -> tuple[int, dict]:
     if lost:
         return lost[0], {"class": AttemptClass.SIGNAL.value, "message": f"node {lost[0]} never reported the end of"
                          " the attempt (its supervisor or machine is gone)", "failed_at": None}  # fmt: skip
-    known = [k for k, e in failed.items() if e["failed_at"] is not None and e["class"] != "peer_failure"]
+    known = [
+        k for k, e in failed.items() if e["failed_at"] is not None and e["class"] != AttemptClass.PEER_FAILURE.value
+    ]
     k = min(known, key=lambda k: failed[k]["failed_at"]) if known else min(failed)
     return k, failed[k]
 
