@@ -201,7 +201,8 @@ class Speedrun:
                 if code != EXIT_OK:
                     self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
                     break
-                self._copy_run_dir()
+                if phase != self.phases[-1]:  # (after the last one, the report is written first: below)
+                    self._copy_run_dir()
         finally:
             from supervisor.speedrun_report import write_report
 

@@ -9,9 +9,18 @@ import pytest
 from nanochat import metrics
 from tests.runs import assert_finished, copy, train
 
-pytestmark = pytest.mark.slow
+
+def test_a_torn_last_line_is_dropped_before_the_next_attempt_appends(tmp_path):
+    """A crash in the middle of a line leaves a fragment without its newline: the next attempt must not glue its
+    start line onto it."""
+    (tmp_path / metrics.FILE).write_text('{"kind": "step", "step": 1}\n{"kind": "st')
+    log = metrics.MetricsLog(tmp_path, True, 1, pytest.fail)
+    log.step(2, loss=1.0)
+    log.file.flush()
+    assert [(r["kind"], r["step"]) for r in metrics.read(tmp_path)] == [("step", 1), ("start", 1), ("step", 2)]
 
 
+@pytest.mark.slow
 def test_a_sigkill_and_resume_leave_one_line_per_step_and_the_restart(tmp_path, menv, crashed_1):
     d = copy(crashed_1, tmp_path)  # killed right after step 10; checkpoints at 4 and 8
     before = metrics.read(d)
@@ -29,6 +38,7 @@ def test_a_sigkill_and_resume_leave_one_line_per_step_and_the_restart(tmp_path, 
     assert again.returncode == 0 and metrics.read(d) == lines
 
 
+@pytest.mark.slow
 def test_a_metrics_file_that_cannot_be_written_warns_once_and_training_goes_on(tmp_path, menv):
     d = tmp_path / "ckpt"
     (d / metrics.FILE).mkdir(parents=True)  # writing to it fails (EISDIR), even for root
@@ -37,6 +47,7 @@ def test_a_metrics_file_that_cannot_be_written_warns_once_and_training_goes_on(t
     assert proc.stderr.count("metrics.jsonl") == 1 and "training goes on without it" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_fresh_start_archives_the_old_history_with_the_old_checkpoints(tmp_path, menv, reference_1):
     d = copy(reference_1[0], tmp_path)
     old = metrics.read(d)
