@@ -7,7 +7,9 @@ A benchmark, never a test: it prints numbers and asserts nothing about speed. Th
 own trainer (scripts.base_train on the built-in corpus with a freshly trained tokenizer, in a temp base dir), so
 the weights and optimizer moments have the statistics of a real run. Sections:
 
-budget: the disk use of a d20 run's checkpoints at keep 3, by --keep_optim_last_n (from the shapes alone).
+budget: a d20 checkpoint's size from the real shapes; after the compression section, the disk use at keep 3 of
+  each design in the README's table (--keep_optim_last_n, + zstd at the measured ratios, bf16 older weights,
+  one local checkpoint plus remote copies).
 compression: every candidate codec on the model file's state and on the optimizer file's state: ratio (raw tensor
   bytes / compressed bytes), and compress and decompress speed in raw MB/s with 1 thread and with all threads,
   the best of --reps runs. "file" candidates compress the torch.save file as it is, in one zstd frame (so their
@@ -219,7 +221,8 @@ def tradeoff(row: dict, n: int) -> None:
 # the disk budget of a d20 run (README, "Disk budget"), from the real shapes of its state
 
 
-def budget_section(depth: int = 20, keep: int = 3) -> None:
+def budget_section(depth: int = 20) -> tuple[int, int]:
+    """A d20 checkpoint's sizes from the real shapes: (fp32 weights, optimizer state) in bytes."""
     from nanochat.gpt import GPT, GPTConfig
 
     with torch.device("meta"):  # shapes only, nothing allocated
@@ -228,9 +231,20 @@ def budget_section(depth: int = 20, keep: int = 3) -> None:
     weights, optim = 4 * n, 4 * (2 * (n - matrices) + matrices)  # fp32; AdamW: 2 moments, Muon: 1 momentum
     print(f"\n== disk budget, d{depth}: {n / 1e6:.0f}M parameters, {weights / 1e9:.2f} GB fp32 weights +"
           f" {optim / 1e9:.2f} GB optimizer state = {(weights + optim) / 1e9:.2f} GB per full checkpoint")  # fmt: skip
-    for full in range(keep, 0, -1):
-        total = full * (weights + optim) + (keep - full) * weights
-        print(f"keep {keep}, --keep_optim_last_n={full}: {total / 1e9:.1f} GB (x{1 / 1.21:.2f} with --compress=zstd)")
+    return weights, optim
+
+
+def budget_designs(weights: int, optim: int, ratio: dict[str, float], keep: int = 3) -> None:
+    """The README's table of designs for keep `keep`: disk use, with the default codec's measured ratios."""
+    full, zw, zo = weights + optim, weights / ratio["model"], optim / ratio["optim"]
+    rows = [(f"--keep_optim_last_n={k}", k * full + (keep - k) * weights) for k in range(keep, 0, -1)]
+    rows += [("--keep_optim_last_n=1 + --compress=zstd", zw + zo + (keep - 1) * zw),
+             ("older weights in bf16 (not built)", full + (keep - 1) * weights / 2),
+             ("--keep_last_n_checkpoints=1 + --remote_dir (local disk)", full)]  # fmt: skip
+    print(f"\n== disk budget designs, keep {keep} (zstd at this run's measured ratios: model"
+          f" {ratio['model']:.3f}x, optimizer {ratio['optim']:.3f}x)")  # fmt: skip
+    for label, total in rows:
+        print(f"{label:56s} {total / 1e9:5.1f} GB")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     t_start, load0 = time.time(), os.getloadavg()[0]
-    budget_section()
+    sizes = budget_section()
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else None  # decompression from memory, not a slow disk
     with tempfile.TemporaryDirectory(prefix="bench_storage.") as t, tempfile.TemporaryDirectory(dir=shm) as scratch:
         states = load_states(Path(args.ckpt) if args.ckpt else train_state(args, Path(t)))
         results = compression_section(states, args.reps, args.threads, Path(scratch))
         tradeoff(results[DEFAULT], args.threads)
+        budget_designs(*sizes, results[DEFAULT]["ratio"])
         if args.remote_steps:
             server, env_s3 = moto_server(Path(t))
             try:
