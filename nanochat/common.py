@@ -30,7 +30,16 @@ def print0(*args, **kwargs) -> None:
 
 def warn0(msg: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"WARNING: {msg}\n", end="", file=sys.stderr, flush=True)  # one write: threads print too
+        warn_here(msg)
+
+
+def say_here(msg: str) -> None:
+    """print from this rank, whichever it is (one write: threads print too)"""
+    print(msg + "\n", end="", flush=True)
+
+
+def warn_here(msg: str) -> None:
+    print(f"WARNING: {msg}\n", end="", file=sys.stderr, flush=True)
 
 
 def autodetect_device_type() -> str:

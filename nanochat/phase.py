@@ -22,9 +22,9 @@ from typing import Protocol
 import psutil
 import torch
 
-from nanochat import checkpoint, metrics, resume, snapshots
+from nanochat import checkpoint, metrics, node_dirs, resume, snapshots
 from nanochat.checkpoint import CheckpointError
-from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, warn0
+from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, say_here, warn0, warn_here
 from nanochat.config import ConfigError, describe
 from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
@@ -204,13 +204,19 @@ class Phase:
         if self.fault:
             self.fault.marker_dir = ckpt_dir
         rank = self.dist.rank
-        self.saver = Saver(
-            ckpt_dir, cfg.keep_last_n_checkpoints, cfg.keep_optim_last_n, rank, self.dist.world_size, self.device,
-            fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
-            warn=warn0, log=print0, async_save=cfg.async_save, keep_every=cfg.keep_every,
-        )  # fmt: skip
         # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
         one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)) == self.dist.world_size
+        self.per_node = os.environ.get(node_dirs.ENV) == "1" and not one_machine
+        if self.per_node and not cfg.remote_dir:
+            raise ConfigError("a checkpoint dir per node needs --remote_dir: a node on a new machine restores from it")
+        # with a dir per node, every node's writer speaks for its own dir
+        say, warn = (say_here, warn_here) if self.per_node else (print0, warn0)
+        self.saver = Saver(
+            ckpt_dir, cfg.keep_last_n_checkpoints, cfg.keep_optim_last_n,
+            self.dist.master or self.per_node and self.dist.local_rank == 0, self.dist.world_size, self.device,
+            fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
+            warn=warn, log=say, async_save=cfg.async_save, keep_every=cfg.keep_every,
+        )  # fmt: skip
         if cfg.snapshot_every and not one_machine:
             warn0(
                 "--snapshot_every needs every rank on one machine (snapshots live in rank 0's /dev/shm); they are off"
@@ -223,16 +229,21 @@ class Phase:
         self.saver.codec_threads = 1 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
         self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
         remote = check_remote(cfg.remote_dir) if cfg.remote_dir else None
+        if self.per_node and cfg.resume:
+            node_dirs.before_start(ckpt_dir, remote, self.dist, self.saver.writer, say, warn)
         if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer
             restore_if_newer(remote, ckpt_dir, warn0, print0)
         self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
+        if self.per_node:
+            point = self.resume_from[1] if self.resume_from else None
+            node_dirs.after_start(ckpt_dir, remote, self.dist, self.saver.writer, point, self.run_id, cfg.resume,
+                                  say, warn)  # fmt: skip
         self.uploader, self.heartbeat = None, None
         if remote and self.dist.master:
             keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
             at_upload = self.fault.at_upload if self.fault else (lambda phase: None)
-            # one write per line: the uploader's thread prints between the training thread's lines
-            log = lambda msg: print0(msg + "\n", end="")  # noqa: E731
-            self.uploader = Uploader(remote, ckpt_dir, keep, warn0, log, at_upload, self.run_id, cfg.keep_every)
+            # say_here: one write per line, as the uploader's thread prints between the training thread's lines
+            self.uploader = Uploader(remote, ckpt_dir, keep, warn0, say_here, at_upload, self.run_id, cfg.keep_every)
             self.saver.on_durable = self.uploader.offer
             if self.resume_from is not None and self.resume_from[0] == ckpt_dir:
                 self.uploader.offer(self.resume_from[1].step)  # a copy an earlier run did not finish (or begin)
@@ -395,7 +406,7 @@ class Phase:
         t_loaded = time.perf_counter()
 
         wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
-        log = metrics.MetricsLog(ckpt_dir, dist_info.master, step, warn0)
+        log = metrics.MetricsLog(ckpt_dir, saver.writer, step, warn0)  # every node's dir keeps the history
         started_at = time.time()
         # every node's supervisor watches its own node: each node's local rank 0 beats
         heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.local_rank == 0,
@@ -476,7 +487,7 @@ class Phase:
             if result is None:
                 return False
             val, val_step = result, step
-            if dist_info.master:
+            if saver.writer:
                 try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
                     checkpoint.update_meta(ckpt_dir, step, **{metric: val, f"{metric}_step": step})
                 except OSError as e:

@@ -1,4 +1,5 @@
-"""Saving from the trainer: every rank calls `Saver.save` at the same step; rank 0 writes, in the background.
+"""Saving from the trainer: every rank calls `Saver.save` at the same step; rank 0 writes, in the background
+(and every node's local rank 0, each into its own node's dir, when the nodes share no disk: nanochat/node_dirs.py).
 
 What is saved and how a checkpoint is committed is nanochat/checkpoint.py's business; this module decides when
 and where to write, and keeps the training loop from waiting:
@@ -39,7 +40,7 @@ from nanochat.locks import DirLock
 
 @dataclass
 class SaveRecord:
-    """Timings of one save on rank 0 (time.perf_counter() seconds), for logs and benchmarks."""
+    """Timings of one save on a writer (time.perf_counter() seconds), for logs and benchmarks."""
 
     step: int
     disk: bool
@@ -57,7 +58,7 @@ class Saver:
     directory: Path
     keep: int = 3
     keep_full: int = -1  # checkpoints that keep their optimizer state (the newest ones); -1: all (checkpoint.slim)
-    rank: int = 0
+    writer: bool = True  # this rank writes: rank 0 (and each node's local rank 0 with a dir per node)
     world_size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
     fault: Callable[[str], None] = field(default=lambda phase: None)  # debug fault injection, by save phase
@@ -86,7 +87,7 @@ class Saver:
         """Rank 0, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
         for a previous trainer to finish its save), then remove temp debris of crashed saves. Collective."""
         error = None
-        if self.rank == 0:
+        if self.writer:
             try:
                 checkpoint.make_dir(self.directory)
                 self._lock = DirLock(self.directory, "trainer")
@@ -119,10 +120,11 @@ class Saver:
         from every rank. With `async_save` and `wait=False` the writing happens in the background."""
         per_rank = [rank_state]
         if self.world_size > 1:
-            per_rank = [None] * self.world_size
-            dist.all_gather_object(per_rank, rank_state)
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (rank_state, meta if dist.get_rank() == 0 else None))
+            per_rank, meta = [r for r, _ in gathered], gathered[0][1]  # rank 0's record: every copy is the same
         error = None
-        if self.rank == 0:
+        if self.writer:
             try:
                 try:
                     self._join()
@@ -164,7 +166,7 @@ class Saver:
     def finish(self) -> None:
         """Wait for the save in flight (if any) to be durable; collective, like `save`."""
         error = None
-        if self.rank == 0:
+        if self.writer:
             try:
                 self._join(shutdown=True)
             except Exception as e:  # noqa: BLE001 - see save
@@ -322,7 +324,7 @@ class Saver:
     # ---- all ranks -------------------------------------------------------------------------------------------
 
     def _raise_if_any_failed(self, step: int | None, error: BaseException | None, doing: str = "saving") -> None:
-        """Collective: every rank raises if rank 0 failed, with the same kind of error (so the same exit status):
+        """Collective: every rank raises if a writer failed, with the same kind of error (so the same exit status):
         a CheckpointError the user must fix (e.g. the directory is locked), or a StorageError worth a restart."""
         refused = isinstance(error, CheckpointError) and not isinstance(error, StorageError)
         kind = self._agree(2 if refused else int(error is not None))
@@ -331,7 +333,7 @@ class Saver:
         at = f"step {step}" if step is not None else "the last step"
         if error is None:
             what = f"saving the checkpoint at {at}" if doing == "saving" else f"{doing} {self.directory}"
-            raise (CheckpointError if kind == 2 else StorageError)(f"rank 0 failed {what}; see its log")
+            raise (CheckpointError if kind == 2 else StorageError)(f"another rank failed {what}; see its log")
         if not isinstance(error, OSError):
             raise error
         raise StorageError(

@@ -79,6 +79,7 @@ class Agent:
     def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None):
         self.opts = opts
         self.nodes = nodes  # a multi-node run: the leader decides for every node (supervisor/nodes.py)
+        self.dir_per_node = False  # several nodes that share no disk (nanochat/node_dirs.py)
         self.display = display
         self.run_dir = RunDir(opts.run_dir)
         self.events = EventLog(self.run_dir, display.event)
@@ -248,10 +249,12 @@ class Agent:
             return None
         remote = any(arg.split("=")[0] in ("--remote_dir", "--remote-dir") for arg in self.opts.trainer_args)
         try:
-            why = self.nodes.same_dir(self.opts.checkpoint_dir, remote, self.opts.node_timeout)
+            why, self.dir_per_node = self.nodes.check_dirs(self.opts.checkpoint_dir, remote, self.opts.node_timeout)
         except LeaderLost as e:
             why = str(e)
         if not why:
+            if self.dir_per_node:
+                self.display.event("every node has its own checkpoint dir: each keeps a copy of every checkpoint")
             return None
         self._set_state(RunState.FAILED, why)
         return EXIT_USAGE
@@ -333,12 +336,12 @@ class Agent:
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
         try:
-            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
+            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id, self.dir_per_node))
         except OSError as e:  # the log cannot be created (a full disk): log elsewhere rather than not run
             log_dir = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
             self.display.event(f"cannot create {spec.log_dir / 'torchrun.log'} ({e}); this attempt logs to {log_dir}")
             spec = dataclasses.replace(spec, log_dir=log_dir)
-            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id))
+            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id, self.dir_per_node))
         oom.watch(proc.pid)
         t = time.monotonic()
         lineage = checkpoint.run_id(opts.checkpoint_dir)
@@ -360,8 +363,9 @@ class Agent:
                 f"--heartbeat_file={self.run_dir.heartbeat}"]  # fmt: skip
         args += [f"--{k}={v}" for k, v in self.overrides.items()]  # later settings win in the trainer's parser
         # a rendezvous per attempt, named by its number: every node knows it (the leader's go carries it)
+        rdzv_id = f"{opts.rdzv_id or 'nanochat'}-{self.attempt_no}"
         return procs.LaunchSpec(opts.script, args, opts.nproc_per_node, log_dir, opts.nnodes, opts.node_rank,
-                                opts.rdzv_endpoint, f"{opts.rdzv_id or 'nanochat'}-{self.attempt_no}")  # fmt: skip
+                                opts.rdzv_endpoint, rdzv_id, opts.local_addr)  # fmt: skip
 
     def _watch(self, a: Attempt) -> None:
         """Until torchrun exits: track workers, sample memory, read heartbeats, deliver a stop, detect hangs."""

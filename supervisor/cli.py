@@ -104,6 +104,9 @@ def train(
     nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
     node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="torchrun --rdzv-endpoint host:port.")] = None,
+    local_addr: Annotated[
+        str | None, typer.Option(help="torchrun --local-addr: this node's address (a host with several networks).")
+    ] = None,
     node_timeout: Annotated[
         float, typer.Option(help="Multi-node: seconds the leader waits for every node to report an attempt's end.")
     ] = 600.0,
@@ -134,7 +137,7 @@ def train(
     phase, script = phase_of_script(phase, script)
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
-                      node_timeout)  # fmt: skip
+                      node_timeout, local_addr=local_addr)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)

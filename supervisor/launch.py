@@ -46,6 +46,7 @@ class Supervision:
     progress_every: float = 30.0
     node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
+    local_addr: str | None = None  # torchrun --local-addr: the address other nodes reach this one at
 
     @property
     def min_nodes(self) -> int:
@@ -208,6 +209,7 @@ class TrainOptions:
     policy: Policy = field(default_factory=Policy)
     node_timeout: float = 600.0  # multi-node: how long the leader waits for every node to report an attempt's end
     rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
+    local_addr: str | None = None  # torchrun --local-addr (ranks are sorted by it: the lowest gets global rank 0)
     phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
@@ -222,7 +224,7 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         run_dir.expanduser().resolve(), nproc, sup.nnodes, sup.node_rank, sup.rdzv_endpoint,
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
-                        phase=launch.phase)  # fmt: skip
+                        local_addr=sup.local_addr, phase=launch.phase)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

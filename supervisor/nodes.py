@@ -8,6 +8,7 @@ The channel is a torch.distributed.TCPStore that the leader's supervisor hosts a
 for the whole run, across attempts. It is what torchrun's own c10d rendezvous is built on, needs no shared
 filesystem, and outlives every attempt's workers. Keys, each a JSON value:
 
+    dirs/...                 at start: who sees whose token file in its checkpoint dir, and the leader's verdict
     latest                   the leader: the number of the newest attempt it started
     attempt/<n>/go           the leader: launch attempt n, with these trainer overrides and this --resume
     attempt/<n>/end/<node>   every node: how attempt n ended there (class, message, when its first worker failed)
@@ -91,39 +92,37 @@ class Coordinator:
 
     # ---- before the first attempt: does every node see the same checkpoint dir? -----------------------------
 
-    def same_dir(self, directory: Path, remote: bool, timeout: float) -> str:
-        """'' if every node sees the leader's checkpoint dir, else why not (one line). The leader writes a token
-        file into it and every follower looks for it in its own. Node-local dirs would lose every checkpoint with
-        node 0 (only global rank 0 writes them), so they are refused."""
+    def check_dirs(self, directory: Path, remote: bool, timeout: float) -> tuple[str, bool]:
+        """(why the run cannot start, or ''; whether every node has its own dir). Every node writes a token file
+        into its checkpoint dir and says whose tokens it sees there: all of them (one shared dir: the usual
+        case), only its own (a dir per node: allowed with --remote-dir, see nanochat/node_dirs.py), or anything
+        else (some nodes share a dir, some do not: refused)."""
         if self.leader:
-            token = directory / f".nodes-{secrets.token_hex(6)}"
-            checkpoint.make_dir(directory)
-            token.write_text("written by the leader's supervisor; every node must see this file\n")
-            self._set("shared/token", token.name)
-            deadline = time.monotonic() + timeout
-            seen = {k: self._get(f"shared/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
-                    for k in self.members[1:]}  # fmt: skip
-            token.unlink(missing_ok=True)
-            blind = [k for k, ok in seen.items() if not ok]
-            why = ""
-            if blind:
-                why = (
-                    f"node(s) {blind} do not see the checkpoint dir {directory} that node 0 writes to: put it on"
-                    " storage every node mounts at the same path (NFS, Lustre, ...)"
-                )
-                if remote:
-                    why += "; node-local dirs with --remote-dir are not supported yet"
-                else:
-                    why += ", or add --remote-dir (node-local dirs would lose every checkpoint with node 0)"
-            self._set("shared/verdict", why)
-            for k in self.members[1:]:  # read by every follower before the leader (and its store) may go
-                self._get(f"shared/ack/{k}", lambda: False, ACK_TIMEOUT)
-            return why
-        name = self._get("shared/token", lambda: False, timeout)
-        self._set(f"shared/{self.node}", bool(name) and (directory / name).exists())
-        verdict = self._get("shared/verdict", lambda: False, timeout) or ""
-        self._set(f"shared/ack/{self.node}", True)
-        return verdict
+            self._set("dirs/token", secrets.token_hex(6))
+        token = self._get("dirs/token", lambda: False, timeout)
+        if token is None:
+            return f"the leader's supervisor did not answer within --node-timeout={timeout:g}s", False
+        mine = directory / f".nodes-{token}-{self.node}"
+        checkpoint.make_dir(directory)
+        mine.write_text("written by nanochat-run at start: does every node see this checkpoint dir?\n")
+        self._set(f"dirs/wrote/{self.node}", True)
+        deadline = time.monotonic() + timeout
+        for k in self.members:  # every token is written before any node looks
+            self._get(f"dirs/wrote/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
+        self._set(f"dirs/seen/{self.node}", [k for k in self.members if (directory / f".nodes-{token}-{k}").exists()])
+        if self.leader:
+            seen = {k: self._get(f"dirs/seen/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
+                    for k in self.members}  # fmt: skip
+            self._set("dirs/verdict", dirs_verdict(seen, self.members, directory, remote))
+        verdict = self._get("dirs/verdict", lambda: False, max(0.0, deadline - time.monotonic()))
+        mine.unlink(missing_ok=True)
+        self._set(f"dirs/ack/{self.node}", True)
+        if self.leader:  # read by every follower before the leader (and its store) may go
+            for k in self.members[1:]:
+                self._get(f"dirs/ack/{k}", lambda: False, ACK_TIMEOUT)
+        if verdict is None:
+            return f"the leader's supervisor did not answer within --node-timeout={timeout:g}s", False
+        return verdict["why"], verdict["per_node"]
 
     def go(self, n: int, overrides: dict, fresh: bool) -> None:
         """The leader: every node launches attempt `n` now."""
@@ -192,6 +191,26 @@ class Coordinator:
         deadline = time.monotonic() + timeout
         for k in self.members[1:]:
             self._get(f"attempt/{n}/ack/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
+
+
+def dirs_verdict(seen: dict[int, list | None], members: list[int], directory: Path, remote: bool) -> dict:
+    """The leader: from whose tokens each node sees in its checkpoint dir, one shared dir, a dir per node, or a
+    refusal (one line naming the fix)."""
+    if all(s == members for s in seen.values()):
+        return {"why": "", "per_node": False}
+    if all(s == [k] for k, s in seen.items()):
+        if remote:
+            return {"why": "", "per_node": True}
+        why = (f"node(s) {members[1:]} do not see node 0's checkpoint dir {directory}: put it on storage every node"
+               " mounts at the same path (NFS, Lustre, ...), or add --remote-dir (then each node keeps its own copy"
+               " of every checkpoint, and a node on a new machine restores from the remote)")  # fmt: skip
+        return {"why": why, "per_node": False}
+    silent = [k for k, s in seen.items() if s is None]
+    groups = sorted({tuple(s) for s in seen.values() if s is not None})
+    why = (f"the nodes see {len(groups)} different checkpoint dirs at {directory} ({', '.join(map(str, groups))}"
+           + (f"; node(s) {silent} did not answer" if silent else "")
+           + "): give every node the same shared dir, or every node its own")  # fmt: skip
+    return {"why": why, "per_node": False}
 
 
 def root_cause(ends: dict[int, dict | None]) -> tuple[int, dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil
 
+from nanochat import node_dirs
 from nanochat.lifeline import die_with_parent
 
 ATTEMPT_ENV = "NANOCHAT_ATTEMPT_ID"  # set for torchrun, inherited by every process of the attempt
@@ -29,6 +30,7 @@ class LaunchSpec:
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
+    local_addr: str | None = None
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "torch.distributed.run"]
@@ -39,6 +41,8 @@ class LaunchSpec:
             cmd += [f"--rdzv-id={self.rdzv_id or 'nanochat'}"]
             if self.node_rank is not None:
                 cmd.append(f"--node-rank={self.node_rank}")
+            if self.local_addr:
+                cmd.append(f"--local-addr={self.local_addr}")
         cmd += [
             f"--nproc-per-node={self.nproc_per_node}",
             "--max-restarts=0",  # restarts are the supervisor's job
@@ -83,12 +87,15 @@ def _die_with(parent: int):
     return arm
 
 
-def environ_for(attempt_id: str) -> dict[str, str]:
+def environ_for(attempt_id: str, dir_per_node: bool = False) -> dict[str, str]:
     """Our environment for torchrun, tagged with the attempt id: every process of the attempt inherits the tag, so
-    /proc/<pid>/environ finds them all, even workers orphaned by a dead torchrun."""
+    /proc/<pid>/environ finds them all, even workers orphaned by a dead torchrun. `dir_per_node`: the nodes
+    share no checkpoint dir; the trainer keeps a copy on each (nanochat/node_dirs.py)."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env[ATTEMPT_ENV] = attempt_id
+    if dir_per_node:
+        env[node_dirs.ENV] = "1"
     return env
 
 

@@ -5,14 +5,17 @@ with two processes; bad multi-node options are one line each."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 
 from nanochat import checkpoint
+from supervisor.agent import EXIT_FAILED
 from supervisor.records import RunDir, read_events
 from tests.runs import TINY, assert_same_final_state, free_port
 from tests.supervised import NANOCHAT_RUN, Run, assert_no_orphans, cli
@@ -20,10 +23,12 @@ from tests.supervised import NANOCHAT_RUN, Run, assert_no_orphans, cli
 pytestmark = pytest.mark.slow
 
 
-def node(env: dict, ckpt: Path, rank: int, port: int, *trainer: str, nnodes: str = "2", timeout: int = 60) -> Run:
+def node(env: dict, ckpt: Path, rank: int, port: int, *trainer: str, nnodes: str = "2", timeout: int = 60,
+         addr: str | None = None) -> Run:  # fmt: skip
     cmd = [*NANOCHAT_RUN, "train", "--checkpoint-dir", str(ckpt), "--nproc-per-node", "1", "--nnodes", nnodes,
            "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}", "--backoff", "0", "--progress-every",
-           "600", "--node-timeout", str(timeout), "--", *TINY, *trainer]  # fmt: skip
+           "600", "--node-timeout", str(timeout), *(["--local-addr", addr] if addr else []), "--", *TINY,
+           *trainer]  # fmt: skip
     return Run(cmd, ckpt, env, out_dir=ckpt.parent)
 
 
@@ -119,14 +124,101 @@ def test_a_node_lost_for_good_under_nnodes_min_max_leaves_the_run_to_the_others(
     assert final.final and final.step == 40 and final.meta["world_size"] == 1
 
 
+def test_a_node_lost_without_nnodes_min_max_makes_the_leader_give_up_naming_it(tmp_path, menv):
+    ckpt, port, slow = tmp_path / "ckpt", free_port(), ("--num_iterations=40",)
+    leader, follower = node(menv, ckpt, 0, port, *slow, timeout=5), node(menv, ckpt, 1, port, *slow, timeout=5)
+    leader.wait_for_step(6)
+    tree = [follower.proc, *psutil.Process(follower.pid).children(recursive=True)]
+    for p in tree:
+        p.kill()
+    psutil.wait_procs(tree, timeout=10)
+    out = finish([leader], EXIT_FAILED, timeout=120)[0]
+    assert "node(s) [1] did not report the end of attempt 1 within --node-timeout=5s" in out, out[-3000:]
+    decisions = [e for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "decision"]
+    assert [d["action"] for d in decisions] == ["give_up"]
+
+
 def test_node_local_checkpoint_dirs_are_refused_before_anything_runs(tmp_path, menv):
     port, dirs = free_port(), [tmp_path / "node0", tmp_path / "node1"]  # as if each node had its own disk
     for d in dirs:
         d.mkdir()
     outs = finish([node(menv, dirs[0] / "ckpt", 0, port), node(menv, dirs[1] / "ckpt", 1, port)], 2, timeout=120)
     for out in outs:
-        assert "node(s) [1] do not see the checkpoint dir" in out and "or add --remote-dir" in out, out
+        assert "node(s) [1] do not see node 0's checkpoint dir" in out and "or add --remote-dir" in out, out
     assert not list(dirs[0].glob("ckpt.run/attempt-*"))  # refused before any attempt
+
+
+def test_a_dir_per_node_keeps_a_copy_on_every_node_and_a_new_machine_restores_from_the_remote(
+    tmp_path, menv, reference_2
+):
+    """No shared disk: each node has its own checkpoint dir, and a file:// remote. Node 1 has the lower
+    --local-addr, so torchrun makes it global rank 0: the leader's supervisor (node 0) is not on rank 0's node.
+    1. Global rank 1 (node 0's worker) is SIGKILLed after step 7: both nodes restart from step 4, each from its
+       own copy, and finish bit-identical to one node with two processes; both dirs hold the same checkpoints.
+    2. Node 1 comes back as a new machine (its disk wiped) and the remote has lost its newest checkpoint: node 0
+       uploads it, rank 0 restores it, and the run goes on from step 12, not 8.
+    3. The same for node 0: rank 0 uploads step 14 and node 0 downloads it."""
+    homes, remote = [tmp_path / "node0", tmp_path / "node1"], tmp_path / "remote"
+    dirs = [h / "ckpt" for h in homes]
+    addrs = ["127.0.0.2", "127.0.0.1"]
+
+    def run(*trainer: str) -> list[str]:
+        port, args = free_port(), (f"--remote_dir=file://{remote}", *trainer)
+        return finish([node(menv, dirs[k], k, port, *args, addr=addrs[k]) for k in (0, 1)], 0)
+
+    def logs(k: int) -> str:
+        return "".join(p.read_text() for p in sorted(homes[k].glob("ckpt.run/**/torchrun.log")))
+
+    def wipe(k: int, lose_remote_step: int) -> None:
+        shutil.rmtree(homes[k])
+        homes[k].mkdir()
+        (remote / checkpoint.file_name("meta", lose_remote_step)).unlink()  # uncommitted there
+
+    for h in homes:
+        h.mkdir()
+    outs = run("--debug_fault=sigkill@step:7,rank=1")
+    assert all("every node has its own checkpoint dir" in out for out in outs), outs[0]
+    assert sorted([classes(dirs[0].with_name("ckpt.run")), classes(dirs[1].with_name("ckpt.run") / "node1")]) == [
+        ["peer_failure", "completed"], ["signal", "completed"]]  # fmt: skip
+    for d in dirs:
+        assert_same_final_state(d, reference_2)
+        assert [c.step for c in checkpoint.scan(d) if c.valid] == [4, 8, 12]
+    assert "resumed from step 4" in logs(1)  # rank 0, on node 1
+
+    wipe(1, 12)
+    run("--num_iterations=14")
+    assert "uploaded step 12" in logs(0) and "resumed from step 12" in logs(1), logs(0)[-3000:]
+    for d in dirs:
+        assert checkpoint.find_latest_valid(d, pytest.fail).step == 14
+    assert_same_final_state(dirs[0], dirs[1], 14)
+
+    wipe(0, 14)
+    run("--num_iterations=16")
+    assert "uploaded step 14" in logs(1) and "downloaded step 14" in logs(0), logs(0)[-3000:]
+    assert_same_final_state(dirs[0], dirs[1], 16)
+
+
+def test_every_node_says_whose_token_it_sees_and_the_leader_decides_the_checkpoint_dirs_mode(tmp_path):
+    """The start-up check of supervisor/nodes.py, three "nodes" as threads over a real TCPStore: one shared dir,
+    a dir per node (with and without a remote), and a mix (nodes 0 and 1 share, node 2 does not)."""
+    from supervisor.nodes import Coordinator
+
+    def check(dirs: list[Path], remote: bool) -> list[tuple[str, bool]]:
+        endpoint = f"127.0.0.1:{free_port()}"
+        coords = [Coordinator.connect(k, len(dirs), endpoint) for k in range(len(dirs))]
+        with ThreadPoolExecutor(len(dirs)) as pool:
+            got = list(pool.map(lambda k: coords[k].check_dirs(dirs[k], remote, 20), range(len(dirs))))
+        assert not [p for d in dirs for p in d.glob(".nodes-*")]  # every token is removed
+        return got
+
+    shared, mine = tmp_path / "shared", [tmp_path / f"node{k}" for k in range(3)]
+    assert check([shared] * 3, remote=False) == [("", False)] * 3
+    assert check(mine, remote=True) == [("", True)] * 3
+    refused = check(mine[:2], remote=False)
+    assert all(why.startswith("node(s) [1] do not see node 0's checkpoint dir") and "--remote-dir" in why
+               for why, _ in refused), refused  # fmt: skip
+    mixed = check([shared, shared, mine[2]], remote=True)
+    assert all("the nodes see 2 different checkpoint dirs" in why for why, _ in mixed), mixed
 
 
 def test_multi_node_options_are_checked_up_front(tmp_path, menv):
