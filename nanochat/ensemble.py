@@ -189,7 +189,7 @@ def validation(meta: dict, tokenizer: Tokenizer, device: torch.device, eval_toke
     """The evaluation the phase's trainer runs, read from a checkpoint's meta: base training's validation split,
     or midtraining's test conversations packed into rows, with the trainer's batch shape and token count (all its
     ranks' together; `eval_tokens` > 0: about that many instead)."""
-    from nanochat.phase import eval_token_count
+    from nanochat.loss_eval import eval_token_count
 
     cfg, model_cfg = meta["train_config"], meta["model_config"]
     B = cfg["device_batch_size"]

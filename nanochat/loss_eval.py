@@ -55,3 +55,17 @@ def evaluate_bpb(
     if nbytes.item() == 0:
         return float("nan")
     return nats.item() / (math.log(2) * nbytes.item())
+
+
+EVAL_TOKENS_CAP = 20 * 524288  # what one evaluation of a full-size run reads (nanochat's 10M tokens)
+
+
+def eval_token_count(eval_tokens: int, eval_every: int, num_iterations: int, total_batch: int) -> int:
+    """Validation tokens per evaluation. -1 (auto): all the run's evaluations together read at most a tenth of its
+    training tokens (a forward-only pass, so about 3% of the training compute), and one reads at most
+    EVAL_TOKENS_CAP. A short run evaluates briefly; a full-size one reads the full 10M. An evaluation also ends at
+    the end of the validation split, whatever is asked."""
+    if eval_tokens > 0:
+        return eval_tokens
+    evals = (num_iterations // eval_every + (num_iterations % eval_every > 0)) if eval_every > 0 else 1
+    return min(EVAL_TOKENS_CAP, num_iterations * total_batch // (10 * evals))

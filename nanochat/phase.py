@@ -28,6 +28,7 @@ from nanochat.common import cleanup_distributed, init_distributed, keep_freed_me
 from nanochat.config import ConfigError, describe
 from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import eval_token_count
 from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat.paths import checkpoint_tag
 from nanochat.remote import Uploader, check_remote, restore_if_newer
@@ -37,6 +38,7 @@ from nanochat.train_loop import (
     StopFlag,
     check_replicas,
     find_start,
+    peak_flops,
     rng_state,
     save_due,
     set_rng_state,
@@ -134,31 +136,6 @@ class LoopConfig:
             raise ConfigError("--remote_keep_last_n must be >= -1 (0: as local) and --remote_flush_timeout >= 0")
         if self.remote_dir:
             check_remote(self.remote_dir)  # a malformed URL or a missing filesystem package: one line, now
-
-
-EVAL_TOKENS_CAP = 20 * 524288  # what one evaluation of a full-size run reads (nanochat's 10M tokens)
-
-
-def eval_token_count(eval_tokens: int, eval_every: int, num_iterations: int, total_batch: int) -> int:
-    """Validation tokens per evaluation. -1 (auto): all the run's evaluations together read at most a tenth of its
-    training tokens (a forward-only pass, so about 3% of the training compute), and one reads at most
-    EVAL_TOKENS_CAP. A short run evaluates briefly; a full-size one reads the full 10M. An evaluation also ends at
-    the end of the validation split, whatever is asked."""
-    if eval_tokens > 0:
-        return eval_tokens
-    evals = (num_iterations // eval_every + (num_iterations % eval_every > 0)) if eval_every > 0 else 1
-    return min(EVAL_TOKENS_CAP, num_iterations * total_batch // (10 * evals))
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """bf16 dense peak of the GPU, for MFU; None where we do not know it."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
 
 
 class Loader(Protocol):

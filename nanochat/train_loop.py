@@ -1,7 +1,8 @@
 """What every training phase shares around its loop (base training today; midtraining, SFT and RL next): where a
 run starts (resume point and lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and
 SIGTERM into "save after this step", the heartbeat the supervisor watches, RNG state for exact resume, the replica
-check, and the exit statuses. A phase script keeps only what differs: its data, its loss, its schedule.
+check, the GPU's peak for MFU, and the exit statuses. A phase script keeps only what differs: its data, its loss,
+its schedule.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ def find_start(
     if found[2] is not None:
         raise found[2]
     return found[0], found[1]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 dense peak of the GPU, for MFU; None where we do not know it."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
 
 
 def record_error(e: BaseException) -> None:

@@ -27,7 +27,7 @@ from supervisor.launch import TrainOptions
 from supervisor.nodes import ACK_TIMEOUT, Coordinator, LeaderLost, as_recorded, decision_of
 from supervisor.policy import AttemptSummary, Batch, decide
 from supervisor.records import EventLog, RunDir, read_heartbeat
-from supervisor.report import metric, remote_lag
+from supervisor.report import summary_lines
 from supervisor.states import Action, AttemptClass, Decision, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
@@ -140,25 +140,9 @@ class Agent:
             point = None if self.fresh else self._resume_point()
         except (OSError, checkpoint.CheckpointError):
             point = None
-        ckpt, v = point[1] if point else None, self.view
-        meta = (ckpt.meta or {}) if ckpt else {}
-        budget = self.opts.num_iterations or meta.get("num_iterations") or v.num_iterations
-        kinds = ", ".join(v.restarts) or "none"
-        parts = [f"step {ckpt.step}/{budget}" if ckpt else "no checkpoint"]
-        if v.loss is not None:
-            parts.append(f"train loss {v.loss:.4f}")
-        if found := metric(meta):
-            parts.append(f"val {found[0]} {found[1]:.4f} (step {meta.get(f'val_{found[0]}_step')})")
-        if v.tok_per_s:
-            parts.append(f"{v.tok_per_s:,.0f} tokens/s")
-        minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f}s"
-        self.display.event(f"summary: {self.state.value} in {minutes}: {', '.join(parts)}")
-        self.display.event(f"  attempts: {len(self.history)} ({kinds}); steps lost to failures: {self.steps_lost}")
-        self.display.event(f"  checkpoints: {self.opts.checkpoint_dir}")
-        if v.remote_step is not None or v.remote_error:
-            valid = [c.step for c in checkpoint.scan(self.opts.checkpoint_dir) if c.valid]
-            self.display.event(f"  remote: {remote_lag(valid, v.remote_step, v.remote_error)}")
-        self.display.event(f"  logs: {self.run_dir.path} (nanochat-run logs, nanochat-run status)")
+        for line in summary_lines(self.state.value, seconds, point[1] if point else None, self.view, self.opts,
+                                  len(self.history), self.steps_lost, self.run_dir.path):  # fmt: skip
+            self.display.event(line)
 
     def _loop(self) -> int:
         follower = self.nodes is not None and not self.nodes.leader
@@ -280,7 +264,10 @@ class Agent:
         nodes, stop = self.nodes, lambda: False
         nodes.report(a.n, outcome, a.worker_died_at or a.exited_at)
         if nodes.leader:
-            ends = nodes.gather(a.n, self.opts.node_timeout, stop)
+            waiting = lambda late: self.display.event(  # noqa: E731
+                f"attempt {a.n} ended here; waiting up to --node-timeout={self.opts.node_timeout:g}s for node(s)"
+                f" {late} to report how it ended there (a node that never does is lost)")  # fmt: skip
+            ends = nodes.gather(a.n, self.opts.node_timeout, stop, waiting)
             policy = lambda o: decide(o, [*self.history, summary], self.opts.policy, self.batch)  # noqa: E731
             decision, root, cause = nodes.decide_for_all(a.n, ends, policy, bool(self.signals), self.opts.node_timeout)
             code = self._stop_code() if decision.action is Action.STOP and self.signals else None

@@ -145,11 +145,18 @@ class Coordinator:
         self._set(f"attempt/{n}/end/{self.node}", {"class": outcome.kind.value, "message": outcome.message,
                                                    "failed_at": failed_at})  # fmt: skip
 
-    def gather(self, n: int, timeout: float, stop: Callable[[], bool]) -> dict[int, dict | None]:
-        """The leader: every node's end of attempt `n`, waiting up to `timeout` for each (None: it never came)."""
-        deadline = time.monotonic() + timeout
-        return {k: self._get(f"attempt/{n}/end/{k}", stop, max(0.0, deadline - time.monotonic()))
-                for k in self.members}  # fmt: skip
+    def gather(self, n: int, timeout: float, stop: Callable[[], bool], waiting: Callable[[list[int]], None]
+               ) -> dict[int, dict | None]:  # fmt: skip
+        """The leader: every node's end of attempt `n`, waiting up to `timeout` for each (None: it never came);
+        told `waiting(nodes)` once if some have not reported after a few seconds."""
+        deadline, ends = time.monotonic() + timeout, {}
+        for k in self.members:
+            ends[k] = self._get(f"attempt/{n}/end/{k}", stop, min(3.0, max(0.0, deadline - time.monotonic())))
+        if late := [k for k, end in ends.items() if end is None]:
+            waiting(late)
+            for k in late:
+                ends[k] = self._get(f"attempt/{n}/end/{k}", stop, max(0.0, deadline - time.monotonic()))
+        return ends
 
     def decide(self, n: int, decision: Decision, root: int, exit_code: int | None) -> None:
         self._set(f"attempt/{n}/decision", {"action": decision.action.value, "reason": decision.reason,

@@ -332,3 +332,26 @@ def watch_status(gather, json_out: bool, interval: float | None) -> None:
         if live:
             live.stop()
     print_status(info, json_out, indent=None if json_out else 1)
+
+
+def summary_lines(state: str, seconds: float, ckpt: checkpoint.Checkpoint | None, v, opts, attempts: int,
+                  steps_lost: int, run_dir: Path) -> list[str]:  # fmt: skip
+    """The supervisor's end-of-run summary: where the run got (`ckpt`: its resume point; `v`: the live View), how,
+    what it cost, and where everything is."""
+    meta = (ckpt.meta or {}) if ckpt else {}
+    budget = opts.num_iterations or meta.get("num_iterations") or v.num_iterations
+    parts = [f"step {ckpt.step}/{budget}" if ckpt else "no checkpoint"]
+    if v.loss is not None:
+        parts.append(f"train loss {v.loss:.4f}")
+    if found := metric(meta):
+        parts.append(f"val {found[0]} {found[1]:.4f} (step {meta.get(f'val_{found[0]}_step')})")
+    if v.tok_per_s:
+        parts.append(f"{v.tok_per_s:,.0f} tokens/s")
+    minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f}s"
+    lines = [f"summary: {state} in {minutes}: {', '.join(parts)}",
+             f"  attempts: {attempts} ({', '.join(v.restarts) or 'none'}); steps lost to failures: {steps_lost}",
+             f"  checkpoints: {opts.checkpoint_dir}"]  # fmt: skip
+    if v.remote_step is not None or v.remote_error:
+        valid = [c.step for c in checkpoint.scan(opts.checkpoint_dir) if c.valid]
+        lines.append(f"  remote: {remote_lag(valid, v.remote_step, v.remote_error)}")
+    return [*lines, f"  logs: {run_dir} (nanochat-run logs, nanochat-run status)"]

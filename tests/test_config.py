@@ -114,7 +114,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(tmp_path):
 
 
 def test_auto_eval_tokens_are_proportionate_to_the_run():
-    from nanochat.phase import EVAL_TOKENS_CAP, eval_token_count
+    from nanochat.loss_eval import EVAL_TOKENS_CAP, eval_token_count
 
     # a tiny CPU run (100 steps of 1024 tokens, one final evaluation): a tenth of its 102,400 training tokens
     assert eval_token_count(-1, -1, 100, 1024) == 10_240

@@ -36,7 +36,8 @@ def finish(nodes: list[Run], code: int, timeout: float = 180) -> list[str]:
     """Wait for every node's supervisor, then check each exit code and that nothing was left behind."""
     codes = [n.wait(timeout) for n in nodes]
     assert codes == [code] * len(nodes), "\n\n".join(n.output[-3000:] for n in nodes)
-    assert_no_orphans(nodes[0].ckpt)
+    for n in nodes:
+        assert_no_orphans(n.ckpt)
     return [n.output for n in nodes]
 
 
@@ -133,6 +134,7 @@ def test_a_node_lost_without_nnodes_min_max_makes_the_leader_give_up_naming_it(t
         p.kill()
     psutil.wait_procs(tree, timeout=10)
     out = finish([leader], EXIT_FAILED, timeout=120)[0]
+    assert "waiting up to --node-timeout=5s for node(s) [1] to report" in out, out[-3000:]  # says why it waits
     assert "node(s) [1] did not report the end of attempt 1 within --node-timeout=5s" in out, out[-3000:]
     decisions = [e for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "decision"]
     assert [d["action"] for d in decisions] == ["give_up"]
