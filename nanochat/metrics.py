@@ -69,7 +69,8 @@ def setup_wandb(run: str, config: dict, master: bool, warn: Callable[[str], None
 
 
 class MetricsLog:
-    """metrics.jsonl for one attempt (module doc). `enabled` is False on every rank but 0."""
+    """metrics.jsonl for one attempt (module doc). `enabled` on the checkpoint writers only (rank 0; with a dir per
+    node, each node's local rank 0, logging its own loss)."""
 
     def __init__(self, directory: Path, enabled: bool, start_step: int, warn: Callable[[str], None]) -> None:
         self.path, self.enabled, self.failed, self.warn = directory / FILE, enabled, False, warn

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat import checkpoint, metrics
-from nanochat.checkpoint import Checkpoint, CheckpointError, StorageError
+from nanochat.checkpoint import Checkpoint, StorageError
 from nanochat.common import DistInfo
 from nanochat.remote import Remote, first_line
 
@@ -43,9 +43,21 @@ def _gather(dist_info: DistInfo, value) -> list:
     return out
 
 
-def _newest(ckpt_dir: Path) -> tuple[int, str | None] | None:
-    point = checkpoint.find_latest_valid(ckpt_dir, warn=lambda msg: None) if ckpt_dir.is_dir() else None
-    return (point.step, checkpoint.run_id(ckpt_dir, point)) if point else None
+def _newest(ckpt_dir: Path, warn: Say) -> tuple[int, str | None] | None:
+    try:
+        point = checkpoint.find_latest_valid(ckpt_dir, warn=lambda msg: None) if ckpt_dir.is_dir() else None
+        return (point.step, checkpoint.run_id(ckpt_dir, point)) if point else None
+    except Exception as e:  # noqa: BLE001 - this node's copies are unreadable: the others' count
+        warn(f"cannot read {ckpt_dir} ({type(e).__name__}: {first_line(e)}); this node's copies are not used")
+        return None
+
+
+def _remote_newest(remote: Remote, lineage: str | None) -> tuple[int, str | None] | None:
+    try:
+        committed = remote.committed(lineage)
+    except Exception:  # noqa: BLE001 - unreachable: rank 0's restore says so
+        return None
+    return (committed[0][0], committed[0][1].get("run_id")) if committed else None
 
 
 def _upload(remote: Remote, ckpt_dir: Path, step: int, log: Say) -> None:
@@ -53,20 +65,31 @@ def _upload(remote: Remote, ckpt_dir: Path, step: int, log: Say) -> None:
         log(f"uploaded step {step} to {remote.url}: another node's dir lacks it")
 
 
+def _raise_any(dist_info: DistInfo, error: str | None) -> None:
+    """Collective: every rank raises the first error any rank had (so no rank waits in a collective forever)."""
+    if failed := next((e for e in _gather(dist_info, error) if e), None):
+        raise StorageError(f"{failed}; every node needs the checkpoint rank 0 resumes from: fix it, then resume")
+
+
 def before_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: bool, log: Say, warn: Say) -> None:
-    """Collective, with --resume: a newer checkpoint of the run than rank 0's node has goes to the remote (by the
-    lowest rank that holds it), so that rank 0 restores it from there."""
-    have = _gather(dist_info, _newest(ckpt_dir) if writer else None)
-    lineage = have[0][1] if have[0] else None  # rank 0's node's run; none on a new machine: the others'
-    ours = [(h[0], rank) for rank, h in enumerate(have) if h and (lineage is None or h[1] == lineage)]
-    if ours:
-        step, holder = max(ours, key=lambda c: (c[0], -c[1]))
-        if dist_info.rank == holder and step > (have[0][0] if have[0] else -1):
-            try:
-                _upload(remote, ckpt_dir, step, log)
-            except Exception as e:  # noqa: BLE001 - rank 0 resumes from an older step then: lose steps, not the run
-                warn(f"could not upload step {step} for rank 0's node ({type(e).__name__}: {first_line(e)})")
-    _gather(dist_info, None)  # rank 0 looks at the remote after the upload
+    """Collective, with --resume: a checkpoint of the run newer than both rank 0's newest and the remote's goes to
+    the remote (sent by the lowest rank that holds it), so that rank 0 restores it from there."""
+    mine = _newest(ckpt_dir, warn) if writer else None
+    if dist_info.master:  # the run: rank 0's node's, else the remote's newest (a new machine for rank 0)
+        lineage = mine[1] if mine else checkpoint.run_id(ckpt_dir)
+        mine = (mine, _remote_newest(remote, lineage))
+    have = _gather(dist_info, mine)
+    local0, remote0 = have[0]
+    lineage = (local0 or remote0 or (None, None))[1]  # None: nothing is known of the run; any node's copies count
+    floor = max(local0[0] if local0 else -1, remote0[0] if remote0 else -1)
+    ours = [(h[0], rank) for rank, h in enumerate(have[1:], 1) if h and (lineage is None or h[1] == lineage)]
+    error = None
+    if ours and (best := max(ours, key=lambda c: (c[0], -c[1])))[0] > floor and dist_info.rank == best[1]:
+        try:
+            _upload(remote, ckpt_dir, best[0], log)
+        except Exception as e:  # noqa: BLE001 - told to every rank: resuming from older would lose the steps
+            error = f"uploading step {best[0]} for rank 0 failed ({type(e).__name__}: {first_line(e)})"
+    _raise_any(dist_info, error)  # and rank 0 looks at the remote only after the upload
 
 
 def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: bool, point: Checkpoint | None,
@@ -77,33 +100,33 @@ def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: boo
     if writer and not dist_info.master:
         try:
             lacks = _adopt(ckpt_dir, point, run_id, resume, log)
-        except (OSError, CheckpointError) as e:
-            error = f"preparing {ckpt_dir} failed ({getattr(e, 'strerror', None) or e})"
+        except Exception as e:  # noqa: BLE001 - told to every rank below
+            error = f"preparing {ckpt_dir} failed ({type(e).__name__}: {first_line(e)})"
     asked = _gather(dist_info, (lacks, error))
-    error = error if dist_info.master else None  # each error is told once, by the rank that had it
-    if dist_info.master and not any(e for _, e in asked) and any(lack for lack, _ in asked):
+    errors = [e for _, e in asked if e]
+    if dist_info.master and not errors and any(lack for lack, _ in asked):
         try:
             _upload(remote, ckpt_dir, point.step, log)
         except Exception as e:  # noqa: BLE001 - told to every rank below
             error = f"uploading step {point.step} to {remote.url} failed ({type(e).__name__}: {first_line(e)})"
-    errors = [e for _, e in asked if e] + [e for e in _gather(dist_info, error) if e]
-    if not errors and lacks:
+    _raise_any(dist_info, errors[0] if errors else error if dist_info.master else None)
+    error = None
+    if lacks:
         try:
-            checkpoint.set_aside(ckpt_dir, point.step, warn)  # a damaged copy of that step: kept as evidence
+            checkpoint.set_aside(ckpt_dir, point.step, warn)  # a copy that does not match: kept as evidence
             remote.download(point.step, ckpt_dir)
             log(f"downloaded step {point.step} from {remote.url} into this node's {ckpt_dir}")
         except Exception as e:  # noqa: BLE001 - told to every rank below
             error = f"downloading step {point.step} from {remote.url} failed ({type(e).__name__}: {first_line(e)})"
-    errors += [e for e in _gather(dist_info, error if lacks and not errors else None) if e]
-    if errors:
-        raise StorageError(f"{errors[0]}; every node needs the checkpoint rank 0 resumes from: fix it, then resume")
+    _raise_any(dist_info, error)
 
 
 def _adopt(ckpt_dir: Path, point: Checkpoint | None, run_id: str, resume: bool, log: Say) -> bool:
-    """This node's dir joins rank 0's run; True if it lacks the resume point."""
+    """This node's dir joins rank 0's run (any other run's checkpoints, or all on a --resume=False start, are
+    archived); True if it lacks a copy of the resume point that loads like rank 0's."""
     checkpoint.make_dir(ckpt_dir)
-    other = checkpoint.run_id(ckpt_dir)
-    if (not resume or other not in (None, run_id)) and (archived := checkpoint.archive(ckpt_dir)):
+    runs = {c.meta.get("run_id") for c in checkpoint.scan(ckpt_dir) if c.valid} | {checkpoint.run_id(ckpt_dir)}
+    if (not resume or runs - {None, run_id}) and (archived := checkpoint.archive(ckpt_dir)):
         metrics.archive(ckpt_dir, archived)
         log(f"this node's {ckpt_dir} held {'old' if not resume else 'another run'}'s checkpoints: moved to {archived}")
     if checkpoint.run_id(ckpt_dir) != run_id:
@@ -111,4 +134,5 @@ def _adopt(ckpt_dir: Path, point: Checkpoint | None, run_id: str, resume: bool, 
     if point is None:
         return False
     here = checkpoint.inspect(ckpt_dir, point.step)
-    return not (here.valid and (here.meta or {}).get("run_id") == (point.meta or {}).get("run_id"))
+    # the same run's step, and the optimizer state too if rank 0 loads it (a slimmed copy would not do)
+    return not (here.valid and (here.meta or {}).get("run_id") == run_id and here.weights_only <= point.weights_only)

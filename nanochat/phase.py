@@ -215,6 +215,8 @@ class Phase:
             point = self.resume_from[1] if self.resume_from else None
             node_dirs.after_start(ckpt_dir, remote, self.dist, self.saver.writer, point, self.run_id, cfg.resume,
                                   say, warn)  # fmt: skip
+            if point is not None:  # every node reads its own copy; rank 0's meta says what there is to load
+                self.resume_from = (ckpt_dir, point)
         self.uploader, self.heartbeat = None, None
         if remote and self.dist.master:
             keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
@@ -383,7 +385,7 @@ class Phase:
         t_loaded = time.perf_counter()
 
         wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
-        log = metrics.MetricsLog(ckpt_dir, saver.writer, step, warn0)  # every node's dir keeps the history
+        log = metrics.MetricsLog(ckpt_dir, saver.writer, step, saver.warn)  # a dir per node: each its own history
         started_at = time.time()
         # every node's supervisor watches its own node: each node's local rank 0 beats
         heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.local_rank == 0,
@@ -468,7 +470,8 @@ class Phase:
                 try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
                     checkpoint.update_meta(ckpt_dir, step, **{metric: val, f"{metric}_step": step})
                 except OSError as e:
-                    warn0(f"could not add the final {label} to {ckpt_dir}'s meta ({e.strerror or e}); it is in the log")
+                    saver.warn(f"could not add the final {label} to {ckpt_dir}'s meta ({e.strerror or e}); it is in"
+                               " the log")  # fmt: skip
             return True
 
         def finished(step: int) -> int:

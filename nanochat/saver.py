@@ -67,13 +67,13 @@ class Saver:
     async_save: bool = False
     run_id: str | None = None  # the lineage whose snapshots this run may reuse (set by the trainer after start)
     lock_wait: float = 60.0  # seconds to wait for a previous trainer still saving into the directory
-    snapshots_off: bool = False  # set on rank 0 after a snapshot failed
+    snapshots_off: bool = False  # set on a writer after a snapshot failed
     on_durable: Callable[[int], None] | None = None  # told each step whose disk checkpoint is committed (uploads)
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: off; checkpoint.kept_forever)
     codec: str = "none"  # the disk checkpoints' payload compression (nanochat/compress.py); snapshots never
     codec_threads: int = 1
     warnings: list[str] = field(default_factory=list)  # earlier failures a later save made harmless
-    records: list[SaveRecord] = field(default_factory=list)  # rank 0's saves, oldest first
+    records: list[SaveRecord] = field(default_factory=list)  # a writer's saves, oldest first
     _writer: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _pending: Future | None = field(default=None, init=False, repr=False)  # the write in flight
     _in_memory: threading.Event | None = field(default=None, init=False, repr=False)  # its snapshot committed
@@ -84,7 +84,7 @@ class Saver:
     _verified: dict = field(default_factory=dict, init=False, repr=False)  # checkpoints verified once (pruning)
 
     def start(self) -> None:
-        """Rank 0, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
+        """A writer, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
         for a previous trainer to finish its save), then remove temp debris of crashed saves. Collective."""
         error = None
         if self.writer:
@@ -122,7 +122,7 @@ class Saver:
         if self.world_size > 1:
             gathered = [None] * self.world_size
             dist.all_gather_object(gathered, (rank_state, meta if dist.get_rank() == 0 else None))
-            per_rank, meta = [r for r, _ in gathered], gathered[0][1]  # rank 0's record: every copy is the same
+            per_rank, meta = [r for r, _ in gathered], gathered[0][1]  # rank 0's record, in every node's copy
         error = None
         if self.writer:
             try:
@@ -139,13 +139,13 @@ class Saver:
                 if self.warnings:
                     meta = {**meta, "warnings": list(self.warnings)}
                 if disk or memory:
-                    self._save_rank0(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
+                    self._save_here(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
             except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they hang)
                 error = e
         self._raise_if_any_failed(step, error)
 
     def settle(self) -> None:
-        """Wait until the snapshot in flight, if any, is committed (rank 0; a no-op elsewhere)."""
+        """Wait until the snapshot in flight, if any, is committed (a writer; a no-op elsewhere)."""
         if self._in_memory is None:
             return
         t0 = time.perf_counter()
@@ -156,11 +156,11 @@ class Saver:
 
     @property
     def durable(self) -> int | None:
-        """The newest step whose disk checkpoint is committed by this run (rank 0; None elsewhere)."""
+        """The newest step whose disk checkpoint is committed by this run (a writer; None elsewhere)."""
         return max((r.step for r in self.records if r.durable_at is not None), default=None)
 
     def busy(self) -> bool:
-        """A background write is still in flight (rank 0)."""
+        """A background write is still in flight (a writer)."""
         return self._pending is not None and not self._pending.done()
 
     def finish(self) -> None:
@@ -173,9 +173,9 @@ class Saver:
                 error = e
         self._raise_if_any_failed(None, error)
 
-    # ---- rank 0 ----------------------------------------------------------------------------------------------
+    # ---- a writer --------------------------------------------------------------------------------------------
 
-    def _save_rank0(self, step, model_state, optim_state, meta, wait, disk, memory) -> None:
+    def _save_here(self, step, model_state, optim_state, meta, wait, disk, memory) -> None:
         rec = SaveRecord(step, disk, memory, time.perf_counter())
         self.records.append(rec)
         slot = None

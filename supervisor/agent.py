@@ -228,7 +228,8 @@ class Agent:
     # ---- one attempt: launch -> watch -> reap -> evidence -> classify -> record -----------------------------
 
     def _check_nodes(self) -> int | None:
-        """Several nodes: before anything runs, every node must see the same checkpoint dir (supervisor/nodes.py)."""
+        """Several nodes: before anything runs, one shared checkpoint dir, or one per node with a remote
+        (supervisor/nodes.py)."""
         if self.nodes is None:
             return None
         remote = any(arg.split("=")[0] in ("--remote_dir", "--remote-dir") for arg in self.opts.trainer_args)

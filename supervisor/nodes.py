@@ -102,14 +102,18 @@ class Coordinator:
         token = self._get("dirs/token", lambda: False, timeout)
         if token is None:
             return f"the leader's supervisor did not answer within --node-timeout={timeout:g}s", False
-        mine = directory / f".nodes-{token}-{self.node}"
-        checkpoint.make_dir(directory)
-        mine.write_text("written by nanochat-run at start: does every node see this checkpoint dir?\n")
+        mine, problem = directory / f".nodes-{token}-{self.node}", None
+        try:
+            checkpoint.make_dir(directory)
+            mine.write_text("written by nanochat-run at start: does every node see this checkpoint dir?\n")
+        except OSError as e:
+            problem = f"node {self.node} cannot write to {directory} ({e.strerror or e}): fix it, or pick another dir"
         self._set(f"dirs/wrote/{self.node}", True)
         deadline = time.monotonic() + timeout
         for k in self.members:  # every token is written before any node looks
             self._get(f"dirs/wrote/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
-        self._set(f"dirs/seen/{self.node}", [k for k in self.members if (directory / f".nodes-{token}-{k}").exists()])
+        seen = problem or [k for k in self.members if (directory / f".nodes-{token}-{k}").exists()]
+        self._set(f"dirs/seen/{self.node}", seen)
         if self.leader:
             seen = {k: self._get(f"dirs/seen/{k}", lambda: False, max(0.0, deadline - time.monotonic()))
                     for k in self.members}  # fmt: skip
@@ -202,7 +206,13 @@ class Coordinator:
 
 def dirs_verdict(seen: dict[int, list | None], members: list[int], directory: Path, remote: bool) -> dict:
     """The leader: from whose tokens each node sees in its checkpoint dir, one shared dir, a dir per node, or a
-    refusal (one line naming the fix)."""
+    refusal (one line naming the fix). A node's entry is the nodes it sees, None if it never answered, or why it
+    could not look."""
+    if problems := [s for s in seen.values() if isinstance(s, str)]:
+        return {"why": problems[0], "per_node": False}
+    if silent := [k for k, s in seen.items() if s is None]:
+        return {"why": f"node(s) {silent} did not answer the start-up check of the checkpoint dirs within"
+                       " --node-timeout: start every node's supervisor", "per_node": False}  # fmt: skip
     if all(s == members for s in seen.values()):
         return {"why": "", "per_node": False}
     if all(s == [k] for k, s in seen.items()):
@@ -212,11 +222,9 @@ def dirs_verdict(seen: dict[int, list | None], members: list[int], directory: Pa
                " mounts at the same path (NFS, Lustre, ...), or add --remote-dir (then each node keeps its own copy"
                " of every checkpoint, and a node on a new machine restores from the remote)")  # fmt: skip
         return {"why": why, "per_node": False}
-    silent = [k for k, s in seen.items() if s is None]
-    groups = sorted({tuple(s) for s in seen.values() if s is not None})
-    why = (f"the nodes see {len(groups)} different checkpoint dirs at {directory} ({', '.join(map(str, groups))}"
-           + (f"; node(s) {silent} did not answer" if silent else "")
-           + "): give every node the same shared dir, or every node its own")  # fmt: skip
+    groups = sorted({tuple(s) for s in seen.values()})
+    why = (f"the nodes see {len(groups)} different checkpoint dirs at {directory} ({', '.join(map(str, groups))}):"
+           " give every node the same shared dir, or every node its own")  # fmt: skip
     return {"why": why, "per_node": False}
 
 

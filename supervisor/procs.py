@@ -94,6 +94,7 @@ def environ_for(attempt_id: str, dir_per_node: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env[ATTEMPT_ENV] = attempt_id
+    env.pop(node_dirs.ENV, None)  # ours to set, never inherited
     if dir_per_node:
         env[node_dirs.ENV] = "1"
     return env
