@@ -341,6 +341,8 @@ class Agent:
         start = "starting fresh (--resume=False)" if self.fresh else f"resuming from step {start_step}"
         if start_step is None and not self.fresh:
             start = "no checkpoint yet: starting from step 0"
+            if self.dir_per_node:  # a new machine, say: the trainer gets the run's newest from the remote
+                start = "no checkpoint in this node's dir: the trainer gets the run's newest, if any, from the remote"
         self.display.event(f"attempt {n}: torchrun pid {proc.pid}, {start}")
         return a
 

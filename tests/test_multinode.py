@@ -195,7 +195,8 @@ def test_a_dir_per_node_keeps_a_copy_on_every_node_and_a_new_machine_restores_fr
     assert_same_final_state(dirs[0], dirs[1], 14)
 
     wipe(0, 14)
-    run("--num_iterations=16")
+    outs = run("--num_iterations=16")
+    assert "no checkpoint in this node's dir: the trainer gets the run's newest" in outs[0], outs[0]
     assert "uploaded step 14" in logs(1) and "downloaded step 14" in logs(0), logs(0)[-3000:]
     assert_same_final_state(dirs[0], dirs[1], 16)
 
