@@ -181,24 +181,19 @@ class Phase:
         if self.fault:
             self.fault.marker_dir = ckpt_dir
         rank = self.dist.rank
-        # snapshots live in rank 0's shared memory, which only the ranks on its machine can read
-        one_machine = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size)) == self.dist.world_size
-        self.per_node = os.environ.get(node_dirs.ENV) == "1" and not one_machine
+        machines = self.dist.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        self.per_node = os.environ.get(node_dirs.ENV) == "1" and machines > 1
         if self.per_node and not cfg.remote_dir:
             raise ConfigError("a checkpoint dir per node needs --remote_dir: a node on a new machine restores from it")
-        # with a dir per node, every node's writer speaks for its own dir
-        say, warn = (say_here, warn_here) if self.per_node else (print0, warn0)
+        # on several machines, every machine's local rank 0 speaks for its own snapshots (and dir)
+        say, warn = (say_here, warn_here) if machines > 1 else (print0, warn0)
         self.saver = Saver(
             ckpt_dir, cfg.keep_last_n_checkpoints, cfg.keep_optim_last_n,
-            self.dist.master or self.per_node and self.dist.local_rank == 0, self.dist.world_size, self.device,
+            self.dist.master or self.per_node and self.dist.local_rank == 0, self.dist.local_rank == 0,
+            self.dist.world_size, self.device,
             fault=(lambda phase: self.fault.at_save(phase, rank)) if self.fault else (lambda phase: None),
             warn=warn, log=say, async_save=cfg.async_save, keep_every=cfg.keep_every,
         )  # fmt: skip
-        if cfg.snapshot_every and not one_machine:
-            warn0(
-                "--snapshot_every needs every rank on one machine (snapshots live in rank 0's /dev/shm); they are off"
-            )
-            cfg.snapshot_every = 0
         # Compression pays where bandwidth is the limit (a remote copy: ~1.2x fewer bytes to send), not on a local
         # disk (a checkpoint durable 2-3x later, for 18% of space; scripts/bench_storage.py). On a CPU trainer it
         # takes one core, so it does not compete with training; on GPU nodes up to 8.
@@ -210,13 +205,11 @@ class Phase:
             node_dirs.before_start(ckpt_dir, remote, self.dist, self.saver.writer, say, warn)
         if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer
             restore_if_newer(remote, ckpt_dir, warn0, print0)
-        self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, one_machine, self.dist)
-        if self.per_node:
-            point = self.resume_from[1] if self.resume_from else None
+        self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, self.dist, machines)
+        if self.per_node:  # every node reads its own copy of a checkpoint on disk: the dirs are brought in step
+            point = self.resume_from[1] if self.resume_from and self.resume_from[0] == ckpt_dir else None
             node_dirs.after_start(ckpt_dir, remote, self.dist, self.saver.writer, point, self.run_id, cfg.resume,
                                   say, warn)  # fmt: skip
-            if point is not None:  # every node reads its own copy; rank 0's meta says what there is to load
-                self.resume_from = (ckpt_dir, point)
         self.uploader, self.heartbeat = None, None
         if remote and self.dist.master:
             keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
@@ -566,8 +559,8 @@ class Phase:
             signum = save_due(step, last, stop, dist_info, cfg.save_every, cfg.snapshot_every, save)
             if signum and not last:
                 return stopped(stop, signum, step)
-            if last and dist_info.master:
-                snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory
+            if last and saver.snapshotter:
+                snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory (every machine)
             if last:
                 if not final_eval(step):
                     return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")

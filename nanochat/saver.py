@@ -1,5 +1,6 @@
 """Saving from the trainer: every rank calls `Saver.save` at the same step; rank 0 writes, in the background
 (and every node's local rank 0, each into its own node's dir, when the nodes share no disk: nanochat/node_dirs.py).
+In-memory snapshots are per machine: every machine's local rank 0 writes its own.
 
 What is saved and how a checkpoint is committed is nanochat/checkpoint.py's business; this module decides when
 and where to write, and keeps the training loop from waiting:
@@ -59,6 +60,7 @@ class Saver:
     keep: int = 3
     keep_full: int = -1  # checkpoints that keep their optimizer state (the newest ones); -1: all (checkpoint.slim)
     writer: bool = True  # this rank writes: rank 0 (and each node's local rank 0 with a dir per node)
+    snapshotter: bool = True  # this rank writes in-memory snapshots: each machine's local rank 0 (they are per machine)
     world_size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
     fault: Callable[[str], None] = field(default=lambda phase: None)  # debug fault injection, by save phase
@@ -124,7 +126,8 @@ class Saver:
             dist.all_gather_object(gathered, (rank_state, meta if dist.get_rank() == 0 else None))
             per_rank, meta = [r for r, _ in gathered], gathered[0][1]  # rank 0's record, in every node's copy
         error = None
-        if self.writer:
+        disk, memory = disk and self.writer, memory and self.snapshotter
+        if self.writer or self.snapshotter:
             try:
                 try:
                     self._join()
@@ -166,7 +169,7 @@ class Saver:
     def finish(self) -> None:
         """Wait for the save in flight (if any) to be durable; collective, like `save`."""
         error = None
-        if self.writer:
+        if self.writer or self.snapshotter:
             try:
                 self._join(shutdown=True)
             except Exception as e:  # noqa: BLE001 - see save

@@ -114,6 +114,22 @@ def newest(
     return best
 
 
+def holding(directory: Path, run: str, step: int, verify: bool = True) -> Path | None:
+    """The slot on this machine holding a valid snapshot of `step` written by run `run` (several machines: each
+    holds its own), or None."""
+    try:
+        found = newest(directory, run, verify=False)
+    except CheckpointError:
+        return None
+    for slot in slots(directory) if found else []:
+        if slot.is_symlink():
+            continue
+        ckpt = inspect(slot, step, verify=verify, load_check=verify)
+        if ckpt.valid and ckpt.meta.get("run_id") == run:
+            return slot
+    return None
+
+
 def remove(directory: Path) -> bool:
     """Delete this checkpoint dir's snapshots (the run is complete, pruned or restarted from scratch)."""
     return remove_home(_slot_home(directory))

@@ -30,12 +30,14 @@ from nanochat.config import ConfigError, HelpRequested
 
 
 def find_start(
-    ckpt_dir: Path, resume: bool, snapshots_ok: bool, dist_info: DistInfo
+    ckpt_dir: Path, resume: bool, dist_info: DistInfo, machines: int = 1
 ) -> tuple[tuple[Path, checkpoint.Checkpoint] | None, str]:
-    """Where this run starts: (the checkpoint to resume from or None, the run id of the lineage). Rank 0 decides,
-    holding the trainer lock, and tells the others (its failure too, so that no rank waits for it forever). A fresh
-    start (--resume=False) archives the old checkpoints."""
-    found: list = [None, None, None]
+    """Where this run starts: (where this rank reads the checkpoint to resume from, and it; or None), and the run id
+    of the lineage. Rank 0 decides, holding the trainer lock, and tells the others (its failure too, so that no rank
+    waits for it forever). A fresh start (--resume=False) archives the old checkpoints. On several machines, an
+    in-memory snapshot counts only if every machine holds it (each in its own shared memory); else the newest
+    checkpoint on disk."""
+    found: list = [None, None, None, False]
     if dist_info.master:
         try:
             point = None
@@ -43,13 +45,11 @@ def find_start(
                 print0(f"--resume=False: starting fresh; moved the old checkpoints to {archived} (nothing deleted)")
                 metrics.archive(ckpt_dir, archived)
             if resume:
-                point = checkpoint.find_resume_point(ckpt_dir, warn0, snapshots=snapshots_ok)
+                point = checkpoint.find_resume_point(ckpt_dir, warn0)
             run_id = checkpoint.start_lineage(ckpt_dir, point[1] if point else None)
-            if snapshots.drop_other_runs(ckpt_dir, run_id):
-                print0("dropped in-memory snapshots left by an earlier run of this checkpoint dir")
             if point is None:
                 print0(f"no checkpoint to resume from in {ckpt_dir}: starting from scratch (run id {run_id})")
-            found = [point, run_id, None]
+            found = [point, run_id, None, point is not None and point[0] != ckpt_dir]
         except OSError as e:
             found[2] = StorageError(f"reading {ckpt_dir} failed ({e.strerror or e}); check the storage, then resume")
         except CheckpointError as e:
@@ -58,7 +58,28 @@ def find_start(
         dist.broadcast_object_list(found, src=0)  # rank 0 verified the files; everyone loads the same step
     if found[2] is not None:
         raise found[2]
-    return found[0], found[1]
+    point, run_id, in_memory = found[0], found[1], found[3]
+    if dist_info.local_rank == 0 and snapshots.drop_other_runs(ckpt_dir, run_id):
+        print("dropped in-memory snapshots left by an earlier run of this checkpoint dir", flush=True)
+    if point is None or not in_memory:  # (a dir per node: each node reads its own copy, at its own path)
+        return (None if point is None else (ckpt_dir, point[1])), run_id
+    if machines == 1:
+        return point, run_id  # rank 0's slot, on this very machine
+    slot = snapshots.holding(ckpt_dir, run_id, point[1].step, verify=dist_info.local_rank == 0)
+    if all(_gather(dist_info, slot is not None)):
+        return (slot, point[1]), run_id
+    found = [None]
+    if dist_info.master:  # some machine lacks the snapshot (its memory was lost, or its snapshots failed)
+        found = [checkpoint.find_latest_valid(ckpt_dir, warn0)]
+        print0(f"the snapshot at step {point[1].step} is not on every machine: resuming from disk instead")
+    dist.broadcast_object_list(found, src=0)
+    return (None if found[0] is None else (ckpt_dir, found[0])), run_id
+
+
+def _gather(dist_info: DistInfo, value) -> list:
+    out = [None] * dist_info.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -5,6 +5,7 @@ with two processes; bad multi-node options are one line each."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import time
@@ -72,6 +73,35 @@ def test_a_worker_killed_on_one_node_restarts_both_nodes_together(tmp_path, menv
         assert [e["action"] for e in events if e["event"] == "decision"] == ["restart", "finish"]
         assert [e["start_step"] for e in events if e["event"] == "attempt_start"] == [None, 4]
     assert_same_final_state(ckpt, reference_2)
+
+
+@pytest.mark.parametrize("node1_memory", ["kept", "unusable"])
+def test_in_memory_snapshots_are_per_machine_and_used_only_when_every_machine_holds_one(
+    tmp_path, menv, reference_2, node1_memory
+):
+    """--snapshot_every=1: each "machine" (its own NANOCHAT_SHM_DIR) keeps its own snapshots. Global rank 1 is
+    SIGKILLed after step 7 (before its save): both nodes resume from the snapshot of step 6, not the checkpoint at
+    4. If node 1's shared memory is unusable (a folder others can enter: refused, its snapshots go off), the
+    snapshot is not on every machine and both resume from disk. Either way the result is bit-identical."""
+    ckpt, port = tmp_path / "ckpt", free_port()
+    shm = [tmp_path / "shm0", tmp_path / "shm1"]
+    for d in shm:
+        d.mkdir()
+    if node1_memory == "unusable":
+        (shm[1] / f"nanochat-snapshots-{os.getuid()}").mkdir(mode=0o777)
+        (shm[1] / f"nanochat-snapshots-{os.getuid()}").chmod(0o777)
+    args = ("--debug_fault=sigkill@step:7,rank=1", "--snapshot_every=1")
+    runs = [node({**menv, "NANOCHAT_SHM_DIR": str(shm[k])}, ckpt, k, port, *args) for k in (0, 1)]
+    finish(runs, 0)
+    starts = [e["start_step"] for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "attempt_start"]
+    logs = "".join(p.read_text() for p in sorted(ckpt.with_name("ckpt.run").glob("**/torchrun.log")))
+    if node1_memory == "kept":
+        assert starts == [None, 6] and "resume: the in-memory snapshot at step 6" in logs, logs[-3000:]
+    else:
+        assert "snapshots are off for this run" in logs and "resuming from disk instead" in logs, logs[-3000:]
+        assert "resumed from step 4" in logs
+    assert_same_final_state(ckpt, reference_2)
+    assert not list(shm[0].glob("*/*/slot*"))  # the final checkpoint is durable: every machine's memory is freed
 
 
 def test_a_cuda_oom_on_one_node_halves_the_device_batch_on_both(tmp_path, menv):
