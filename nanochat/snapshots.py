@@ -118,15 +118,12 @@ def holding(directory: Path, run: str, step: int, verify: bool = True) -> Path |
     """The slot on this machine holding a valid snapshot of `step` written by run `run` (several machines: each
     holds its own), or None."""
     try:
-        found = newest(directory, run, verify=False)
-    except CheckpointError:
-        return None
-    for slot in slots(directory) if found else []:
-        if slot.is_symlink():
-            continue
-        ckpt = inspect(slot, step, verify=verify, load_check=verify)
-        if ckpt.valid and ckpt.meta.get("run_id") == run:
-            return slot
+        for slot in slots(directory) if newest(directory, run, verify=False) else []:  # (checks the folders)
+            ckpt = inspect(slot, step, verify=verify, load_check=verify) if not slot.is_symlink() else None
+            if ckpt and ckpt.valid and ckpt.meta.get("run_id") == run:
+                return slot
+    except (OSError, CheckpointError):  # unreadable shared memory: not held
+        pass
     return None
 
 

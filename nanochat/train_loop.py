@@ -59,8 +59,9 @@ def find_start(
     if found[2] is not None:
         raise found[2]
     point, run_id, in_memory = found[0], found[1], found[3]
-    if dist_info.local_rank == 0 and snapshots.drop_other_runs(ckpt_dir, run_id):
-        print("dropped in-memory snapshots left by an earlier run of this checkpoint dir", flush=True)
+    with contextlib.suppress(OSError):  # a cleanup: never a reason for one rank to fail alone
+        if dist_info.local_rank == 0 and snapshots.drop_other_runs(ckpt_dir, run_id):
+            print("dropped in-memory snapshots left by an earlier run of this checkpoint dir", flush=True)
     if point is None or not in_memory:  # (a dir per node: each node reads its own copy, at its own path)
         return (None if point is None else (ckpt_dir, point[1])), run_id
     if machines == 1:
@@ -68,11 +69,16 @@ def find_start(
     slot = snapshots.holding(ckpt_dir, run_id, point[1].step, verify=dist_info.local_rank == 0)
     if all(_gather(dist_info, slot is not None)):
         return (slot, point[1]), run_id
-    found = [None]
+    found = [None, None]
     if dist_info.master:  # some machine lacks the snapshot (its memory was lost, or its snapshots failed)
-        found = [checkpoint.find_latest_valid(ckpt_dir, warn0)]
         print0(f"the snapshot at step {point[1].step} is not on every machine: resuming from disk instead")
+        try:
+            found[0] = checkpoint.find_latest_valid(ckpt_dir, warn0)
+        except OSError as e:
+            found[1] = StorageError(f"reading {ckpt_dir} failed ({e.strerror or e}); check the storage, then resume")
     dist.broadcast_object_list(found, src=0)
+    if found[1] is not None:
+        raise found[1]
     return (None if found[0] is None else (ckpt_dir, found[0])), run_id
 
 
