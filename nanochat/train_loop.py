@@ -66,9 +66,14 @@ def find_start(
         return (None if point is None else (ckpt_dir, point[1])), run_id
     if machines == 1:
         return point, run_id  # rank 0's slot, on this very machine
-    slot = snapshots.holding(ckpt_dir, run_id, point[1].step, verify=dist_info.local_rank == 0)
-    if all(_gather(dist_info, slot is not None)):
-        return (slot, point[1]), run_id
+    # each machine's local rank 0 verifies its own slots; the other ranks of the machine read the slot it found
+    slot = snapshots.holding(ckpt_dir, run_id, point[1].step) if dist_info.local_rank == 0 else None
+    held = _gather(dist_info, None if slot is None else str(slot))
+    firsts = held[:: dist_info.world_size // machines]  # torchrun numbers each machine's ranks contiguously
+    if all(firsts):
+        return (Path(held[dist_info.rank - dist_info.local_rank]), point[1]), run_id
+    if dist_info.local_rank == 0:  # a snapshot left now would be ambiguous next time (two of one step)
+        snapshots.remove(ckpt_dir)
     found = [None, None]
     if dist_info.master:  # some machine lacks the snapshot (its memory was lost, or its snapshots failed)
         print0(f"the snapshot at step {point[1].step} is not on every machine: resuming from disk instead")

@@ -308,8 +308,9 @@ class Agent:
 
     def _resume_point(self) -> tuple[Path, checkpoint.Checkpoint] | None:
         """The one answer to "the newest usable checkpoint": what the trainer will resume from."""
-        # (several machines: this one's snapshots; the trainers use a snapshot only if every machine holds it)
-        return checkpoint.find_resume_point(self.opts.checkpoint_dir, warn=lambda msg: None)
+        # on several machines the trainers use a snapshot only if every machine holds it: judge by disk alone
+        one_machine = self.opts.nnodes == "1" and not self.opts.rdzv_endpoint
+        return checkpoint.find_resume_point(self.opts.checkpoint_dir, warn=lambda msg: None, snapshots=one_machine)
 
     def _launch(self, n: int) -> Attempt:
         opts = self.opts
