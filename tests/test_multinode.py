@@ -22,6 +22,9 @@ from tests.runs import TINY, assert_same_final_state, free_port
 from tests.supervised import NANOCHAT_RUN, Run, assert_no_orphans, cli
 
 pytestmark = pytest.mark.slow
+# torchrun's own rendezvous waits after a node is lost (last call, close: 30 s each by default) made short, through
+# torchrun's environment form of --rdzv-conf: the tests are about our supervisors, not those waits
+QUICK_RDZV = {"PET_RDZV_CONF": "last_call_timeout=2,close_timeout=3"}
 
 
 def node(env: dict, ckpt: Path, rank: int, port: int, *trainer: str, nnodes: str = "2", timeout: int = 60,
@@ -139,8 +142,8 @@ def test_a_node_lost_for_good_under_nnodes_min_max_leaves_the_run_to_the_others(
     """Node 1's supervisor, torchrun and worker are SIGKILLed mid-run and never come back: with --nnodes 1:2 the
     leader waits --node-timeout for its report, then goes on alone at the new world size, and says why."""
     ckpt, port, slow = tmp_path / "ckpt", free_port(), ("--num_iterations=40",)
-    leader = node(menv, ckpt, 0, port, *slow, nnodes="1:2", timeout=5)
-    follower = node(menv, ckpt, 1, port, *slow, nnodes="1:2", timeout=5)
+    leader = node(QUICK_RDZV | menv, ckpt, 0, port, *slow, nnodes="1:2", timeout=5)
+    follower = node(QUICK_RDZV | menv, ckpt, 1, port, *slow, nnodes="1:2", timeout=5)
     leader.wait_for_step(6)
     tree = [follower.proc, *psutil.Process(follower.pid).children(recursive=True)]
     for p in tree:
@@ -156,7 +159,8 @@ def test_a_node_lost_for_good_under_nnodes_min_max_leaves_the_run_to_the_others(
 
 def test_a_node_lost_without_nnodes_min_max_makes_the_leader_give_up_naming_it(tmp_path, menv):
     ckpt, port, slow = tmp_path / "ckpt", free_port(), ("--num_iterations=40",)
-    leader, follower = node(menv, ckpt, 0, port, *slow, timeout=5), node(menv, ckpt, 1, port, *slow, timeout=5)
+    env = QUICK_RDZV | menv
+    leader, follower = node(env, ckpt, 0, port, *slow, timeout=5), node(env, ckpt, 1, port, *slow, timeout=5)
     leader.wait_for_step(6)
     tree = [follower.proc, *psutil.Process(follower.pid).children(recursive=True)]
     for p in tree:
