@@ -3,6 +3,7 @@
     python -m scripts.chat_web                         # the SFT model, at http://127.0.0.1:8000
     python -m scripts.chat_web --phase mid --step 400 --port 8080
     python -m scripts.chat_web --checkpoint_dir path/to/ckpt --temperature 0 --device_type cpu
+    NANOCHAT_WEB_TOKEN=... python -m scripts.chat_web --host 0.0.0.0 --allowed_hosts mybox.lan   # for the network
 
 The page (scripts/chat_web.html) posts the whole conversation to POST /chat ({"messages": [{"role", "content"}]},
 Content-Type: application/json) and reads the reply as it comes, one JSON object a line: {"part": n, "type": "text" |
@@ -123,7 +124,8 @@ def exposure(args: argparse.Namespace) -> list[str]:
         if not args.auth_token:
             lines.append(f"no token: set {TOKEN_ENV} to require 'Authorization: Bearer <token>'")
     if args.auth_token:
-        lines.append(f"requests need the bearer token: open http://{args.host}:{args.port}/#token=<your token> (the"
+        where = "<this machine>" if args.host in WILDCARDS else host_name(args.host)
+        lines.append(f"requests need the bearer token: open http://{where}:{args.port}/#token=<your token> (the"
                      " page keeps it out of the URL and sends it as a header)")  # fmt: skip
     return lines
 
@@ -320,6 +322,8 @@ def make_app(engine: Engine, args: argparse.Namespace, info: dict, page: str, st
     def generate(prompt: list[int], max_tokens: int, stop: threading.Event, put: Callable[[dict], None]) -> dict:
         """Write the reply's parts with put(); returns the last line. Runs in a thread of its own, so the event
         loop stays free; stop (or the server stopping) ends it at the next token."""
+        if stopping.is_set():  # its turn came as the server stops: not worth a prefill
+            return {"error": "the server is stopping: try again once it is back"}
         # autocast is per thread, so it is entered here
         autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
         try:

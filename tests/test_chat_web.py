@@ -252,7 +252,7 @@ def test_start_up_says_what_is_exposed():
     assert "no token: set NANOCHAT_WEB_TOKEN" in anyone[1]
     with_token = exposure(parse(["--host", "0.0.0.0", "--auth_token", TOKEN, "--allowed_hosts", "box.lan:8080"]))
     assert "anyone holding the token" in with_token[0] and "box.lan" in with_token[0]
-    assert "open http://0.0.0.0:8000/#token=<your token>" in with_token[1]
+    assert "open http://<this machine>:8000/#token=<your token>" in with_token[1]
     assert TOKEN not in "".join(with_token)
 
 
@@ -402,9 +402,9 @@ def test_a_client_that_leaves_the_line_frees_its_place_at_once(tokenizer: Tokeni
             conn, second = open_reply(url, ask("second"))
             assert second.status == 200 and fetch(url + "/chat", ask("third"))[0] == 503  # the line is full ...
             close(conn, second)  # ... until the second client goes, while the model still writes the first reply
-            tries = []
+            tries, deadline = [], time.monotonic() + 30
             while not tries or tries[-1][1].status == 503:
-                assert len(tries) < 500, "the place of the client that left was not given back"
+                assert time.monotonic() < deadline, "the place of the client that left was not given back"
                 tries.append(open_reply(url, ask("third")))
                 time.sleep(0.01)
             conn, third = tries.pop()
