@@ -686,3 +686,22 @@ def test_a_write_that_fills_the_disk_fails_cleanly(small_fs) -> None:
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert snapshot(fs) == before and temp_files(fs) == []
     assert checkpoint.find_latest_valid(fs, pytest.fail).step == 2
+
+
+def test_a_compressed_file_may_not_declare_more_than_the_model_needs(tmp_path: Path) -> None:
+    """Where the model is known (a resume, a chat), it bounds what a compressed file may declare: a state far
+    larger than the model (here zeros, which zstd shrinks ~10000x, so the file's own size allows them) is refused
+    before it is allocated, as a CheckpointError; the real one loads."""
+    model = torch.nn.Linear(16, 16)
+    too_big = {"weight": torch.zeros(1 << 20), "bias": torch.zeros(16)}  # 4 MiB, for a model of 272 weights
+    checkpoint.write(tmp_path, 4, model.state_dict(), {"m": torch.zeros(16)}, {}, codec="zstd")
+    checkpoint.write(tmp_path, 8, too_big, {"m": torch.zeros(16)}, {}, codec="zstd")
+    ckpt = checkpoint.inspect(tmp_path, 8)
+    assert ckpt.valid and checkpoint.load(tmp_path, ckpt)[0]["weight"].shape == (1 << 20,)  # no model: no bound
+    with pytest.raises(CheckpointError, match=r"model_000008\.pt cannot be read .*declares over 4194304 bytes"):
+        checkpoint.load(tmp_path, ckpt, model=model)
+    with pytest.raises(CheckpointError, match="declares over"):
+        checkpoint.load_model(tmp_path, ckpt, model=model)
+    state, optim = checkpoint.load(tmp_path, checkpoint.inspect(tmp_path, 4), model=model)
+    model.load_state_dict(state)
+    assert optim["m"].shape == (16,)

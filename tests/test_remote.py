@@ -418,8 +418,10 @@ def test_a_meta_naming_other_files_is_not_a_checkpoint_and_nothing_else_is_prune
     for name in lookalikes:
         (root / name).write_bytes(b"mine")
     assert r.prune(1, "run-a") == [4]
+    kept = [checkpoint.file_name(k, s) for s in (8, 12) for k in ("meta", "model", "optim")]
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(("model", "optim", "meta"))) == sorted(
-        lookalikes + [checkpoint.file_name(k, s) for s in (8, 12) for k in ("meta", "model", "optim")])
+        lookalikes + kept
+    )
     meta = json.loads((root / "meta_000012.json").read_text())  # as a caller that skipped `committed` has it
     with pytest.raises(CheckpointError, match=r"the meta of step 12 is not valid \(lists '\.bashrc'"):
         r.download(12, tmp_path / "node", meta)
