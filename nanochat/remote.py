@@ -146,10 +146,10 @@ class Remote:
                 tmp.rename(local / name)
             placed.append(local / checkpoint.file_name("meta", step))
             checkpoint.write_text_atomic(placed[-1], json.dumps(meta, indent=1))
-            checkpoint.mark_latest(local, step)
             ckpt = checkpoint.inspect(local, step, verify=False)  # as committed (its bytes were verified above)
             if not ckpt.valid:
                 raise CheckpointError(f"{local}: step {step} does not verify once committed: {ckpt.problem}")
+            checkpoint.mark_latest(local, step)  # last: a failure before leaves the marker as it was
         except BaseException:
             for path in reversed(placed):  # the meta first: never a committed checkpoint without its files
                 path.unlink(missing_ok=True)
