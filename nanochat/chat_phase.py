@@ -107,7 +107,7 @@ def start_model(phase: Phase, source_dir: Path, cfg: ChatConfig, tokenizer: Toke
     print0(f"starting from {source_dir} step {source.step} ({record.get('phase')})")
 
     def init(model: GPT) -> None:
-        model.load_state_dict(checkpoint.load_model(source_dir, source, phase.device))
+        model.load_state_dict(checkpoint.load_model(source_dir, source, phase.device, model))
 
     return phase.build(model_cfg, init), record
 

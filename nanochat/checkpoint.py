@@ -55,8 +55,9 @@ if TYPE_CHECKING:
 LATEST = "latest_step.txt"
 RUN_ID = ".run_id"
 TMP_PREFIX = ".tmp."
-_NAME = re.compile(r"^(model|optim|meta)_(\d{6,})\.(pt|json)$")
-_TMP_WRITER = re.compile(r"\.(\d+)(?:-(\d+))?$")  # .<pid>-<process start time>
+# ASCII digits only, and \Z (not $, which also matches before a trailing newline): a name is exact or not ours
+_NAME = re.compile(r"(model|optim|meta)_([0-9]{6,})\.(?:pt|json)")
+_TMP_WRITER = re.compile(r"\.([0-9]+)(?:-([0-9]+))?\Z")  # .<pid>-<process start time>
 KINDS = ("model", "optim")  # the payload files a meta vouches for
 _TORCH_CRC_LOCK = threading.Lock()
 
@@ -75,9 +76,37 @@ def file_name(kind: str, step: int) -> str:
 
 
 def parse_name(name: str) -> tuple[str, int] | None:
-    """(kind, step) of a checkpoint file name; None for any other file."""
-    m = _NAME.match(name)
-    return (m.group(1), int(m.group(2))) if m else None
+    """(kind, step) of a checkpoint file name, exactly as `file_name` spells it; None for any other file (a
+    trailing newline, other digits, extra zeros or another suffix make it someone else's file)."""
+    m = _NAME.fullmatch(name)
+    if not m:
+        return None
+    kind, step = m.group(1), int(m.group(2))
+    return (kind, step) if file_name(kind, step) == name else None
+
+
+class MetaError(ValueError):
+    """A meta that parses but breaks the rules of what it may vouch for (see `vouched_files`)."""
+
+
+def vouched_files(meta: dict, step: int) -> dict[str, dict]:
+    """{name: what the meta promises of it (see `_expected`)} for the payload files a meta of `step` lists: the one
+    rule on what a meta may name, for local verification and remote copies alike. Only this step's `file_name`s
+    (the model, and the optimizer unless weights-only) may be listed, so a tampered meta can never make a reader
+    fetch, write or delete a file of its choosing. Raises MetaError for a meta that breaks the rule, and
+    KeyError, TypeError, AttributeError or ValueError for a malformed one."""
+    if meta["step"] != step:
+        raise MetaError(f"records step {meta['step']!r}"[:80])
+    allowed = {file_name(kind, step) for kind in KINDS}
+    files = {}
+    for name, entry in meta["files"].items():
+        if name not in allowed:
+            raise MetaError(f"lists {name!r}"[:80] + f", not a file of step {step} (a tampered meta?)")
+        files[name] = _expected(entry)
+    for kind in ("model",) if meta.get("weights_only") else KINDS:
+        if file_name(kind, step) not in files:
+            raise MetaError(f"does not list {file_name(kind, step)}")
+    return files
 
 
 @dataclass
@@ -238,9 +267,8 @@ def _steps_on_disk(directory: Path) -> dict[int, list[Path]]:
     found: dict[int, list[Path]] = {}
     if directory.is_dir():
         for p in directory.iterdir():
-            m = _NAME.match(p.name)
-            if m:
-                found.setdefault(int(m.group(2)), []).append(p)
+            if parsed := parse_name(p.name):
+                found.setdefault(parsed[1], []).append(p)
     return found
 
 
@@ -260,24 +288,21 @@ def inspect(
     try:
         meta = json.loads(meta_path.read_text())
         # size and checksum of each listed file, checked here so a malformed entry is a problem, not a crash
-        files = {name: _expected(f) for name, f in meta["files"].items()}
-        if meta["step"] != step:
-            raise ValueError(f"records step {meta['step']}")
+        files = vouched_files(meta, step)
+    except MetaError as e:
+        ckpt.problem = f"{meta_path.name} {e}"
+        return ckpt
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
         return ckpt
     ckpt.meta = meta
     for kind in ("model",) if meta.get("weights_only") else KINDS:
         name = file_name(kind, step)
-        path, want = directory / name, files.get(name)
-        if want is None:
-            ckpt.problem = f"{meta_path.name} does not list {name}"
-        elif not path.exists():
+        path = directory / name
+        if not path.exists():
             ckpt.problem = f"{name} is missing"
-        elif problem := check_file(path, want, verify):
+        elif problem := check_file(path, files[name], verify, verify and load_check):
             ckpt.problem = f"{name} {problem}"
-        elif verify and load_check:
-            ckpt.problem = _unsafe(path)
         if ckpt.problem:
             break
     return ckpt
@@ -286,14 +311,15 @@ def inspect(
 def _unsafe(path: Path) -> str:
     """Why `path` does not load as a plain state dict with weights_only=True ('' if it does). Memory-mapped, so
     only the pickle is read: a forged meta that vouches for a file with code in it is caught here, not at load.
-    A compressed file never unpickles anything: its layout (index, frame sizes) is checked instead."""
+    A compressed file never unpickles anything: its layout (index, frame sizes, declared sizes) is checked
+    instead, so that loading it cannot fail on anything but its frames' bytes."""
     from nanochat import compress
 
     if compress.codec_of(path) == "zstd":
         try:
             compress.read_index(path)
         except (compress.CompressedFileError, OSError) as e:
-            return f"{path.name} is not a valid compressed checkpoint file ({e})"
+            return f"is not a valid compressed checkpoint file ({e})"
         return ""
     import torch
 
@@ -301,18 +327,19 @@ def _unsafe(path: Path) -> str:
         torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError from the zip reader, OSError, ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        return f"{path.name} does not load safely ({type(e).__name__}: {first})"
+        return f"does not load safely ({type(e).__name__}: {first})"
     return ""
 
 
-def check_file(path: Path, want: dict, verify: bool = True) -> str:
-    """'' if the file has the size (and with `verify` the checksum) its meta entry promises, else what is wrong."""
+def check_file(path: Path, want: dict, verify: bool = True, load_check: bool = False) -> str:
+    """'' if the file has the size (and with `verify` the checksum) its meta entry promises, and with
+    `load_check` loads safely (see `_unsafe`), else what is wrong."""
     want = _expected(want) if "algo" not in want else want
     if path.stat().st_size != want["size"]:
         return f"has {path.stat().st_size} bytes, meta says {want['size']} (truncated?)"
     if verify and file_digest(path, want["algo"]) != want["digest"]:
         return "fails its checksum (corrupted)"
-    return ""
+    return _unsafe(path) if load_check else ""
 
 
 def _expected(entry: dict) -> dict:
@@ -406,34 +433,54 @@ def find_resume_point(
     return (directory, disk) if disk else None
 
 
-def load(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> tuple[dict, dict | None]:
+def load(
+    directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu", model: torch.nn.Module | None = None
+) -> tuple[dict, dict | None]:
     """(model state, optimizer state) of a verified checkpoint, never unpickling code; the optimizer state is None
-    for a weights-only checkpoint."""
+    for a weights-only checkpoint. `model`, the module the weights are for, bounds what a compressed file may
+    declare (see `_limits`)."""
     if ckpt.weights_only:
-        return _load(directory, ckpt, device, ("model",))[0], None
-    states = _load(directory, ckpt, device, KINDS)
+        return _load(directory, ckpt, device, ("model",), model)[0], None
+    states = _load(directory, ckpt, device, KINDS, model)
     return states[0], states[1]
 
 
-def load_model(directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu") -> dict:
-    """The weights alone (a derived phase starts from them with an optimizer of its own)."""
-    return _load(directory, ckpt, device, ("model",))[0]
+def load_model(
+    directory: Path, ckpt: Checkpoint, device: torch.device | str = "cpu", model: torch.nn.Module | None = None
+) -> dict:
+    """The weights alone (a derived phase starts from them with an optimizer of its own); `model` as for `load`."""
+    return _load(directory, ckpt, device, ("model",), model)[0]
 
 
-def _load(directory: Path, ckpt: Checkpoint, device, kinds) -> list[dict]:
+# The most raw bytes a payload file may hold per weight of the model: 8 (any dtype up to 64 bits: a checkpoint
+# saved in fp32 loads into bf16 weights), and for the optimizer four such states per weight (AdamW's two moments,
+# Muon's momentum, with room to spare).
+BYTES_PER_WEIGHT = {"model": 8, "optim": 32}
+
+
+def _limits(model: torch.nn.Module | None) -> dict[str, int | None]:
+    """The most raw bytes each payload file may declare for `model` (None: unknown, only the file's own size
+    bounds it): a compressed file cannot make a resume allocate more than the run's model and optimizer need."""
+    if model is None:
+        return {kind: None for kind in KINDS}
+    weights = sum(t.numel() for t in model.state_dict().values())
+    return {kind: per * weights + (1 << 20) for kind, per in BYTES_PER_WEIGHT.items()}
+
+
+def _load(directory: Path, ckpt: Checkpoint, device, kinds, model=None) -> list[dict]:
     import torch
 
     from nanochat import compress
 
-    states = []
+    states, limits = [], _limits(model)
     on_cpu = torch.device(device).type == "cpu"
     for kind in kinds:
         # Memory-mapped, except the optimizer state on CPU: the optimizer keeps those very tensors, and a mapping
         # would pin the file (disk or shared memory, even once pruned) for the rest of the run.
         mmap = not (on_cpu and kind == "optim")
         path = directory / file_name(kind, ckpt.step)
-        try:
-            state = compress.load(path, threads=0, mmap=mmap)  # plain torch.load(weights_only=True) if uncompressed
+        try:  # plain torch.load(weights_only=True) if uncompressed
+            state = compress.load(path, threads=0, mmap=mmap, max_raw=limits[kind])
         except compress.CompressedFileError as e:
             raise CheckpointError(f"{path} cannot be read ({e}); resume falls back to an older checkpoint") from e
         except OSError as e:

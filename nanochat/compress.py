@@ -22,6 +22,7 @@ OSError; a malformed file is a CompressedFileError with a one-line message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -41,8 +42,21 @@ DEFAULT_LEVEL = 1  # on float planes, level 3 or 9 is 1.6x or 6x slower for unde
 CHUNK_BYTES = 1 << 22  # 4 MiB: enough parallel work even for small models, large enough to cost no ratio
 MAGIC = b"nanochz1"
 _TAIL = struct.Struct("<Q8s")  # index length, MAGIC
-_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError)
-_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
+# What a file may declare: at most MAX_RATIO raw bytes per byte it holds, plus FLOOR_BYTES. zstd itself reaches
+# ~20000x (1 MiB of zeros is a 49-byte frame), so the format alone lets 16 KiB declare 512 MiB: a decompression bomb,
+# allocated before any frame is read. A real checkpoint compresses ~1.2x (scripts/bench_storage.py); only a state
+# over 99.5% zeros passes 256x, and under the floor any state does (small test states of zeros, say).
+MAX_RATIO = 256
+FLOOR_BYTES = 64 << 20
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError, OverflowError)
+
+
+# the dtypes a file may declare: plain bytes per element (no quantized, sub-byte or bit types, which torch.empty
+# refuses or cannot view as bytes: a file naming one must fail as malformed here, not as a RuntimeError at load)
+_PLAIN = ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64", "float16", "bfloat16",
+          "float32", "float64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+          "float8_e5m2fnuz")  # fmt: skip
+_DTYPES = {name: getattr(torch, name) for name in _PLAIN if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
 class CompressedFileError(ValueError):
@@ -133,13 +147,15 @@ def dump(
     return {"codec": codec, "level": level, "raw_size": int(sum(p.size for p in planes))}
 
 
-def read_index(path: Path, f: BinaryIO | None = None) -> dict:
+def read_index(path: Path, f: BinaryIO | None = None, max_raw: int | None = None) -> dict:
     """The index of a compressed file (open as `f`, if given), checked against the file's layout without
-    decompressing anything: cheap, so verification can use it in place of a trial load. Raises CompressedFileError."""
+    decompressing anything: cheap, so verification can use it in place of a trial load. Every declared size is
+    an exact integer, and their total is bounded by the file's size (MAX_RATIO) and by `max_raw` when the caller
+    knows how large the state can be. Raises CompressedFileError."""
     path = Path(path)
     if f is None:
         with open(path, "rb") as f:
-            return read_index(path, f)
+            return read_index(path, f, max_raw)
     size = os.fstat(f.fileno()).st_size
     if size < len(MAGIC) + _TAIL.size or f.read(len(MAGIC)) != MAGIC:
         raise CompressedFileError(f"{path.name} is not a compressed checkpoint file (or is truncated)")
@@ -153,15 +169,20 @@ def read_index(path: Path, f: BinaryIO | None = None) -> dict:
         index = json.loads(f.read(n))
         if index["format"] != 1 or index["codec"] != "zstd":
             raise ValueError(f"format {index['format']}, codec {index['codec']!r} (written by a newer version?)")
-        offset = len(MAGIC)
+        offset, raw, limit = len(MAGIC), 0, MAX_RATIO * size + FLOOR_BYTES
+        limit = limit if max_raw is None else min(limit, max_raw)
         for t in index["tensors"]:
             t["dtype"], k, chunks = _DTYPES[t["dtype"]], t["group"], t["chunks"]
             if not all(type(d) is int and d >= 0 for d in t["shape"]) or k not in (1, t["dtype"].itemsize):
-                raise ValueError(f"a tensor has shape {t['shape']}, group {k}")
+                raise ValueError(f"a tensor has shape {str(t['shape'])[:80]}, group {k}")
             if not all(len(c) == k + 1 and all(type(x) is int and x > 0 for x in c) and c[0] % k == 0 for c in chunks):
                 raise ValueError("a chunk has an impossible size")
-            if sum(c[0] for c in chunks) != int(np.prod(t["shape"], dtype=np.int64)) * t["dtype"].itemsize:
-                raise ValueError(f"a tensor's chunks do not add up to its shape {t['shape']}")
+            nbytes = math.prod(t["shape"]) * t["dtype"].itemsize  # exact: numpy's int64 would wrap to a small size
+            raw += nbytes
+            if raw > limit:
+                raise ValueError(f"it declares over {raw} bytes of tensors in a {size}-byte file (at most {limit})")
+            if sum(c[0] for c in chunks) != nbytes:
+                raise ValueError(f"a tensor's chunks do not add up to its shape {str(t['shape'])[:80]}")
             t["at"] = list(accumulate((sum(c[1:]) for c in chunks), initial=offset))  # where each chunk starts
             t["lo"] = list(accumulate((c[0] // k for c in chunks), initial=0))  # its first element
             offset = t["at"].pop()
@@ -186,15 +207,16 @@ def _decode(node: Any, tensors: list | range) -> Any:
     raise ValueError(f"unknown node {kind!r}")
 
 
-def load(path: Path, threads: int = 0, mmap: bool = False) -> Any:
+def load(path: Path, threads: int = 0, mmap: bool = False, max_raw: int | None = None) -> Any:
     """The state in `path`, whichever codec wrote it, never running code from the file. A torch.save file loads
     with torch.load(weights_only=True) (memory-mapped with `mmap`); a compressed one is decompressed on `threads`
-    threads (0 = all cores) straight into the tensors, each thread reading its own chunks from the file."""
+    threads (0 = all cores) straight into the tensors, each thread reading its own chunks from the file, after
+    `read_index` has bounded what it declares (`max_raw`: see there)."""
     path = Path(path)
     if codec_of(path) == "none":
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     with open(path, "rb") as f:
-        index = read_index(path, f)
+        index = read_index(path, f, max_raw)
         tensors = [torch.empty(t["shape"], dtype=t["dtype"]) for t in index["tensors"]]
         local = threading.local()
 

@@ -59,7 +59,7 @@ def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device 
     with torch.device(device):
         model = GPT(GPTConfig(**ckpt.meta["model_config"]))
     model.to(device)
-    model.load_state_dict(checkpoint.load_model(directory, ckpt, device))
+    model.load_state_dict(checkpoint.load_model(directory, ckpt, device, model))
     return model.eval(), ckpt.meta
 
 

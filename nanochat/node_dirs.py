@@ -27,7 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat import checkpoint, metrics
-from nanochat.checkpoint import Checkpoint, StorageError
+from nanochat.checkpoint import Checkpoint, CheckpointError, StorageError
 from nanochat.common import DistInfo
 from nanochat.remote import Remote, first_line
 
@@ -112,9 +112,10 @@ def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: boo
     _raise_any(dist_info, errors[0] if errors else error if dist_info.master else None)
     error = None
     if lacks:
-        try:
-            checkpoint.set_aside(ckpt_dir, point.step, warn)  # a copy that does not match: kept as evidence
-            remote.download(point.step, ckpt_dir)
+        try:  # the remote's copy as its meta was checked (a copy here that does not match is set aside)
+            if (meta := dict(remote.committed(run_id)).get(point.step)) is None:
+                raise CheckpointError(f"{remote.url} holds no valid copy of step {point.step} of this run")
+            remote.download(point.step, ckpt_dir, meta, warn)
             log(f"downloaded step {point.step} from {remote.url} into this node's {ckpt_dir}")
         except Exception as e:  # noqa: BLE001 - told to every rank below
             error = f"downloading step {point.step} from {remote.url} failed ({type(e).__name__}: {first_line(e)})"

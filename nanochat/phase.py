@@ -340,7 +340,7 @@ class Phase:
                 print0(f"resume: the run had finished at step {saved['step']}; it goes on to {num_iterations} under"
                        f" the new budget's schedule ({was})")  # fmt: skip
             tokens_seen = saved.get("tokens_seen", saved["step"] * total_batch) - saved["step"] * total_batch
-            model_state, optim_state = checkpoint.load(source, ckpt, device)
+            model_state, optim_state = checkpoint.load(source, ckpt, device, model)
             model.load_state_dict(model_state)
             if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
                 warn0(f"resuming from the weights-only checkpoint at step {ckpt.step}: the optimizer state (Adam"

@@ -7,7 +7,9 @@ committed when its meta exists, so an upload sends the payload files first, the 
 a deletion removes the meta first. An upload killed at any point leaves payload files without a meta: not a
 checkpoint, overwritten by the next upload of that step, removed by pruning once a newer one is committed. A
 download goes through temp files and is verified against the meta (sizes and xxh3 checksums) before it is
-committed locally, meta last.
+committed locally, meta last. What a meta may name is nanochat/checkpoint.py's one rule (`vouched_files`): only
+that step's own file names are ever fetched, written or deleted, and a download uses the very meta that was
+checked (never a second read, which a tampered or changing bucket could answer differently).
 
 A remote dir may hold checkpoints of several runs (a --resume=False start makes a new run id): only the run's
 own lineage is restored or pruned; the others are left as they are.
@@ -91,10 +93,10 @@ class Remote:
                 continue
             try:
                 meta = self.meta(step)
-                sizes = {name: int(entry["size"]) for name, entry in meta["files"].items()}
-            except (OSError, ValueError, KeyError, TypeError):
+                files = checkpoint.vouched_files(meta, step)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged or tampered meta
                 continue
-            if all(names.get(name) == size for name, size in sizes.items()) and meta.get("step") == step:
+            if all(names.get(name) == want["size"] for name, want in files.items()):
                 if run_id is None or meta.get("run_id") == run_id:
                     out.append((step, meta))
         return out
@@ -118,28 +120,44 @@ class Remote:
         self.fs.pipe_file(self.path(checkpoint.LATEST), f"{step}\n".encode())
         return True
 
-    def download(self, step: int, local: Path) -> checkpoint.Checkpoint:
-        """Fetch `step` into the local dir through temp files, verify it against its meta, commit it (meta last).
-        Raises CheckpointError if it does not verify (nothing of it is left behind then)."""
-        meta_text = self.fs.cat_file(self.path(checkpoint.file_name("meta", step))).decode()
-        meta = json.loads(meta_text)
-        checkpoint.make_dir(local)
-        fetched = []
+    def download(
+        self, step: int, local: Path, meta: dict, warn: Callable[[str], None] = print
+    ) -> checkpoint.Checkpoint:
+        """Fetch `step` into the local dir as `meta` (the one `committed` checked: never read again) vouches for it:
+        through temp files, each fully verified (size, checksum, safe load) before anything is committed, then the
+        files, the meta last, and the marker. A committed local copy of that step is set aside first (see
+        `checkpoint.set_aside`). Raises CheckpointError if it does not verify; on any failure nothing of it is
+        left behind."""
         try:
-            for name in meta["files"]:
-                tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
+            files = checkpoint.vouched_files(meta, step)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{self.url}: the meta of step {step} is not valid ({e})") from None
+        checkpoint.make_dir(local)
+        fetched, placed = {}, []
+        try:
+            for name, want in files.items():
+                fetched[name] = tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
                 self.fs.get_file(self.path(name), str(tmp))
-                fetched.append(tmp)
-                if problem := checkpoint.check_file(tmp, meta["files"][name]):
+                if problem := checkpoint.check_file(tmp, want, load_check=True):
                     raise CheckpointError(f"{self.url}/{name}: {problem}")
-            for tmp in fetched:
-                tmp.rename(local / tmp.name.removeprefix(checkpoint.TMP_PREFIX).removesuffix(".download"))
-            checkpoint.write_text_atomic(local / checkpoint.file_name("meta", step), meta_text)
-            checkpoint.mark_latest(local, step)
+            checkpoint.set_aside(local, step, warn)
+            for name, tmp in fetched.items():
+                placed.append(local / name)
+                tmp.rename(local / name)
+            placed.append(local / checkpoint.file_name("meta", step))
+            checkpoint.write_text_atomic(placed[-1], json.dumps(meta, indent=1))
+            ckpt = checkpoint.inspect(local, step, verify=False)  # as committed (its bytes were verified above)
+            if not ckpt.valid:
+                raise CheckpointError(f"{local}: step {step} does not verify once committed: {ckpt.problem}")
+            checkpoint.mark_latest(local, step)  # last: a failure before leaves the marker as it was
+        except BaseException:
+            for path in reversed(placed):  # the meta first: never a committed checkpoint without its files
+                path.unlink(missing_ok=True)
+            raise
         finally:
-            for tmp in fetched:
+            for tmp in fetched.values():
                 tmp.unlink(missing_ok=True)
-        return checkpoint.inspect(local, step)
+        return ckpt
 
     def plan_prune(self, keep: int, run_id: str | None, keep_every: int = 0) -> dict[int, list[str]]:
         """What `prune` would delete, {step: file names}: the run's committed checkpoints past its newest `keep`
@@ -183,7 +201,7 @@ def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], l
             log(f"the remote {remote.url} has step {step}, newer than the local {have if have >= 0 else 'nothing'}:"
                 " downloading it")  # fmt: skip
             t0 = time.perf_counter()
-            remote.download(step, local)
+            remote.download(step, local, meta, warn)
             if lineage is None and meta.get("run_id"):
                 checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta["run_id"] + "\n")
             log(f"downloaded step {step} in {time.perf_counter() - t0:.1f}s")
@@ -204,13 +222,16 @@ def pull(url: str, step: int | None, to: Path) -> checkpoint.Checkpoint:
         raise CheckpointError(
             f"{url} has no committed checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})"
         )
-    step = steps[0] if step is None else step
+    step, meta = committed[0] if step is None else (step, dict(committed)[step])
     if (to / checkpoint.file_name("meta", step)).exists():
         raise CheckpointError(f"{to} already holds step {step}: pick another --to")
-    ckpt = remote.download(step, to)
-    if not ckpt.valid:
-        raise CheckpointError(f"the download of step {step} does not verify: {ckpt.problem}")
-    return ckpt
+    made = not to.exists()
+    try:
+        return remote.download(step, to, meta)
+    except BaseException:
+        if made and to.is_dir() and not any(to.iterdir()):
+            to.rmdir()
+        raise
 
 
 def push(local: Path, url: str, log: Callable[[str], None] = print) -> list[int]:

@@ -289,7 +289,7 @@ def transfer_section(ckpt_dir: Path, tmp: Path) -> None:
         r.upload(local, ckpt.step)
         up = time.perf_counter() - t0
         t0 = time.perf_counter()
-        r.download(ckpt.step, tmp / f"down-{codec}")
+        r.download(ckpt.step, tmp / f"down-{codec}", dict(r.committed())[ckpt.step])
         down = time.perf_counter() - t0
         print(f"  {codec:<31}{size:>8.1f}{size / up:>14.0f}{size / down:>23.0f}")
 

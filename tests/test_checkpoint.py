@@ -20,6 +20,7 @@ import xxhash
 from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
 from nanochat.saver import Saver
+from tests.test_compress import FORGED, forged
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -94,6 +95,32 @@ def test_file_names_and_scan_ignore_everything_else(tmp_path: Path) -> None:
     assert [c.step for c in ckpts] == [3, 1234567] and all(c.valid for c in ckpts)
     assert [p.name for p in ckpts[1].paths] == ["meta_1234567.json", "model_1234567.pt", "optim_1234567.pt"]
     assert (tmp_path / LATEST).read_text() == "1234567\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model_000001.pt\n",  # `$` matches before a trailing newline
+        "model_\u0660\u0660\u0660\u0660\u0660\u0661.pt",  # Arabic-Indic digits: `\\d` and int() take them as 1
+        "model_\uff10\uff10\uff10\uff10\uff10\uff11.pt",  # fullwidth digits
+        "model_0000001.pt",  # not how file_name spells step 1
+        "model_000001.json",  # another kind's suffix
+        "meta_000001.pt",
+        "model_000001.pt.damaged",
+        "x_model_000001.pt",
+    ],
+)
+def test_names_are_exact_ascii(tmp_path: Path, name: str) -> None:
+    """Only the names file_name spells are checkpoint files: anything else is someone else's, never listed,
+    verified, pruned, archived or fetched as part of a checkpoint."""
+    assert checkpoint.parse_name(name) is None
+    assert checkpoint.parse_name("model_000001.pt") == ("model", 1)
+    save(tmp_path, 1)
+    (tmp_path / name).write_bytes(b"mine")
+    assert [p.name for c in checkpoint.scan(tmp_path) for p in c.paths] == [
+        "meta_000001.json", "model_000001.pt", "optim_000001.pt"]  # fmt: skip
+    save(tmp_path, 2, keep=1)
+    assert steps_on_disk(tmp_path) == [2] and (tmp_path / name).read_bytes() == b"mine"
 
 
 def test_checkpoints_of_the_crc32_era_still_verify(tmp_path: Path) -> None:
@@ -203,6 +230,15 @@ def _unlisted(meta: dict) -> None:
     del meta["files"]["model_000004.pt"]
 
 
+def _listing(name: str, data: bytes = b"alias ls='rm -rf ~'\n"):
+    """An edit that makes the meta vouch for one more file, `name`, with that file's true size and checksum."""
+
+    def edit(meta: dict) -> None:
+        meta["files"][name] = {"size": len(data), "xxh3_64": xxhash.xxh3_64_hexdigest(data)}
+
+    return edit
+
+
 DAMAGE = {
     "truncated model": (lambda d: truncate(d / "model_000004.pt"), r"model_000004.pt has \d+ bytes, meta says \d+"),
     "garbage optim": (lambda d: garble(d / "optim_000004.pt"), "optim_000004.pt fails its checksum"),
@@ -218,6 +254,18 @@ DAMAGE = {
     "meta entry without size": (lambda d: edit_meta(d, 4, _no_size), r"meta_000004.json is unreadable \(KeyError"),
     "meta not listing a file": (lambda d: edit_meta(d, 4, _unlisted), "meta_000004.json does not list model_000004"),
     "meta of another step": (lambda d: edit_meta(d, 4, lambda m: m.update(step=5)), "records step 5"),
+    "meta listing a file of its choosing": (
+        lambda d: edit_meta(d, 4, _listing(".bashrc")),
+        r"meta_000004.json lists '\.bashrc', not a file of step 4",
+    ),
+    "meta listing another step's file": (
+        lambda d: edit_meta(d, 4, _listing("model_000008.pt")),
+        r"meta_000004.json lists 'model_000008.pt', not a file of step 4",
+    ),
+    "meta listing a path": (
+        lambda d: edit_meta(d, 4, _listing("../model_000004.pt")),
+        r"meta_000004.json lists '\.\./model_000004.pt', not a file of step 4",
+    ),
     "files not a dict": (
         lambda d: edit_meta(d, 4, lambda m: m.update(files=[])),
         r"meta_000004.json is unreadable \(AttributeError",
@@ -401,6 +449,27 @@ def test_a_checkpoint_that_checksums_but_does_not_load_safely_is_skipped(tmp_pat
     assert checkpoint.plan_prune(tmp_path, 1) == []
 
 
+@pytest.mark.parametrize("kind", FORGED)
+def test_a_forged_compressed_file_is_invalid_and_resume_falls_back(tmp_path: Path, kind: str) -> None:
+    """A compressed payload whose index declares a wrapping shape, a decompression bomb, or is truncated or
+    garbled, vouched for by a forged meta (right size and checksum): invalid at verification, like any damaged
+    checkpoint, so resume falls back to the older one instead of failing at load at every restart."""
+    for step in (4, 8):
+        save(tmp_path, step, codec="zstd")
+    path = tmp_path / "model_000008.pt"
+    path.write_bytes(forged(kind))
+    edit_meta(tmp_path, 8, lambda m: m["files"][path.name].update(size=path.stat().st_size,
+                                                                 xxh3_64=checkpoint.file_digest(path)))  # fmt: skip
+    assert checkpoint.inspect(tmp_path, 8, verify=False).valid  # sizes alone cannot tell
+    warnings: list[str] = []
+    where, point = checkpoint.find_resume_point(tmp_path, warnings.append)
+    assert point.step == 4 and checkpoint.load(where, point)[0]["wte.weight"].shape == (256, 8)
+    assert len(warnings) == 1 and "skipping the checkpoint at step 8: model_000008.pt is not a valid compressed" \
+        in warnings[0], warnings  # fmt: skip
+    with pytest.raises(CheckpointError, match="model_000008.pt cannot be read"):  # and loading it anyway is refused
+        checkpoint.load(tmp_path, checkpoint.inspect(tmp_path, 8, verify=False))
+
+
 def test_prune_refuses_keep_zero(prunable: Path) -> None:
     with pytest.raises(CheckpointError, match="keep at least 1"):
         checkpoint.plan_prune(prunable, 0)
@@ -484,11 +553,21 @@ def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> N
 
 
 def test_saver_start_removes_temp_debris_with_a_warning(tmp_path: Path) -> None:
-    (tmp_path / f"{TMP_PREFIX}optim_000008.pt.77").write_bytes(b"half")
+    dead = subprocess.Popen(["true"])  # a pid no process has now (a fixed number may be alive on this machine)
+    dead.wait()
+    (tmp_path / f"{TMP_PREFIX}optim_000008.pt.{dead.pid}").write_bytes(b"half")
     warnings: list[str] = []
     Saver(tmp_path, warn=warnings.append).start()
     assert temp_files(tmp_path) == []
-    assert warnings == [f"removed {TMP_PREFIX}optim_000008.pt.77, left by a save that crashed"]
+    assert warnings == [f"removed {TMP_PREFIX}optim_000008.pt.{dead.pid}, left by a save that crashed"]
+
+
+def test_a_temp_name_is_exact_too(tmp_path: Path) -> None:
+    """A name that ends in a live pid plus a newline (or in other digits) is not a save in flight: debris."""
+    odd = [f"{TMP_PREFIX}model_000008.pt.{os.getpid()}\n", f"{TMP_PREFIX}model_000008.pt.\u0661"]
+    for name in odd:
+        (tmp_path / name).write_bytes(b"half")
+    assert checkpoint.clean_temp(tmp_path) == (sorted(tmp_path / name for name in odd), [])
 
 
 def test_resaving_a_damaged_step_keeps_the_damaged_files_and_says_so(tmp_path: Path) -> None:
@@ -607,3 +686,22 @@ def test_a_write_that_fills_the_disk_fails_cleanly(small_fs) -> None:
     assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
     assert snapshot(fs) == before and temp_files(fs) == []
     assert checkpoint.find_latest_valid(fs, pytest.fail).step == 2
+
+
+def test_a_compressed_file_may_not_declare_more_than_the_model_needs(tmp_path: Path) -> None:
+    """Where the model is known (a resume, a chat), it bounds what a compressed file may declare: a state far
+    larger than the model (here zeros, which zstd shrinks ~10000x, so the file's own size allows them) is refused
+    before it is allocated, as a CheckpointError; the real one loads."""
+    model = torch.nn.Linear(16, 16)
+    too_big = {"weight": torch.zeros(1 << 20), "bias": torch.zeros(16)}  # 4 MiB, for a model of 272 weights
+    checkpoint.write(tmp_path, 4, model.state_dict(), {"m": torch.zeros(16)}, {}, codec="zstd")
+    checkpoint.write(tmp_path, 8, too_big, {"m": torch.zeros(16)}, {}, codec="zstd")
+    ckpt = checkpoint.inspect(tmp_path, 8)
+    assert ckpt.valid and checkpoint.load(tmp_path, ckpt)[0]["weight"].shape == (1 << 20,)  # no model: no bound
+    with pytest.raises(CheckpointError, match=r"model_000008\.pt cannot be read .*declares over 4194304 bytes"):
+        checkpoint.load(tmp_path, ckpt, model=model)
+    with pytest.raises(CheckpointError, match="declares over"):
+        checkpoint.load_model(tmp_path, ckpt, model=model)
+    state, optim = checkpoint.load(tmp_path, checkpoint.inspect(tmp_path, 4), model=model)
+    model.load_state_dict(state)
+    assert optim["m"].shape == (16,)

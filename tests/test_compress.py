@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 
 from nanochat import compress
 from nanochat.compress import CompressedFileError
@@ -254,3 +255,60 @@ def test_garbage_and_missing_files(tmp_path):
         compress.read_index(damaged(tmp_path, b"PK\x03\x04" + bytes(100)))
     with pytest.raises(FileNotFoundError):  # storage errors stay OSError
         compress.load(tmp_path / "missing.pt")
+
+
+def container(tensors: list[dict], frames: bytes = b"", tree=None) -> bytes:
+    """The bytes of a compressed file with this index (forged: what a hostile or broken writer could produce)."""
+    tree = {"list": [{"tensor": i} for i in range(len(tensors))]} if tree is None else tree
+    index = json.dumps({"format": 1, "codec": "zstd", "level": 1, "tree": tree, "tensors": tensors}).encode()
+    return compress.MAGIC + frames + index + struct.pack("<Q", len(index)) + compress.MAGIC
+
+
+def forged(kind: str) -> bytes:
+    """A container whose layout is consistent enough to fool a naive reader, for each way of forging one."""
+    if kind == "wrapping shape":  # 2**64 elements: an int64 product wraps to 0, which "matches" no chunks
+        return container([{"dtype": "float32", "shape": [2**32, 2**32], "group": 4, "chunks": []}])
+    if kind == "bomb":  # 16 KiB of real zstd frames that decompress to 512 MiB of zeros, allocated before reading
+        frame = zstandard.ZstdCompressor(level=19).compress(bytes(8 << 20))
+        chunks = [[8 << 20, len(frame)]] * 64
+        return container([{"dtype": "uint8", "shape": [512 << 20], "group": 1, "chunks": chunks}], frame * 64)
+    if kind == "wrapping chunk sizes":  # a frame count that wraps the offsets back onto the index
+        return container([{"dtype": "uint8", "shape": [2**63, 2], "group": 1, "chunks": [[2**64, 1]]}])
+    data = container([{"dtype": "uint8", "shape": [4], "group": 1, "chunks": [[4, 13]]}],
+                     zstandard.ZstdCompressor().compress(bytes(4)))  # fmt: skip
+    if kind == "truncated index":
+        return data[:-20] + data[-16:]
+    if kind == "garbled index":
+        start = len(data) - 16 - struct.unpack("<Q", data[-16:-8])[0]
+        return data[:start] + b"\xff" * (len(data) - 16 - start) + data[-16:]
+    if kind == "bit dtype":  # a dtype torch.empty refuses or that has no bytes to fill
+        return container([{"dtype": "qint8", "shape": [4], "group": 1, "chunks": [[4, 13]]}],
+                         zstandard.ZstdCompressor().compress(bytes(4)))  # fmt: skip
+    raise ValueError(kind)
+
+
+FORGED = ["wrapping shape", "bomb", "wrapping chunk sizes", "truncated index", "garbled index", "bit dtype"]
+
+
+@pytest.mark.parametrize("kind", FORGED)
+def test_forged_containers_are_malformed_before_anything_is_allocated(tmp_path, kind):
+    """Every declared size is exact and bounded by the file's size: a forged index fails in read_index (which
+    verification uses) as a CompressedFileError, never as a RuntimeError at load or a 512 MiB allocation."""
+    data = forged(kind)
+    assert len(data) < 20_000
+    path = damaged(tmp_path, data)
+    with pytest.raises(CompressedFileError, match=r"damaged\.pt (is|has)") as e:
+        compress.read_index(path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CompressedFileError):
+        compress.load(path, threads=1)
+
+
+def test_declared_sizes_are_bounded_by_the_file_and_the_caller(tmp_path):
+    """A real file of zeros (the best case for zstd) loads under the floor; a caller's `max_raw` bounds more."""
+    back, path = roundtrip({"z": torch.zeros(1 << 20)}, tmp_path)
+    assert path.stat().st_size * compress.MAX_RATIO < 4 << 20 and back["z"].count_nonzero() == 0
+    with pytest.raises(CompressedFileError, match=r"state\.pt has a malformed index .*declares over 4194304 bytes"):
+        compress.read_index(path, max_raw=(4 << 20) - 1)
+    with pytest.raises(CompressedFileError, match="declares over"):
+        compress.load(path, max_raw=1 << 20)

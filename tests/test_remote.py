@@ -17,10 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from nanochat import checkpoint, compress
+from nanochat import checkpoint, compress, node_dirs, remote
+from nanochat.checkpoint import LATEST, RUN_ID, CheckpointError, StorageError
+from nanochat.common import DistInfo
 from nanochat.remote import open_remote
 from tests.runs import (
     Trainer,
@@ -320,3 +324,141 @@ def test_push_pull_and_status_and_a_tampered_remote_file_is_refused(tmp_path, me
     done = cli(menv, "prune", "--keep", "1", "--yes", "--remote-dir", url, "--checkpoint-dir", str(local))
     assert done.returncode == 0 and "deleted 2 checkpoint(s)" in done.stdout, done.stderr
     assert remote_steps(url) == [12] and len(list(remote.glob("*_0000*"))) == 3  # the final one, whole
+
+
+# ---- a hostile or broken bucket, in-process (real files through fsspec's local filesystem) -------------------
+
+
+def bucket(tmp_path: Path, steps: dict[int, dict], run_id: str = "run-a") -> str:
+    """A file:// remote holding a checkpoint per step, uploaded from a local dir as a run does; `steps` maps each
+    step to its model state. Returns the URL."""
+    local, url = tmp_path / "source", f"file://{tmp_path / 'bucket'}"
+    local.mkdir()
+    for step, model in steps.items():
+        checkpoint.write(local, step, model, {"m": torch.ones(3) * step}, {"run_id": run_id})
+        open_remote(url).upload(local, step)
+    return url
+
+
+def fine(step: int) -> dict:
+    return {"w": torch.arange(6.0) + step}
+
+
+def unsafe(step: int) -> dict:
+    """A model state whose file has the right size and checksum but does not load with weights_only=True."""
+    return {"w": torch.zeros(2), "evil": Path("/tmp")}
+
+
+def tamper(url: str, step: int, edit) -> bytes:
+    """Rewrite a remote meta (consistently: a tampered bucket, not a damaged one); returns the new bytes."""
+    path = Path(url.removeprefix("file://")) / checkpoint.file_name("meta", step)
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    return path.read_bytes()
+
+
+def with_file(directory: Path, name: str, data: bytes = b"alias ls='rm -rf ~'\n"):
+    """A meta edit that lists `name` (a real file in `directory`) with its true size and checksum."""
+    (directory / name).write_bytes(data)
+    return lambda meta: meta["files"].update({name: {"size": len(data), "xxh3_64": checkpoint.file_digest(
+        directory / name)}})  # fmt: skip
+
+
+class TwoFaced(LocalFileSystem):
+    """A local bucket that answers the first read of each meta truthfully and every later one with `later` (a
+    bucket changed between two reads, or one that serves readers differently): the storage, not the code."""
+
+    protocol = ("twofaced",)
+    later: dict[str, bytes] = {}
+    reads: dict[str, int] = {}
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        path = self._strip_protocol(path)
+        n = TwoFaced.reads[path] = TwoFaced.reads.get(path, 0) + 1
+        if n > 1 and path in TwoFaced.later:
+            return TwoFaced.later[path]
+        return super().cat_file(path, start, end, **kwargs)
+
+
+def test_a_two_faced_bucket_gets_nowhere(tmp_path):
+    """The meta a pull or a restore checked is the one it downloads against: a second read that names another
+    file (`.bashrc`) is never made, so nothing but the checkpoint's own files lands in the local dir."""
+    url = bucket(tmp_path, {4: fine(4)})
+    root = Path(url.removeprefix("file://"))
+    honest = (root / "meta_000004.json").read_bytes()
+    evil = tamper(url, 4, with_file(root, ".bashrc"))
+    (root / "meta_000004.json").write_bytes(honest)
+    fsspec.register_implementation("twofaced", TwoFaced, clobber=True)
+    TwoFaced.later, TwoFaced.reads = {str(root / "meta_000004.json"): evil}, {}
+    pulled = remote.pull(f"twofaced://{root}", None, tmp_path / "pulled")
+    assert pulled.valid and pulled.meta == json.loads(honest)
+    assert not (tmp_path / "pulled" / ".bashrc").exists()
+    assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == [
+        LATEST, "meta_000004.json", "model_000004.pt", "optim_000004.pt"]  # fmt: skip
+    TwoFaced.reads = {}
+    warnings: list[str] = []
+    remote.restore_if_newer(open_remote(f"twofaced://{root}"), tmp_path / "fresh", warnings.append, lambda m: None)
+    assert not (tmp_path / "fresh" / ".bashrc").exists() and checkpoint.inspect(tmp_path / "fresh", 4).valid
+    assert warnings == [] and TwoFaced.reads == {str(root / "meta_000004.json"): 1}  # read once, never again
+
+
+def test_a_meta_naming_other_files_is_not_a_checkpoint_and_nothing_else_is_pruned(tmp_path):
+    """The checkpoint module's one rule on names, remotely: a meta listing any file but its step's own is not
+    committed (never pulled or restored), a download against it fetches nothing, and pruning deletes only the
+    files `file_name` spells, never a lookalike (other digits, another suffix, a trailing newline)."""
+    url = bucket(tmp_path, {4: fine(4), 8: fine(8), 12: fine(12)})
+    root, r = Path(url.removeprefix("file://")), open_remote(url)
+    tamper(url, 12, with_file(root, ".bashrc"))
+    assert [s for s, _ in r.committed()] == [8, 4]
+    with pytest.raises(CheckpointError, match=r"has no committed checkpoint at step 12 \(it has 4, 8\)"):
+        remote.pull(url, 12, tmp_path / "pulled")
+    lookalikes = ["model_000004.json", "model_0000004.pt", "model_\u0660\u0660\u0660\u0660\u0660\u0664.pt",
+                  "optim_000004.pt\n", "meta_000004.json.bak"]  # fmt: skip
+    for name in lookalikes:
+        (root / name).write_bytes(b"mine")
+    assert r.prune(1, "run-a") == [4]
+    kept = [checkpoint.file_name(k, s) for s in (8, 12) for k in ("meta", "model", "optim")]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(("model", "optim", "meta"))) == sorted(
+        lookalikes + kept
+    )
+    meta = json.loads((root / "meta_000012.json").read_text())  # as a caller that skipped `committed` has it
+    with pytest.raises(CheckpointError, match=r"the meta of step 12 is not valid \(lists '\.bashrc'"):
+        r.download(12, tmp_path / "node", meta)
+    assert not (tmp_path / "node").exists()  # refused before anything is made
+
+
+def test_a_download_that_fails_verification_leaves_nothing(tmp_path, menv):
+    """A checkpoint whose sizes and checksums match but whose file does not load safely: a pull is refused (exit
+    1, one line) and leaves no file, no meta and no marker in --to; a restore skips it for the older one and
+    keeps nothing of it either."""
+    url = bucket(tmp_path, {4: fine(4), 8: unsafe(8)})
+    to = tmp_path / "pulled"
+    with pytest.raises(CheckpointError, match=r"does not load safely \(UnpicklingError"):
+        remote.pull(url, None, to)
+    assert not to.exists()  # made by the pull, removed again
+    to.mkdir()
+    (to / "notes.txt").write_text("mine")
+    bad = cli(menv, "pull", url, "--to", str(to))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
+    assert "model_000008.pt: does not load safely" in bad.stderr
+    assert sorted(p.name for p in to.iterdir()) == ["notes.txt"]
+    warnings: list[str] = []
+    local = tmp_path / "fresh"
+    remote.restore_if_newer(open_remote(url), local, warnings.append, lambda m: None)
+    assert len(warnings) == 1 and "skipping the remote checkpoint at step 8" in warnings[0], warnings
+    assert sorted(p.name for p in local.iterdir()) == [
+        RUN_ID, LATEST, "meta_000004.json", "model_000004.pt", "optim_000004.pt"]  # fmt: skip
+    assert (local / LATEST).read_text() == "4\n" and checkpoint.inspect(local, 4).valid
+
+
+def test_a_node_dir_never_commits_a_copy_that_does_not_verify(tmp_path):
+    """A node of a run with a dir per node fetches the resume point from the remote; a copy that does not verify
+    is an error on every rank (here: the one rank, with no collective to wait on), and nothing of it is left."""
+    url = bucket(tmp_path, {8: unsafe(8)})
+    point = checkpoint.inspect(tmp_path / "source", 8, load_check=False)
+    node = tmp_path / "node"
+    one = DistInfo(rank=1, local_rank=0, world_size=1, device=torch.device("cpu"))  # rank 0 is on another node
+    with pytest.raises(StorageError, match=r"downloading step 8 .*/model_000008\.pt: does not load safely"):
+        node_dirs.after_start(node, open_remote(url), one, True, point, "run-a", True, lambda m: None, pytest.fail)
+    assert sorted(p.name for p in node.iterdir()) == [RUN_ID]
