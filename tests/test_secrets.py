@@ -128,6 +128,16 @@ def test_an_inherited_remote_env_never_reaches_torchrun(monkeypatch):
     assert ENV not in procs.environ_for("a-1")
 
 
+def test_the_remote_url_can_come_from_the_environment_and_a_dry_run_shows_it_redacted(tmp_path, env):
+    """NANOCHAT_REMOTE_DIR instead of --remote-dir keeps the URL off the supervisor's own command line too."""
+    env = {**env, ENV: "memory://k:s3cret@bucket/run"}
+    proc = cli(env, "train", "--dry-run", "--depth", "1", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    assert proc.returncode == 0, proc.stderr
+    shown = "memory://***@bucket/run"
+    assert f"--remote_dir={shown}" in proc.stdout and f"remote_dir = {shown!r}" in proc.stdout
+    assert "s3cret" not in proc.stdout + proc.stderr
+
+
 def test_the_event_log_never_records_a_credential(tmp_path):
     append_event(RunDir(tmp_path), "attempt_start", cmd=["torchrun", "--remote_dir=s3://k:s3cret@b/p"])
     text = (tmp_path / "events.jsonl").read_text()
