@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nanochat import resume
 from nanochat.config import ConfigError
 from nanochat.redact import ENV, redact, reveal
 from supervisor import procs
@@ -136,6 +137,13 @@ def test_the_remote_url_can_come_from_the_environment_and_a_dry_run_shows_it_red
     shown = "memory://***@bucket/run"
     assert f"--remote_dir={shown}" in proc.stdout and f"remote_dir = {shown!r}" in proc.stdout
     assert "s3cret" not in proc.stdout + proc.stderr
+
+
+def test_a_resume_from_a_meta_that_holds_credentials_does_not_carry_them_on():
+    """A checkpoint saved before redaction: its remote_dir is the same setting, not a change to record."""
+    saved, now = {"remote_dir": "s3://k:s3cret@b/p", "depth": 2}, {"remote_dir": "s3://***@b/p", "depth": 2}
+    assert resume.changes(saved, now) == []
+    assert resume.changes(saved, {**now, "depth": 3}) == [{"setting": "depth", "from": 2, "to": 3}]
 
 
 def test_the_event_log_never_records_a_credential(tmp_path):
