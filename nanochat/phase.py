@@ -31,6 +31,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import eval_token_count
 from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat.paths import checkpoint_tag
+from nanochat.redact import redact, reveal
 from nanochat.remote import Uploader, check_remote, restore_if_newer
 from nanochat.saver import Saver
 from nanochat.train_loop import (
@@ -169,6 +170,9 @@ class Phase:
         self.t0 = time.perf_counter()
         self.imported = time.time() - psutil.Process().create_time()  # the interpreter's start-up and our imports
         self.name, self.cfg, self.ckpt_dir, self.overrides = name, cfg, ckpt_dir, overrides
+        # the real URL only opens the filesystem; the config (logged, and recorded in every meta) keeps it redacted
+        self.remote_url = reveal(cfg.remote_dir) if cfg.remote_dir else ""
+        cfg.remote_dir = redact(cfg.remote_dir)
         self.dist = init_distributed(cfg.device_type, cfg.dist_timeout)
         self.t_pg = time.perf_counter()
         self.device = self.dist.device
@@ -200,7 +204,7 @@ class Phase:
         self.saver.codec = "zstd" if cfg.compress == "zstd" or cfg.compress == "auto" and cfg.remote_dir else "none"
         self.saver.codec_threads = 1 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
         self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
-        remote = check_remote(cfg.remote_dir) if cfg.remote_dir else None
+        remote = check_remote(self.remote_url) if self.remote_url else None
         if self.per_node and cfg.resume:
             node_dirs.before_start(ckpt_dir, remote, self.dist, self.saver.writer, say, warn)
         if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer

@@ -28,6 +28,7 @@ from pathlib import Path
 from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.config import ConfigError
+from nanochat.redact import redact
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 RETRY_CAP = 120.0  # longest wait between upload retries, in seconds
@@ -35,27 +36,28 @@ OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", 
 
 
 def open_remote(url: str) -> Remote:
-    """The fsspec filesystem of `url`; a protocol whose package is missing is a one-line ConfigError naming it."""
+    """The fsspec filesystem of `url`; a protocol whose package is missing is a one-line ConfigError naming it. The
+    Remote keeps only the redacted URL (nanochat/redact.py): the credentials live in the filesystem object alone."""
     import fsspec
 
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    protocol, shown = url.split("://", 1)[0] if "://" in url else "file", redact(url)
     try:
         fs, root = fsspec.core.url_to_fs(url)
     except ImportError:
         package, extra = EXTRAS.get(protocol, (protocol, protocol))
         raise ConfigError(
-            f"--remote_dir={url}: {protocol}:// needs {package}: pip install 'nanochat-run[{extra}]'"
+            f"--remote_dir={shown}: {protocol}:// needs {package}: pip install 'nanochat-run[{extra}]'"
         ) from None
     except ValueError as e:
-        raise ConfigError(f"--remote_dir={url}: {e}") from None
-    return Remote(fs, root.rstrip("/"), url)
+        raise ConfigError(f"--remote_dir={shown}: {redact(str(e))}") from None
+    return Remote(fs, root.rstrip("/"), shown)
 
 
 @dataclass
 class Remote:
     fs: object  # an fsspec AbstractFileSystem
     root: str
-    url: str
+    url: str  # for messages: the user info and secret query values redacted (nanochat/redact.py)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -216,11 +218,11 @@ def pull(url: str, step: int | None, to: Path) -> checkpoint.Checkpoint:
     remote = check_remote(url)
     committed = remote.committed()
     if not committed:
-        raise CheckpointError(f"{url} holds no committed checkpoint")
+        raise CheckpointError(f"{remote.url} holds no committed checkpoint")
     steps = [s for s, _ in committed]
     if step is not None and step not in steps:
         raise CheckpointError(
-            f"{url} has no committed checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})"
+            f"{remote.url} has no committed checkpoint at step {step} (it has {', '.join(map(str, sorted(steps)))})"
         )
     step, meta = committed[0] if step is None else (step, dict(committed)[step])
     if (to / checkpoint.file_name("meta", step)).exists():
@@ -245,7 +247,7 @@ def push(local: Path, url: str, log: Callable[[str], None] = print) -> list[int]
             continue
         t0 = time.perf_counter()
         remote.upload(local, ckpt.step)
-        log(f"uploaded step {ckpt.step} to {url} in {time.perf_counter() - t0:.1f}s")
+        log(f"uploaded step {ckpt.step} to {remote.url} in {time.perf_counter() - t0:.1f}s")
         sent.append(ckpt.step)
     return sent
 
@@ -255,10 +257,11 @@ def lag(local: Path, url: str) -> dict:
     many local valid checkpoints are newer (not copied yet)."""
     point = checkpoint.find_latest_valid(local, warn=lambda msg: None, load_check=False) if local.is_dir() else None
     lineage = checkpoint.run_id(local, point)
-    committed = check_remote(url).committed(lineage)
+    remote = check_remote(url)
+    committed = remote.committed(lineage)
     newest = committed[0][0] if committed else None
     local_steps = [c.step for c in checkpoint.scan(local) if c.valid] if local.is_dir() else []
-    return {"url": url, "remote_step": newest, "remote_steps": sorted(s for s, _ in committed),
+    return {"url": remote.url, "remote_step": newest, "remote_steps": sorted(s for s, _ in committed),
             "behind": sum(1 for s in local_steps if newest is None or s > newest)}  # fmt: skip
 
 
@@ -276,7 +279,8 @@ def copy_tree(local: Path, url: str, skip: Callable[[Path], bool] = lambda path:
 
 
 def first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """An error's first line for a message, any URL in it redacted (a storage error may quote the URL it used)."""
+    text = redact(str(e)).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 

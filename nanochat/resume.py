@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nanochat.checkpoint import CheckpointError
 from nanochat.optim import lr_multiplier
+from nanochat.redact import redact
 
 # model_config keys a checkpoint cannot change, with the settings users know them by
 MODEL = {"n_layer": "depth", "n_embd": "model width (--head_dim, depth)", "n_head": "heads (--head_dim)",
@@ -62,6 +63,8 @@ def _refuse(step: int, directory: Path, have: str, want) -> None:
 
 def changes(saved: dict, current: dict) -> list[dict]:
     """The settings that differ from the checkpoint's train_config, as {"setting", "from", "to"}."""
+    # a meta written before credentials in URLs were redacted: compared, and carried on, redacted
+    saved = {key: redact(value) if isinstance(value, str) else value for key, value in saved.items()}
     return [{"setting": key, "from": saved[key], "to": current[key]}
             for key in sorted(saved) if key in current and key not in QUIET and saved[key] != current[key]]  # fmt: skip
 

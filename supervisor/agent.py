@@ -324,13 +324,14 @@ class Agent:
         spec = self.launch_spec(log_dir)
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
+        env = procs.environ_for(attempt_id, self.dir_per_node, opts.env)
         try:
-            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id, self.dir_per_node))
+            proc = procs.launch(spec, log_dir / "torchrun.log", env)
         except OSError as e:  # the log cannot be created (a full disk): log elsewhere rather than not run
             log_dir = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
             self.display.event(f"cannot create {spec.log_dir / 'torchrun.log'} ({e}); this attempt logs to {log_dir}")
             spec = dataclasses.replace(spec, log_dir=log_dir)
-            proc = procs.launch(spec, log_dir / "torchrun.log", procs.environ_for(attempt_id, self.dir_per_node))
+            proc = procs.launch(spec, log_dir / "torchrun.log", env)
         oom.watch(proc.pid)
         t = time.monotonic()
         lineage = checkpoint.run_id(opts.checkpoint_dir)

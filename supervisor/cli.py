@@ -24,6 +24,7 @@ from nanochat.paths import (
     checkpoint_tag,
     get_base_dir,
 )
+from nanochat.redact import redact
 from supervisor import cli_remote, report, tail
 from supervisor.launch import CONFIGS, Supervision, UsageProblem, check_script, phase_of_script, resolve, train_options
 from supervisor.options import (
@@ -561,7 +562,7 @@ def main() -> None:
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (UsageProblem, checkpoint.CheckpointError, OSError) as e:
-        print(f"nanochat-run: error: {e}", file=sys.stderr)
+        print(f"nanochat-run: error: {redact(str(e))}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UsageProblem) else 1)
     except Exception as e:
         if not hasattr(e, "format_message"):  # click's usage errors (typer may vendor its own click)

@@ -10,6 +10,7 @@ import typer
 
 from nanochat import checkpoint
 from nanochat.config import ConfigError
+from nanochat.redact import redact
 from supervisor.launch import UsageProblem
 from supervisor.options import PhaseOption, confirm, resolve_dirs
 
@@ -25,7 +26,7 @@ def remote_call(what: str, url: str, call):
     except (checkpoint.CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:  # noqa: BLE001 - network, credentials, a missing bucket: one line, never a traceback
-        raise checkpoint.StorageError(f"{what} {url} failed ({type(e).__name__}: {first_line(e)})") from None
+        raise checkpoint.StorageError(f"{what} {redact(url)} failed ({type(e).__name__}: {first_line(e)})") from None
 
 
 def pull(
@@ -38,7 +39,7 @@ def pull(
     """Fetch a remote checkpoint, verified against its meta (sizes and checksums), e.g. to chat with it elsewhere."""
     from nanochat import remote
 
-    target = (to or Path.cwd() / url.rstrip("/").rsplit("/", 1)[-1]).expanduser().resolve()
+    target = (to or Path.cwd() / redact(url).rstrip("/").rsplit("/", 1)[-1]).expanduser().resolve()
     ckpt = remote_call("pulling from", url, lambda: remote.pull(url, step, target))
     print(f"pulled step {ckpt.step} ({(ckpt.meta or {}).get('phase', 'base_train')}) into {target}, verified")
     print(f"chat with it: python -m scripts.chat_cli --checkpoint_dir {target}")
@@ -59,7 +60,8 @@ def push(
     if not any(c.valid for c in checkpoint.scan(ckpt_dir)):
         raise UsageProblem(f"no valid checkpoints in {ckpt_dir}: nothing to push")
     sent = remote_call("pushing to", remote_dir, lambda: remote.push(ckpt_dir, remote_dir))
-    print(f"pushed {len(sent)} checkpoint(s) to {remote_dir}" if sent else f"{remote_dir} already has them all")
+    shown = redact(remote_dir)
+    print(f"pushed {len(sent)} checkpoint(s) to {shown}" if sent else f"{shown} already has them all")
 
 
 def prune_remote(url, keep, keep_every, checkpoint_dir, run_dir, depth, model_tag, phase, dry_run, yes) -> None:
@@ -70,6 +72,7 @@ def prune_remote(url, keep, keep_every, checkpoint_dir, run_dir, depth, model_ta
     ckpt_dir, _ = resolve_dirs(checkpoint_dir, run_dir, depth, model_tag, phase=phase)
     lineage = checkpoint.run_id(ckpt_dir) if ckpt_dir.is_dir() else None
     r = remote_call("reading", url, lambda: remote.check_remote(url))
+    url = r.url  # from here on, for messages only
     doomed = remote_call("reading", url, lambda: r.plan_prune(keep, lineage, keep_every))
     if not doomed:
         print(f"nothing to prune in {url} (keeping the newest {keep})")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from nanochat.config import ConfigError, parse_args
 from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, PHASE_SCRIPTS, checkpoint_tag, get_base_dir, phase_dirs
+from nanochat.redact import ENV as REMOTE_ENV
+from nanochat.redact import redact
 from supervisor.policy import Policy
 
 DEFAULT_SCRIPT = "scripts.base_train"
@@ -161,6 +163,7 @@ class Launch:
     budget: int | None = None  # --num_iterations, when set
     depth: int | None = None
     model_tag: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # for torchrun and its workers: a --remote_dir's credentials
 
 
 def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
@@ -188,6 +191,11 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     launch.dist_timeout, launch.fresh = cfg.dist_timeout, not cfg.resume
     launch.budget = cfg.num_iterations if cfg.num_iterations > 0 else None
     launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
+    # credentials in --remote_dir: off the command line (`ps` shows it, torchrun.log and the event log record it),
+    # into the environment, where the trainer finds the real URL (nanochat/redact.py)
+    if redact(cfg.remote_dir) != cfg.remote_dir:
+        launch.trainer_args = [redact(arg) for arg in trainer_args]
+        launch.env = {REMOTE_ENV: cfg.remote_dir}
     return launch
 
 
@@ -211,6 +219,7 @@ class TrainOptions:
     rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
     local_addr: str | None = None  # torchrun --local-addr (ranks are sorted by it: the lowest gets global rank 0)
     phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
+    env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
@@ -224,7 +233,7 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         run_dir.expanduser().resolve(), nproc, sup.nnodes, sup.node_rank, sup.rdzv_endpoint,
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
-                        local_addr=sup.local_addr, phase=launch.phase)  # fmt: skip
+                        local_addr=sup.local_addr, phase=launch.phase, env=launch.env)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

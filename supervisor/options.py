@@ -11,6 +11,7 @@ import typer
 
 from nanochat.config import ConfigError
 from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
+from nanochat.redact import ENV as REMOTE_ENV
 from supervisor.launch import UsageProblem
 from supervisor.records import RunDir, read_events
 
@@ -44,7 +45,9 @@ RemoteOption = Annotated[
     str | None,
     typer.Option(
         help="Also copy checkpoints to this fsspec URL (s3://bucket/prefix, gs://..., file:///...) and"
-        " restore from it when it is newer (the trainer's --remote_dir)."
+        " restore from it when it is newer (the trainer's --remote_dir). Credentials in it (user:password@) are"
+        " never written or shown; set the variable instead to keep them off this command line too.",
+        envvar=REMOTE_ENV,
     ),
 ]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from nanochat import node_dirs
+from nanochat import node_dirs, redact
 from nanochat.lifeline import die_with_parent
 
 ATTEMPT_ENV = "NANOCHAT_ATTEMPT_ID"  # set for torchrun, inherited by every process of the attempt
@@ -87,17 +87,19 @@ def _die_with(parent: int):
     return arm
 
 
-def environ_for(attempt_id: str, dir_per_node: bool = False) -> dict[str, str]:
+def environ_for(attempt_id: str, dir_per_node: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment for torchrun, tagged with the attempt id: every process of the attempt inherits the tag, so
     /proc/<pid>/environ finds them all, even workers orphaned by a dead torchrun. `dir_per_node`: the nodes
-    share no checkpoint dir; the trainer keeps a copy on each (nanochat/node_dirs.py)."""
+    share no checkpoint dir; the trainer keeps a copy on each (nanochat/node_dirs.py). `extra`: the phase's own
+    (a --remote_dir's real URL, kept off the command line: nanochat/redact.py)."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     env[ATTEMPT_ENV] = attempt_id
-    env.pop(node_dirs.ENV, None)  # ours to set, never inherited
+    for ours in (node_dirs.ENV, redact.ENV):  # ours to set, never inherited
+        env.pop(ours, None)
     if dir_per_node:
         env[node_dirs.ENV] = "1"
-    return env
+    return {**env, **(extra or {})}
 
 
 def attempt_processes(attempt_id: str) -> list[psutil.Process]:

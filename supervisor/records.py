@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.redact import redact
+
 TORCHRUN_LOG = "torchrun.log"  # torchrun's own output in an attempt's log dir, every rank's lines tee'd into it
 
 
@@ -75,7 +77,7 @@ class RunDir:
 def append_event(run_dir: RunDir, event: str, **fields) -> dict:
     record = {"event": event, "time": time.time(), **fields}
     run_dir.path.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, default=str) + "\n"
+    line = redact(json.dumps(record, default=str)) + "\n"  # never a credential in a URL (nanochat/redact.py)
     with open(run_dir.events, "ab+") as f:
         if f.tell() and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
             line = "\n" + line  # a supervisor killed mid-write left a torn line: never glue this record onto it

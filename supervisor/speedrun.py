@@ -41,6 +41,7 @@ from nanochat.config import ConfigError
 from nanochat.dataset import data_dir, list_shards
 from nanochat.locks import DirLock
 from nanochat.paths import PHASE_DIRS, PHASE_SCRIPTS, file_fingerprint, get_base_dir, tokenizer_file
+from nanochat.redact import redact
 from supervisor.launch import Launch, UsageProblem, parse_settings, resolve
 from supervisor.records import EventLog, RunDir
 
@@ -223,6 +224,7 @@ class Speedrun:
         from nanochat.remote import copy_tree, first_line
 
         url, failure = self.remote_of("speedrun"), []
+        shown = redact(url)
 
         def copy() -> None:
             try:
@@ -235,7 +237,7 @@ class Speedrun:
         worker.join(RUN_DIR_COPY_TIMEOUT)
         if failure or worker.is_alive():
             why = failure[0] if failure else f"no answer in {RUN_DIR_COPY_TIMEOUT}s"
-            self.display(f"speedrun: could not copy the run dir to {url} ({why}); the checkpoints' copies go on")
+            self.display(f"speedrun: could not copy the run dir to {shown} ({why}); the checkpoints' copies go on")
             self._copy_failed = True
 
     def _phase(self, phase: str, redo: bool, rebuilt: bool) -> tuple[int, bool]:
