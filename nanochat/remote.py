@@ -16,6 +16,7 @@ own lineage is restored or pruned; the others are left as they are.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.config import ConfigError
 
@@ -128,8 +129,10 @@ class Remote:
         try:
             for name in meta["files"]:
                 tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
-                self.fs.get_file(self.path(name), str(tmp))
-                fetched.append(tmp)
+                tmp.unlink(missing_ok=True)  # debris of an earlier try (a link planted there: never followed)
+                with open(safefile.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
+                    fetched.append(tmp)
+                    self.fs.get_file(self.path(name), out)
                 if problem := checkpoint.check_file(tmp, meta["files"][name]):
                     raise CheckpointError(f"{self.url}/{name}: {problem}")
             for tmp in fetched:
