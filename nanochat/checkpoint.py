@@ -303,7 +303,7 @@ def scan(directory: Path, verify: bool = False) -> list[Checkpoint]:
 def read_latest_marker(directory: Path) -> tuple[int | None, str]:
     """(step, problem) from latest_step.txt; problem is empty when the marker is fine."""
     try:
-        text = safefile.read_text(directory / LATEST, limit=4096, errors="replace").strip()
+        text = safefile.read_text(directory / LATEST, limit=1 << 16, errors="replace").strip()
     except FileNotFoundError:
         return None, f"{LATEST} is missing"
     except safefile.UnsafeFileError as e:  # a planted symlink, a FIFO: refused, never followed

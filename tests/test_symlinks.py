@@ -197,7 +197,7 @@ def test_a_fifo_or_a_huge_file_at_a_small_files_name_is_refused_without_blocking
         checkpoint.run_id(tmp_path)
     (tmp_path / LATEST).write_text("1" * 100_000)
     step, problem = checkpoint.read_latest_marker(tmp_path)
-    assert step is None and "over 4096 bytes" in problem
+    assert step is None and "over 65536 bytes" in problem
 
 
 def test_the_trainer_refuses_a_planted_run_id_and_writes_no_meta(tmp_path: Path) -> None:
