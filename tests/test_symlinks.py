@@ -23,6 +23,7 @@ from nanochat.tokenizer import FILE_NAME, Tokenizer
 from nanochat.train_loop import Heartbeat, find_start
 from supervisor import plot, procs
 from supervisor.records import EventLog, RunDir, append_event, read_events, read_heartbeat
+from supervisor.speedrun import Speedrun, load_config
 from tests.test_checkpoint import save
 
 VICTIM = "7\n"  # parses as a step, a run id and JSON: whatever reads it through a link would take it for ours
@@ -116,6 +117,14 @@ def torchrun_log(d: Path, victim: Path) -> None:
         proc.wait()
 
 
+def speedrun_log(d: Path, victim: Path) -> None:
+    """A speedrun's plain phase's log (<run dir>/eval.log): refused before the command runs."""
+    run = Speedrun("t", 1, True, False, None, d, load_config(None), lambda launch, fresh: 0, display=lambda line: None)
+    plant(d / "eval.log", victim)
+    with pytest.raises(safefile.UnsafeFileError, match="eval.log is a symlink"):
+        run._command("eval", ["-c", "print('through the link')"])
+
+
 def fault_marker(d: Path, victim: Path) -> None:
     """A fault's `.fault-fired-*` marker, planted before the victim exists: never created through the link."""
     fault = Fault.parse("raise@step:1")
@@ -169,7 +178,7 @@ def remote_download(d: Path, victim: Path) -> None:
 CASES: dict[str, Callable[[Path, Path], None]] = {
     f.__name__: f
     for f in (metrics_repair, metrics_log, heartbeat, run_id, latest_marker, locks, event_log, torchrun_log,
-              fault_marker, snapshot_origin, tokenizer, plot_png, remote_download)
+              speedrun_log, fault_marker, snapshot_origin, tokenizer, plot_png, remote_download)
 }  # fmt: skip
 
 
@@ -178,6 +187,7 @@ def test_a_symlink_planted_at_a_fixed_name_is_never_followed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     monkeypatch.setenv("NANOCHAT_SHM_DIR", str(tmp_path / "shm"))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     victim = tmp_path / "outside" / "victim"
     victim.parent.mkdir()
     victim.write_text(VICTIM)
