@@ -33,7 +33,6 @@ from the trainer (when, where, in the background) is nanochat/saver.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import threading
@@ -47,14 +46,15 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from nanochat import safefile
 from nanochat.lifeline import writer_alive, writer_id
+from nanochat.safefile import TMP_PREFIX, fsync_path, make_dir  # noqa: F401 - this module's names since long
 
 if TYPE_CHECKING:
     import torch
 
 LATEST = "latest_step.txt"
 RUN_ID = ".run_id"
-TMP_PREFIX = ".tmp."
 # ASCII digits only, and \Z (not $, which also matches before a trailing newline): a name is exact or not ours
 _NAME = re.compile(r"(model|optim|meta)_([0-9]{6,})\.(?:pt|json)")
 _TMP_WRITER = re.compile(r"\.([0-9]+)(?:-([0-9]+))?\Z")  # .<pid>-<process start time>
@@ -142,29 +142,6 @@ class Checkpoint:
 # durable writes
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dir(path: Path, mode: int = 0o777) -> None:
-    """mkdir -p whose new entries survive a power cut: each created level's parent is fsync'ed."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for d in reversed(missing):
-        try:
-            os.mkdir(d, mode)
-        except FileExistsError:
-            continue
-        fsync_path(d.parent)
-
-
 class _HashingWriter:
     """A file wrapper that computes size and checksum as bytes go out (no second read), with a fault hook."""
 
@@ -196,30 +173,23 @@ def _write_atomic(
     mid_write: Callable[[], None] | None = None,
     private: bool = False,
 ):
-    """Write through a temp file, fsync, rename. Returns (size, xxh3-64 hex digest). Leaves no temp file on error.
+    """Write through a temp file, fsync, rename (nanochat/safefile.py: created exclusively, never through a
+    symlink; `private` makes it 0600, for snapshots in shared memory). Returns (size, xxh3-64 hex digest)."""
+    writers: list[_HashingWriter] = []
 
-    The temp file is created exclusively and never through a symlink; `private` makes it 0600 (snapshots in
-    shared memory), otherwise the umask decides as for any file."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{writer_id()}")
-    writer = None
+    def hashed(f) -> tuple[int, str]:
+        writers.append(_HashingWriter(f, mid_write))
+        write(writers[0])
+        return writers[0].size, writers[0].hash.hexdigest()
+
     try:
-        tmp.unlink(missing_ok=True)  # our own pid's debris (a retried save); nobody else writes under our pid
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600 if private else 0o666)
-        with open(fd, "wb") as f:
-            writer = _HashingWriter(f, mid_write)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        return safefile.write_atomic(path, hashed, private)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+        if writers and writers[0].error is not None and not isinstance(e, OSError):
             # a full disk inside torch.save surfaces as RuntimeError("unexpected pos ..."): re-raise the OSError
             # (ENOSPC, EFBIG, EIO) so the caller can say what happened instead of crashing with a traceback
-            raise writer.error from e
+            raise writers[0].error from e
         raise
-    fsync_path(path.parent)
-    return writer.size, writer.hash.hexdigest()
 
 
 def _torch_save(state: dict, f: _HashingWriter) -> None:
@@ -242,7 +212,7 @@ def _torch_save(state: dict, f: _HashingWriter) -> None:
 
 
 def write_text_atomic(path: Path, text: str, private: bool = False) -> None:
-    _write_atomic(path, lambda w: w.write(text.encode()), private=private)
+    safefile.write_text(path, text, private)
 
 
 def file_digest(path: Path, algo: str = "xxh3_64", chunk: int = 1 << 24) -> str:
@@ -359,10 +329,12 @@ def scan(directory: Path, verify: bool = False) -> list[Checkpoint]:
 
 def read_latest_marker(directory: Path) -> tuple[int | None, str]:
     """(step, problem) from latest_step.txt; problem is empty when the marker is fine."""
-    path = directory / LATEST
-    if not path.exists():
+    try:
+        text = safefile.read_text(directory / LATEST, limit=1 << 16, errors="replace").strip()
+    except FileNotFoundError:
         return None, f"{LATEST} is missing"
-    text = path.read_text(errors="replace").strip()
+    except safefile.UnsafeFileError as e:  # a planted symlink, a FIFO: refused, never followed
+        return None, f"{LATEST} is {e.strerror}"
     if not (text.isascii() and text.isdigit()):  # isdigit() alone accepts "²", which int() refuses
         return None, f"{LATEST} holds {text[:40]!r}, not a step number"
     return int(text), ""
@@ -745,10 +717,12 @@ def source_changed(record: dict) -> str:
 def run_id(directory: Path, disk: Checkpoint | None = None) -> str | None:
     """The run id of this directory's lineage: `.run_id`, else the one the newest valid checkpoint records."""
     try:
-        text = (directory / RUN_ID).read_text().strip()
+        text = safefile.read_text(directory / RUN_ID, limit=4096).strip()
         if text:
             return text
-    except OSError:
+    except safefile.UnsafeFileError as e:  # a planted symlink: its target must never become this run's lineage
+        raise CheckpointError(str(e)) from None
+    except (OSError, UnicodeDecodeError):
         pass
     return (disk.meta or {}).get("run_id") if disk else None
 

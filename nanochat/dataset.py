@@ -18,7 +18,6 @@ import http.client
 import os
 import random
 import re
-import secrets
 import sys
 import sysconfig
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanochat import safefile
 from nanochat.cli import ArgParser, run_main
 from nanochat.common import get_base_dir
 
@@ -148,22 +148,10 @@ def builtin_documents(seed: int = 0, max_docs: int | None = None) -> list[str]:
     return docs if max_docs is None else docs[:max_docs]
 
 
-def _temp_path(dest: Path) -> Path:
-    """A fresh hidden name next to dest (same filesystem, so the final rename is atomic)."""
-    return dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-
-
 def _write_atomic(table: pa.Table, dest: Path, docs_per_row_group: int) -> None:
-    """Write table to a temp file next to dest, fsync it, and rename it into place."""
-    tmp = _temp_path(dest)
-    try:
-        with open(tmp, "xb") as fh:
-            pq.write_table(table, fh, row_group_size=docs_per_row_group, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write table to a temp file next to dest, fsync it, and rename it into place (nanochat/safefile.py)."""
+    write = lambda fh: pq.write_table(table, fh, row_group_size=docs_per_row_group, compression="zstd")  # noqa: E731
+    safefile.write_atomic(dest, write)
 
 
 def write_builtin_corpus(
@@ -203,27 +191,26 @@ def write_builtin_corpus(
 
 def _fetch(url: str, dest: Path, timeout: float) -> int:
     """One attempt: stream url into a temp file next to dest, check it, rename it into place; returns bytes."""
-    tmp = _temp_path(dest)
-    try:
-        with open(tmp, "xb") as fh, urllib.request.urlopen(url, timeout=timeout) as resp:
+
+    def stream(fh) -> int:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             expected = resp.headers.get("Content-Length")
             size = 0
             while chunk := resp.read(CHUNK_BYTES):
                 fh.write(chunk)
                 size += len(chunk)
-            # http.client does not always notice a connection closed early: check the length ourselves
-            if expected is not None and size != int(expected):
-                raise ConnectionError(f"truncated download of {url}: got {size} of {expected} bytes")
-            fh.flush()
-            os.fsync(fh.fileno())
+        # http.client does not always notice a connection closed early: check the length ourselves
+        if expected is not None and size != int(expected):
+            raise ConnectionError(f"truncated download of {url}: got {size} of {expected} bytes")
+        return size
+
+    def check(tmp: Path) -> None:
         try:
             pq.ParquetFile(tmp).close()  # reads the footer: catches HTML error pages and corrupt files
         except (pa.ArrowException, OSError) as err:
             raise ConnectionError(f"{url} did not return a valid parquet file ({err})") from err
-        os.replace(tmp, dest)
-        return size
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    return safefile.write_atomic(dest, stream, check=check)
 
 
 def _fetch_with_retries(url: str, dest: Path, retries: int, timeout: float, backoff: float) -> int:

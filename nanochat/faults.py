@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat import safefile
+
 _SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval|upload):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
 _SAVE_PHASES = ("model", "optim", "meta", "latest", "prune", "snapshot")
 
@@ -75,10 +77,10 @@ class Fault:
         if self.every_attempt or self.kind == "sleep":
             return True
         marker = self._marker()
-        if marker.exists():
+        if os.path.lexists(marker):  # (a link planted there counts as fired: never followed, never written through)
             return False
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{time.time()}\n")  # before firing: a SIGKILL leaves no chance afterwards
+        safefile.write_text(marker, f"{time.time()}\n")  # before firing: a SIGKILL leaves no chance afterwards
         return True
 
     def _marker(self) -> Path:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from nanochat import safefile
 from nanochat.checkpoint import CheckpointError, make_dir
 from nanochat.lifeline import pid_alive
 
@@ -43,7 +44,10 @@ class DirLock:
         """Take the lock, waiting up to `wait` seconds for a live holder (`on_wait` is told once). Returns a message
         if a stale lock was taken over, else ''. Raises LockError naming the holder if it stays held."""
         make_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fd = safefile.open_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except safefile.UnsafeFileError as e:  # a planted symlink: never locked, written or truncated through
+            raise LockError(str(e)) from None
         deadline, told = time.monotonic() + wait, False
         while True:
             try:
@@ -81,7 +85,7 @@ class DirLock:
 
 def _read_lock(path: Path) -> dict:
     try:
-        info = json.loads(path.read_text() or "{}")
+        info = json.loads(safefile.read_text(path, limit=4096) or "{}")
         return info if isinstance(info, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -91,8 +95,8 @@ def lock_holder(directory: Path, role: str = "supervisor") -> dict | None:
     """The live process holding the lock ({pid, host, started, alive}), or None (no lock file, or a stale one)."""
     path = directory / LOCKS[role]
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+        fd = safefile.open_fd(path, os.O_RDONLY)
+    except OSError:  # none, or not a regular file (never followed)
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

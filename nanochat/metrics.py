@@ -12,7 +12,8 @@ metrics.jsonl holds three kinds of lines, each with "kind", "step" and "time":
 A started attempt first drops every line past the step it resumes from (rewriting the file to a temp file and
 renaming it, so a crash meanwhile leaves the old file or the new one), then appends its start line: the file always
 tells one consistent history, one "step" line per step, plus where each attempt began and what the one before it
-lost. Rank 0 writes it; a failure (a full disk) warns once and never stops training.
+lost. Rank 0 writes it; a failure (a full disk, a symlink planted at the name: nanochat/safefile.py never follows
+one) warns once and never stops training.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from nanochat import safefile
+
 FILE = "metrics.jsonl"
 
 
 def read(directory: Path) -> list[dict]:
     """Every well-formed line of a checkpoint dir's metrics.jsonl, in order (a torn last line is skipped)."""
-    path = directory / FILE
-    return parse(path.read_text(errors="replace")) if path.exists() else []
+    try:
+        return parse(safefile.read_text(directory / FILE, errors="replace"))
+    except FileNotFoundError:
+        return []
 
 
 def parse(text: str) -> list[dict]:
@@ -78,7 +83,10 @@ class MetricsLog:
         if not enabled:
             return
         try:
-            text = self.path.read_text(errors="replace") if self.path.exists() else ""
+            try:
+                text = safefile.read_text(self.path, errors="replace")
+            except FileNotFoundError:
+                text = ""
             records, reached = parse(text), None
             kept = [r for r in records if r["step"] <= start_step]
             for record in records:
@@ -86,9 +94,7 @@ class MetricsLog:
                     reached = max(reached or 0, record["step"])
             # lines past the resume point, a torn or malformed one: rewrite, atomically
             if len(kept) != len(text.splitlines()) or text and not text.endswith("\n"):
-                tmp = self.path.with_name(FILE + ".tmp")
-                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-                os.replace(tmp, self.path)
+                safefile.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         except OSError as e:
             self._failed(e)
             return
@@ -109,7 +115,7 @@ class MetricsLog:
             self._append(start)
         try:
             if self.file is None:  # opened once, line-buffered: a step costs one write, and a crash tears one line
-                self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives as long as the attempt
+                self.file = safefile.open_append(self.path, "a", buffering=1)  # lives as long as the attempt
             self.file.write(json.dumps({**record, "time": time.time()}) + "\n")
         except OSError as e:
             self._failed(e)

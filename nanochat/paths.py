@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nanochat import safefile
 from nanochat.config import ConfigError
 
 DEFAULT_DEPTH = 20  # TrainConfig.depth's default; the default model's checkpoints go to base_checkpoints/d20
@@ -50,7 +51,7 @@ def file_fingerprint(path: Path) -> str | None:
     import xxhash
 
     try:
-        return xxhash.xxh3_64_hexdigest(path.read_bytes())
+        return xxhash.xxh3_64_hexdigest(safefile.read_bytes(path))
     except OSError:
         return None
 

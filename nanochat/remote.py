@@ -18,6 +18,7 @@ own lineage is restored or pruned; the others are left as they are.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.config import ConfigError
 from nanochat.redact import redact
@@ -138,8 +139,11 @@ class Remote:
         fetched, placed = {}, []
         try:
             for name, want in files.items():
-                fetched[name] = tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
-                self.fs.get_file(self.path(name), str(tmp))
+                tmp = local / f"{checkpoint.TMP_PREFIX}{name}.download"
+                tmp.unlink(missing_ok=True)  # debris of an earlier try (a link planted there: never followed)
+                with open(safefile.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
+                    fetched[name] = tmp
+                    self.fs.get_file(self.path(name), out)
                 if problem := checkpoint.check_file(tmp, want, load_check=True):
                     raise CheckpointError(f"{self.url}/{name}: {problem}")
             checkpoint.set_aside(local, step, warn)

@@ -32,6 +32,7 @@ from nanochat.checkpoint import (
     write_text_atomic,
 )
 from nanochat.locks import lock_holder
+from nanochat.safefile import read_text
 
 
 def root() -> Path:
@@ -151,8 +152,8 @@ def stale() -> list[tuple[Path, str]]:
     found = []
     for home in sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink()):
         try:
-            origin = Path((home / "origin").read_text().strip())
-        except OSError:
+            origin = Path(read_text(home / "origin", limit=1 << 16).strip())
+        except (OSError, UnicodeDecodeError):
             found.append((home, "no record of its checkpoint dir (debris)"))
             continue
         if not origin.is_dir():

@@ -16,6 +16,7 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanochat import safefile
 from nanochat.paths import file_fingerprint, tokenizer_file
 
 BOS = "<|bos|>"
@@ -122,20 +123,17 @@ class Tokenizer:
     def save(self, directory: Path) -> None:
         """Write directory/tokenizer.json atomically (temp file, then rename)."""
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{FILE_NAME}.{os.getpid()}.tmp"
-        try:
-            self._hf.save(str(tmp))
-            os.replace(tmp, directory / FILE_NAME)
-        finally:
-            tmp.unlink(missing_ok=True)
+        safefile.write_text(directory / FILE_NAME, self._hf.to_str(pretty=True))  # (nanochat/safefile.py)
 
     @classmethod
     def load(cls, directory: Path) -> Tokenizer:
         path = directory / FILE_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer in {directory}: run `python -m scripts.tok_train`")
         try:
-            hf = HFTokenizer.from_file(str(path))
+            text = safefile.read_text(path, errors="replace")  # a planted symlink is refused, never followed
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no tokenizer in {directory}: run `python -m scripts.tok_train`") from None
+        try:
+            hf = HFTokenizer.from_str(text)
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"{path} is not a valid tokenizer ({err}): rerun `python -m scripts.tok_train`") from err
         tokenizer = cls(hf)

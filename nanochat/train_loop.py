@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from nanochat import checkpoint, metrics, snapshots
+from nanochat import checkpoint, metrics, safefile, snapshots
 from nanochat.checkpoint import CheckpointError, StorageError
 from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
 from nanochat.config import ConfigError, HelpRequested
@@ -171,11 +171,9 @@ class Heartbeat:
         self.last = fields
         if not self.enabled:
             return
-        tmp = f"{self.path}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump({**self.fixed, **fields, "time": time.time(), "pid": os.getpid()}, f)
-            os.replace(tmp, self.path)
+        beat = {**self.fixed, **fields, "time": time.time(), "pid": os.getpid()}
+        try:  # through a temp file of our own, never a link planted at a fixed name
+            safefile.write_text(Path(self.path), json.dumps(beat), durable=False)
         except OSError as e:
             if not self.failed:
                 warn0(f"cannot write the heartbeat file {self.path} ({e.strerror or e}); training goes on")

@@ -17,6 +17,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanochat import safefile
 from nanochat.common import EXIT_REFUSED, EXIT_STORAGE
 from supervisor.memory import nearly_full
 from supervisor.procs import signal_name
@@ -59,7 +60,7 @@ def read_error_files(log_dir: Path) -> list[dict]:
     found = []
     for path in sorted(log_dir.rglob("error.json")) if log_dir.exists() else []:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(safefile.read_bytes(path, limit=1 << 20))
             msg = data.get("message", {})
             if isinstance(msg, str):
                 text, stamp = msg, 0
@@ -77,7 +78,7 @@ def read_error_files(log_dir: Path) -> list[dict]:
 
 def _read_log(attempt_log: Path) -> str:
     try:
-        return attempt_log.read_text(errors="replace")[-200_000:]
+        return safefile.read_text(attempt_log, errors="replace")[-200_000:]
     except OSError:
         return ""
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from nanochat.checkpoint import Checkpoint
 from nanochat.config import ConfigError
 from supervisor.launch import UsageProblem
@@ -250,4 +250,4 @@ def plot(record: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    safefile.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), durable=False)

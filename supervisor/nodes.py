@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from supervisor.launch import UsageProblem, split_endpoint
 from supervisor.states import Action, AttemptClass, Decision, Outcome
 
@@ -105,7 +105,8 @@ class Coordinator:
         mine, problem = directory / f".nodes-{token}-{self.node}", None
         try:
             checkpoint.make_dir(directory)
-            mine.write_text("written by nanochat-run at start: does every node see this checkpoint dir?\n")
+            note = "written by nanochat-run at start: does every node see this checkpoint dir?\n"
+            safefile.write_text(mine, note, durable=False)  # never through a link planted at the name
         except OSError as e:
             problem = f"node {self.node} cannot write to {directory} ({e.strerror or e}): fix it, or pick another dir"
         self._set(f"dirs/wrote/{self.node}", True)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat import metrics
+from nanochat import metrics, safefile
 from nanochat.paths import PHASE_DIRS
 from supervisor.records import RunDir, read_events
 
@@ -251,7 +251,8 @@ def draw(run: RunSeries, out: Path, compare: Sequence[RunSeries] = ()) -> Path:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fig.savefig(out)  # the format follows the suffix: .png, or .svg / .pdf for print
+        # the format follows the suffix: .png, or .svg / .pdf for print; never through a link planted at the name
+        safefile.write_atomic(out, lambda f: fig.savefig(f, format=out.suffix[1:] or None), durable=False)
     except ValueError as e:  # an unknown suffix
         raise PlotError(f"cannot write {out}: {e}") from None
     return out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from nanochat import node_dirs, redact
+from nanochat import node_dirs, redact, safefile
 from nanochat.lifeline import die_with_parent
 
 ATTEMPT_ENV = "NANOCHAT_ATTEMPT_ID"  # set for torchrun, inherited by every process of the attempt
@@ -60,7 +60,7 @@ class LaunchSpec:
 
 def launch(spec: LaunchSpec, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start torchrun in a new session (the terminal's Ctrl+C reaches only us), output into a fresh `log_path`."""
-    with open(log_path, "wb") as log:
+    with safefile.open_append(log_path) as log:  # never through a link planted at the name
         return subprocess.Popen(
             spec.command(),
             stdin=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat import safefile
 from nanochat.redact import redact
 
 TORCHRUN_LOG = "torchrun.log"  # torchrun's own output in an attempt's log dir, every rank's lines tee'd into it
@@ -78,7 +79,7 @@ def append_event(run_dir: RunDir, event: str, **fields) -> dict:
     record = {"event": event, "time": time.time(), **fields}
     run_dir.path.mkdir(parents=True, exist_ok=True)
     line = redact(json.dumps(record, default=str)) + "\n"  # never a credential in a URL (nanochat/redact.py)
-    with open(run_dir.events, "ab+") as f:
+    with safefile.open_append(run_dir.events, "ab+") as f:  # never through a link planted at the name
         if f.tell() and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
             line = "\n" + line  # a supervisor killed mid-write left a torn line: never glue this record onto it
         f.write(line.encode())
@@ -106,10 +107,12 @@ class EventLog:
 
 def read_events(run_dir: RunDir) -> list[dict]:
     """Every event; a torn last line (the supervisor was killed mid-write) is skipped."""
-    if not run_dir.events.exists():
+    try:
+        text = safefile.read_text(run_dir.events, errors="replace")
+    except FileNotFoundError:
         return []
     out = []
-    for line in run_dir.events.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -119,7 +122,7 @@ def read_events(run_dir: RunDir) -> list[dict]:
 
 def read_heartbeat(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(safefile.read_bytes(path, limit=1 << 20))  # a planted link or FIFO: no heartbeat
     except (OSError, ValueError):
         return None
 

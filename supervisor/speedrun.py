@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from nanochat.config import ConfigError
 from nanochat.dataset import data_dir, list_shards
 from nanochat.locks import DirLock
@@ -278,11 +278,11 @@ class Speedrun:
         self.display(f"speedrun: {phase}: $ python {' '.join(args)}  (log: {log})")
         self.events.append("phase_start", phase=phase, action="run", cmd=args)
         started = time.time()
-        with open(log, "ab") as out:
+        with safefile.open_append(log) as out:  # never through a link planted at the name
             code = subprocess.call([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT)
         self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
         if code:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            tail = safefile.read_text(log, errors="replace").strip().splitlines()[-1:] or [""]
             self.display(f"speedrun: {phase} failed (exit {code}): {tail[0]}; see {log}")
         return EXIT_FAILED if code else EXIT_OK
 

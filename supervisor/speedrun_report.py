@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from nanochat import checkpoint
+from nanochat import checkpoint, safefile
 from nanochat.locks import lock_holder
 from supervisor.records import RunDir, read_events
 from supervisor.report import invocations
@@ -81,7 +81,7 @@ def render_phases(info: dict) -> Table:
 def _eval_records(directory: Path, step: int) -> dict:
     path = checkpoint.record_path(directory, "chat_eval", step)
     try:
-        return json.loads(path.read_text()).get("tasks", {})
+        return json.loads(safefile.read_bytes(path, limit=16 << 20)).get("tasks", {})
     except (OSError, ValueError, AttributeError):
         return {}
 

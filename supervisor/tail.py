@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from nanochat import safefile
 from supervisor.records import TORCHRUN_LOG, RunDir, rank_logs
 
 POLL = 0.2  # seconds between looks at a followed file
@@ -33,7 +34,7 @@ class Source:
 
     def read(self) -> str:
         try:
-            with open(self.path, "rb") as f:
+            with safefile.open_read(self.path) as f:
                 if os.fstat(f.fileno()).st_size < self.pos:  # truncated or replaced: start over
                     self.pos = 0
                 f.seek(self.pos)
