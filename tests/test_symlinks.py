@@ -172,7 +172,8 @@ def remote_download(d: Path, victim: Path) -> None:
     remote.upload(d / "local", 4)
     for kind in checkpoint.KINDS:
         plant(d / "fresh" / f"{checkpoint.TMP_PREFIX}{checkpoint.file_name(kind, 4)}.download", victim)
-    assert remote.download(4, d / "fresh").valid
+    [(step, meta)] = remote.committed()
+    assert remote.download(step, d / "fresh", meta).valid
 
 
 CASES: dict[str, Callable[[Path, Path], None]] = {
