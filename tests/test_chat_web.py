@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from nanochat import checkpoint
 from nanochat.engine import Engine, load_checkpoint_model
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_web import reply_parts
-from tests.runs import REPO_ROOT, kill_group
+from tests.runs import REPO_ROOT, kill_group, port_from_log
 from tests.test_engine import ScriptedGPT, random_model, without_specials
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,12 +33,6 @@ STEP = 7
 CONTEXT = 128
 MAX_TOKENS = 16
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +55,15 @@ def server_env(base_dir: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(ckpt: Path, server_env: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real server in a session of its own, greedy; yields its URL once /health answers."""
-    port = free_port()
     log = tmp_path_factory.mktemp("chat_web_log") / "server.log"
     cmd = [sys.executable, "-m", "scripts.chat_web", "--checkpoint_dir", str(ckpt), "--device_type=cpu",
-           "--port", str(port), "--temperature", "0", "--max_tokens", str(MAX_TOKENS)]  # fmt: skip
-    with open(log, "w") as out:
+           "--port", "0", "--temperature", "0", "--max_tokens", str(MAX_TOKENS)]  # fmt: skip
+    with open(log, "w") as out:  # port 0: the kernel picks a free port, uvicorn's log names it
         proc = subprocess.Popen(cmd, env=server_env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
+        port = port_from_log(log, proc, r"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout=120)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
@@ -174,7 +167,7 @@ def test_startup_errors_are_one_line(tmp_path: Path, server_env: dict):
     """No checkpoint dir; no model of the phase asked for: one line on stderr, exit 2, no traceback."""
     cases = [["--checkpoint_dir", str(tmp_path / "missing")], ["--phase", "mid"]]
     procs = [subprocess.Popen([sys.executable, "-m", "scripts.chat_web", *args, "--device_type=cpu",
-                               "--port", str(free_port())], env=server_env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               "--port", "0"], env=server_env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in cases]  # fmt: skip
     for proc, says in zip(procs, ["has no valid checkpoint", "no model in"]):
         out, err = proc.communicate(timeout=60)

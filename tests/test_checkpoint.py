@@ -20,6 +20,7 @@ import xxhash
 from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
 from nanochat.saver import Saver
+from tests.runs import dead_pid
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 
@@ -484,11 +485,12 @@ def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> N
 
 
 def test_saver_start_removes_temp_debris_with_a_warning(tmp_path: Path) -> None:
-    (tmp_path / f"{TMP_PREFIX}optim_000008.pt.77").write_bytes(b"half")
+    debris = f"{TMP_PREFIX}optim_000008.pt.{dead_pid()}"  # its writer is surely gone (a made-up pid may be alive)
+    (tmp_path / debris).write_bytes(b"half")
     warnings: list[str] = []
     Saver(tmp_path, warn=warnings.append).start()
     assert temp_files(tmp_path) == []
-    assert warnings == [f"removed {TMP_PREFIX}optim_000008.pt.77, left by a save that crashed"]
+    assert warnings == [f"removed {debris}, left by a save that crashed"]
 
 
 def test_resaving_a_damaged_step_keeps_the_damaged_files_and_says_so(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from nanochat.config import ConfigError, parse_args
 from scripts.base_train import TrainConfig
+from supervisor.launch import CONFIGS
 
 
 def parse(*argv: str) -> TrainConfig:
@@ -33,8 +34,7 @@ def test_integers_accept_scientific_notation_but_not_fractions():
         parse("--depth=2.5")
 
 
-@pytest.mark.parametrize("script, config", [("scripts.base_train", "TrainConfig"), ("scripts.mid_train", "MidConfig"),
-                                            ("scripts.chat_sft", "SFTConfig"), ("scripts.chat_rl", "RLConfig")])  # fmt: skip
+@pytest.mark.parametrize("script, config", list(CONFIGS.items()))  # every phase's config
 def test_no_float_setting_takes_nan_or_infinity(script, config):
     """nan passes every range check (each comparison is false); no setting means anything with nan or infinity."""
     import importlib
