@@ -53,6 +53,20 @@ def test_no_float_setting_takes_nan_or_infinity(script, config):
         assert parse_args(defaults, [f"--{key}={getattr(defaults, key)!r}"])[0] == defaults  # a number still is one
 
 
+@pytest.mark.parametrize("script", ["scripts.chat_cli", "scripts.chat_web"])
+def test_chat_temperature_refuses_nan_and_infinity(script, capsys):
+    """--temperature nan passed `< 0` and reached the sampler."""
+    import importlib
+
+    parse = importlib.import_module(script).parse
+    for raw in ("nan", "inf"):
+        with pytest.raises(SystemExit) as stop:
+            parse(["--temperature", raw])
+        assert stop.value.code == 2
+        assert f"error: argument --temperature: invalid finite_float value: '{raw}'" in capsys.readouterr().err
+    assert parse(["--temperature", "0.5"]).temperature == 0.5
+
+
 def test_bools_and_bare_flags():
     assert parse("--compile=False").compile == "False"
     from dataclasses import dataclass
