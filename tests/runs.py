@@ -94,7 +94,7 @@ def free_port() -> int:
 
 
 def port_from_log(log: Path, proc: subprocess.Popen, pattern: str, timeout: float = 60) -> int:
-    """The port a server started with port 0 bound, read from the line its log says it on (group 1 of `pattern`):
+    """The port a server started with port 0 bound, read from the line of its log that names it (group 1 of `pattern`):
     the kernel picked a free one, so no other process can hold it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
