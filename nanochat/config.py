@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from typing import Any, TypeVar
 
@@ -47,10 +48,23 @@ def _convert(key: str, raw: str, typ: type) -> Any:
             raise ConfigError(f"--{key}: expected an integer, got {raw!r}") from None
     if typ is float:
         try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"--{key}: expected a number, got {raw!r}") from None
+            return finite_float(raw)
+        except ConfigError as e:
+            raise ConfigError(f"--{key}: {e}") from None
     return raw
+
+
+def finite_float(raw: str) -> float:
+    """`raw` as a finite float, else ConfigError. float() also reads nan and inf, which pass every range check
+    (nan compares false both ways) and then break a run late; no setting of ours means anything with them. The
+    trainer's settings and the supervisor's float options are both read here."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"expected a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"expected a finite number, got {raw!r} (nan and infinity are not allowed)")
+    return value
 
 
 def parse_args(defaults: T, argv: list[str]) -> tuple[T, dict[str, Any]]:

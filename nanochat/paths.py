@@ -5,6 +5,7 @@ supervisor's `--help`, `status` and `logs` need these answers and must start in 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from nanochat import safefile
@@ -23,13 +24,20 @@ def get_base_dir() -> Path:
 
 def checkpoint_tag(model_tag: str, depth: int) -> str:
     """The checkpoint folder's name under base_checkpoints/: `model_tag`, default d<depth>. Raises ConfigError for
-    a tag that is not a plain folder name (it must never reach outside base_checkpoints/)."""
-    if "/" in model_tag or "\\" in model_tag or ".." in model_tag:
+    a tag that is not a plain folder name: it must name one new folder inside the phase's folder, never the folder
+    itself (`.`), its parent, a path (`a/b`, `/abs`), an option-like word (`-x`), nor another run's run dir (a
+    run dir is `<tag>.run`)."""
+    tag = model_tag or f"d{depth}"
+    if not _TAG.fullmatch(tag) or tag.endswith(".run") or len(tag.encode()) > 200:
         raise ConfigError(
-            f"--model_tag={model_tag!r} must be a plain name (no '/', '\\' or '..'): it names a folder"
-            " under base_checkpoints/ (or the phase's folder); use --checkpoint_dir for another place"
+            f"--model_tag={model_tag!r} must be a plain name (letters, digits, '_', '.', '+', '-'; not starting"
+            " with '.' or '-', not ending in '.run', at most 200 bytes): it names a folder under base_checkpoints/"
+            " (or the phase's folder); use --checkpoint_dir for another place"
         )
-    return model_tag or f"d{depth}"
+    return tag
+
+
+_TAG = re.compile(r"\w[\w.+-]*")  # one path component: no separator, NUL or control character; not . or ..
 
 
 # The training phases, in order: where each keeps its checkpoints, which phase it starts from, its script.

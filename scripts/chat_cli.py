@@ -17,7 +17,7 @@ import sys
 import torch
 
 from nanochat.checkpoint import CheckpointError
-from nanochat.config import ConfigError
+from nanochat.config import ConfigError, finite_float
 from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -26,7 +26,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = always the most likely token")
+    p.add_argument("--temperature", type=finite_float, default=0.6, help="0 = always the most likely token")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--max_tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)

@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanochat.checkpoint import CheckpointError
-from nanochat.config import ConfigError
+from nanochat.config import ConfigError, finite_float
 from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.gpt import GPT
 from nanochat.tokenizer import Tokenizer, get_tokenizer
@@ -73,7 +73,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = always the most likely token")
+    p.add_argument("--temperature", type=finite_float, default=0.6, help="0 = always the most likely token")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens")
     p.add_argument("--max_tokens", type=int, default=256, help="the longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)

@@ -41,6 +41,7 @@ from supervisor.options import (
     RemoteOption,
     StartupOption,
     confirm,
+    number,
     resolve_dirs,
 )
 from supervisor.records import RunDir
@@ -109,7 +110,10 @@ def train(
         str | None, typer.Option(help="torchrun --local-addr: this node's address (a host with several networks).")
     ] = None,
     node_timeout: Annotated[
-        float, typer.Option(help="Multi-node: seconds the leader waits for every node to report an attempt's end.")
+        float,
+        typer.Option(
+            help="Multi-node: seconds the leader waits for every node to report an attempt's end.", parser=number
+        ),
     ] = 600.0,
     max_restarts: MaxRestartsOption = 5,
     max_no_progress: MaxNoProgressOption = 3,
@@ -286,7 +290,7 @@ def status(
     watch: Annotated[
         bool, typer.Option(help="Refresh until the run ends, then print the final status (Ctrl+C stops watching).")
     ] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", parser=number)] = 2.0,
     phase: PhaseOption = "base",
     speedrun: Annotated[
         bool,

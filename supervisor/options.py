@@ -9,11 +9,22 @@ from typing import Annotated
 
 import typer
 
-from nanochat.config import ConfigError
+from nanochat.config import ConfigError, finite_float
 from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
 from nanochat.redact import ENV as REMOTE_ENV
 from supervisor.launch import UsageProblem
 from supervisor.records import RunDir, read_events
+
+
+def number(raw: str) -> float:
+    """The parser of every float option (`typer.Option(parser=number)`): typer's own float takes nan and inf,
+    which pass every range check (`nan < 0` is false) and break a run late, e.g. --hang-timeout nan kills every
+    attempt as hung. Read by the trainer's own rule, so both refuse the same values."""
+    try:
+        return finite_float(raw)
+    except ConfigError as e:
+        raise typer.BadParameter(str(e)) from None
+
 
 PhaseOption = Annotated[
     str, typer.Option(help="The training phase: base, mid (midtraining), sft or rl; picks its checkpoint folder.")
@@ -24,23 +35,31 @@ MaxRestartsOption = Annotated[int, typer.Option(help="Restarts allowed after the
 MaxNoProgressOption = Annotated[
     int, typer.Option(help="Give up after this many attempts in a row without a new checkpoint.")
 ]
-BackoffOption = Annotated[float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.")]
-BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.")]
-HangOption = Annotated[
-    float, typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.")
+BackoffOption = Annotated[
+    float, typer.Option(help="Seconds before the first restart; doubles per failed attempt.", parser=number)
 ]
-StartupOption = Annotated[float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.")]
+BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.", parser=number)]
+HangOption = Annotated[
+    float,
+    typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.", parser=number),
+]
+StartupOption = Annotated[
+    float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.", parser=number)
+]
 GraceOption = Annotated[
     float | None,
     typer.Option(
         help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
-        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout."
+        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout.",
+        parser=number,
     ),
 ]
 OomShrinkOption = Annotated[
     bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
 ]
-ProgressOption = Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")]
+ProgressOption = Annotated[
+    float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
+]
 RemoteOption = Annotated[
     str | None,
     typer.Option(

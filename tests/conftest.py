@@ -8,6 +8,7 @@ with the `env` fixture, which points NANOCHAT_BASE_DIR at `base_dir`.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,30 @@ TEST_SHARDS = 3  # two train shards + one val shard
 TEST_VOCAB = 512
 TEST_ROW_GROUP = 16  # small row groups, so up to 7 ranks each get a part of the 100-document val shard
 TOKENIZER_CHARS = 2_000_000  # the tokenizer is trained on this much of the train split
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fixed places on the machine that tests would otherwise share with whatever else runs there, made private
+    for the session, in this process and every one it starts:
+    - NANOCHAT_SHM_DIR: every trainer run looks at the in-memory snapshots (to resume from or drop them), by
+      default in /dev/shm/nanochat-snapshots-<uid>, which anything else may hold;
+    - NANOCHAT_BASE_DIR: an empty one until a test asks for `base_dir` (`make test` exports the user's own
+      ~/.cache/nanochat, where a command that finds its checkpoint dir from --model-tag would look).
+    A test that needs its own sets them again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_SHM_DIR", str(tmp_path_factory.mktemp("shm")))
+        mp.setenv("NANOCHAT_BASE_DIR", str(tmp_path_factory.mktemp("empty_base")))
+        yield
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where every connection is refused, for the whole test: bound by the test and never
+    listened on, so nothing else can listen there meanwhile (a fixed port such as 9 may be served anywhere)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

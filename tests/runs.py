@@ -75,8 +75,11 @@ def command(
 
 
 def free_port() -> int:
-    """A port P with P and P + 1 free (several nodes' supervisors talk at the rendezvous port + 1), picked below the
-    kernel's ephemeral range, so that no outgoing connection takes either before the test binds them."""
+    """A port P with P and P + 1 free (several nodes' supervisors talk at the rendezvous port + 1), only for a port
+    that another process must bind itself (torchrun's rendezvous, slurmctld): a port the test can hold is bound by
+    the test (the `refused_port` fixture, or a server's port 0). The race between this check and that bind cannot be
+    closed, only made small: P is random and below the kernel's ephemeral range, so no outgoing connection or
+    port-0 bind on this machine takes it meanwhile; only another test's pick of the same P could."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(1000):
         port = random.randrange(10_000, low - 2)
@@ -88,6 +91,28 @@ def free_port() -> int:
         except OSError:
             continue
     raise RuntimeError(f"no two free ports next to each other in 10000-{low}")
+
+
+def port_from_log(log: Path, proc: subprocess.Popen, pattern: str, timeout: float = 60) -> int:
+    """The port a server started with port 0 bound, read from the line of its log that names it (group 1 of `pattern`):
+    the kernel picked a free one, so no other process can hold it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if m := re.search(pattern, log.read_text(errors="replace")):
+            return int(m.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no port in the server's log (exit code {proc.poll()}):\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def dead_pid() -> int:
+    """A pid that is certainly not a live process now: a child of ours that exited and was reaped. A made-up pid
+    (77) can be a live process on the machine that runs the tests."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -31,7 +31,7 @@ from nanochat.engine import Engine, load_checkpoint_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
 from scripts.chat_web import describe, exposure, make_app, parse, prompt_for, reply_parts
-from tests.runs import REPO_ROOT, kill_group
+from tests.runs import REPO_ROOT, kill_group, port_from_log
 from tests.test_engine import ScriptedGPT, random_model, without_specials
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,12 +43,6 @@ MAX_TOKENS = 16
 HELLO = [{"role": "user", "content": "Hello there, how are you?"}]
 TOKEN = "s3cret-T0ken"  # the module's server wants it as a bearer token
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +70,15 @@ def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(ckpt: Path, server_env: dict, server_log: Path) -> Iterator[str]:
     """The real server in a session of its own, greedy, with a token; yields its URL once /health answers."""
-    port = free_port()
     cmd = [sys.executable, "-m", "scripts.chat_web", "--checkpoint_dir", str(ckpt), "--device_type=cpu",
-           "--port", str(port), "--temperature", "0", "--max_tokens", str(MAX_TOKENS), "--max_queue", "8",
+           "--port", "0", "--temperature", "0", "--max_tokens", str(MAX_TOKENS), "--max_queue", "8",
            "--allowed_hosts", "nanochat.test"]  # fmt: skip
-    with open(server_log, "w") as out:
+    with open(server_log, "w") as out:  # port 0: the kernel picks a free port, uvicorn's log names it
         proc = subprocess.Popen(cmd, env={**server_env, "NANOCHAT_WEB_TOKEN": TOKEN}, cwd=REPO_ROOT, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
     try:
+        port = port_from_log(server_log, proc, r"Uvicorn running on http://127\.0\.0\.1:(\d+)", timeout=120)
+        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
@@ -271,7 +265,7 @@ def test_startup_errors_are_one_line(tmp_path: Path, server_env: dict):
     """No checkpoint dir; no model of the phase asked for: one line on stderr, exit 2, no traceback."""
     cases = [["--checkpoint_dir", str(tmp_path / "missing")], ["--phase", "mid"]]
     procs = [subprocess.Popen([sys.executable, "-m", "scripts.chat_web", *args, "--device_type=cpu",
-                               "--port", str(free_port())], env=server_env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               "--port", "0"], env=server_env, cwd=REPO_ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in cases]  # fmt: skip
     for proc, says in zip(procs, ["has no valid checkpoint", "no model in"]):
         out, err = proc.communicate(timeout=60)

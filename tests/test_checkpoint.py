@@ -20,6 +20,7 @@ import xxhash
 from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
 from nanochat.saver import Saver
+from tests.runs import dead_pid
 from tests.test_compress import FORGED, forged
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -553,13 +554,12 @@ def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> N
 
 
 def test_saver_start_removes_temp_debris_with_a_warning(tmp_path: Path) -> None:
-    dead = subprocess.Popen(["true"])  # a pid no process has now (a fixed number may be alive on this machine)
-    dead.wait()
-    (tmp_path / f"{TMP_PREFIX}optim_000008.pt.{dead.pid}").write_bytes(b"half")
+    debris = f"{TMP_PREFIX}optim_000008.pt.{dead_pid()}"  # its writer is surely gone (a made-up pid may be alive)
+    (tmp_path / debris).write_bytes(b"half")
     warnings: list[str] = []
     Saver(tmp_path, warn=warnings.append).start()
     assert temp_files(tmp_path) == []
-    assert warnings == [f"removed {TMP_PREFIX}optim_000008.pt.{dead.pid}, left by a save that crashed"]
+    assert warnings == [f"removed {debris}, left by a save that crashed"]
 
 
 def test_a_temp_name_is_exact_too(tmp_path: Path) -> None:

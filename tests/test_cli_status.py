@@ -20,6 +20,7 @@ import torch
 from nanochat import checkpoint
 from nanochat.locks import DirLock
 from supervisor.records import RunDir, append_event
+from tests.runs import dead_pid
 from tests.test_supervisor import assert_usage_error, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,6 @@ def invocation(run: RunDir, run_id: str, pid: int, ckpt: Path, attempts: list[tu
     if end:
         append_event(run, "decision", attempt=attempts[-1][0], action="give_up", reason=end[2], delay=0.0)
         append_event(run, "run_end", state=end[0], exit_code=end[1])
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def flat(text: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from nanochat.config import ConfigError, parse_args
 from scripts.base_train import TrainConfig
+from supervisor.launch import CONFIGS
 
 
 def parse(*argv: str) -> TrainConfig:
@@ -31,6 +32,39 @@ def test_integers_accept_scientific_notation_but_not_fractions():
     assert parse("--total_batch_size=5e5").total_batch_size == 500000
     with pytest.raises(ConfigError, match="--depth: expected an integer, got '2.5'"):
         parse("--depth=2.5")
+
+
+@pytest.mark.parametrize("script, config", list(CONFIGS.items()))  # every phase's config
+def test_no_float_setting_takes_nan_or_infinity(script, config):
+    """nan passes every range check (each comparison is false); no setting means anything with nan or infinity."""
+    import importlib
+    import typing
+
+    defaults = getattr(importlib.import_module(script), config)()
+    floats = [k for k, t in typing.get_type_hints(type(defaults)).items() if t is float]
+    assert "matrix_lr" in floats and "warmdown_ratio" in floats
+    for key in floats:
+        for raw in ("nan", "NaN", "inf", "-inf", "Infinity", "1e999"):
+            with pytest.raises(ConfigError) as err:
+                parse_args(defaults, [f"--{key}={raw}"])
+            assert (
+                str(err.value) == f"--{key}: expected a finite number, got {raw!r} (nan and infinity are not allowed)"
+            )
+        assert parse_args(defaults, [f"--{key}={getattr(defaults, key)!r}"])[0] == defaults  # a number still is one
+
+
+@pytest.mark.parametrize("script", ["scripts.chat_cli", "scripts.chat_web"])
+def test_chat_temperature_refuses_nan_and_infinity(script, capsys):
+    """--temperature nan passed `< 0` and reached the sampler."""
+    import importlib
+
+    parse = importlib.import_module(script).parse
+    for raw in ("nan", "inf"):
+        with pytest.raises(SystemExit) as stop:
+            parse(["--temperature", raw])
+        assert stop.value.code == 2
+        assert f"error: argument --temperature: invalid finite_float value: '{raw}'" in capsys.readouterr().err
+    assert parse(["--temperature", "0.5"]).temperature == 0.5
 
 
 def test_bools_and_bare_flags():
@@ -66,9 +100,18 @@ def test_bools_and_bare_flags():
         (["--sample_every=0"], "--sample_every takes a step count, or -1 to disable"),
         (["--warmup_ratio=0.9", "--warmdown_ratio=0.5"], "--warmup_ratio + --warmdown_ratio"),
         (["--compile=sometimes"], "--compile must be auto, True or False"),
-        (["--model_tag=../../x"], "--model_tag='../../x' must be a plain name (no '/', '\\' or '..')"),
+        (["--model_tag=../../x"], "--model_tag='../../x' must be a plain name (letters, digits, '_', '.', '+', '-';"),
         (["--model_tag=a/b"], "--model_tag='a/b' must be a plain name"),
         (["--model_tag=.."], "--model_tag='..' must be a plain name"),
+        (["--model_tag=."], "--model_tag='.' must be a plain name"),  # the phase's folder itself
+        (["--model_tag=./x"], "--model_tag='./x' must be a plain name"),
+        (["--model_tag=-x"], "--model_tag='-x' must be a plain name"),
+        (["--model_tag=.hidden"], "--model_tag='.hidden' must be a plain name"),
+        (["--model_tag=a\x00b"], "--model_tag='a\\x00b' must be a plain name"),
+        (["--model_tag=a\nb"], "--model_tag='a\\nb' must be a plain name"),
+        (["--model_tag=a\\b"], "--model_tag='a\\\\b' must be a plain name"),
+        (["--model_tag=d20.run"], "--model_tag='d20.run' must be a plain name"),  # another tag's run dir
+        (["--model_tag=" + "x" * 201], "must be a plain name"),
         (["--dist_timeout=0"], "--dist_timeout must be >= 1 second"),
     ],
 )
@@ -86,10 +129,20 @@ def test_config_errors_name_the_key(argv, message):
         (["--depth=x"], "base_train: error: --depth: expected an integer, got 'x'"),
         (
             ["--model_tag=../escape"],
-            "base_train: error: --model_tag='../escape' must be a plain name (no '/', '\\' or"
-            " '..'): it names a folder under base_checkpoints/ (or the phase's folder); use --checkpoint_dir for"
-            " another place",
+            "base_train: error: --model_tag='../escape' must be a plain name (letters, digits, '_', '.', '+', '-';"
+            " not starting with '.' or '-', not ending in '.run', at most 200 bytes): it names a folder under"
+            " base_checkpoints/ (or the phase's folder); use --checkpoint_dir for another place",
         ),
+        (
+            ["--model_tag=."],
+            "base_train: error: --model_tag='.' must be a plain name (letters, digits, '_', '.', '+',"
+            " '-'; not starting with '.' or '-', not ending in '.run', at most 200 bytes): it names a folder under"
+            " base_checkpoints/ (or the phase's folder); use --checkpoint_dir for another place",
+        ),  # fmt: skip
+        (
+            ["--matrix_lr=nan"],
+            "base_train: error: --matrix_lr: expected a finite number, got 'nan' (nan and infinity are not allowed)",
+        ),  # fmt: skip
     ],
 )
 def test_trainer_config_error_is_one_line_without_traceback(argv, message, tmp_path):

@@ -435,15 +435,16 @@ def test_builtin_and_tok_train_clis(tmp_path: Path, env: dict[str, str]) -> None
     assert Tokenizer.load(tokenizer_dir(tmp_path)).vocab_size == 300
 
 
-def test_cli_errors_are_one_line(tmp_path: Path, env: dict[str, str]) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, env: dict[str, str], refused_port: int) -> None:
     env = {**env, "NANOCHAT_BASE_DIR": str(tmp_path)}
+    down = f"http://127.0.0.1:{refused_port}"  # nothing listens there
     cases = [
         (["nanochat.dataset"], "one of the arguments -n --builtin is required"),
         (["nanochat.dataset", "-n", "0"], "between 1 and 1823"),
         (["nanochat.dataset", "-n", "5000"], "between 1 and 1823"),
-        (["nanochat.dataset", "-n", "2", "--url-pattern", "http://127.0.0.1:9/x.parquet"], "url pattern"),
+        (["nanochat.dataset", "-n", "2", "--url-pattern", f"{down}/x.parquet"], "url pattern"),
         (
-            ["nanochat.dataset", "-n", "1", "--url-pattern", "http://127.0.0.1:9/{i}", "--retries", "0"],
+            ["nanochat.dataset", "-n", "1", "--url-pattern", f"{down}/{{i}}", "--retries", "0"],
             "check the network",
         ),
         (["nanochat.dataset", "--builtin", "--num-shards", "1"], "at least 2"),

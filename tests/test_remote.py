@@ -31,9 +31,9 @@ from tests.runs import (
     assert_finished,
     assert_identical,
     assert_same_final_state,
-    free_port,
     kill_group,
     one_line_error,
+    port_from_log,
     train,
 )
 from tests.supervised import Run, cli, train_cmd
@@ -47,10 +47,10 @@ def s3_env(env: dict, port: int) -> dict:
 def start_moto(log_path: Path, **env: str) -> tuple[subprocess.Popen, int]:
     """A moto S3 server on 127.0.0.1 (the process, its port); `env` configures it (e.g. to check credentials)."""
     pytest.importorskip("moto", reason="moto[server] is not installed (pip install -e '.[test]')")
-    port = free_port()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+    with open(log_path, "w") as log:  # port 0: the kernel picks a free one, the server's log names it
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"], stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, **env})  # fmt: skip
+    port = port_from_log(log_path, proc, r"Running on http://127\.0\.0\.1:(\d+)")
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -133,8 +133,8 @@ def test_a_sigkill_mid_upload_leaves_no_remote_checkpoint_and_the_next_run_uploa
 
 
 @pytest.mark.slow
-def test_an_endpoint_that_is_down_warns_once_and_is_caught_up_later(tmp_path, menv, s3):
-    down = {**s3_env(menv, free_port()), "AWS_MAX_ATTEMPTS": "1"}  # nothing listens there; botocore tries once
+def test_an_endpoint_that_is_down_warns_once_and_is_caught_up_later(tmp_path, menv, s3, refused_port):
+    down = {**s3_env(menv, refused_port), "AWS_MAX_ATTEMPTS": "1"}  # nothing listens there; botocore tries once
     url, d = "s3://ckpts/was-down", tmp_path / "ckpt"
     proc = train(down, d, f"--remote_dir={url}", "--remote_flush_timeout=3")
     assert_finished(proc, d)

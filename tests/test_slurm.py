@@ -28,7 +28,7 @@ import pytest
 from supervisor import cli, slurm
 from supervisor.launch import UsageProblem
 from supervisor.records import RunDir, read_events
-from tests.runs import assert_same_final_state
+from tests.runs import assert_same_final_state, free_port
 from tests.supervised import NANOCHAT_RUN, REPO_ROOT, TINY
 
 SBATCH = REPO_ROOT / "scripts" / "slurm" / "nanochat.sbatch"
@@ -135,7 +135,8 @@ class Slurm:
             (self.root / d).mkdir()
         (self.sockets / "spool").mkdir()
         (self.root / "plugstack.conf").write_text("")
-        ctld_port, node_port = free_ports(2)
+        ctld_port = free_port()  # the daemons bind them: see free_port for how small the race is
+        node_port = ctld_port + 1
         cpus = len(os.sched_getaffinity(0))
         self.conf.write_text(CONF.format(root=self.root, sockets=self.sockets, node=node, cpus=cpus,
                                           memory=memory_mb(), ctld_port=ctld_port, node_port=node_port))  # fmt: skip
@@ -246,16 +247,6 @@ def memory_mb() -> int:
     """A little under what slurmd will find (a node configured with more memory than it has is drained)."""
     kb = int(re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1))
     return kb * 95 // 100 // 1024
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_until(ready: Callable[[], bool], timeout: float, alive: list[subprocess.Popen] = ()) -> bool:

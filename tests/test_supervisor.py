@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -513,6 +514,12 @@ USAGE_CASES = {
     "tag escapes (train)": (["train", "--model-tag", "../../c"], ["--model_tag='../../c' must be a plain name"]),
     "tag escapes (status)": (["status", "--model-tag", "a/../../c"], ["--model-tag='a/../../c' must be a plain"]),
     "tag escapes (prune)": (["prune", "--model-tag", ".."], ["--model-tag='..' must be a plain name"]),
+    "tag is the phase folder (train)": (["train", "--model-tag", "."], ["--model_tag='.' must be a plain name"]),
+    "tag is the phase folder (status)": (["status", "--model-tag", "."], ["--model-tag='.' must be a plain name"]),
+    "tag is the phase folder (speedrun)": (["speedrun", "--model-tag", "."], ["--model-tag='.' must be a plain name"]),
+    "tag with a dot path (prune)": (["prune", "--model-tag", "./x"], ["--model-tag='./x' must be a plain name"]),
+    "tag like an option (train)": (["train", "--model-tag=-x"], ["--model_tag='-x' must be a plain name"]),
+    "tag is a run dir (status)": (["status", "--model-tag", "d4.run"], ["--model-tag='d4.run' must be a plain"]),
     "nnodes not a number": (["train", "--nnodes", "abc"], ["--nnodes must be N or MIN:MAX", "'abc'"]),
     "nnodes max below min": (["train", "--nnodes", "4:2"], ["--nnodes must be N or MIN:MAX"]),
     "zero workers": (["train", "--nproc-per-node", "0"], ["--nproc-per-node must be >= 1", "got 0"]),
@@ -533,6 +540,35 @@ def test_cli_usage_errors(monkeypatch, capsys, tmp_path, empty_ckpt, case):
     assert_usage_error(code, err, *needles)
     assert not (tmp_path / "c").exists()  # a rejected run leaves nothing behind
     assert not (tmp_path / "c.run").exists()
+
+
+def float_options() -> list[tuple[str, str]]:
+    """(command, --option) for every float option of every command, read from the app: a new one is tested too."""
+    found = []
+    for info in cli.app.registered_commands:
+        for name, hint in typing.get_type_hints(info.callback, include_extras=True).items():
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+            if float in (typing.get_args(base) or (base,)):
+                found.append((info.name or info.callback.__name__, f"--{name.replace('_', '-')}"))
+    return found
+
+
+@pytest.mark.parametrize("command, option", float_options())
+def test_cli_float_options_refuse_nan_and_infinity(monkeypatch, capsys, tmp_path, command, option):
+    """nan passes every range check (`nan < 0` is false): --hang-timeout nan once killed every attempt as hung."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    for raw in ("nan", "inf", "-inf", "1e999"):
+        code, out, err = run_cli(monkeypatch, capsys, command, f"{option}={raw}")
+        assert_usage_error(code, err, f"Invalid value for '{option}': expected a finite number, got '{raw}'")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
+def test_cli_float_options_are_all_found():
+    found = float_options()
+    for option in ("--hang-timeout", "--startup-timeout", "--grace-period", "--backoff", "--backoff-cap",
+                   "--progress-every"):  # fmt: skip
+        assert ("train", option) in found and ("speedrun", option) in found
+    assert ("train", "--node-timeout") in found and ("status", "--interval") in found
 
 
 def test_cli_usage_error_from_the_real_console_script(tmp_path, env):

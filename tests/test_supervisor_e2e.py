@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import time
@@ -174,14 +175,16 @@ def memory_cgroup(tmp_path: Path) -> Iterator[Path]:
     mine = memory.memory_cgroup()
     if mine is None or mine[1] != 1:
         pytest.skip(f"needs a cgroup v1 memory controller; this process is in {mine}")
-    cg = mine[0] / f"nanochat-e2e-{os.getpid()}-{tmp_path.name}"
+    cg = mine[0] / f"nanochat-e2e-{tmp_path.name}-{secrets.token_hex(4)}"  # new: another's is never touched
     try:
         cg.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup at {cg}: {e}")
+    try:
         (cg / "memory.limit_in_bytes").write_text(str(CGROUP_LIMIT))
     except OSError as e:
-        if cg.exists():
-            cg.rmdir()
-        pytest.skip(f"cannot create a memory cgroup at {cg}: {e}")
+        cg.rmdir()
+        pytest.skip(f"cannot limit the memory cgroup at {cg}: {e}")
     yield cg
     for _ in range(50):
         pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
