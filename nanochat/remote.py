@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from nanochat.config import ConfigError
 from nanochat.redact import redact
 
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
+COPY_CHUNK = 1 << 23  # bytes per read of a download (s3fs and gcsfs fetch ranges of this size)
 RETRY_CAP = 120.0  # longest wait between upload retries, in seconds
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}  # folders are implicit there
 
@@ -143,7 +145,8 @@ class Remote:
                 tmp.unlink(missing_ok=True)  # debris of an earlier try (a link planted there: never followed)
                 with open(safefile.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
                     fetched[name] = tmp
-                    self.fs.get_file(self.path(name), out)
+                    with self.fs.open(self.path(name), "rb", block_size=COPY_CHUNK) as src:
+                        shutil.copyfileobj(src, out, COPY_CHUNK)
                 if problem := checkpoint.check_file(tmp, want, load_check=True):
                     raise CheckpointError(f"{self.url}/{name}: {problem}")
             checkpoint.set_aside(local, step, warn)
@@ -352,15 +355,15 @@ class Uploader:
                 t0 = time.perf_counter()
                 sent = self.remote.upload(self.local, step, self.fault)
                 pruned = self.remote.prune(self.keep, self.run_id, self.keep_every)
-                with self._cond:
-                    self.uploaded, self.error, delay = step, "", 1.0
-                    self._cond.notify_all()
-                if sent:
+                if sent:  # said before `flush` returns: the process may exit right after it
                     self.log(f"uploaded step {step} to {self.remote.url} in {time.perf_counter() - t0:.1f}s"
                              + (f" (pruned remote steps {pruned})" if pruned else ""))  # fmt: skip
                 if warned:
                     self.log(f"the remote {self.remote.url} works again")
                     warned = ""
+                with self._cond:
+                    self.uploaded, self.error, delay = step, "", 1.0
+                    self._cond.notify_all()
             except Exception as e:  # noqa: BLE001 - network, credentials, throttling, a full or missing bucket: retry
                 if isinstance(e, FileNotFoundError) and not (self.local / checkpoint.file_name("meta", step)).exists():
                     self.error = f"step {step} was pruned locally before its upload ({first_line(e)})"
