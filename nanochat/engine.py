@@ -25,7 +25,8 @@ from nanochat.calculator import calculate
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import autodetect_device_type
 from nanochat.gpt import GPT, GPTConfig, KVCache
-from nanochat.paths import PHASE_DIRS, model_dir
+from nanochat.paths import model_dir
+from nanochat.registry import PHASES
 from nanochat.tokenizer import Tokenizer
 
 PAD = -1  # the token reported for a row that has already finished
@@ -33,7 +34,7 @@ PAD = -1  # the token reported for a row that has already finished
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The options that pick the checkpoint to run (scripts/chat_cli.py, scripts/chat_eval.py)."""
-    parser.add_argument("--phase", choices=list(PHASE_DIRS), default="sft", help="whose checkpoint (default: sft)")
+    parser.add_argument("--phase", choices=list(PHASES), default="sft", help="whose checkpoint (default: sft)")
     parser.add_argument("--model_tag", default="", help="the checkpoint folder (default: the phase's one model)")
     parser.add_argument("--checkpoint_dir", default="", help="a checkpoint dir, instead of --phase/--model_tag")
     parser.add_argument("--step", type=int, default=-1, help="a checkpoint step (default: the newest valid one)")

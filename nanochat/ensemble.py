@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from nanochat import checkpoint
 from nanochat.checkpoint import Checkpoint, CheckpointError
 from nanochat.config import ConfigError
+from nanochat.registry import DEFAULT, recorded_phase
 from nanochat.tasks import BUILTIN_TASKS, TASKS, Task, TaskMixture, get_task, parse_mixture_spec
 
 if TYPE_CHECKING:  # torch is imported where it is used: bad input is refused before seconds of import
@@ -34,7 +35,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: bad input is refused be
     from nanochat.tokenizer import Tokenizer
 
 MODES = ("each", "ensemble", "average")
-BPB_PHASES = ("base_train", "mid_train")  # scored by validation bits per byte; the chat phases by task accuracy
 CHECKABLE = "arithmetic,spelling,choice"  # chat_eval's default: the built-in tasks with an automatic check
 CATEGORICAL = [name for name, cls in TASKS.items() if getattr(cls, "eval_type", None) == "categorical"]
 Scores = dict[str, float]  # column -> value: {"val_bpb": ...} or {task name: accuracy}
@@ -203,7 +203,7 @@ def validation(meta: dict, tokenizer: Tokenizer, device: torch.device, eval_toke
         )
         steps = max(1, total // (B * T * world)) * world
     what = {"data": "", "batch": [B, T], "tokens": steps * B * T}
-    if meta.get("phase", "base_train") == "base_train":
+    if recorded_phase(meta) == DEFAULT.run_name:  # base training's data; the chat phases' tasks
         from nanochat.dataloader import DataLoader
 
         what["data"] = "the validation split"

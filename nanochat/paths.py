@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nanochat import safefile
 from nanochat.config import ConfigError
+from nanochat.registry import PHASES
 
 DEFAULT_DEPTH = 20  # TrainConfig.depth's default; the default model's checkpoints go to base_checkpoints/d20
 
@@ -40,12 +41,10 @@ def checkpoint_tag(model_tag: str, depth: int) -> str:
 _TAG = re.compile(r"\w[\w.+-]*")  # one path component: no separator, NUL or control character; not . or ..
 
 
-# The training phases, in order: where each keeps its checkpoints, which phase it starts from, its script.
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-              "rl": "chatrl_checkpoints"}  # fmt: skip
-SOURCE_PHASE = {"mid": "base", "sft": "mid", "rl": "sft"}
-PHASE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft",
-                 "rl": "scripts.chat_rl"}  # fmt: skip
+def phase_dir(phase: str, tag: str = "") -> Path:
+    """Where a phase (base, mid, sft, rl) keeps the checkpoints of the model `tag`: <base dir>/<its folder>/<tag>
+    (the folder itself for no tag). The one formula: the trainers, the supervisor and the tools all ask here."""
+    return get_base_dir() / PHASES[phase].folder / tag
 
 
 def tokenizer_file(base: Path | None = None) -> Path:
@@ -67,7 +66,7 @@ def file_fingerprint(path: Path) -> str | None:
 def only_model(phase: str) -> str:
     """The tag of the one model a phase's folder holds; with none or several, a one-line ConfigError (a guess
     could continue the wrong model)."""
-    where = get_base_dir() / PHASE_DIRS[phase]
+    where = phase_dir(phase)
     found = sorted(p.name for p in where.glob("*") if p.is_dir() and not p.name.endswith(".run"))
     if len(found) != 1:
         raise ConfigError(
@@ -80,12 +79,12 @@ def only_model(phase: str) -> str:
 def phase_dirs(phase: str, model_tag: str, checkpoint_dir: str = "", source_dir: str = "") -> tuple[Path, Path | None]:
     """(checkpoint dir, source dir) of a chat phase (mid, sft, rl). The tag defaults to the one model of the phase it
     starts from."""
-    source = SOURCE_PHASE[phase]
+    source = PHASES[phase].source
     tag = checkpoint_tag(model_tag, DEFAULT_DEPTH) if model_tag else ""
     if not tag and not (checkpoint_dir and source_dir):
         tag = only_model(source)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else get_base_dir() / PHASE_DIRS[phase] / tag
-    source_path = Path(source_dir) if source_dir else get_base_dir() / PHASE_DIRS[source] / tag
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else phase_dir(phase, tag)
+    source_path = Path(source_dir) if source_dir else phase_dir(source, tag)
     if not source_path.is_dir() and not ckpt_dir.is_dir():  # (a started phase resumes without its source)
         raise ConfigError(f"no {source} model at {source_path} to start {phase} from: train that phase first, or"
                           " pass --source_dir")  # fmt: skip
@@ -98,4 +97,4 @@ def model_dir(phase: str, model_tag: str = "", checkpoint_dir: str = "") -> Path
     if checkpoint_dir:
         return Path(checkpoint_dir)
     tag = checkpoint_tag(model_tag, DEFAULT_DEPTH) if model_tag else only_model(phase)
-    return get_base_dir() / PHASE_DIRS[phase] / tag
+    return phase_dir(phase, tag)

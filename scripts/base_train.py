@@ -19,16 +19,19 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import print0
 from nanochat.config import ConfigError, parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers
-from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag
+from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir
 from nanochat.phase import LoopConfig, Phase
+from nanochat.registry import PHASES
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train_loop import run_and_exit
+
+PHASE = PHASES["base"]
 
 
 @dataclass
@@ -57,9 +60,9 @@ class TrainConfig(LoopConfig):
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(TrainConfig(), argv)
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_base_dir() / "base_checkpoints" / cfg.tag
+    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else phase_dir(PHASE.name, cfg.tag)
     tokenizer = get_tokenizer()  # before the phase starts: a missing tokenizer must not archive anything first
-    phase = Phase("base_train", cfg, ckpt_dir, overrides)
+    phase = Phase(PHASE.run_name, cfg, ckpt_dir, overrides)
     dist_info, device = phase.dist, phase.device
     model_cfg = GPTConfig.from_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.head_dim)
     model = phase.build(model_cfg, init=lambda m: m.init_weights(cfg.seed))  # same seed: identical on every rank
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> int:
 
 
 def cli() -> None:
-    run_and_exit("base_train", main, sys.argv[1:])
+    run_and_exit(PHASE.run_name, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -25,9 +25,12 @@ from nanochat.engine import Engine
 from nanochat.optim import OptimConfig, Optimizers
 from nanochat.paths import phase_dirs
 from nanochat.phase import Phase, Plan
+from nanochat.registry import PHASES
 from nanochat.rl import Rollouts, pass_at_k, pg_loss
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train_loop import run_and_exit
+
+PHASE = PHASES["rl"]
 
 
 @dataclass
@@ -75,7 +78,7 @@ def main(argv: list[str]) -> int:
     tokenizer = get_tokenizer()
     check_tokenizer(tokenizer)
     # before the phase holds its directory: bad settings and tasks that cannot load change nothing
-    ckpt_dir, source_dir = phase_dirs("rl", cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
+    ckpt_dir, source_dir = phase_dirs(PHASE.name, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.prompts_per_step % world or cfg.eval_problems % world:
         raise ConfigError(f"--prompts_per_step={cfg.prompts_per_step} and --eval_problems={cfg.eval_problems} must"
@@ -85,7 +88,7 @@ def main(argv: list[str]) -> int:
         if task.eval_type is None:
             raise ConfigError(f"the {task.name} task has no automatic check to reward; RL takes arithmetic, spelling,"
                               " choice, or the downloaded gsm8k, mmlu, arc-easy, arc-challenge")  # fmt: skip
-    phase = Phase("chat_rl", cfg, ckpt_dir, overrides)
+    phase = Phase(PHASE.run_name, cfg, ckpt_dir, overrides)
     model, source = start_model(phase, source_dir, cfg, tokenizer)
     context = seq_len(cfg, model)
     per_rank = cfg.prompts_per_step // world
@@ -111,7 +114,7 @@ def main(argv: list[str]) -> int:
 
 
 def cli() -> None:
-    run_and_exit("chat_rl", main, sys.argv[1:])
+    run_and_exit(PHASE.run_name, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanochat.chat_phase import ChatConfig, train_chat
 from nanochat.config import parse_args
+from nanochat.registry import PHASES
 from nanochat.train_loop import run_and_exit
+
+PHASE = PHASES["sft"]
 
 
 @dataclass
@@ -37,11 +40,11 @@ class SFTConfig(ChatConfig):
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(SFTConfig(), argv)
-    return train_chat("chat_sft", cfg, overrides, "sft", packed=False)
+    return train_chat(PHASE.run_name, cfg, overrides, PHASE.name, packed=False)
 
 
 def cli() -> None:
-    run_and_exit("chat_sft", main, sys.argv[1:])
+    run_and_exit(PHASE.run_name, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

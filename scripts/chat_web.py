@@ -41,6 +41,7 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.config import ConfigError, finite_float
 from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.gpt import GPT
+from nanochat.registry import recorded_phase
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 PAGE = Path(__file__).with_name("chat_web.html")
@@ -135,7 +136,7 @@ def describe(directory: Path, model: GPT, meta: dict, args: argparse.Namespace) 
     folders to whoever can read /health)."""
     info = {
         "model": directory.name,
-        "phase": meta.get("phase", "base_train"),
+        "phase": recorded_phase(meta),
         "step": meta["step"],
         "model_config": meta["model_config"],
         "parameters": model.num_params(),

@@ -19,7 +19,10 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanochat.chat_phase import ChatConfig, train_chat
 from nanochat.config import parse_args
+from nanochat.registry import PHASES
 from nanochat.train_loop import run_and_exit
+
+PHASE = PHASES["mid"]
 
 
 @dataclass
@@ -30,11 +33,11 @@ class MidConfig(ChatConfig):
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(MidConfig(), argv)
-    return train_chat("mid_train", cfg, overrides, "mid", packed=True)
+    return train_chat(PHASE.run_name, cfg, overrides, PHASE.name, packed=True)
 
 
 def cli() -> None:
-    run_and_exit("mid_train", main, sys.argv[1:])
+    run_and_exit(PHASE.run_name, main, sys.argv[1:])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Exit codes: 0 done, 1 failed (gave up, or a bad checkpoint dir), 2 bad usage, 75
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import sys
@@ -25,8 +24,17 @@ from nanochat.paths import (
     get_base_dir,
 )
 from nanochat.redact import redact
+from nanochat.registry import by_script
 from supervisor import cli_remote, report, tail
-from supervisor.launch import CONFIGS, Supervision, UsageProblem, check_script, phase_of_script, resolve, train_options
+from supervisor.launch import (
+    Supervision,
+    UsageProblem,
+    check_script,
+    config_class,
+    phase_of_script,
+    resolve,
+    train_options,
+)
 from supervisor.options import (
     BackoffCapOption,
     BackoffOption,
@@ -160,7 +168,7 @@ def train(
         run_path = run_path / f"node{sup.node_rank}"
     opts = train_options(launch, run_path, sup)
     if dry_run:
-        print_dry_run(Agent(opts, Display()), script in CONFIGS)
+        print_dry_run(Agent(opts, Display()), by_script(script) is not None)
         return
     display = make_display(progress_every)
     display.event(f"nanochat-run: {opts.nproc_per_node} worker(s), checkpoints in {ckpt_dir}, run dir {run_path}")
@@ -192,7 +200,7 @@ def print_dry_run(agent, resolve: bool) -> None:
     spec = agent.launch_spec(agent.run_dir.attempt(agent.run_dir.next_attempt()))
     print(shlex.join(spec.command()))
     if resolve:
-        defaults = getattr(importlib.import_module(spec.script), CONFIGS[spec.script])()
+        defaults = config_class(by_script(spec.script))()
         print(f"trainer settings of the first attempt:\n{describe(parse_args(defaults, spec.trainer_args)[0])}")
     o = agent.opts
     print(

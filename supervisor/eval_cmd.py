@@ -16,6 +16,7 @@ from pathlib import Path
 from nanochat import checkpoint, safefile
 from nanochat.checkpoint import Checkpoint
 from nanochat.config import ConfigError
+from nanochat.registry import recorded_phase, scored_by_bpb
 from supervisor.launch import UsageProblem
 
 
@@ -85,8 +86,8 @@ def check(req: EvalRequest) -> Plan:
     if not req.ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {req.ckpt_dir}: pass --checkpoint-dir, --model-tag or --phase")
     ckpts = E.select(req.ckpt_dir, req.checkpoints, lambda msg: say(f"warning: {msg}"))
-    phase = ckpts[-1].meta.get("phase", "base_train")
-    bpb = phase in E.BPB_PHASES
+    phase = recorded_phase(ckpts[-1].meta)
+    bpb = scored_by_bpb(phase)
     if bpb and req.tasks is not None:
         raise UsageProblem(f"--tasks is for the chat phases (sft, rl); {phase} checkpoints are scored by validation"
                            " bits per byte")  # fmt: skip

@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat.config import ConfigError, parse_args
-from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, PHASE_SCRIPTS, checkpoint_tag, get_base_dir, phase_dirs
+from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir, phase_dirs
 from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.redact import redact
+from nanochat.registry import DEFAULT, PHASES, PhaseInfo, by_script
 from supervisor.policy import Policy
 
-DEFAULT_SCRIPT = "scripts.base_train"
-CONFIGS = {"scripts.base_train": "TrainConfig", "scripts.mid_train": "MidConfig", "scripts.chat_sft": "SFTConfig",
-           "scripts.chat_rl": "RLConfig"}  # fmt: skip
 DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
 GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
 
@@ -109,12 +107,18 @@ def check_script(script: str) -> None:
     except (ImportError, ValueError):
         found = False
     if not found:
-        raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT_SCRIPT}")
+        raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT.script}")
+
+
+def config_class(phase: PhaseInfo) -> type:
+    """The phase's settings class (its script's dataclass)."""
+    return getattr(importlib.import_module(phase.script), phase.config)
 
 
 def parse_settings(script: str, trainer_args: list[str]):
-    """The phase's config as its trainer will parse it (ConfigError and HelpRequested pass through)."""
-    return parse_args(getattr(importlib.import_module(script), CONFIGS[script])(), trainer_args)[0]
+    """The phase's config as its trainer will parse it (ConfigError and HelpRequested pass through); `script` is
+    one of ours (registry.by_script finds its phase)."""
+    return parse_args(config_class(by_script(script))(), trainer_args)[0]
 
 
 def gpu_count() -> int:
@@ -170,9 +174,9 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     """Parse a phase's trainer settings (ours only; another --script is passed through unread) and find the
     checkpoint dir it will save to, as the trainer computes it."""
     launch = Launch(phase, script, trainer_args, checkpoint_dir or Path())
-    if script not in CONFIGS:
+    if by_script(script) is None:
         if checkpoint_dir is None:
-            launch.checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / checkpoint_tag("", DEFAULT_DEPTH)
+            launch.checkpoint_dir = phase_dir(phase, checkpoint_tag("", DEFAULT_DEPTH))
         return launch
     try:
         cfg = parse_settings(script, trainer_args)
@@ -180,7 +184,7 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
             checkpoint_dir = Path(cfg.checkpoint_dir)
         if checkpoint_dir is None:
             if phase == "base":
-                checkpoint_dir = get_base_dir() / PHASE_DIRS["base"] / checkpoint_tag(cfg.model_tag, cfg.depth)
+                checkpoint_dir = phase_dir("base", checkpoint_tag(cfg.model_tag, cfg.depth))
             else:  # a chat phase saves beside its source, under the same tag
                 checkpoint_dir = phase_dirs(phase, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)[0]
     except ConfigError as e:
@@ -238,10 +242,10 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:
     """(phase, script) from `--phase` and `--script`: a script of ours implies its phase."""
-    if phase not in PHASE_SCRIPTS:
-        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_SCRIPTS)}, got {phase!r}")
-    phase_of = {s: p for p, s in PHASE_SCRIPTS.items()}
-    if script in phase_of and phase != "base" and phase_of[script] != phase:
-        raise UsageProblem(f"--script {script} is the {phase_of[script]} phase's, not --phase {phase}'s: give one")
-    phase = phase_of.get(script, phase) if script else phase
-    return phase, script or PHASE_SCRIPTS[phase]
+    if phase not in PHASES:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    owner = by_script(script) if script else None
+    if owner and phase != DEFAULT.name and owner.name != phase:
+        raise UsageProblem(f"--script {script} is the {owner.name} phase's, not --phase {phase}'s: give one")
+    phase = owner.name if owner else phase
+    return phase, script or PHASES[phase].script

@@ -10,8 +10,9 @@ from typing import Annotated
 import typer
 
 from nanochat.config import ConfigError, finite_float
-from nanochat.paths import DEFAULT_DEPTH, PHASE_DIRS, checkpoint_tag, get_base_dir, only_model
+from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, only_model, phase_dir
 from nanochat.redact import ENV as REMOTE_ENV
+from nanochat.registry import PHASES
 from supervisor.launch import UsageProblem
 from supervisor.records import RunDir, read_events
 
@@ -80,8 +81,8 @@ def resolve_dirs(
     phase: str = "base",
 ) -> tuple[Path, Path]:
     """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
-    if phase not in PHASE_DIRS:
-        raise UsageProblem(f"--phase must be one of {', '.join(PHASE_DIRS)}, got {phase!r}")
+    if phase not in PHASES:
+        raise UsageProblem(f"--phase must be one of {', '.join(PHASES)}, got {phase!r}")
     if checkpoint_dir is None and run_dir is not None:
         if not new and not run_dir.is_dir():  # status and prune read an existing run; train may start one
             raise UsageProblem(f"no run dir at {run_dir}: pass the run dir of a supervised run, or --checkpoint-dir")
@@ -96,7 +97,7 @@ def resolve_dirs(
                 tag = only_model(phase)
         except ConfigError as e:
             raise UsageProblem(str(e).replace("--model_tag", "--model-tag")) from None
-        checkpoint_dir = get_base_dir() / PHASE_DIRS[phase] / tag
+        checkpoint_dir = phase_dir(phase, tag)
     checkpoint_dir = checkpoint_dir.expanduser().resolve()
     return checkpoint_dir, (run_dir or checkpoint_dir.with_name(checkpoint_dir.name + ".run")).expanduser().resolve()
 

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat import metrics, safefile
-from nanochat.paths import PHASE_DIRS
+from nanochat.registry import by_folder
 from supervisor.records import RunDir, read_events
 
 WIDTH, HEIGHT, DPI = 12, 8, 100  # inches and dots per inch: a 1200 x 800 PNG, readable at 100% on any screen
 UNSUPERVISED = "restart"  # the cause of a restart when no event log says how the attempt before it ended
-PHASE_NAMES = {"base": "base training", "mid": "midtraining", "sft": "supervised finetuning (SFT)",
-               "rl": "reinforcement learning (RL)"}  # fmt: skip
 METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_pass@k": "validation pass@k"}  # for the axis labels
 _NOT_METRICS = {"kind", "step", "time", "attempt"}
 
@@ -98,12 +96,12 @@ def series(checkpoint_dir: Path, run_dir: Path | None = None) -> RunSeries:
     if not loss:
         raise PlotError(f"no training steps in {checkpoint_dir / metrics.FILE} yet")
     ended = _attempt_classes(run_dir)
-    phase = {folder: name for name, folder in PHASE_DIRS.items()}.get(checkpoint_dir.parent.name)
+    phase = by_folder(checkpoint_dir.parent.name)
     where = f"{checkpoint_dir.parent.name}/{checkpoint_dir.name}"
     return RunSeries(
         checkpoint_dir=checkpoint_dir,
-        phase=phase,
-        title=f"{PHASE_NAMES[phase]}: {where}" if phase else where,
+        phase=phase.name if phase else None,
+        title=f"{phase.label}: {where}" if phase else where,
         label=checkpoint_dir.name,
         loss=_curve(loss),
         eval_name=metric,

@@ -40,13 +40,13 @@ from nanochat import checkpoint, safefile
 from nanochat.config import ConfigError
 from nanochat.dataset import data_dir, list_shards
 from nanochat.locks import DirLock
-from nanochat.paths import PHASE_DIRS, PHASE_SCRIPTS, file_fingerprint, get_base_dir, tokenizer_file
+from nanochat.paths import file_fingerprint, get_base_dir, phase_dir, tokenizer_file
 from nanochat.redact import redact
+from nanochat.registry import PHASES as TRAINED
 from supervisor.launch import Launch, UsageProblem, parse_settings, resolve
 from supervisor.records import EventLog, RunDir
 
-PHASES = ("data", "tokenizer", "base", "mid", "sft", "rl", "eval")
-TRAINED = ("base", "mid", "sft", "rl")
+PHASES = ("data", "tokenizer", *TRAINED, "eval")  # the trained phases (registry.PHASES) between the plain commands
 # settings that change how a phase runs, not the model it produces: a rerun may change them freely
 RUNTIME = {"run", "device_type", "compile", "device_batch_size", "eval_every", "eval_tokens", "log_every",
            "save_every", "keep_last_n_checkpoints", "resume", "async_save", "snapshot_every", "dist_timeout",
@@ -166,14 +166,14 @@ class Speedrun:
     def _launch(self, phase: str) -> Launch:
         args = [f"--model_tag={self.tag}"] + (["--depth", str(self.depth)] if phase == "base" else [])
         if self.remote:
-            args.append(f"--remote_dir={self.remote_of(PHASE_DIRS[phase])}")
+            args.append(f"--remote_dir={self.remote_of(TRAINED[phase].folder)}")
         owned = {"depth", "model_tag", "checkpoint_dir", "source_dir", "resume", "remote_dir"}
         if taken := owned & set(self.tables[phase]):
             raise UsageProblem(f"[{phase}] {sorted(taken)[0]} is the speedrun's to set: use --depth, --model-tag,"
                                f" --remote-dir, --redo {phase}")  # fmt: skip
         args += trainer_args(self.tables[phase])
         try:
-            launch = resolve(phase, PHASE_SCRIPTS[phase], args, None if phase == "base" else self.dir_of(phase))
+            launch = resolve(phase, TRAINED[phase].script, args, None if phase == "base" else self.dir_of(phase))
         except UsageProblem as e:
             raise UsageProblem(f"[{phase}] {e}") from None
         return launch
@@ -182,7 +182,7 @@ class Speedrun:
         return f"{self.remote.rstrip('/')}/{folder}/{self.tag}"
 
     def dir_of(self, phase: str) -> Path:
-        return get_base_dir() / PHASE_DIRS[phase] / self.tag
+        return phase_dir(phase, self.tag)
 
     # ---- the run ---------------------------------------------------------------------------------------------
 
@@ -253,7 +253,7 @@ class Speedrun:
             from nanochat.remote import check_remote, restore_if_newer
 
             say = lambda msg: self.display(f"speedrun: {phase}: {msg}")  # noqa: E731
-            restore_if_newer(check_remote(self.remote_of(PHASE_DIRS[phase])), launch.checkpoint_dir, say, say)
+            restore_if_newer(check_remote(self.remote_of(TRAINED[phase].folder)), launch.checkpoint_dir, say, say)
         newest = newest_valid(launch.checkpoint_dir)
         decision = plan_phase(phase, newest, parse_settings(launch.script, launch.trainer_args), redo, rebuilt)
         if decision.action == "refuse":
@@ -321,7 +321,7 @@ class Speedrun:
     def _eval(self, redo: bool) -> int:
         """chat_eval on the final model of each chat phase that has one; a record already there is kept."""
         table = self.tables["eval"]
-        for phase in [p for p in ("sft", "rl") if p in self.phases]:
+        for phase in [p for p in self.phases if p in TRAINED and TRAINED[p].metric == "accuracy"]:
             newest = newest_valid(self.dir_of(phase))
             if newest is None or not newest.final:
                 continue

@@ -24,6 +24,7 @@ from nanochat import checkpoint, compress
 from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name
 from nanochat.common import EXIT_REFUSED
 from nanochat.locks import LOCKS
+from nanochat.registry import PHASES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,6 @@ BASE = ["--depth=1", "--head_dim=32", f"--max_seq_len={T}", "--device_batch_size
 CHAT = ["--device_batch_size=2", "--total_batch_size=512", "--num_iterations=12", "--save_every=4",
         "--keep_last_n_checkpoints=-1", "--eval_every=-1", "--eval_tokens=256", "--async_save=False",
         "--task_size=200"]  # fmt: skip
-PHASES = {"mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 
 
 # ---- running the trainer -----------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def train(
 
 def run_phase(env: dict, phase: str, d: Path, source: Path, *args: str, nproc: int = 1, tiny=CHAT, **kw):
     """A chat phase (mid, sft, rl) from `source`, to the end."""
-    return train(env, d, f"--source_dir={source}", *args, nproc=nproc, module=PHASES[phase], tiny=tiny, **kw)
+    return train(env, d, f"--source_dir={source}", *args, nproc=nproc, module=PHASES[phase].script, tiny=tiny, **kw)
 
 
 def built_once(tmp_path_factory, name: str, run) -> Path:

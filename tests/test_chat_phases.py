@@ -72,7 +72,7 @@ def test_sigint_saves_at_the_current_step(tmp_path, menv, base, mid, phase):
     d = tmp_path / "ckpt"
     source = source_of(phase, base, mid)
     t = Trainer(menv, d, *CHAT, f"--source_dir={source}", "--num_iterations=100000", "--save_every=0",
-                module=PHASES[phase], tiny=[])  # fmt: skip
+                module=PHASES[phase].script, tiny=[])  # fmt: skip
     t.wait_for(r"^step 00003/")
     t.proc.send_signal(signal.SIGINT)
     assert t.finish() == 128 + signal.SIGINT

@@ -17,6 +17,7 @@ import pytest
 
 from nanochat import checkpoint
 from nanochat.dataset import data_dir
+from nanochat.registry import PHASES
 from nanochat.tokenizer import tokenizer_dir
 from tests.runs import REPO_ROOT, assert_identical, built_once, kill_group
 from tests.supervised import NANOCHAT_RUN
@@ -75,8 +76,7 @@ tasks = "choice,spelling"
 max_problems = 4
 max_tokens = 8
 """
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-              "rl": "chatrl_checkpoints"}  # fmt: skip
+PHASE_DIRS = {p.name: p.folder for p in PHASES.values()}
 
 
 def setup(tmp_path: Path, base_dir: Path, tokenizer, sft_steps: int = 8, **faults: str) -> tuple[dict, Path]:

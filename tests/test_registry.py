@@ -1,0 +1,67 @@
+"""The phase registry: each phase declared once, and every place that needs a phase's facts reading them there."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import pytest
+
+from nanochat.paths import model_dir, phase_dir, phase_dirs
+from nanochat.registry import DEFAULT, PHASES, by_folder, by_script, recorded_phase, scored_by_bpb
+from supervisor.launch import config_class, phase_of_script, resolve
+from supervisor.options import resolve_dirs
+
+
+def test_the_phases_chain_in_order_and_each_script_is_its_entry():
+    assert list(PHASES) == ["base", "mid", "sft", "rl"] and DEFAULT is PHASES["base"]
+    assert [p.source for p in PHASES.values()] == [None, "base", "mid", "sft"]
+    for p in PHASES.values():
+        script = importlib.import_module(p.script)
+        assert script.PHASE is p  # the script names itself (its meta's "phase", its error lines) from here
+        assert dataclasses.is_dataclass(config_class(p)) and config_class(p).__name__ == p.config
+        assert by_script(p.script) is p and by_folder(p.folder) is p
+    assert by_script("scripts.demo") is None and by_folder("elsewhere") is None
+
+
+def test_a_phase_checkpoint_dir_is_one_formula_that_trainer_and_supervisor_share(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert phase_dir("sft", "d4") == tmp_path / "chatsft_checkpoints" / "d4"
+    assert phase_dir("base") == tmp_path / "base_checkpoints"
+    for phase in ("mid", "sft", "rl"):  # a chat phase saves beside its source, under the same tag
+        phase_dir(PHASES[phase].source, "x").mkdir(parents=True)
+        assert phase_dirs(phase, "x") == (phase_dir(phase, "x"), phase_dir(PHASES[phase].source, "x"))
+        assert resolve(phase, PHASES[phase].script, ["--model_tag=x"], None).checkpoint_dir == phase_dir(phase, "x")
+    assert resolve("base", "scripts.base_train", ["--depth=3"], None).checkpoint_dir == phase_dir("base", "d3")
+    assert resolve("base", "tests.not_ours", [], None).checkpoint_dir == phase_dir("base", "d20")
+    assert resolve_dirs(None, None, 3, None)[0] == phase_dir("base", "d3").resolve()
+    phase_dir("rl", "x").mkdir(parents=True)
+    assert resolve_dirs(None, None, None, None, phase="rl")[0] == phase_dir("rl", "x").resolve()  # its one model
+    assert model_dir("mid") == phase_dir("mid", "x") and model_dir("mid", "y") == phase_dir("mid", "y")
+
+
+def test_phase_and_script_pick_each_other():
+    assert phase_of_script("base", None) == ("base", "scripts.base_train")
+    assert phase_of_script("sft", None) == ("sft", "scripts.chat_sft")
+    assert phase_of_script("base", "scripts.chat_rl") == ("rl", "scripts.chat_rl")  # a script of ours: its phase
+    assert phase_of_script("mid", "my.trainer") == ("mid", "my.trainer")
+
+
+def test_what_a_meta_records_and_how_its_checkpoints_are_scored():
+    assert recorded_phase({"phase": "chat_sft"}) == "chat_sft"
+    assert recorded_phase({}) == recorded_phase(None) == "base_train"  # metas from before the meta said so
+    assert [scored_by_bpb(p.run_name) for p in PHASES.values()] == [True, True, False, False]
+    assert not scored_by_bpb("demo")
+
+
+def test_plot_titles_come_from_the_phase_label(tmp_path: Path):
+    from supervisor.plot import PlotError, series
+
+    d = tmp_path / "mid_checkpoints" / "d1"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"kind": "step", "step": 1, "loss": 2.0, "time": 0}\n')
+    run = series(d, tmp_path / "none.run")
+    assert run.phase == "mid" and run.title == "midtraining: mid_checkpoints/d1"
+    with pytest.raises(PlotError):
+        series(tmp_path / "empty", tmp_path / "none.run")
