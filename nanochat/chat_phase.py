@@ -10,7 +10,6 @@ checkpoint, and says so if its source has changed since it started from it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -24,38 +23,10 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers
 from nanochat.paths import phase_dirs
-from nanochat.phase import LoopConfig, Phase
+from nanochat.phase import Phase
+from nanochat.settings import ChatConfig
 from nanochat.tasks import BUILTIN_TASKS, TaskMixture, get_task, parse_mixture_spec
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
-
-BUILTIN_MIXTURE = "arithmetic,spelling,choice,identity"
-
-
-@dataclass
-class ChatConfig(LoopConfig):
-    max_seq_len: int = -1  # context length in tokens; -1 = the source model's
-    # source: the checkpoint this phase starts from
-    source_dir: str = ""  # default $NANOCHAT_BASE_DIR/<previous phase's dir>/<model_tag>
-    source_step: int = -1  # -1 = the source's final checkpoint
-    # data (nanochat/tasks): name[:weight],... ; the downloaded tasks need the `datasets` package
-    tasks: str = BUILTIN_MIXTURE  # the training mixture, e.g. smoltalk,mmlu,gsm8k:2,identity
-    eval_tasks: str = ""  # evaluated on their test split; default: the training tasks
-    task_size: int = 10000  # examples per generated task for training (a twentieth of it held out for evaluation)
-    num_epochs: float = 1.0  # the horizon when num_iterations is -1: passes over the training mixture
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_seq_len == 0 or self.max_seq_len < -1:
-            raise ConfigError(f"--max_seq_len must be >= 1 or -1 (the source model's), got {self.max_seq_len}")
-        if self.source_step < -1:
-            raise ConfigError(f"--source_step must be a step >= 0 (or -1: the final one), got {self.source_step}")
-        if self.task_size < 1 or self.num_epochs <= 0:
-            raise ConfigError(f"--task_size must be >= 1 and --num_epochs > 0, got {self.task_size}, {self.num_epochs}")
-        for spec in filter(None, (self.tasks, self.eval_tasks)):
-            try:
-                parse_mixture_spec(spec)  # names and weights only: nothing is loaded yet
-            except ValueError as e:
-                raise ConfigError(f"--tasks / --eval_tasks: {e}") from None
 
 
 def check_tokenizer(tokenizer: Tokenizer) -> None:

@@ -27,8 +27,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from nanochat import safefile
 
 _SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval|upload):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
@@ -118,11 +116,15 @@ def fire(kind: str, where: str) -> None:
     elif kind == "raise":
         raise RuntimeError(f"debug_fault: injected crash at {where}")
     elif kind == "oom":
+        import torch  # (here: parsing a fault spec must not import torch)
+
         raise torch.OutOfMemoryError(f"debug_fault: injected CUDA out of memory at {where}")
     elif kind == "hang":
         while True:
             time.sleep(3600)
     elif kind == "memhog":
+        import torch
+
         hog = []
         while True:  # 64 MiB at a time, touched so the pages are really resident
             hog.append(torch.ones(16 << 20, dtype=torch.float32))

@@ -30,10 +30,10 @@ from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import eval_token_count
 from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
-from nanochat.paths import checkpoint_tag
 from nanochat.redact import redact, reveal
 from nanochat.remote import Uploader, check_remote, restore_if_newer
 from nanochat.saver import Saver
+from nanochat.settings import LoopConfig
 from nanochat.train_loop import (
     Heartbeat,
     StopFlag,
@@ -45,98 +45,6 @@ from nanochat.train_loop import (
     set_rng_state,
     stopped,
 )
-
-
-@dataclass
-class LoopConfig:
-    """The settings of every phase. A phase's config subclasses this, adds its own, and may change defaults."""
-
-    # run
-    run: str = "dummy"  # wandb run name; "dummy" disables wandb
-    device_type: str = "auto"  # auto | cuda | cpu
-    seed: int = 0  # weights init and data order
-    compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
-    # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
-    max_seq_len: int = 2048  # context length in tokens
-    device_batch_size: int = 32  # sequences per micro-batch on each rank
-    total_batch_size: int = 524288  # tokens per optimizer step; -1 = one micro-batch on every rank
-    num_iterations: int = -1  # optimizer steps; -1 = derived by the phase
-    # optimization
-    embedding_lr: float = 0.2  # AdamW, token embedding
-    unembedding_lr: float = 0.004  # AdamW, output head
-    matrix_lr: float = 0.02  # Muon, every matrix in the blocks
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_ratio: float = 0.0  # fraction of steps warming the LR up
-    warmdown_ratio: float = 0.2  # fraction of steps decaying the LR at the end
-    final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
-    rewarm_steps: int = 0  # raising --num_iterations of a finished run: ramp the LR back up over N steps (0: at once)
-    # evaluation and logging
-    eval_every: int = 250  # -1 = only at the end
-    eval_tokens: int = -1  # validation tokens per evaluation; -1 = auto (see eval_token_count)
-    log_every: int = 1  # print a step line every N steps
-    # checkpoints (see nanochat/checkpoint.py)
-    model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
-    checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
-    save_every: int = 500  # save every N steps; 0 = only the final checkpoint
-    keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
-    keep_optim_last_n: int = 1  # of those, the newest N keep the optimizer state; older ones weights only; -1 = all
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, for `nanochat-run eval`; 0 = off
-    resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
-    async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
-    snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
-    dist_timeout: int = 1800  # seconds any collective may wait; must cover the longest save (rank 0 writes, all wait)
-    # remote copies (nanochat/remote.py): any fsspec URL; s3:// needs nanochat-run[s3], gs:// nanochat-run[gcs]
-    remote_dir: str = ""  # copy every checkpoint here in the background, and restore from it when it is newer
-    remote_keep_last_n: int = 0  # remote checkpoints kept (the final one always); 0 = as local, -1 = all
-    remote_flush_timeout: int = 600  # seconds the final or signal save may wait for its upload before the exit
-    compress: str = "auto"  # payload files: none | zstd (lossless, ~1.2x) | auto = zstd with a --remote_dir, else none
-    # supervision and drills
-    heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
-    debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
-
-    def __post_init__(self) -> None:
-        if self.device_type not in ("auto", "cuda", "cpu"):
-            raise ConfigError(f"--device_type must be auto, cuda or cpu, got {self.device_type!r}")
-        if self.compile.lower() not in ("auto", "true", "false", "1", "0"):
-            raise ConfigError(f"--compile must be auto, True or False, got {self.compile!r}")
-        for key in ("device_batch_size", "log_every"):  # max_seq_len: the phase checks it (chat phases allow -1)
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
-        if self.total_batch_size == 0 or self.total_batch_size < -1:
-            raise ConfigError(f"--total_batch_size must be a positive token count or -1, got {self.total_batch_size}")
-        if self.num_iterations == 0 or self.num_iterations < -1:
-            raise ConfigError(f"--num_iterations must be >= 1 (or -1 to derive it), got {self.num_iterations}")
-        if self.eval_tokens == 0 or self.eval_tokens < -1:
-            raise ConfigError(f"--eval_tokens must be a positive token count or -1 (auto), got {self.eval_tokens}")
-        if self.eval_every == 0:
-            raise ConfigError("--eval_every takes a step count, or -1 for only at the end")
-        if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
-            raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
-        if self.save_every < 0:
-            raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
-        if self.snapshot_every < 0:
-            raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
-        if self.dist_timeout < 1:
-            raise ConfigError(f"--dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        checkpoint_tag(self.model_tag, 1)  # raises for a tag that is not a plain folder name
-        if self.keep_optim_last_n == 0 or self.keep_optim_last_n < -1:
-            raise ConfigError(f"--keep_optim_last_n must be >= 1 or -1 (all), got {self.keep_optim_last_n}")
-        if self.rewarm_steps < 0:
-            raise ConfigError(f"--rewarm_steps must be >= 0, got {self.rewarm_steps}")
-        if self.keep_every < 0:
-            raise ConfigError(f"--keep_every must be >= 0 (0: off), got {self.keep_every}")
-        if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
-            raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
-        try:
-            Fault.parse(self.debug_fault)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if self.compress not in ("auto", "none", "zstd"):
-            raise ConfigError(f"--compress must be auto, none or zstd, got {self.compress!r}")
-        if self.remote_keep_last_n < -1 or self.remote_flush_timeout < 0:
-            raise ConfigError("--remote_keep_last_n must be >= -1 (0: as local) and --remote_flush_timeout >= 0")
-        if self.remote_dir:
-            check_remote(self.remote_dir)  # a malformed URL or a missing filesystem package: one line, now
 
 
 class Loader(Protocol):

@@ -1,7 +1,7 @@
 """The training phases, each declared once: its name, script, settings class, checkpoint folder, the phase it
 starts from, how it is scored and what a person calls it. Every table that needs one of these facts reads it here
 (paths.py turns a phase and a tag into its checkpoint dir). Torch-free and import-free on purpose: the
-supervisor's `--help` reads it."""
+supervisor's `--help` reads it; the settings classes are imported only when asked for."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class PhaseInfo:
     name: str  # the --phase word: base, mid, sft, rl
     run_name: str  # the script's name, and what its checkpoints' meta records as "phase"
-    config: str  # the name of its settings class (a dataclass the script parses its command line into)
+    config: str  # the name of its settings class in nanochat/settings.py (its script parses the command line into it)
     folder: str  # where its checkpoints live, under the base dir: <folder>/<model tag>
     source: str | None  # the phase whose final checkpoint it starts from (base: none, a fresh model)
     metric: str  # how its checkpoints are scored: "bpb" (validation bits per byte) or "accuracy" (on tasks)
@@ -22,6 +22,13 @@ class PhaseInfo:
     def script(self) -> str:
         """The module torchrun runs: scripts.<run_name>."""
         return f"scripts.{self.run_name}"
+
+    def config_class(self) -> type:
+        """Its settings class (nanochat/settings.py: torch-free, so the supervisor never imports a training script
+        to reach it)."""
+        from nanochat import settings
+
+        return getattr(settings, self.config)
 
 
 # in order: each starts from the one before it

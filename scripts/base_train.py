@@ -4,7 +4,7 @@ One process:   python -m scripts.base_train --depth=4 --num_iterations=100
 Distributed:   torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=20
 Every setting: python -m scripts.base_train --help
 
-Settings are the fields of TrainConfig below (and of the LoopConfig every phase shares, nanochat/phase.py),
+Settings are the fields of TrainConfig (and of the LoopConfig every phase shares), both in nanochat/settings.py,
 overridden as --key=value (or --key value, dashes allowed). The loop, saving, resuming and stopping are the
 phase's (nanochat/phase.py); this script builds what is base training's own: a fresh model, pretraining data, the
 Chinchilla horizon and samples.
@@ -14,47 +14,24 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from nanochat.common import print0
-from nanochat.config import ConfigError, parse_args
+from nanochat.config import parse_args
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers
-from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir
-from nanochat.phase import LoopConfig, Phase
+from nanochat.paths import phase_dir
+from nanochat.phase import Phase
 from nanochat.registry import PHASES
+from nanochat.settings import TrainConfig
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train_loop import run_and_exit
 
 PHASE = PHASES["base"]
-
-
-@dataclass
-class TrainConfig(LoopConfig):
-    # model
-    depth: int = DEFAULT_DEPTH  # the model dial: width = depth x 64, rounded up to a multiple of head_dim
-    head_dim: int = 128  # channels per attention head
-    # horizon: num_iterations wins if > 0, else tokens = target_param_data_ratio * params (Chinchilla 20)
-    target_param_data_ratio: float = 20.0  # training tokens per parameter when num_iterations is -1
-    # samples
-    sample_every: int = 2000  # print greedy samples every N steps; -1 = never
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("depth", "head_dim", "max_seq_len"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
-        if self.sample_every == 0:
-            raise ConfigError("--sample_every takes a step count, or -1 to disable")
-
-    @property
-    def tag(self) -> str:
-        return checkpoint_tag(self.model_tag, self.depth)
 
 
 @record

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from nanochat.chat_phase import ChatConfig, check_tokenizer, mixtures, seq_len, start_model
+from nanochat.chat_phase import check_tokenizer, mixtures, seq_len, start_model
 from nanochat.common import print0
 from nanochat.config import ConfigError, parse_args
 from nanochat.engine import Engine
@@ -27,49 +26,11 @@ from nanochat.paths import phase_dirs
 from nanochat.phase import Phase, Plan
 from nanochat.registry import PHASES
 from nanochat.rl import Rollouts, pass_at_k, pg_loss
+from nanochat.settings import RLConfig
 from nanochat.tokenizer import get_tokenizer
 from nanochat.train_loop import run_and_exit
 
 PHASE = PHASES["rl"]
-
-
-@dataclass
-class RLConfig(ChatConfig):
-    # data: tasks with an automatic check (arithmetic offline; gsm8k with the `datasets` package)
-    tasks: str = "arithmetic"  # the training mixture, name[:weight],...
-    max_seq_len: int = -1  # prompt + answer, in tokens; -1 = the source model's context
-    # sampling
-    prompts_per_step: int = 16  # prompts per optimizer step, over all ranks (a multiple of the world size)
-    num_samples: int = 16  # the group: completions sampled per prompt
-    max_new_tokens: int = 256  # the longest answer
-    temperature: float = 1.0
-    top_k: int = 50  # 0 = sample from the whole vocabulary
-    device_batch_size: int = 8  # completions per forward/backward pass (divides num_samples)
-    total_batch_size: int = -1  # unused: a step is prompts_per_step x num_samples completions
-    # optimization: 5% of the pretraining learning rates, decayed linearly to 0
-    embedding_lr: float = 0.01
-    unembedding_lr: float = 0.0002
-    matrix_lr: float = 0.001
-    warmdown_ratio: float = 1.0
-    # evaluation: pass@k on held-out problems
-    eval_every: int = 60  # -1 = only at the end
-    eval_problems: int = 256  # held-out problems per evaluation, over all ranks
-    pass_k: int = 8  # samples per problem
-    save_every: int = 60
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("prompts_per_step", "num_samples", "max_new_tokens", "eval_problems", "pass_k"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_samples % self.device_batch_size:
-            raise ConfigError(f"--device_batch_size={self.device_batch_size} must divide --num_samples="
-                              f"{self.num_samples} (a micro-batch holds completions of one prompt)")  # fmt: skip
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be > 0 (a group of identical greedy answers teaches nothing), got"
-                              f" {self.temperature}")  # fmt: skip
-        if self.top_k < 0:
-            raise ConfigError(f"--top_k must be >= 0 (0 = no limit), got {self.top_k}")
 
 
 @record

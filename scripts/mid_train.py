@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from nanochat.chat_phase import ChatConfig, train_chat
+from nanochat.chat_phase import train_chat
 from nanochat.config import parse_args
 from nanochat.registry import PHASES
+from nanochat.settings import MidConfig
 from nanochat.train_loop import run_and_exit
 
 PHASE = PHASES["mid"]
-
-
-@dataclass
-class MidConfig(ChatConfig):
-    eval_every: int = 150  # -1 = only at the end
 
 
 @record

@@ -30,7 +30,6 @@ from supervisor.launch import (
     Supervision,
     UsageProblem,
     check_script,
-    config_class,
     phase_of_script,
     resolve,
     train_options,
@@ -200,7 +199,7 @@ def print_dry_run(agent, resolve: bool) -> None:
     spec = agent.launch_spec(agent.run_dir.attempt(agent.run_dir.next_attempt()))
     print(shlex.join(spec.command()))
     if resolve:
-        defaults = config_class(by_script(spec.script))()
+        defaults = by_script(spec.script).config_class()()
         print(f"trainer settings of the first attempt:\n{describe(parse_args(defaults, spec.trainer_args)[0])}")
     o = agent.opts
     print(

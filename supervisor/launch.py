@@ -4,7 +4,6 @@ line and changes nothing."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import re
 import shutil
@@ -16,7 +15,7 @@ from nanochat.config import ConfigError, parse_args
 from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir, phase_dirs
 from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.redact import redact
-from nanochat.registry import DEFAULT, PHASES, PhaseInfo, by_script
+from nanochat.registry import DEFAULT, PHASES, by_script
 from supervisor.policy import Policy
 
 DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
@@ -110,15 +109,10 @@ def check_script(script: str) -> None:
         raise UsageProblem(f"--script {script!r}: no such Python module here; the default is {DEFAULT.script}")
 
 
-def config_class(phase: PhaseInfo) -> type:
-    """The phase's settings class (its script's dataclass)."""
-    return getattr(importlib.import_module(phase.script), phase.config)
-
-
 def parse_settings(script: str, trainer_args: list[str]):
     """The phase's config as its trainer will parse it (ConfigError and HelpRequested pass through); `script` is
     one of ours (registry.by_script finds its phase)."""
-    return parse_args(config_class(by_script(script))(), trainer_args)[0]
+    return parse_args(by_script(script).config_class()(), trainer_args)[0]
 
 
 def gpu_count() -> int:

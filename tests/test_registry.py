@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from nanochat.paths import model_dir, phase_dir, phase_dirs
 from nanochat.registry import DEFAULT, PHASES, by_folder, by_script, recorded_phase, scored_by_bpb
-from supervisor.launch import config_class, phase_of_script, resolve
+from supervisor.launch import phase_of_script, resolve
 from supervisor.options import resolve_dirs
+from tests.runs import REPO_ROOT
 
 
 def test_the_phases_chain_in_order_and_each_script_is_its_entry():
@@ -20,7 +23,7 @@ def test_the_phases_chain_in_order_and_each_script_is_its_entry():
     for p in PHASES.values():
         script = importlib.import_module(p.script)
         assert script.PHASE is p  # the script names itself (its meta's "phase", its error lines) from here
-        assert dataclasses.is_dataclass(config_class(p)) and config_class(p).__name__ == p.config
+        assert dataclasses.is_dataclass(p.config_class()) and getattr(script, p.config) is p.config_class()
         assert by_script(p.script) is p and by_folder(p.folder) is p
     assert by_script("scripts.demo") is None and by_folder("elsewhere") is None
 
@@ -65,3 +68,15 @@ def test_plot_titles_come_from_the_phase_label(tmp_path: Path):
     assert run.phase == "mid" and run.title == "midtraining: mid_checkpoints/d1"
     with pytest.raises(PlotError):
         series(tmp_path / "empty", tmp_path / "none.run")
+
+
+def test_the_supervisor_parses_a_phase_settings_without_a_training_script_or_torch():
+    """`nanochat-run train --help` and a bad setting must answer in a blink: the settings classes live in the
+    torch-free nanochat/settings.py, and the registry names them."""
+    code = (
+        "import sys; from supervisor.launch import parse_settings;"
+        " assert parse_settings('scripts.chat_rl', ['--save_every=7']).save_every == 7;"
+        " print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('scripts')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
