@@ -25,6 +25,7 @@ from nanochat.paths import (
 )
 from nanochat.redact import redact
 from nanochat.registry import by_script
+from nanochat.settings import TrainConfig
 from supervisor import cli_remote, report, tail
 from supervisor.launch import (
     Supervision,
@@ -49,6 +50,7 @@ from supervisor.options import (
     StartupOption,
     confirm,
     number,
+    phase_defaults,
     resolve_dirs,
 )
 from supervisor.records import RunDir
@@ -82,22 +84,40 @@ def _root(
 # train
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+_BASE = TrainConfig()
+TRAIN_HELP = f"""Run the trainer under torchrun and keep it going until the step budget is reached.
+
+Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
+Trainer defaults that matter: max_seq_len {_BASE.max_seq_len}, total_batch_size {_BASE.total_batch_size} tokens,
+eval_every {_BASE.eval_every} steps, eval_tokens auto (all evaluations together read at most a tenth of the training
+tokens, one at most 10M). `nanochat-run train -- --help` lists every trainer setting with its default (with --phase:
+that phase's).
+"""
+
+
+@app.command(help=TRAIN_HELP, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def train(
     ctx: typer.Context,
-    depth: Annotated[int | None, typer.Option(help="Model depth (the trainer's --depth). Default: 20.")] = None,
+    depth: Annotated[
+        int | None, typer.Option(help=f"Model depth (the trainer's --depth). {phase_defaults('depth')}")
+    ] = None,
     num_iterations: Annotated[
         int | None,
-        typer.Option(help="The step budget (the trainer's --num_iterations). Default: 20 tokens per parameter."),
+        typer.Option(
+            help="The step budget (the trainer's --num_iterations). Default:"
+            f" {_BASE.target_param_data_ratio:g} tokens per parameter."
+        ),
     ] = None,
     save_every: Annotated[
-        int | None, typer.Option(help="Save a checkpoint every N steps; 0 = only the final one. Default: 500.")
+        int | None,
+        typer.Option(help=f"Save a checkpoint every N steps; 0 = only the final one. {phase_defaults('save_every')}"),
     ] = None,
     keep_last_n: Annotated[
-        int | None, typer.Option(help="Keep the newest N checkpoints; -1 keeps all. Default: 3.")
+        int | None,
+        typer.Option(help=f"Keep the newest N checkpoints; -1 keeps all. {phase_defaults('keep_last_n_checkpoints')}"),
     ] = None,
     device_batch_size: Annotated[
-        int | None, typer.Option(help="Sequences per micro-batch on each GPU. Default: 32.")
+        int | None, typer.Option(help=f"Sequences per micro-batch on each GPU. {phase_defaults('device_batch_size')}")
     ] = None,
     model_tag: Annotated[
         str | None, typer.Option(help="Checkpoint subfolder name (default: d<depth>; mid/sft: the source's one model).")
@@ -135,13 +155,7 @@ def train(
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
 ) -> None:
-    """Run the trainer under torchrun and keep it going until the step budget is reached.
-
-    Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
-    Trainer defaults that matter: max_seq_len 2048, total_batch_size 524288 tokens, eval_every 250 steps,
-    eval_tokens auto (all evaluations together read at most a tenth of the training tokens, one at most 10M).
-    `nanochat-run train -- --help` lists every trainer setting with its default.
-    """
+    # (its help is TRAIN_HELP, above: the defaults in it are read from the base phase's config)
     from supervisor import slurm
     from supervisor.agent import Agent
     from supervisor.display import Display, make_display

@@ -16,9 +16,10 @@ from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir, phase_dirs
 from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.redact import redact
 from nanochat.registry import DEFAULT, PHASES, by_script
+from nanochat.settings import LoopConfig
 from supervisor.policy import Policy
 
-DEFAULT_DIST_TIMEOUT = 1800  # the trainer's --dist_timeout default, for a --script we cannot parse
+DEFAULT_DIST_TIMEOUT = LoopConfig.dist_timeout  # for a --script we cannot parse: the default of ours
 GRACE_MARGIN = 300  # the default --grace-period is the trainer's --dist_timeout plus this
 
 

@@ -12,8 +12,9 @@ import typer
 from nanochat.config import ConfigError, finite_float
 from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, only_model, phase_dir
 from nanochat.redact import ENV as REMOTE_ENV
-from nanochat.registry import PHASES
-from supervisor.launch import UsageProblem
+from nanochat.registry import DEFAULT, PHASES
+from nanochat.settings import LoopConfig
+from supervisor.launch import GRACE_MARGIN, UsageProblem
 from supervisor.records import RunDir, read_events
 
 
@@ -25,6 +26,16 @@ def number(raw: str) -> float:
         return finite_float(raw)
     except ConfigError as e:
         raise typer.BadParameter(str(e)) from None
+
+
+def phase_defaults(key: str) -> str:
+    """A trainer setting's default for the help of the option that sets it, read from the phases' configs (never
+    written twice): `Default: 500 (rl: 60).`, the default phase's value and each other phase's where it differs."""
+    configs = {p.name: p.config_class()() for p in PHASES.values()}
+    values = {name: getattr(cfg, key) for name, cfg in configs.items() if hasattr(cfg, key)}  # depth: base only
+    first = values[DEFAULT.name]
+    others = ", ".join(f"{name}: {v}" for name, v in values.items() if v != first)
+    return f"Default: {first}" + (f" ({others})." if others else ".")
 
 
 PhaseOption = Annotated[
@@ -51,7 +62,8 @@ GraceOption = Annotated[
     float | None,
     typer.Option(
         help="Seconds a worker gets to save after a stop signal (or after its torchrun died) before it is killed."
-        " Default: the trainer's --dist_timeout + 300 (2100 s); it should exceed --dist_timeout.",
+        f" Default: the trainer's --dist_timeout + {GRACE_MARGIN} ({LoopConfig.dist_timeout + GRACE_MARGIN} s); it"
+        " should exceed --dist_timeout.",
         parser=number,
     ),
 ]

@@ -779,13 +779,16 @@ def test_cli_train_refuses_the_cpu_when_nvidia_smi_sees_gpus_torch_cannot_use(mo
 
 
 def test_cli_train_help_shows_the_trainer_defaults_that_matter(monkeypatch, capsys):
-    from scripts.base_train import TrainConfig
+    """Each phase's defaults, read from its config: --save-every is 60 for RL, --device-batch-size 4 for SFT."""
+    from nanochat.settings import RLConfig, SFTConfig, TrainConfig
 
     code, out, err = run_cli(monkeypatch, capsys, "train", "--help")
     assert code == 0, err
     text = " ".join(out.split())  # the help is wrapped to the terminal's width
-    d = TrainConfig()
-    shown = [f"Default: {v}." for v in (d.depth, d.save_every, d.keep_last_n_checkpoints, d.device_batch_size)]
+    d, sft, rl = TrainConfig(), SFTConfig(), RLConfig()
+    shown = [f"Default: {d.depth}.", f"Default: {d.keep_last_n_checkpoints}."]
+    shown += [f"Default: {d.save_every} (rl: {rl.save_every}).", f"{d.target_param_data_ratio:g} tokens per parameter"]
+    shown += [f"Default: {d.device_batch_size} (sft: {sft.device_batch_size}, rl: {rl.device_batch_size})."]
     shown += [f"max_seq_len {d.max_seq_len}", f"eval_every {d.eval_every} steps", "eval_tokens auto"]
     for needle in shown:
         assert needle in text, needle
