@@ -6,7 +6,7 @@ Which phase uses which class: nanochat/registry.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from nanochat.config import ConfigError
 from nanochat.faults import Fault
@@ -14,19 +14,49 @@ from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag
 from nanochat.remote import check_remote
 from nanochat.tasks import parse_mixture_spec
 
+# What a rerun may change, marked on the setting's field; an unmarked setting shapes the model or what it learns
+# (a speedrun refuses to skip a finished phase made with another value of it).
+#   runtime(default)  how a phase runs, not the model it produces: a speedrun rerun may change it freely; a resume
+#                     applies it and logs the change
+#   quiet(default)    how a run is driven (where, which attempt, drills): as runtime, and a resume does not even
+#                     log a change
+
+
+def runtime(default):
+    return field(default=default, metadata={"rerun": "runtime"})
+
+
+def quiet(default):
+    return field(default=default, metadata={"rerun": "quiet"})
+
+
+def rerun_mark(cls: type, name: str) -> str:
+    """A setting's mark ("runtime", "quiet", or "" for a setting of the model), from the class that declared it
+    (a phase that only changes a default inherits its mark)."""
+    for c in cls.__mro__:
+        f = c.__dict__.get("__dataclass_fields__", {}).get(name)
+        if f is not None and "rerun" in f.metadata:
+            return f.metadata["rerun"]
+    return ""
+
+
+def marked(cls: type, *marks: str) -> set[str]:
+    """The settings of a config class with one of these marks."""
+    return {f.name for f in fields(cls) if rerun_mark(cls, f.name) in marks}
+
 
 @dataclass
 class LoopConfig:
     """The settings of every phase. A phase's config subclasses this, adds its own, and may change defaults."""
 
     # run
-    run: str = "dummy"  # wandb run name; "dummy" disables wandb
-    device_type: str = "auto"  # auto | cuda | cpu
+    run: str = quiet("dummy")  # wandb run name; "dummy" disables wandb
+    device_type: str = runtime("auto")  # auto | cuda | cpu
     seed: int = 0  # weights init and data order
-    compile: str = "auto"  # auto (on for CUDA, off for CPU) | True | False
+    compile: str = runtime("auto")  # auto (on for CUDA, off for CPU) | True | False
     # batch: grad accumulation = total_batch_size / (device_batch_size * max_seq_len * world_size)
     max_seq_len: int = 2048  # context length in tokens
-    device_batch_size: int = 32  # sequences per micro-batch on each rank
+    device_batch_size: int = runtime(32)  # sequences per micro-batch on each rank
     total_batch_size: int = 524288  # tokens per optimizer step; -1 = one micro-batch on every rank
     num_iterations: int = -1  # optimizer steps; -1 = derived by the phase
     # optimization
@@ -39,28 +69,28 @@ class LoopConfig:
     final_lr_frac: float = 0.0  # LR at the last step, as a fraction of the peak
     rewarm_steps: int = 0  # raising --num_iterations of a finished run: ramp the LR back up over N steps (0: at once)
     # evaluation and logging
-    eval_every: int = 250  # -1 = only at the end
-    eval_tokens: int = -1  # validation tokens per evaluation; -1 = auto (see eval_token_count)
-    log_every: int = 1  # print a step line every N steps
+    eval_every: int = runtime(250)  # -1 = only at the end
+    eval_tokens: int = runtime(-1)  # validation tokens per evaluation; -1 = auto (see eval_token_count)
+    log_every: int = runtime(1)  # print a step line every N steps
     # checkpoints (see nanochat/checkpoint.py)
     model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
-    checkpoint_dir: str = ""  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
-    save_every: int = 500  # save every N steps; 0 = only the final checkpoint
-    keep_last_n_checkpoints: int = 3  # keep the newest N; -1 = all; the final checkpoint is never pruned
-    keep_optim_last_n: int = 1  # of those, the newest N keep the optimizer state; older ones weights only; -1 = all
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of N, for `nanochat-run eval`; 0 = off
-    resume: bool = True  # continue from the newest valid checkpoint; False archives old ones and starts fresh
-    async_save: bool = True  # periodic saves block only for a copy to CPU; the write runs in the background
-    snapshot_every: int = 0  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
-    dist_timeout: int = 1800  # seconds any collective may wait; must cover the longest save (rank 0 writes, all wait)
+    checkpoint_dir: str = quiet("")  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
+    save_every: int = runtime(500)  # save every N steps; 0 = only the final checkpoint
+    keep_last_n_checkpoints: int = runtime(3)  # keep the newest N; -1 = all; the final checkpoint is never pruned
+    keep_optim_last_n: int = runtime(1)  # of those, the newest N keep optimizer state (older: weights only); -1 = all
+    keep_every: int = runtime(0)  # also keep each checkpoint at a multiple of N steps, for `nanochat-run eval`; 0 = off
+    resume: bool = quiet(True)  # continue from the newest valid checkpoint; False archives old ones and starts fresh
+    async_save: bool = runtime(True)  # periodic saves block only for a copy to CPU; the write runs in the background
+    snapshot_every: int = runtime(0)  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
+    dist_timeout: int = runtime(1800)  # seconds a collective may wait; must cover the longest save (rank 0 writes)
     # remote copies (nanochat/remote.py): any fsspec URL; s3:// needs nanochat-run[s3], gs:// nanochat-run[gcs]
     remote_dir: str = ""  # copy every checkpoint here in the background, and restore from it when it is newer
-    remote_keep_last_n: int = 0  # remote checkpoints kept (the final one always); 0 = as local, -1 = all
-    remote_flush_timeout: int = 600  # seconds the final or signal save may wait for its upload before the exit
-    compress: str = "auto"  # payload files: none | zstd (lossless, ~1.2x) | auto = zstd with a --remote_dir, else none
+    remote_keep_last_n: int = runtime(0)  # remote checkpoints kept (the final one always); 0 = as local, -1 = all
+    remote_flush_timeout: int = runtime(600)  # seconds the final or signal save may wait for its upload before the exit
+    compress: str = runtime("auto")  # payload files: none | zstd (lossless, ~1.2x) | auto (zstd with a --remote_dir)
     # supervision and drills
-    heartbeat_file: str = ""  # rank 0 rewrites this JSON file every step (the supervisor watches it)
-    debug_fault: str = ""  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
+    heartbeat_file: str = quiet("")  # rank 0 rewrites this JSON file every step (the supervisor watches it)
+    debug_fault: str = quiet("")  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
 
     def __post_init__(self) -> None:
         if self.device_type not in ("auto", "cuda", "cpu"):
@@ -114,11 +144,11 @@ BUILTIN_MIXTURE = "arithmetic,spelling,choice,identity"
 class ChatConfig(LoopConfig):
     max_seq_len: int = -1  # context length in tokens; -1 = the source model's
     # source: the checkpoint this phase starts from
-    source_dir: str = ""  # default $NANOCHAT_BASE_DIR/<previous phase's dir>/<model_tag>
+    source_dir: str = quiet("")  # default $NANOCHAT_BASE_DIR/<previous phase's dir>/<model_tag>
     source_step: int = -1  # -1 = the source's final checkpoint
     # data (nanochat/tasks): name[:weight],... ; the downloaded tasks need the `datasets` package
     tasks: str = BUILTIN_MIXTURE  # the training mixture, e.g. smoltalk,mmlu,gsm8k:2,identity
-    eval_tasks: str = ""  # evaluated on their test split; default: the training tasks
+    eval_tasks: str = runtime("")  # evaluated on their test split; default: the training tasks
     task_size: int = 10000  # examples per generated task for training (a twentieth of it held out for evaluation)
     num_epochs: float = 1.0  # the horizon when num_iterations is -1: passes over the training mixture
 
@@ -145,7 +175,7 @@ class TrainConfig(LoopConfig):
     # horizon: num_iterations wins if > 0, else tokens = target_param_data_ratio * params (Chinchilla 20)
     target_param_data_ratio: float = 20.0  # training tokens per parameter when num_iterations is -1
     # samples
-    sample_every: int = 2000  # print greedy samples every N steps; -1 = never
+    sample_every: int = runtime(2000)  # print greedy samples every N steps; -1 = never
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -198,8 +228,8 @@ class RLConfig(ChatConfig):
     warmdown_ratio: float = 1.0
     # evaluation: pass@k on held-out problems
     eval_every: int = 60  # -1 = only at the end
-    eval_problems: int = 256  # held-out problems per evaluation, over all ranks
-    pass_k: int = 8  # samples per problem
+    eval_problems: int = runtime(256)  # held-out problems per evaluation, over all ranks
+    pass_k: int = runtime(8)  # samples per problem
     save_every: int = 60
 
     def __post_init__(self) -> None:

@@ -43,16 +43,11 @@ from nanochat.locks import DirLock
 from nanochat.paths import file_fingerprint, get_base_dir, phase_dir, tokenizer_file
 from nanochat.redact import redact
 from nanochat.registry import PHASES as TRAINED
+from nanochat.settings import marked
 from supervisor.launch import Launch, UsageProblem, parse_settings, resolve
 from supervisor.records import EventLog, RunDir
 
 PHASES = ("data", "tokenizer", *TRAINED, "eval")  # the trained phases (registry.PHASES) between the plain commands
-# settings that change how a phase runs, not the model it produces: a rerun may change them freely
-RUNTIME = {"run", "device_type", "compile", "device_batch_size", "eval_every", "eval_tokens", "log_every",
-           "save_every", "keep_last_n_checkpoints", "resume", "async_save", "snapshot_every", "dist_timeout",
-           "heartbeat_file", "debug_fault", "sample_every", "checkpoint_dir", "source_dir", "eval_tasks",
-           "eval_problems", "pass_k", "keep_optim_last_n", "keep_every", "remote_keep_last_n",
-           "remote_flush_timeout", "compress"}  # fmt: skip
 TABLES = {"data": {"shards": 240, "max_docs": 0}, "tokenizer": {"vocab_size": 65536, "max_chars": 2_000_000_000},
           "eval": {"tasks": "arithmetic,spelling,choice", "max_problems": 200, "max_tokens": 256}}  # fmt: skip
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -95,9 +90,11 @@ class Decision:
 
 
 def settings_changed(saved: dict, asked) -> str:
-    """'' if the phase's saved train_config matches what this run asks, else the first difference."""
+    """'' if the phase's saved train_config matches what this run asks, else the first difference. A rerun may
+    change the settings marked runtime (or quiet) on their fields freely: how a phase runs, not what it makes."""
+    free = marked(type(asked), "runtime", "quiet")
     for key, value in sorted(saved.items()):
-        if key not in RUNTIME and hasattr(asked, key) and getattr(asked, key) != value:
+        if key not in free and hasattr(asked, key) and getattr(asked, key) != value:
             return f"with --{key}={value!r}, this run asks for {getattr(asked, key)!r}"
     return ""
 

@@ -1,4 +1,5 @@
-"""The phase registry: each phase declared once, and every place that needs a phase's facts reading them there."""
+"""The phase registry (each phase declared once, every place that needs its facts reading them there) and what
+its settings declare about themselves."""
 
 from __future__ import annotations
 
@@ -80,3 +81,23 @@ def test_the_supervisor_parses_a_phase_settings_without_a_training_script_or_tor
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_what_a_rerun_may_change_is_marked_on_the_settings():
+    """runtime: a speedrun rerun may change it (a resume logs it); quiet: not even logged; unmarked: the model's.
+    A phase that only changes a default (RL's save_every, SFT's device_batch_size) keeps the field's mark."""
+    from nanochat import resume
+    from nanochat.settings import RLConfig, SFTConfig, TrainConfig, rerun_mark
+    from supervisor.speedrun import settings_changed
+
+    assert [rerun_mark(RLConfig, k) for k in ("save_every", "resume", "matrix_lr")] == ["runtime", "quiet", ""]
+    assert rerun_mark(SFTConfig, "device_batch_size") == rerun_mark(RLConfig, "pass_k") == "runtime"
+    assert rerun_mark(TrainConfig, "depth") == "" and rerun_mark(SFTConfig, "source_dir") == "quiet"
+    saved = {"save_every": 1, "device_batch_size": 2, "run": "a", "depth": 20, "seed": 0}
+    assert settings_changed(saved, TrainConfig()) == ""
+    assert settings_changed(saved, TrainConfig(depth=4)) == "with --depth=20, this run asks for 4"
+    assert settings_changed({"pass_k": 1, "temperature": 1.0}, RLConfig()) == ""
+    assert settings_changed({"temperature": 0.5}, RLConfig()) == "with --temperature=0.5, this run asks for 1.0"
+    current = {"save_every": 2, "device_batch_size": 2, "run": "b", "resume": False, "seed": 1}
+    assert resume.changes(saved, current) == [{"setting": "save_every", "from": 1, "to": 2},
+                                              {"setting": "seed", "from": 0, "to": 1}]  # fmt: skip
