@@ -24,7 +24,7 @@ from nanochat.paths import (
     get_base_dir,
 )
 from nanochat.redact import redact
-from nanochat.registry import by_script
+from nanochat.registry import DEFAULT, by_script
 from nanochat.settings import TrainConfig
 from supervisor import cli_remote, report, tail
 from supervisor.launch import (
@@ -85,6 +85,7 @@ def _root(
 
 
 _BASE = TrainConfig()
+SUP = Supervision()  # the supervisor's defaults (train's and speedrun's options)
 TRAIN_HELP = f"""Run the trainer under torchrun and keep it going until the step budget is reached.
 
 Everything after `--` goes to the trainer untouched, e.g. `nanochat-run train --depth 4 -- --max_seq_len=512`.
@@ -125,12 +126,12 @@ def train(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Where checkpoints go (overrides --model-tag).")] = None,
     remote_dir: RemoteOption = None,
     run_dir: Annotated[Path | None, typer.Option(help="Event log, heartbeat and attempt logs.")] = None,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
     script: Annotated[
         str | None, typer.Option(help="The training module torchrun runs on every worker (default: the phase's).")
     ] = None,
     nproc_per_node: NprocOption = None,
-    nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = "1",
+    nnodes: Annotated[str, typer.Option(help="torchrun --nnodes (e.g. 2 or 1:4).")] = SUP.nnodes,
     node_rank: Annotated[int | None, typer.Option(help="torchrun --node-rank.")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="torchrun --rdzv-endpoint host:port.")] = None,
     local_addr: Annotated[
@@ -141,16 +142,16 @@ def train(
         typer.Option(
             help="Multi-node: seconds the leader waits for every node to report an attempt's end.", parser=number
         ),
-    ] = 600.0,
-    max_restarts: MaxRestartsOption = 5,
-    max_no_progress: MaxNoProgressOption = 3,
-    backoff: BackoffOption = 5.0,
-    backoff_cap: BackoffCapOption = 300.0,
-    hang_timeout: HangOption = 1800.0,
-    startup_timeout: StartupOption = 3600.0,
+    ] = SUP.node_timeout,
+    max_restarts: MaxRestartsOption = SUP.max_restarts,
+    max_no_progress: MaxNoProgressOption = SUP.max_no_progress,
+    backoff: BackoffOption = SUP.backoff,
+    backoff_cap: BackoffCapOption = SUP.backoff_cap,
+    hang_timeout: HangOption = SUP.hang_timeout,
+    startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
-    oom_shrink: OomShrinkOption = True,
-    progress_every: ProgressOption = 30,
+    oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    progress_every: ProgressOption = SUP.progress_every,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
@@ -243,15 +244,15 @@ def speedrun(
     run_dir: Annotated[Path | None, typer.Option(help="The event log, logs and report.md of the whole run.")] = None,
     remote_dir: RemoteOption = None,
     nproc_per_node: NprocOption = None,
-    max_restarts: MaxRestartsOption = 5,
-    max_no_progress: MaxNoProgressOption = 3,
-    backoff: BackoffOption = 5.0,
-    backoff_cap: BackoffCapOption = 300.0,
-    hang_timeout: HangOption = 1800.0,
-    startup_timeout: StartupOption = 3600.0,
+    max_restarts: MaxRestartsOption = SUP.max_restarts,
+    max_no_progress: MaxNoProgressOption = SUP.max_no_progress,
+    backoff: BackoffOption = SUP.backoff,
+    backoff_cap: BackoffCapOption = SUP.backoff_cap,
+    hang_timeout: HangOption = SUP.hang_timeout,
+    startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
-    oom_shrink: OomShrinkOption = True,
-    progress_every: ProgressOption = 30,
+    oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    progress_every: ProgressOption = SUP.progress_every,
 ) -> None:
     """From nothing to a chat model: data, tokenizer, base, mid, SFT, RL and evaluation, every training phase under
     the same supervision as `train`. Rerun it after any stop or crash: finished phases are skipped, the interrupted
@@ -312,7 +313,7 @@ def status(
         bool, typer.Option(help="Refresh until the run ends, then print the final status (Ctrl+C stops watching).")
     ] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", parser=number)] = 2.0,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
     speedrun: Annotated[
         bool,
         typer.Option("--speedrun", help="The speedrun of --depth/--model-tag: every phase (or pass its --run-dir)."),
@@ -368,7 +369,7 @@ def plot_run(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
     depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
     model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
     out: Annotated[
         Path | None,
         typer.Option(help="The PNG to write. Default: plot.png in the run dir (unsupervised: in the checkpoint dir)."),
@@ -405,7 +406,7 @@ def logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the run's supervisor is gone (Ctrl+C stops).")
     ] = False,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
 ) -> None:
     """Print an attempt's log: torchrun's output (every rank's lines), or one rank's stdout and stderr."""
     if rank is not None and rank < 0:
@@ -456,7 +457,7 @@ def prune(
             " checkpoint dir is gone or holds another run, or they are not newer than its newest checkpoint.",
         ),
     ] = False,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
     remote_dir: Annotated[
         str | None,
         typer.Option(help="Prune this remote copy (an fsspec URL) instead: the run's newest N and its final one stay."),
@@ -536,7 +537,7 @@ def evaluate(
     checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
     depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
     model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
     checkpoints: Annotated[
         str, typer.Option(help="Which ones: last:N (the newest N valid), all, or steps such as 1000,2000,3000.")
     ] = "last:5",

@@ -11,7 +11,7 @@ import typer
 from nanochat import checkpoint
 from nanochat.config import ConfigError
 from nanochat.redact import redact
-from nanochat.registry import recorded_phase
+from nanochat.registry import DEFAULT, recorded_phase
 from supervisor.launch import UsageProblem
 from supervisor.options import PhaseOption, confirm, resolve_dirs
 
@@ -52,7 +52,7 @@ def push(
     run_dir: Annotated[Path | None, typer.Option(help="The run dir of a supervised run.")] = None,
     depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth.")] = None,
     model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
-    phase: PhaseOption = "base",
+    phase: PhaseOption = DEFAULT.name,
 ) -> None:
     """Upload a run's valid local checkpoints that the remote lacks (oldest first; nothing remote is deleted)."""
     from nanochat import remote

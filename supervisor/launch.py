@@ -29,20 +29,21 @@ class UsageProblem(Exception):
 
 @dataclass
 class Supervision:
-    """The supervisor's settings (what `train` and `speedrun` both take on the command line)."""
+    """The supervisor's settings (what `train` and `speedrun` both take on the command line), and their defaults:
+    the command line's, TrainOptions' and (for the restart policy's own settings) Policy's."""
 
     nproc_per_node: int | None = None  # None: all GPUs, 1 on CPU
     nnodes: str = "1"
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
-    max_restarts: int = 5
-    max_no_progress: int = 3
-    backoff: float = 5.0
-    backoff_cap: float = 300.0
-    hang_timeout: float = 1800.0
-    startup_timeout: float = 3600.0
+    max_restarts: int = Policy.max_restarts
+    max_no_progress: int = Policy.max_no_progress
+    backoff: float = Policy.backoff
+    backoff_cap: float = Policy.backoff_cap
+    hang_timeout: float = 1800.0  # 0 = off
+    startup_timeout: float = 3600.0  # 0 = off
     grace_period: float | None = None  # None: the trainer's --dist_timeout + GRACE_MARGIN
-    oom_shrink: bool = True
+    oom_shrink: bool = Policy.oom_shrink
     progress_every: float = 30.0
     node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
@@ -205,19 +206,19 @@ class TrainOptions:
     checkpoint_dir: Path
     run_dir: Path
     nproc_per_node: int = 1
-    nnodes: str = "1"
+    nnodes: str = Supervision.nnodes
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
-    hang_timeout: float = 1800.0  # 0 = off
-    startup_timeout: float = 3600.0  # 0 = off
-    grace_period: float = 2100.0  # the trainer's --dist_timeout (default 1800) + 300
+    hang_timeout: float = Supervision.hang_timeout  # 0 = off
+    startup_timeout: float = Supervision.startup_timeout  # 0 = off
+    grace_period: float = DEFAULT_DIST_TIMEOUT + GRACE_MARGIN  # (Supervision.grace_period's None)
     fresh_start: bool = False  # the user asked for --resume=False
     num_iterations: int | None = None  # the step budget asked for, when known
     policy: Policy = field(default_factory=Policy)
-    node_timeout: float = 600.0  # multi-node: how long the leader waits for every node to report an attempt's end
+    node_timeout: float = Supervision.node_timeout  # multi-node: the leader's wait for every node's attempt end
     rdzv_id: str | None = None  # the run's rendezvous name (default "nanochat"); each attempt adds its number
     local_addr: str | None = None  # torchrun --local-addr (ranks are sorted by it: the lowest gets global rank 0)
-    phase: str = "base"  # the training phase (base, mid, sft, rl): recorded in the event log
+    phase: str = DEFAULT.name  # the training phase (base, mid, sft, rl): recorded in the event log
     env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 

@@ -90,7 +90,7 @@ def resolve_dirs(
     depth: int | None,
     model_tag: str | None,
     new: bool = False,
-    phase: str = "base",
+    phase: str = DEFAULT.name,
 ) -> tuple[Path, Path]:
     """Checkpoint dir as the trainer computes it; the run dir sits beside it (`<checkpoint dir>.run`)."""
     if phase not in PHASES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,18 @@ def test_what_a_rerun_may_change_is_marked_on_the_settings():
     current = {"save_every": 2, "device_batch_size": 2, "run": "b", "resume": False, "seed": 1}
     assert resume.changes(saved, current) == [{"setting": "save_every", "from": 1, "to": 2},
                                               {"setting": "seed", "from": 0, "to": 1}]  # fmt: skip
+
+
+def test_the_supervisor_defaults_live_in_one_dataclass(tmp_path):
+    """The options of `train` and `speedrun`, the agent's TrainOptions and the restart policy start from the same
+    defaults: Supervision's (the policy's own settings: Policy's)."""
+    from supervisor import cli
+    from supervisor.launch import Launch, Supervision, TrainOptions, train_options
+    from supervisor.policy import Policy
+
+    opts = train_options(Launch("base", "x", [], tmp_path / "c"), tmp_path / "r", Supervision(nproc_per_node=1))
+    assert opts == TrainOptions("x", [], opts.checkpoint_dir, opts.run_dir) and opts.policy == Policy()
+    for command in (cli.train, cli.speedrun):
+        params = inspect.signature(command).parameters
+        for name in ("max_restarts", "backoff", "hang_timeout", "startup_timeout", "oom_shrink", "progress_every"):
+            assert params[name].default == getattr(Supervision(), name), (command.__name__, name)
