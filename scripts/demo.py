@@ -17,6 +17,7 @@ import time
 
 from nanochat.common import get_base_dir
 from nanochat.dataset import data_dir, list_shards
+from nanochat.paths import phase_dir
 from nanochat.tokenizer import tokenizer_dir
 
 SUPERVISOR_ARGS = ["--depth", "2", "--num-iterations", "200", "--save-every", "50", "--keep-last-n", "2",
@@ -57,7 +58,7 @@ def main() -> None:
         run([py, "-m", "nanochat.dataset", "--builtin"])
     if not (tokenizer_dir(base) / "tokenizer.json").exists():
         run([py, "-m", "scripts.tok_train", "--vocab_size=4096"])
-    ckpt_dir = base / "base_checkpoints" / "demo"
+    ckpt_dir = phase_dir("base", "demo")
     for old in (ckpt_dir, ckpt_dir.with_name("demo.run")):
         if old.exists():
             print(f"demo: removing the previous demo run in {old}")

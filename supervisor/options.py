@@ -39,7 +39,7 @@ def phase_defaults(key: str) -> str:
 
 
 PhaseOption = Annotated[
-    str, typer.Option(help="The training phase: base, mid (midtraining), sft or rl; picks its checkpoint folder.")
+    str, typer.Option(help=f"The training phase: {', '.join(PHASES)}; picks its checkpoint folder.")
 ]
 # the supervisor's options, shared by `train` and `speedrun` (fields of launch.Supervision)
 NprocOption = Annotated[int | None, typer.Option(help="Workers per node (default: all GPUs, 1 on CPU).")]
