@@ -216,6 +216,23 @@ def test_budget_reached_is_judged_against_the_budget_asked_for_now(tmp_path, ask
     assert judge(point, point, fresh=False, asked=asked) == (False, reached)
 
 
+def test_progress_is_a_newer_verified_checkpoint_than_at_launch(tmp_path):
+    """An attempt progressed when the resume point moved on: a later step, or any checkpoint after a fresh start
+    (the trainer archived the old ones); the same checkpoint, or none at all, is no progress."""
+    from tests.test_checkpoint import save
+
+    d, opts = tmp_path / "ckpt", TrainOptions("scripts.base_train", [], tmp_path / "ckpt", tmp_path / "run")
+    assert judge(None, resume_point(opts), fresh=False, asked=None) == (False, False)  # nothing on disk
+    save(d, 2)
+    two = resume_point(opts)
+    assert judge(None, two, fresh=False, asked=None) == (True, False)  # the first checkpoint of the run
+    assert judge(two, two, fresh=False, asked=None) == (False, False)  # nothing new
+    assert judge(two, two, fresh=True, asked=None) == (False, False)  # the very same files: still nothing new
+    save(d, 4, final=True)
+    four = resume_point(opts)
+    assert judge(two, four, fresh=False, asked=4) == (True, True)  # newer, and final at the budget asked for
+
+
 def test_the_display_survives_an_output_on_a_full_disk():
     """The supervisor's own output may be a file on the disk that filled up: its lines are best effort."""
     code = "import sys; from supervisor.display import Display; d = Display(); d.event('a'); d.event('b')"
