@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 
 class RunState(enum.Enum):
-    """The life of one supervised run; `Agent._set_state` is the only place that changes it.
+    """The life of one supervised run; `Lifecycle.set` (supervisor/lifecycle.py) is the only place that changes it.
 
         STARTING --first heartbeat--> HEALTHY --torchrun exits--> (reap, classify, then `decide`)
             |                            |                          |-- completed ----------> SUCCEEDED

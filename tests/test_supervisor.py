@@ -17,7 +17,6 @@ import sys
 import textwrap
 import typing
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -32,6 +31,7 @@ from supervisor.agent import (
     Agent,
     TrainOptions,
 )
+from supervisor.attempt import hang_reason, judge, resume_point
 from supervisor.policy import AttemptSummary, Batch, Policy, decide, smaller_batch
 from supervisor.records import RunDir, append_event, read_events
 from supervisor.states import Action, AttemptClass, Outcome, RunState
@@ -207,15 +207,30 @@ def test_budget_reached_is_judged_against_the_budget_asked_for_now(tmp_path, ask
     """A final checkpoint at 4 (saved with num_iterations=4) does not reach a budget raised to 8: a stop before
     the next save is `stopped` (exit 130/75, requeue), not `completed` (exit 0)."""
     from nanochat import checkpoint
-    from supervisor.display import Display
     from tests.test_checkpoint import save
 
     d = tmp_path / "ckpt"
     save(d, 4, final=True)
     checkpoint.update_meta(d, 4, num_iterations=4)
-    agent = Agent(TrainOptions("scripts.base_train", [], d, tmp_path / "run", num_iterations=asked), Display())
-    point = agent._resume_point()
-    assert agent._judge(SimpleNamespace(before=point, fresh=False), point) == (False, reached)
+    point = resume_point(TrainOptions("scripts.base_train", [], d, tmp_path / "run"))
+    assert judge(point, point, fresh=False, asked=asked) == (False, reached)
+
+
+def test_progress_is_a_newer_verified_checkpoint_than_at_launch(tmp_path):
+    """An attempt progressed when the resume point moved on: a later step, or any checkpoint after a fresh start
+    (the trainer archived the old ones); the same checkpoint, or none at all, is no progress."""
+    from tests.test_checkpoint import save
+
+    d, opts = tmp_path / "ckpt", TrainOptions("scripts.base_train", [], tmp_path / "ckpt", tmp_path / "run")
+    assert judge(None, resume_point(opts), fresh=False, asked=None) == (False, False)  # nothing on disk
+    save(d, 2)
+    two = resume_point(opts)
+    assert judge(None, two, fresh=False, asked=None) == (True, False)  # the first checkpoint of the run
+    assert judge(two, two, fresh=False, asked=None) == (False, False)  # nothing new
+    assert judge(two, two, fresh=True, asked=None) == (False, False)  # the very same files: still nothing new
+    save(d, 4, final=True)
+    four = resume_point(opts)
+    assert judge(two, four, fresh=False, asked=4) == (True, True)  # newer, and final at the budget asked for
 
 
 def test_the_display_survives_an_output_on_a_full_disk():
@@ -381,20 +396,20 @@ def test_state_diagram_names_every_state():
 @pytest.mark.parametrize("final", [RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED])
 def test_a_final_state_never_changes(tmp_path, final):
     agent = make_agent(tmp_path)
-    agent._set_state(RunState.HEALTHY, "training")
-    agent._set_state(final, "done")
+    agent.lifecycle.set(RunState.HEALTHY, "training")
+    agent.lifecycle.set(final, "done")
     assert agent.state is final and agent.view.state == final.value
     for new in RunState:
         with pytest.raises(AssertionError, match="a final state never changes"):
-            agent._set_state(new)
+            agent.lifecycle.set(new)
         assert agent.state is final
 
 
 def test_state_changes_are_reported(tmp_path):
     agent = make_agent(tmp_path)
-    agent._set_state(RunState.HEALTHY, "training at step 1")
-    agent._set_state(RunState.HEALTHY)  # no change, no line
-    agent._set_state(RunState.STOPPING)
+    agent.lifecycle.set(RunState.HEALTHY, "training at step 1")
+    agent.lifecycle.set(RunState.HEALTHY)  # no change, no line
+    agent.lifecycle.set(RunState.STOPPING)
     assert agent.display.lines == ["starting -> healthy: training at step 1", "healthy -> stopping"]
 
 
@@ -408,7 +423,7 @@ def scripted(agent: Agent, results: list[tuple[Outcome, bool]], on_attempt=None)
         out, progressed = results[len(calls) - 1]
         return out, AttemptSummary(out.kind, progressed)
 
-    agent._attempt = fake_attempt
+    agent.attempt = fake_attempt  # the loop's one seam: it asks attempt(n) for each attempt
     return calls
 
 
@@ -419,7 +434,7 @@ def states_seen(agent: Agent) -> list[str]:
 def test_loop_restarts_then_succeeds(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
     calls = scripted(agent, [(outcome(C.CRASH), True), (outcome(C.COMPLETED), True)])
-    assert agent._loop() == EXIT_OK
+    assert agent.loop() == EXIT_OK
     assert calls == [1, 2] and agent.state is RunState.SUCCEEDED
     assert [s.split(":")[0] for s in states_seen(agent)] == [
         "starting -> backoff", "backoff -> starting", "starting -> succeeded"]  # fmt: skip
@@ -430,7 +445,7 @@ def test_loop_restarts_then_succeeds(tmp_path):
 def test_loop_gives_up_with_a_diagnosis(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0, max_no_progress=2)
     scripted(agent, [(outcome(C.CRASH, "ValueError: v"), False)] * 2)
-    assert agent._loop() == EXIT_FAILED and agent.state is RunState.FAILED
+    assert agent.loop() == EXIT_FAILED and agent.state is RunState.FAILED
     diagnosis = [line for line in agent.display.lines if line.startswith("diagnosis:")]
     assert diagnosis == [f"diagnosis: crash: ValueError: v; read {tmp_path / 'run' / 'attempt-002'}/torchrun.log"]
 
@@ -439,7 +454,7 @@ def test_loop_gives_up_at_once_when_the_trainer_rejects_its_settings(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
     bad = Outcome(C.REFUSED, "ConfigError: --total_batch_size=100 is not a multiple", exitcode=1, worker_exitcode=2)
     calls = scripted(agent, [(bad, False)])
-    assert agent._loop() == EXIT_USAGE and calls == [1]  # exit 2, as for any bad setting
+    assert agent.loop() == EXIT_USAGE and calls == [1]  # exit 2, as for any bad setting
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_PREEMPTED)])
@@ -447,14 +462,14 @@ def test_loop_stop_exit_codes(tmp_path, sig, code):
     agent = make_agent(tmp_path)
     agent.signals.append(sig)
     scripted(agent, [(outcome(C.STOPPED), True)])
-    assert agent._loop() == code and agent.state is RunState.STOPPED
+    assert agent.loop() == code and agent.state is RunState.STOPPED
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_PREEMPTED)])
 def test_a_signal_during_backoff_stops_without_another_attempt(tmp_path, sig, code):
     agent = make_agent(tmp_path, backoff=60.0)
     calls = scripted(agent, [(outcome(C.CRASH), True)] * 2, on_attempt=lambda n: agent.signals.append(sig))
-    assert agent._loop() == code
+    assert agent.loop() == code
     assert calls == [1] and agent.state is RunState.STOPPED
 
 
@@ -462,7 +477,7 @@ def test_loop_passes_the_cuda_oom_overrides_to_the_next_attempt(tmp_path):
     agent = make_agent(tmp_path, backoff=0.0)
     agent.batch = Batch(8, 4096, 64, 2)
     scripted(agent, [(outcome(C.CUDA_OOM), True), (outcome(C.COMPLETED), True)])
-    assert agent._loop() == EXIT_OK
+    assert agent.loop() == EXIT_OK
     assert agent.overrides == {"device_batch_size": "4", "total_batch_size": "4096"}
 
 
@@ -683,24 +698,23 @@ def test_cli_zero_timeouts_mean_off_and_resume_false_is_honoured(monkeypatch, ca
 
 
 def test_zero_timeouts_never_call_a_run_hung(tmp_path):
-    agent = Agent(TrainOptions("s", [], tmp_path / "c", tmp_path / "r", hang_timeout=0, startup_timeout=0), Recorder())
-    a = SimpleNamespace(healthy=False, started=0.0, last_progress=0.0, heartbeat={})
-    assert agent._hang_reason(a, now=1e9) == ""
-    a.healthy = True
-    assert agent._hang_reason(a, now=1e9) == ""
+    opts = TrainOptions("s", [], tmp_path / "c", tmp_path / "r", hang_timeout=0, startup_timeout=0)
+    a = dict(healthy=False, started=0.0, last_progress=0.0, heartbeat={})
+    assert hang_reason(opts, **a, now=1e9) == ""
+    a["healthy"] = True
+    assert hang_reason(opts, **a, now=1e9) == ""
 
 
 def test_a_save_is_not_a_hang_before_the_grace_period(tmp_path):
     opts = TrainOptions("s", [], tmp_path / "c", tmp_path / "r", hang_timeout=10, startup_timeout=30, grace_period=100)
-    agent = Agent(opts, Recorder())
-    a = SimpleNamespace(healthy=True, started=0.0, last_progress=0.0, heartbeat={"phase": "saving", "step": 9})
-    assert agent._hang_reason(a, now=50) == ""  # 50 s into a save: past --hang-timeout, within the grace period
-    assert "no progress for 100s in a save" in agent._hang_reason(a, now=101)
-    a.heartbeat = {"phase": "training", "step": 9}
-    assert agent._hang_reason(a, now=11) == "no progress for --hang-timeout=10s at step 9"
-    a.healthy = False
-    assert agent._hang_reason(a, now=29) == ""
-    assert agent._hang_reason(a, now=31) == "no training step within --startup-timeout=30s"
+    a = dict(healthy=True, started=0.0, last_progress=0.0, heartbeat={"phase": "saving", "step": 9})
+    assert hang_reason(opts, **a, now=50) == ""  # 50 s into a save: past --hang-timeout, within the grace period
+    assert "no progress for 100s in a save" in hang_reason(opts, **a, now=101)
+    a["heartbeat"] = {"phase": "training", "step": 9}
+    assert hang_reason(opts, **a, now=11) == "no progress for --hang-timeout=10s at step 9"
+    a["healthy"] = False
+    assert hang_reason(opts, **a, now=29) == ""
+    assert hang_reason(opts, **a, now=31) == "no training step within --startup-timeout=30s"
 
 
 def test_status_says_why_a_live_supervisor_waits(tmp_path):

@@ -125,7 +125,7 @@ def run_attempt(agent: Agent, on_start=None):
     if on_start:
         on_start(agent)
     t0 = time.monotonic()
-    out, summary = agent._attempt(agent.run_dir.next_attempt())
+    out, summary = agent.attempt(agent.run_dir.next_attempt())
     return out, summary, time.monotonic() - t0
 
 
