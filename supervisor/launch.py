@@ -164,6 +164,7 @@ class Launch:
     depth: int | None = None
     model_tag: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # for torchrun and its workers: a --remote_dir's credentials
+    remote: bool = False  # the settings name a --remote_dir (a checkpoint dir per node needs one)
 
 
 def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
@@ -191,6 +192,7 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     launch.dist_timeout, launch.fresh = cfg.dist_timeout, not cfg.resume
     launch.budget = cfg.num_iterations if cfg.num_iterations > 0 else None
     launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
+    launch.remote = bool(cfg.remote_dir)
     # credentials in --remote_dir: off the command line (`ps` shows it, torchrun.log and the event log record it),
     # into the environment, where the trainer finds the real URL (nanochat/redact.py)
     if redact(cfg.remote_dir) != cfg.remote_dir:
@@ -220,6 +222,7 @@ class TrainOptions:
     local_addr: str | None = None  # torchrun --local-addr (ranks are sorted by it: the lowest gets global rank 0)
     phase: str = DEFAULT.name  # the training phase (base, mid, sft, rl): recorded in the event log
     env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
+    remote: bool = False  # the trainer copies checkpoints to a remote (Launch.remote)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
@@ -233,7 +236,8 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         run_dir.expanduser().resolve(), nproc, sup.nnodes, sup.node_rank, sup.rdzv_endpoint,
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
-                        local_addr=sup.local_addr, phase=launch.phase, env=launch.env)  # fmt: skip
+                        local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
+                        remote=launch.remote)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

@@ -37,10 +37,9 @@ class Peers:
     def check_dirs(self) -> tuple[int | None, bool]:
         """Before anything runs: one shared checkpoint dir, or one per node with a remote. (The exit code if the
         run cannot start, else None; whether every node has its own dir.)"""
-        remote = any(arg.split("=")[0] in ("--remote_dir", "--remote-dir") for arg in self.opts.trainer_args)
-        dir_per_node = False
+        opts, dir_per_node = self.opts, False
         try:
-            why, dir_per_node = self.nodes.check_dirs(self.opts.checkpoint_dir, remote, self.opts.node_timeout)
+            why, dir_per_node = self.nodes.check_dirs(opts.checkpoint_dir, opts.remote, opts.node_timeout)
         except LeaderLost as e:
             why = str(e)
         if not why:
