@@ -3,7 +3,8 @@
 Pruning keeps the newest `keep` *verified* checkpoints (the same walk as the resume point, discovery.py's
 `valid_newest_first`), plus what no retention deletes (`kept_forever`) and every damaged one (the user decides).
 `slim` drops the optimizer file of older checkpoints, `make_room` prunes one more before a save that does not fit,
-`archive` moves everything aside for a fresh start. Remote copies follow the same rules (nanochat/remote.py).
+`archive` moves everything aside for a fresh start. nanochat/remote.py's retention of remote copies asks
+`kept_forever` too.
 """
 
 from __future__ import annotations
