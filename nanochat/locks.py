@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanochat import safefile
-from nanochat.checkpoint import CheckpointError, make_dir
+from nanochat.errors import CheckpointError
 from nanochat.lifeline import pid_alive
+from nanochat.safefile import make_dir
 
 LOCKS = {"supervisor": ".nanochat-run.lock", "trainer": ".trainer.lock", "speedrun": ".speedrun.lock"}
 

@@ -4,7 +4,7 @@ optimizer, data position and RNG, and the training loop itself.
 
 A phase script builds only what is its own (where the model comes from, its data, its evaluation, its horizon) and
 hands them to `Phase.train`. Saving, resuming, stopping on a signal, the heartbeat and the order of save and eval
-exist once: here, in train_loop.py, saver.py and checkpoint.py.
+exist once: here, in train_loop.py, saver.py and checkpoint/.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Protocol
 import psutil
 import torch
 
-from nanochat import checkpoint, metrics, node_dirs, resume, snapshots
-from nanochat.checkpoint import CheckpointError
+from nanochat import checkpoint, metrics, node_dirs, resume
+from nanochat.checkpoint import CheckpointError, snapshots
 from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, say_here, warn0, warn_here
 from nanochat.config import ConfigError, describe
 from nanochat.faults import Fault

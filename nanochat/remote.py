@@ -2,12 +2,12 @@
 outlives its machine. The local checkpoint dir stays the one the trainer writes and resumes from; this module
 copies its committed checkpoints out, and back in on a machine that lacks them.
 
-The remote holds the same files (names from nanochat/checkpoint.py) and the same commit rule: a checkpoint is
+The remote holds the same files (names from nanochat/checkpoint/names.py) and the same commit rule: a checkpoint is
 committed when its meta exists, so an upload sends the payload files first, the meta last, then latest_step.txt;
 a deletion removes the meta first. An upload killed at any point leaves payload files without a meta: not a
 checkpoint, overwritten by the next upload of that step, removed by pruning once a newer one is committed. A
 download goes through temp files and is verified against the meta (sizes and xxh3 checksums) before it is
-committed locally, meta last. What a meta may name is nanochat/checkpoint.py's one rule (`vouched_files`): only
+committed locally, meta last. What a meta may name is one rule (`vouched_files`, nanochat/checkpoint/verify.py): only
 that step's own file names are ever fetched, written or deleted, and a download uses the very meta that was
 checked (never a second read, which a tampered or changing bucket could answer differently).
 

@@ -100,8 +100,8 @@ def make_dir(path: Path, mode: int = 0o777) -> None:
 
 
 def temp_path(path: Path) -> Path:
-    """The temp file a write of `path` by this process goes through (clean_temp in checkpoint.py reads the writer
-    back from the name)."""
+    """The temp file a write of `path` by this process goes through (`clean_temp` in nanochat/checkpoint/commit.py
+    reads the writer back from the name)."""
     return path.with_name(f"{TMP_PREFIX}{path.name}.{writer_id()}")
 
 

@@ -2,14 +2,14 @@
 (and every node's local rank 0, each into its own node's dir, when the nodes share no disk: nanochat/node_dirs.py).
 In-memory snapshots are per machine: every machine's local rank 0 writes its own.
 
-What is saved and how a checkpoint is committed is nanochat/checkpoint.py's business; this module decides when
-and where to write, and keeps the training loop from waiting:
+What is saved and how a checkpoint is committed is the business of nanochat/checkpoint/ (commit.py); this module
+decides when and where to write, and keeps the training loop from waiting:
 
 - A background save blocks the caller only while the state is copied into CPU buffers that are allocated once
   and reused (pinned on CUDA). One writer thread then serialises, checksums, fsyncs, commits the meta, moves
   latest_step.txt and prunes. At most one save is in flight; the next one first waits for it (and logs how long).
 - Final saves and saves on a signal are written before `save` returns.
-- A save can also go to an in-memory snapshot slot (shared memory, see nanochat/snapshots.py), alone or
+- A save can also go to an in-memory snapshot slot (shared memory, see nanochat/checkpoint/snapshots.py), alone or
   before the disk checkpoint of the same step. `settle()` waits until the snapshot in flight is committed; the
   trainer calls it before it reports the next step done, so a run that dies at any moment loses at most
   `snapshot_every` steps, even while a long disk write is still going on.
@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint, snapshots
-from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat import checkpoint
+from nanochat.checkpoint import CheckpointError, StorageError, snapshots
 from nanochat.locks import DirLock
 
 

@@ -72,7 +72,7 @@ class LoopConfig:
     eval_every: int = runtime(250)  # -1 = only at the end
     eval_tokens: int = runtime(-1)  # validation tokens per evaluation; -1 = auto (see eval_token_count)
     log_every: int = runtime(1)  # print a step line every N steps
-    # checkpoints (see nanochat/checkpoint.py)
+    # checkpoints (see nanochat/checkpoint/)
     model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
     checkpoint_dir: str = quiet("")  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
     save_every: int = runtime(500)  # save every N steps; 0 = only the final checkpoint

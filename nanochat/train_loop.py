@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from nanochat import checkpoint, metrics, safefile, snapshots
-from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat import checkpoint, metrics, safefile
+from nanochat.checkpoint import CheckpointError, StorageError, snapshots
 from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
 from nanochat.config import ConfigError, HelpRequested
 

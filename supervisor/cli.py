@@ -15,7 +15,8 @@ from typing import Annotated
 
 import typer
 
-from nanochat import checkpoint, snapshots
+from nanochat import checkpoint
+from nanochat.checkpoint import snapshots
 from nanochat.config import ConfigError, HelpRequested, describe, parse_args
 from nanochat.locks import LockError, lock_holder
 from nanochat.paths import (

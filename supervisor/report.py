@@ -16,7 +16,8 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from nanochat import checkpoint, snapshots
+from nanochat import checkpoint
+from nanochat.checkpoint import snapshots
 from nanochat.locks import lock_holder
 from supervisor.records import RunDir, read_events, read_heartbeat
 

@@ -227,8 +227,9 @@ class Trainer:
 
     def workers(self) -> list[psutil.Process]:
         """The trainer processes torchrun started (its children running scripts.base_train)."""
+        # (a child that torchrun has forked but not yet exec'd still shows torchrun's command line and session)
         children = psutil.Process(self.proc.pid).children(recursive=True)
-        return [p for p in children if "scripts.base_train" in p.cmdline()]
+        return [p for p in children if "scripts.base_train" in (c := p.cmdline()) and "torch.distributed.run" not in c]
 
 
 # ---- checks ------------------------------------------------------------------------------------------------

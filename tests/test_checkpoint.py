@@ -19,6 +19,7 @@ import xxhash
 
 from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
+from nanochat.lifeline import writer_id
 from nanochat.saver import Saver
 from tests.runs import dead_pid
 from tests.test_compress import FORGED, forged
@@ -203,7 +204,7 @@ def test_atomic_write_leaves_no_temp_file_on_error(tmp_path: Path, error: BaseEx
         raise error  # ...then the writer fails (or the user hits Ctrl-C)
 
     with pytest.raises(type(error)):
-        checkpoint._write_atomic(target, write)
+        checkpoint.commit._write_atomic(target, write)
     assert target.read_bytes() == b"the old content"
     assert temp_files(tmp_path) == []
     checkpoint.write_text_atomic(target, "new")
@@ -403,7 +404,7 @@ def test_plan_prune_and_prune(prunable: Path, keep: int, deleted: list[int]) -> 
     planned = checkpoint.plan_prune(prunable, keep)
     assert [c.step for c in planned] == deleted
     removed = checkpoint.prune(prunable, keep)
-    assert sorted({checkpoint._NAME.match(p.name).group(2) for p in removed}) == [f"{s:06d}" for s in deleted]
+    assert sorted({checkpoint.names._NAME.match(p.name).group(2) for p in removed}) == [f"{s:06d}" for s in deleted]
     assert steps_on_disk(prunable) == [s for s in (2, 3, 4, 6, 7, 8, 10, 12, 14) if s not in deleted]
     assert checkpoint.inspect(prunable, 4).final and checkpoint.inspect(prunable, 12).valid  # never pruned
     assert (prunable / "model_000007.pt").exists() and (prunable / "optim_000008.pt").exists()  # damaged: kept
@@ -538,11 +539,11 @@ def test_clean_temp_removes_only_temp_files_of_dead_writers(tmp_path: Path) -> N
     dead.wait()
     with subprocess.Popen(["sleep", "60"]) as alive:
         debris = [
-            tmp_path / f"{TMP_PREFIX}model_000008.pt.{checkpoint.writer_id(dead.pid)}",
+            tmp_path / f"{TMP_PREFIX}model_000008.pt.{writer_id(dead.pid)}",
             tmp_path / f"{TMP_PREFIX}{LATEST}.{dead.pid}",
             tmp_path / f"{TMP_PREFIX}meta_000008.json.{alive.pid}-1",  # a reused pid: another process started then
         ]
-        in_flight = tmp_path / f"{TMP_PREFIX}optim_000008.pt.{checkpoint.writer_id(alive.pid)}"  # being written
+        in_flight = tmp_path / f"{TMP_PREFIX}optim_000008.pt.{writer_id(alive.pid)}"  # being written
         for p in [*debris, in_flight]:
             p.write_bytes(b"half a file")
         (tmp_path / "notes.txt").write_text("mine")

@@ -162,7 +162,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(tmp_path):
         default = re.escape(repr(getattr(TrainConfig(), f.name)))
         assert re.search(rf"^  --{f.name}={default} +\S", proc.stdout, re.M), f.name
     assert "--keep_last_n_checkpoints=3" in proc.stdout and "the final checkpoint is never pruned" in proc.stdout
-    assert "\ncheckpoints (see nanochat/checkpoint.py)\n" in proc.stdout  # the groups of the dataclass
+    assert "\ncheckpoints (see nanochat/checkpoint/)\n" in proc.stdout  # the groups of the dataclass
     assert not (tmp_path / "base_checkpoints").exists()  # nothing started
 
 

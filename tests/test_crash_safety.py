@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import checkpoint, snapshots
-from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name
+from nanochat import checkpoint
+from nanochat.checkpoint import LATEST, TMP_PREFIX, file_name, snapshots
 from nanochat.common import EXIT_STORAGE
 from tests.runs import (
     assert_finished,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import checkpoint, snapshots
-from nanochat.checkpoint import CheckpointError
+from nanochat import checkpoint
+from nanochat.checkpoint import CheckpointError, snapshots
 from nanochat.locks import LOCKS, DirLock, LockError, lock_holder
 from nanochat.saver import Saver
 from tests.test_checkpoint import garble, save, states

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat import checkpoint, metrics, safefile, snapshots
-from nanochat.checkpoint import LATEST, RUN_ID, CheckpointError
+from nanochat import checkpoint, metrics, safefile
+from nanochat.checkpoint import LATEST, RUN_ID, CheckpointError, snapshots
 from nanochat.common import DistInfo
 from nanochat.faults import Fault
 from nanochat.locks import LOCKS, DirLock, LockError, lock_holder

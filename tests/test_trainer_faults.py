@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nanochat import checkpoint, snapshots
-from nanochat.checkpoint import TMP_PREFIX
+from nanochat import checkpoint
+from nanochat.checkpoint import TMP_PREFIX, snapshots
 from tests.runs import LONG, assert_finished, copy, one_line_error, steps, temp_files, train
 
 pytestmark = pytest.mark.slow

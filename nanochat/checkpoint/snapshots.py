@@ -21,18 +21,14 @@ import shutil
 import stat
 from pathlib import Path
 
-from nanochat.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    find_latest_valid,
-    inspect,
-    make_dir,
-    run_id,
-    scan,
-    write_text_atomic,
-)
+from nanochat.checkpoint.commit import write_text_atomic
+from nanochat.checkpoint.discovery import find_latest_valid
+from nanochat.checkpoint.lineage import run_id
+from nanochat.checkpoint.names import Checkpoint
+from nanochat.checkpoint.verify import inspect, scan
+from nanochat.errors import CheckpointError
 from nanochat.locks import lock_holder
-from nanochat.safefile import read_text
+from nanochat.safefile import make_dir, read_text
 
 
 def root() -> Path:
