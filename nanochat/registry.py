@@ -1,7 +1,7 @@
 """The training phases, each declared once: its name, script, settings class, checkpoint folder, the phase it
 starts from, how it is scored and what a person calls it. Every table that needs one of these facts reads it here
 (paths.py turns a phase and a tag into its checkpoint dir). Torch-free and import-free on purpose: the
-supervisor's `--help` reads it; the settings classes are imported only when asked for."""
+supervisor's `--help` reads it; `settings.config_of(phase)` gives a phase's settings class."""
 
 from __future__ import annotations
 
@@ -22,13 +22,6 @@ class PhaseInfo:
     def script(self) -> str:
         """The module torchrun runs: scripts.<run_name>."""
         return f"scripts.{self.run_name}"
-
-    def config_class(self) -> type:
-        """Its settings class (nanochat/settings.py: torch-free, so the supervisor never imports a training script
-        to reach it)."""
-        from nanochat import settings
-
-        return getattr(settings, self.config)
 
 
 # in order: each starts from the one before it

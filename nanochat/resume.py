@@ -24,7 +24,7 @@ from nanochat.checkpoint import CheckpointError
 from nanochat.optim import lr_multiplier
 from nanochat.redact import redact
 from nanochat.registry import PHASES
-from nanochat.settings import marked
+from nanochat.settings import config_of, marked
 
 # model_config keys a checkpoint cannot change, with the settings users know them by
 MODEL = {"n_layer": "depth", "n_embd": "model width (--head_dim, depth)", "n_head": "heads (--head_dim)",
@@ -32,7 +32,7 @@ MODEL = {"n_layer": "depth", "n_embd": "model width (--head_dim, depth)", "n_hea
          "sequence_len": "sequence length (--max_seq_len)"}  # fmt: skip
 # settings that say how a run is driven, not what it trains: a difference is not worth a line (marked `quiet` on
 # their fields in nanochat/settings.py)
-QUIET = set().union(*(marked(p.config_class(), "quiet") for p in PHASES.values()))
+QUIET = set().union(*(marked(config_of(p), "quiet") for p in PHASES.values()))
 
 
 def check_compatible(meta: dict, model_cfg, train_config: dict, directory: Path) -> None:

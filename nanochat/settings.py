@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from nanochat.config import ConfigError
 from nanochat.faults import Fault
 from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag
+from nanochat.registry import PhaseInfo
 from nanochat.remote import check_remote
 from nanochat.tasks import parse_mixture_spec
 
@@ -245,3 +246,9 @@ class RLConfig(ChatConfig):
                               f" {self.temperature}")  # fmt: skip
         if self.top_k < 0:
             raise ConfigError(f"--top_k must be >= 0 (0 = no limit), got {self.top_k}")
+
+
+def config_of(phase: PhaseInfo) -> type:
+    """A phase's settings class (the registry names it; its script parses the command line into it): reached
+    without importing a training script or torch."""
+    return globals()[phase.config]

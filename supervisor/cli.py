@@ -26,7 +26,7 @@ from nanochat.paths import (
 )
 from nanochat.redact import redact
 from nanochat.registry import DEFAULT, by_script
-from nanochat.settings import TrainConfig
+from nanochat.settings import TrainConfig, config_of
 from supervisor import cli_remote, report, tail
 from supervisor.launch import (
     Supervision,
@@ -215,7 +215,7 @@ def print_dry_run(agent, resolve: bool) -> None:
     spec = agent.launch_spec(agent.run_dir.attempt(agent.run_dir.next_attempt()))
     print(shlex.join(spec.command()))
     if resolve:
-        defaults = by_script(spec.script).config_class()()
+        defaults = config_of(by_script(spec.script))()
         print(f"trainer settings of the first attempt:\n{describe(parse_args(defaults, spec.trainer_args)[0])}")
     o = agent.opts
     print(

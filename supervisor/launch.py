@@ -16,7 +16,7 @@ from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, phase_dir, phase_dirs
 from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.redact import redact
 from nanochat.registry import DEFAULT, PHASES, by_script
-from nanochat.settings import LoopConfig
+from nanochat.settings import LoopConfig, config_of
 from supervisor.policy import Policy
 
 DEFAULT_DIST_TIMEOUT = LoopConfig.dist_timeout  # for a --script we cannot parse: the default of ours
@@ -114,7 +114,7 @@ def check_script(script: str) -> None:
 def parse_settings(script: str, trainer_args: list[str]):
     """The phase's config as its trainer will parse it (ConfigError and HelpRequested pass through); `script` is
     one of ours (registry.by_script finds its phase)."""
-    return parse_args(by_script(script).config_class()(), trainer_args)[0]
+    return parse_args(config_of(by_script(script))(), trainer_args)[0]
 
 
 def gpu_count() -> int:

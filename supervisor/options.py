@@ -13,7 +13,7 @@ from nanochat.config import ConfigError, finite_float
 from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag, only_model, phase_dir
 from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.registry import DEFAULT, PHASES
-from nanochat.settings import LoopConfig
+from nanochat.settings import LoopConfig, config_of
 from supervisor.launch import GRACE_MARGIN, UsageProblem
 from supervisor.records import RunDir, read_events
 
@@ -31,7 +31,7 @@ def number(raw: str) -> float:
 def phase_defaults(key: str) -> str:
     """A trainer setting's default for the help of the option that sets it, read from the phases' configs (never
     written twice): `Default: 500 (rl: 60).`, the default phase's value and each other phase's where it differs."""
-    configs = {p.name: p.config_class()() for p in PHASES.values()}
+    configs = {p.name: config_of(p)() for p in PHASES.values()}
     values = {name: getattr(cfg, key) for name, cfg in configs.items() if hasattr(cfg, key)}  # depth: base only
     first = values[DEFAULT.name]
     others = ", ".join(f"{name}: {v}" for name, v in values.items() if v != first)

@@ -14,6 +14,7 @@ import pytest
 
 from nanochat.paths import model_dir, phase_dir, phase_dirs
 from nanochat.registry import DEFAULT, PHASES, by_folder, by_script, recorded_phase, scored_by_bpb
+from nanochat.settings import config_of
 from supervisor.launch import phase_of_script, resolve
 from supervisor.options import resolve_dirs
 from tests.runs import REPO_ROOT
@@ -25,7 +26,7 @@ def test_the_phases_chain_in_order_and_each_script_is_its_entry():
     for p in PHASES.values():
         script = importlib.import_module(p.script)
         assert script.PHASE is p  # the script names itself (its meta's "phase", its error lines) from here
-        assert dataclasses.is_dataclass(p.config_class()) and getattr(script, p.config) is p.config_class()
+        assert dataclasses.is_dataclass(config_of(p)) and getattr(script, p.config) is config_of(p)
         assert by_script(p.script) is p and by_folder(p.folder) is p
     assert by_script("scripts.demo") is None and by_folder("elsewhere") is None
 
