@@ -31,8 +31,8 @@ from nanochat.engine import Engine, load_checkpoint_model
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
 from scripts.chat_web import describe, exposure, make_app, parse, prompt_for, reply_parts
+from tests.helpers import ScriptedGPT, random_model, without_specials
 from tests.runs import REPO_ROOT, kill_group, port_from_log
-from tests.test_engine import ScriptedGPT, random_model, without_specials
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

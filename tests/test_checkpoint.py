@@ -21,32 +21,10 @@ from nanochat import checkpoint
 from nanochat.checkpoint import LATEST, TMP_PREFIX, CheckpointError, file_name
 from nanochat.lifeline import writer_id
 from nanochat.saver import Saver
+from tests.helpers import FORGED, forged, garble, save, states
 from tests.runs import dead_pid
-from tests.test_compress import FORGED, forged
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-
-
-def states(seed: int, rows: int = 256) -> tuple[dict, dict]:
-    """A small model and optimizer state shaped like the trainer's (tensors in nested dicts)."""
-    g = torch.Generator().manual_seed(seed)
-    model = {"wte.weight": torch.randn(rows, 8, generator=g), "lm_head.weight": torch.randn(8, rows, generator=g)}
-    optim = {
-        "adamw": {
-            "state": {0: {"step": torch.tensor(float(seed)), "exp_avg": torch.randn(rows, 8, generator=g)}},
-            "param_groups": [{"lr": 0.1, "params": [0]}],
-        }
-    }
-    return model, optim
-
-
-def save(directory: Path, step: int, final: bool = False, keep: int = -1, rows: int = 256, **kw) -> list[str]:
-    """Save a checkpoint through the real Saver; returns its warnings."""
-    warnings: list[str] = []
-    saver = Saver(directory, keep=keep, warn=warnings.append, log=lambda msg: None, **kw)
-    model, optim = states(step, rows)
-    saver.save(step, model, optim, {"final": final, "stop_reason": "periodic"}, {"loader": {"offset": step}})
-    return warnings
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -60,14 +38,6 @@ def steps_on_disk(directory: Path) -> list[int]:
 
 def temp_files(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob(f"{TMP_PREFIX}*"))
-
-
-def garble(path: Path) -> None:
-    """Same size, different bytes: only the checksum can tell."""
-    data = bytearray(path.read_bytes())
-    for i in range(0, len(data), 97):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def truncate(path: Path) -> None:
@@ -643,7 +613,7 @@ def test_ensure_space_refuses_a_save_that_cannot_fit_and_deletes_nothing(tmp_pat
     warnings: list[str] = []
     saver = Saver(tmp_path, keep=keep, warn=warnings.append, log=lambda m: None)
     with pytest.raises(CheckpointError) as info:
-        saver._ensure_space(tmp_path, {"w": huge(1 << 55)}, {})  # 32 PiB: no disk anywhere has that
+        saver.save(8, {"w": huge(1 << 55)}, {}, {"final": False}, {})  # 32 PiB: no disk anywhere has that
     message = str(info.value)
     assert len(message.splitlines()) == 1
     assert f"not enough disk space in {tmp_path}" in message

@@ -20,8 +20,8 @@ import torch
 from nanochat import checkpoint
 from nanochat.locks import DirLock
 from supervisor.records import RunDir, append_event
+from tests.helpers import assert_usage_error, run_cli
 from tests.runs import dead_pid
-from tests.test_supervisor import assert_usage_error, run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("nanochat-run")

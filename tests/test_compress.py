@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import zstandard
 
 from nanochat import compress
 from nanochat.compress import CompressedFileError
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import OptimConfig, Optimizers
+from tests.helpers import FORGED, forged
 
 
 def same(a, b, where: str = "/") -> None:
@@ -255,39 +255,6 @@ def test_garbage_and_missing_files(tmp_path):
         compress.read_index(damaged(tmp_path, b"PK\x03\x04" + bytes(100)))
     with pytest.raises(FileNotFoundError):  # storage errors stay OSError
         compress.load(tmp_path / "missing.pt")
-
-
-def container(tensors: list[dict], frames: bytes = b"", tree=None) -> bytes:
-    """The bytes of a compressed file with this index (forged: what a hostile or broken writer could produce)."""
-    tree = {"list": [{"tensor": i} for i in range(len(tensors))]} if tree is None else tree
-    index = json.dumps({"format": 1, "codec": "zstd", "level": 1, "tree": tree, "tensors": tensors}).encode()
-    return compress.MAGIC + frames + index + struct.pack("<Q", len(index)) + compress.MAGIC
-
-
-def forged(kind: str) -> bytes:
-    """A container whose layout is consistent enough to fool a naive reader, for each way of forging one."""
-    if kind == "wrapping shape":  # 2**64 elements: an int64 product wraps to 0, which "matches" no chunks
-        return container([{"dtype": "float32", "shape": [2**32, 2**32], "group": 4, "chunks": []}])
-    if kind == "bomb":  # 16 KiB of real zstd frames that decompress to 512 MiB of zeros, allocated before reading
-        frame = zstandard.ZstdCompressor(level=19).compress(bytes(8 << 20))
-        chunks = [[8 << 20, len(frame)]] * 64
-        return container([{"dtype": "uint8", "shape": [512 << 20], "group": 1, "chunks": chunks}], frame * 64)
-    if kind == "wrapping chunk sizes":  # a frame count that wraps the offsets back onto the index
-        return container([{"dtype": "uint8", "shape": [2**63, 2], "group": 1, "chunks": [[2**64, 1]]}])
-    data = container([{"dtype": "uint8", "shape": [4], "group": 1, "chunks": [[4, 13]]}],
-                     zstandard.ZstdCompressor().compress(bytes(4)))  # fmt: skip
-    if kind == "truncated index":
-        return data[:-20] + data[-16:]
-    if kind == "garbled index":
-        start = len(data) - 16 - struct.unpack("<Q", data[-16:-8])[0]
-        return data[:start] + b"\xff" * (len(data) - 16 - start) + data[-16:]
-    if kind == "bit dtype":  # a dtype torch.empty refuses or that has no bytes to fill
-        return container([{"dtype": "qint8", "shape": [4], "group": 1, "chunks": [[4, 13]]}],
-                         zstandard.ZstdCompressor().compress(bytes(4)))  # fmt: skip
-    raise ValueError(kind)
-
-
-FORGED = ["wrapping shape", "bomb", "wrapping chunk sizes", "truncated index", "garbled index", "bit dtype"]
 
 
 @pytest.mark.parametrize("kind", FORGED)

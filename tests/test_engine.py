@@ -9,32 +9,9 @@ import torch
 
 from nanochat.calculator import calculate
 from nanochat.engine import PAD, Engine, sample_next
-from nanochat.gpt import GPT, GPTConfig, KVCache
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
-
-
-def random_model(vocab: int, seq: int = 64, seed: int = 0, cfg: GPTConfig | None = None) -> GPT:
-    """A tiny GPT whose output depends on its context: init_weights zeroes the output projections (every block the
-    identity) and gives a near-zero lm_head, so those get random weights of a useful size."""
-    model = GPT(cfg or GPTConfig.from_depth(2, vocab, seq, head_dim=32))
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for block in model.blocks:
-            for lin in (block.attn.c_proj, block.mlp.c_proj):
-                lin.weight.normal_(0, 0.05, generator=gen)
-        model.lm_head.weight.normal_(0, 0.05, generator=gen)
-    return model.eval()
-
-
-def without_specials(model: GPT, tokenizer: Tokenizer) -> GPT:
-    """Zero the lm_head rows of the special tokens: their logit is 0, below the best of the ~500 random others, so
-    greedy decoding neither stops early nor calls the tool."""
-    with torch.no_grad():
-        for token in SPECIAL_TOKENS:
-            model.lm_head.weight[tokenizer.special_id(token)] = 0
-    return model
-
+from nanochat.gpt import GPTConfig, KVCache
+from nanochat.tokenizer import Tokenizer
+from tests.helpers import ScriptedGPT, random_model, without_specials
 
 # ---- the KV cache --------------------------------------------------------------------------------------------
 
@@ -176,23 +153,6 @@ def test_calculator_rejects_everything_else(expr: str):
 
 
 # ---- the tool in the engine --------------------------------------------------------------------------------
-
-
-class ScriptedGPT(GPT):
-    """A test double for the model: the real forward runs (so the engine's KV cache fills as usual), but on its
-    n-th call row i's next token is scripts[i][n] with certainty."""
-
-    def __init__(self, vocab: int, scripts: list[list[int]]):
-        super().__init__(GPTConfig.from_depth(1, vocab, 64, head_dim=32))
-        self.init_weights(0)
-        self.scripts, self.calls = scripts, 0
-
-    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
-        logits = torch.full_like(super().forward(idx, kv_cache=kv_cache), -1e9)
-        for i in range(idx.size(0)):
-            logits[i, -1, self.scripts[i][self.calls]] = 0.0
-        self.calls += 1
-        return logits
 
 
 def test_tool_output_is_forced_with_mask_0_and_generation_stops(tokenizer: Tokenizer):

@@ -15,9 +15,9 @@ import pytest
 from nanochat import metrics
 from supervisor import plot
 from supervisor.plot import Restart
+from tests.helpers import assert_usage_error, run_cli
 from tests.runs import assert_finished, copy, train
 from tests.supervised import Run, assert_one_line_error, cli, supervisor_runs
-from tests.test_supervisor import assert_usage_error, run_cli
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError, snapshots
 from nanochat.locks import LOCKS, DirLock, LockError, lock_holder
 from nanochat.saver import Saver
-from tests.test_checkpoint import garble, save, states
+from tests.helpers import garble, save, states
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from supervisor.attempt import hang_reason, judge, resume_point
 from supervisor.policy import AttemptSummary, Batch, Policy, decide, smaller_batch
 from supervisor.records import RunDir, append_event, read_events
 from supervisor.states import Action, AttemptClass, Outcome, RunState
+from tests.helpers import Recorder, assert_usage_error, run_cli, save
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 C = AttemptClass
@@ -207,7 +208,6 @@ def test_budget_reached_is_judged_against_the_budget_asked_for_now(tmp_path, ask
     """A final checkpoint at 4 (saved with num_iterations=4) does not reach a budget raised to 8: a stop before
     the next save is `stopped` (exit 130/75, requeue), not `completed` (exit 0)."""
     from nanochat import checkpoint
-    from tests.test_checkpoint import save
 
     d = tmp_path / "ckpt"
     save(d, 4, final=True)
@@ -219,7 +219,6 @@ def test_budget_reached_is_judged_against_the_budget_asked_for_now(tmp_path, ask
 def test_progress_is_a_newer_verified_checkpoint_than_at_launch(tmp_path):
     """An attempt progressed when the resume point moved on: a later step, or any checkpoint after a fresh start
     (the trainer archived the old ones); the same checkpoint, or none at all, is no progress."""
-    from tests.test_checkpoint import save
 
     d, opts = tmp_path / "ckpt", TrainOptions("scripts.base_train", [], tmp_path / "ckpt", tmp_path / "run")
     assert judge(None, resume_point(opts), fresh=False, asked=None) == (False, False)  # nothing on disk
@@ -364,22 +363,6 @@ def test_event_log_skips_undecodable_bytes(tmp_path):
 # run states and the loop around decide()
 
 
-class Recorder:
-    """A display that keeps its event lines (for tests/test_supervisor_procs.py too)."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def event(self, msg: str) -> None:
-        self.lines.append(msg)
-
-    def update(self, view) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def make_agent(tmp_path: Path, **policy) -> Agent:
     opts = TrainOptions("scripts.base_train", [], tmp_path / "ckpt", tmp_path / "run", policy=Policy(**policy))
     return Agent(opts, Recorder())
@@ -483,22 +466,6 @@ def test_loop_passes_the_cuda_oom_overrides_to_the_next_attempt(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI usage errors: one line on stderr, exit 2, no traceback
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["nanochat-run", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli.main()
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
-
-
-def assert_usage_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    assert err.count("\n") == 1 and err.startswith("nanochat-run: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture
@@ -623,7 +590,6 @@ def test_cli_train_dry_run_prints_the_command_and_settings_and_starts_nothing(mo
 
 def test_cli_prune_off_a_terminal_refuses_without_yes(tmp_path, env):
     from nanochat import checkpoint
-    from tests.test_checkpoint import save
 
     d = tmp_path / "ckpt"
     for step in (2, 4):
@@ -637,7 +603,6 @@ def test_cli_prune_off_a_terminal_refuses_without_yes(tmp_path, env):
 
 
 def test_cli_prune_refuses_while_a_trainer_holds_the_dir(monkeypatch, capsys, tmp_path):
-    from tests.test_checkpoint import save
 
     d = tmp_path / "ckpt"
     for step in (2, 4):

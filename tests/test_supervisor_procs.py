@@ -24,7 +24,7 @@ from supervisor.policy import Policy
 from supervisor.records import EventLog, RunDir, append_event, read_events
 from supervisor.states import AttemptClass
 from supervisor.workers import Workers
-from tests.test_supervisor import Recorder
+from tests.helpers import Recorder
 
 C = AttemptClass
 

@@ -24,7 +24,7 @@ from nanochat.train_loop import Heartbeat, find_start
 from supervisor import plot, procs
 from supervisor.records import EventLog, RunDir, append_event, read_events, read_heartbeat
 from supervisor.speedrun import Speedrun, load_config
-from tests.test_checkpoint import save
+from tests.helpers import save
 
 VICTIM = "7\n"  # parses as a step, a run id and JSON: whatever reads it through a link would take it for ours
 
@@ -137,7 +137,7 @@ def fault_marker(d: Path, victim: Path) -> None:
 
 def snapshot_origin(d: Path, victim: Path) -> None:
     """A snapshot folder's `origin`, read by `prune --snapshots`."""
-    home = snapshots._slot_home(d / "ckpt")  # (under the test's NANOCHAT_SHM_DIR)
+    home = snapshots.slots(d / "ckpt")[0].parent  # (under the test's NANOCHAT_SHM_DIR)
     for folder in (home.parent.parent, home.parent, home):
         folder.mkdir(mode=0o700, exist_ok=True)
     plant(home / "origin", victim)
