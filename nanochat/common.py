@@ -66,6 +66,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def gather(dist_info: DistInfo, value) -> list:
+    """Collective: every rank's `value`, in rank order (any picklable object). One process: [value], no collective."""
+    if not dist_info.is_distributed:
+        return [value]
+    out = [None] * dist_info.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def init_distributed(device_type: str, timeout: float = 1800.0) -> DistInfo:
     """Initialise the process group when launched by torchrun (nccl on CUDA, gloo on CPU).
 

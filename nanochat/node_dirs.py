@@ -24,28 +24,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
 from nanochat import checkpoint, metrics
 from nanochat.checkpoint import Checkpoint, CheckpointError, StorageError
-from nanochat.common import DistInfo
+from nanochat.common import DistInfo, gather
 from nanochat.remote import Remote, first_line
 
 Say = Callable[[str], None]
 ENV = "NANOCHAT_CHECKPOINT_DIR_PER_NODE"  # "1": every node has its own checkpoint dir (set by nanochat-run)
 
 
-def _gather(dist_info: DistInfo, value) -> list:
-    if not dist_info.is_distributed:
-        return [value]
-    out = [None] * dist_info.world_size
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _newest(ckpt_dir: Path, warn: Say) -> tuple[int, str | None] | None:
+def _newest(ckpt_dir: Path, warn: Say, cache: dict | None) -> tuple[int, str | None] | None:
     try:
-        point = checkpoint.find_latest_valid(ckpt_dir, warn=lambda msg: None) if ckpt_dir.is_dir() else None
+        point = checkpoint.find_latest_valid(ckpt_dir, lambda msg: None, cache=cache) if ckpt_dir.is_dir() else None
         return (point.step, checkpoint.run_id(ckpt_dir, point)) if point else None
     except Exception as e:  # noqa: BLE001 - this node's copies are unreadable: the others' count
         warn(f"cannot read {ckpt_dir} ({type(e).__name__}: {first_line(e)}); this node's copies are not used")
@@ -67,18 +57,20 @@ def _upload(remote: Remote, ckpt_dir: Path, step: int, log: Say) -> None:
 
 def _raise_any(dist_info: DistInfo, error: str | None) -> None:
     """Collective: every rank raises the first error any rank had (so no rank waits in a collective forever)."""
-    if failed := next((e for e in _gather(dist_info, error) if e), None):
+    if failed := next((e for e in gather(dist_info, error) if e), None):
         raise StorageError(f"{failed}; every node needs the checkpoint rank 0 resumes from: fix it, then resume")
 
 
-def before_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: bool, log: Say, warn: Say) -> None:
+def before_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: bool, log: Say, warn: Say,
+                 cache: dict | None = None) -> None:  # fmt: skip
     """Collective, with --resume: a checkpoint of the run newer than both rank 0's newest and the remote's goes to
-    the remote (sent by the lowest rank that holds it), so that rank 0 restores it from there."""
-    mine = _newest(ckpt_dir, warn) if writer else None
+    the remote (sent by the lowest rank that holds it), so that rank 0 restores it from there. `cache`: the one
+    the trainer's `find_start` verifies with next (`checkpoint.valid_newest_first`), so no file is read twice."""
+    mine = _newest(ckpt_dir, warn, cache) if writer else None
     if dist_info.master:  # the run: rank 0's node's, else the remote's newest (a new machine for rank 0)
         lineage = mine[1] if mine else checkpoint.run_id(ckpt_dir)
         mine = (mine, _remote_newest(remote, lineage))
-    have = _gather(dist_info, mine)
+    have = gather(dist_info, mine)
     local0, remote0 = have[0]
     lineage = (local0 or remote0 or (None, None))[1]  # None: nothing is known of the run; any node's copies count
     floor = max(local0[0] if local0 else -1, remote0[0] if remote0 else -1)
@@ -102,7 +94,7 @@ def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: boo
             lacks = _adopt(ckpt_dir, point, run_id, resume, log)
         except Exception as e:  # noqa: BLE001 - told to every rank below
             error = f"preparing {ckpt_dir} failed ({type(e).__name__}: {first_line(e)})"
-    asked = _gather(dist_info, (lacks, error))
+    asked = gather(dist_info, (lacks, error))
     errors = [e for _, e in asked if e]
     if dist_info.master and not errors and any(lack for lack, _ in asked):
         try:

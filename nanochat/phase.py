@@ -114,10 +114,10 @@ class Phase:
         self.saver.start()  # holds the directory from here on, and removes temp files of crashed saves
         remote = check_remote(self.remote_url) if self.remote_url else None
         if self.per_node and cfg.resume:
-            node_dirs.before_start(ckpt_dir, remote, self.dist, self.saver.writer, say, warn)
+            node_dirs.before_start(ckpt_dir, remote, self.dist, self.saver.writer, say, warn, self.saver.verified)
         if remote and cfg.resume and self.dist.master:  # a fresh machine, a wiped disk: the remote may be newer
-            restore_if_newer(remote, ckpt_dir, warn0, print0)
-        self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, self.dist, machines)
+            restore_if_newer(remote, ckpt_dir, warn0, print0, self.saver.verified)
+        self.resume_from, self.run_id = find_start(ckpt_dir, cfg.resume, self.dist, machines, self.saver.verified)
         if self.per_node:  # every node reads its own copy of a checkpoint on disk: the dirs are brought in step
             point = self.resume_from[1] if self.resume_from and self.resume_from[0] == ckpt_dir else None
             node_dirs.after_start(ckpt_dir, remote, self.dist, self.saver.writer, point, self.run_id, cfg.resume,

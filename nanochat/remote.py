@@ -191,11 +191,14 @@ class Remote:
         return list(doomed)
 
 
-def restore_if_newer(remote: Remote, local: Path, warn: Callable[[str], None], log: Callable[[str], None]) -> None:
+def restore_if_newer(
+    remote: Remote, local: Path, warn: Callable[[str], None], log: Callable[[str], None], cache: dict | None = None
+) -> None:
     """Rank 0 at start: if the remote holds a checkpoint of this dir's lineage (any, when the dir has none yet)
     newer than the newest valid local one, download it. One that fails verification is skipped with a warning and
-    the next older one is tried."""
-    point = checkpoint.find_latest_valid(local, warn=lambda msg: None) if local.is_dir() else None
+    the next older one is tried. `cache`: the trainer's (`checkpoint.valid_newest_first`), so that the local
+    checkpoint it verifies here is not read again when the trainer looks for its resume point."""
+    point = checkpoint.find_latest_valid(local, lambda msg: None, cache=cache) if local.is_dir() else None
     lineage = checkpoint.run_id(local, point)
     have = point.step if point else -1
     try:

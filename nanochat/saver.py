@@ -83,7 +83,7 @@ class Saver:
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _stream: torch.cuda.Stream | None = field(default=None, init=False, repr=False)  # side stream for the copies
     _lock: DirLock | None = field(default=None, init=False, repr=False)
-    _verified: dict = field(default_factory=dict, init=False, repr=False)  # checkpoints verified once (pruning)
+    verified: dict = field(default_factory=dict, init=False, repr=False)  # checkpoints verified once (start, pruning)
 
     def start(self) -> None:
         """A writer, before anything reads or writes the directory: create it durably, take the trainer lock (waiting
@@ -224,10 +224,10 @@ class Saver:
                          threads=self.codec_threads)  # fmt: skip
         self.fault("latest")
         checkpoint.mark_latest(d, rec.step)
-        pruned = checkpoint.prune(d, self.keep, self.fault, self._verified, self.keep_every)
+        pruned = checkpoint.prune(d, self.keep, self.fault, self.verified, self.keep_every)
         if pruned:
             self.log(f"pruned {len(pruned)} old checkpoint files ({', '.join(p.name for p in pruned[:3])}...)")
-        checkpoint.slim(d, self.keep_full, self._verified)
+        checkpoint.slim(d, self.keep_full, self.verified)
         rec.durable_at = time.perf_counter()
         if self.on_durable is not None:
             self.on_durable(rec.step)
@@ -310,7 +310,7 @@ class Saver:
     def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
         if d == self.directory:
-            for path in checkpoint.make_room(d, self.keep, need, self._verified, self.keep_every):
+            for path in checkpoint.make_room(d, self.keep, need, self.verified, self.keep_every):
                 self.warn(f"low disk space: pruned {path.name} early")
         free = shutil.disk_usage(d).free
         if free < need and d == self.directory:

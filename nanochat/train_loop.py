@@ -25,18 +25,19 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from nanochat import checkpoint, metrics, safefile
 from nanochat.checkpoint import CheckpointError, StorageError, snapshots
-from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, print0, warn0
+from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, gather, print0, warn0
 from nanochat.config import ConfigError, HelpRequested
 
 
 def find_start(
-    ckpt_dir: Path, resume: bool, dist_info: DistInfo, machines: int = 1
+    ckpt_dir: Path, resume: bool, dist_info: DistInfo, machines: int = 1, cache: dict | None = None
 ) -> tuple[tuple[Path, checkpoint.Checkpoint] | None, str]:
     """Where this run starts: (where this rank reads the checkpoint to resume from, and it; or None), and the run id
     of the lineage. Rank 0 decides, holding the trainer lock, and tells the others (its failure too, so that no rank
     waits for it forever). A fresh start (--resume=False) archives the old checkpoints. On several machines, an
     in-memory snapshot counts only if every machine holds it (each in its own shared memory); else the newest
-    checkpoint on disk."""
+    checkpoint on disk. `cache`: verified checkpoints (`checkpoint.valid_newest_first`), shared with what verified
+    them before (a dir per node: `node_dirs.before_start`) and after (the saver's pruning)."""
     found: list = [None, None, None, False]
     if dist_info.master:
         try:
@@ -45,7 +46,7 @@ def find_start(
                 print0(f"--resume=False: starting fresh; moved the old checkpoints to {archived} (nothing deleted)")
                 metrics.archive(ckpt_dir, archived)
             if resume:
-                point = checkpoint.find_resume_point(ckpt_dir, warn0)
+                point = checkpoint.find_resume_point(ckpt_dir, warn0, cache=cache)
             run_id = checkpoint.start_lineage(ckpt_dir, point[1] if point else None)
             if point is None:
                 print0(f"no checkpoint to resume from in {ckpt_dir}: starting from scratch (run id {run_id})")
@@ -68,7 +69,7 @@ def find_start(
         return point, run_id  # rank 0's slot, on this very machine
     # each machine's local rank 0 verifies its own slots; the other ranks of the machine read the slot it found
     slot = snapshots.holding(ckpt_dir, run_id, point[1].step) if dist_info.local_rank == 0 else None
-    held = _gather(dist_info, None if slot is None else str(slot))
+    held = gather(dist_info, None if slot is None else str(slot))
     firsts = held[:: dist_info.world_size // machines]  # torchrun numbers each machine's ranks contiguously
     if all(firsts):
         return (Path(held[dist_info.rank - dist_info.local_rank]), point[1]), run_id
@@ -78,19 +79,13 @@ def find_start(
     if dist_info.master:  # some machine lacks the snapshot (its memory was lost, or its snapshots failed)
         print0(f"the snapshot at step {point[1].step} is not on every machine: resuming from disk instead")
         try:
-            found[0] = checkpoint.find_latest_valid(ckpt_dir, warn0)
+            found[0] = checkpoint.find_latest_valid(ckpt_dir, warn0, cache=cache)
         except OSError as e:
             found[1] = StorageError(f"reading {ckpt_dir} failed ({e.strerror or e}); check the storage, then resume")
     dist.broadcast_object_list(found, src=0)
     if found[1] is not None:
         raise found[1]
     return (None if found[0] is None else (ckpt_dir, found[0])), run_id
-
-
-def _gather(dist_info: DistInfo, value) -> list:
-    out = [None] * dist_info.world_size
-    dist.all_gather_object(out, value)
-    return out
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -242,10 +237,7 @@ def check_replicas(model: torch.nn.Module, dist_info: DistInfo) -> str:
     crc = 0
     for p in model.state_dict().values():
         crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
-    crcs = [crc]
-    if dist_info.is_distributed:
-        crcs = [None] * dist_info.world_size
-        dist.all_gather_object(crcs, crc)
+    crcs = gather(dist_info, crc)
     if len(set(crcs)) != 1:
         raise RuntimeError(f"ranks disagree on the weights (CRC32 per rank: {crcs}): replicas diverged")
     return f"{crc:08x}"

@@ -462,3 +462,30 @@ def test_a_node_dir_never_commits_a_copy_that_does_not_verify(tmp_path):
     with pytest.raises(StorageError, match=r"downloading step 8 .*/model_000008\.pt: does not load safely"):
         node_dirs.after_start(node, open_remote(url), one, True, point, "run-a", True, lambda m: None, pytest.fail)
     assert sorted(p.name for p in node.iterdir()) == [RUN_ID]
+
+
+def test_a_dir_per_node_start_reads_each_checkpoint_once(tmp_path, monkeypatch):
+    """Rank 0's start in a dir per node (node_dirs.before_start, the remote restore, find_start, after_start) and
+    the saver's first prune share one verification cache, as the trainer passes it: the newest checkpoint (~5 GB
+    at d20) is read once, not at each of them. The count observes the real checksum function, unchanged."""
+    from collections import Counter
+
+    from nanochat.checkpoint import verify
+    from nanochat.saver import Saver
+    from nanochat.train_loop import find_start
+
+    url = bucket(tmp_path, {4: fine(4), 8: fine(8)})
+    node = tmp_path / "source"  # this node's dir: the run's checkpoints, all on the remote too
+    reads, digest = Counter(), verify.file_digest
+    monkeypatch.setattr(verify, "file_digest", lambda path, *a, **k: reads.update([path.name]) or digest(path, *a, **k))
+    cache = Saver(node).verified
+    one = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    node_dirs.before_start(node, open_remote(url), one, True, lambda m: None, pytest.fail, cache)
+    remote.restore_if_newer(open_remote(url), node, pytest.fail, lambda m: None, cache)
+    (where, point), run_id = find_start(node, True, one, cache=cache)
+    node_dirs.after_start(node, open_remote(url), one, True, point, run_id, True, lambda m: None, pytest.fail)
+    assert (where, point.step, run_id) == (node, 8, "run-a")
+    assert checkpoint.prune(node, 1, cache=cache) == [
+        node / checkpoint.file_name(k, 4) for k in ("meta", "model", "optim")
+    ]
+    assert reads == {checkpoint.file_name(k, s): 1 for k in ("model", "optim") for s in (4, 8)}

@@ -29,9 +29,10 @@ def read_latest_marker(directory: Path) -> tuple[int | None, str]:
 
 
 def find_latest_valid(
-    directory: Path, warn: Callable[[str], None] = print, load_check: bool = True
+    directory: Path, warn: Callable[[str], None] = print, load_check: bool = True, cache: dict | None = None
 ) -> Checkpoint | None:
-    """The newest valid checkpoint on disk (fully verified); warns about each newer one it had to skip, and why."""
+    """The newest valid checkpoint on disk (fully verified, once per `cache`: see `valid_newest_first`); warns about
+    each newer one it had to skip, and why."""
     on_disk = steps_on_disk(directory)
     if not on_disk:
         return None
@@ -40,7 +41,7 @@ def find_latest_valid(
         warn(f"{directory}: {problem}; looking for the newest valid checkpoint instead")
     elif marker not in on_disk:
         warn(f"{directory}: {LATEST} points at step {marker}, which has no files; using the newest valid checkpoint")
-    return next(valid_newest_first(directory, warn, load_check=load_check), None)
+    return next(valid_newest_first(directory, warn, cache, load_check), None)
 
 
 def valid_newest_first(
@@ -49,8 +50,9 @@ def valid_newest_first(
     """The valid checkpoints of a directory, newest first, each fully verified, warning about each invalid one it
     skips: the one walk behind both the resume point (`find_latest_valid`) and the kept set (`plan_prune`), so
     the checkpoint a run resumes from is always the first one pruning keeps. `cache` (a dict the caller keeps)
-    remembers verified checkpoints by their files' identity (inode, size, mtime): a saver verifies each checkpoint
-    once, not at every prune; a file replaced or rewritten is verified again."""
+    remembers verified checkpoints by their files' identity (inode, size, mtime): a trainer verifies each checkpoint
+    once (`Saver.verified`), not again at every prune, nor twice at start; a file replaced or rewritten is verified
+    again."""
     on_disk = steps_on_disk(directory)
     for step in sorted(on_disk, reverse=True):
         paths = on_disk[step]

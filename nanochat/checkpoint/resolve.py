@@ -16,12 +16,17 @@ from nanochat.errors import CheckpointError
 
 
 def find_resume_point(
-    directory: Path, warn: Callable[[str], None] = print, snapshots: bool = True, load_check: bool = True
+    directory: Path,
+    warn: Callable[[str], None] = print,
+    snapshots: bool = True,
+    load_check: bool = True,
+    cache: dict | None = None,
 ) -> tuple[Path, Checkpoint] | None:
     """THE newest usable checkpoint, as (where, checkpoint): the newest valid one on disk, or a newer valid
     in-memory snapshot of the same run (`snapshots`). The trainer resumes from it; the supervisor judges progress
-    and completion by it; `status` and `prune` report and keep it (`load_check`: see `inspect`)."""
-    disk = find_latest_valid(directory, warn, load_check)
+    and completion by it; `status` and `prune` report and keep it (`load_check`: see `inspect`; `cache`: see
+    `valid_newest_first`)."""
+    disk = find_latest_valid(directory, warn, load_check, cache)
     snap = None
     try:
         snap = newest_snapshot(directory, run_id(directory, disk), load_check=load_check) if snapshots else None
