@@ -74,14 +74,16 @@ class Fault:
             return False
         if self.every_attempt or self.kind == "sleep":
             return True
-        marker = self._marker()
+        marker = self.marker
         if os.path.lexists(marker):  # (a link planted there counts as fired: never followed, never written through)
             return False
         marker.parent.mkdir(parents=True, exist_ok=True)
         safefile.write_text(marker, f"{time.time()}\n")  # before firing: a SIGKILL leaves no chance afterwards
         return True
 
-    def _marker(self) -> Path:
+    @property
+    def marker(self) -> Path:
+        """The file whose presence means this fault has fired (once per run, unless `!`: every attempt)."""
         safe = re.sub(r"[^a-z0-9]+", "-", self.spec.lower()).strip("-")
         return (self.marker_dir or Path(".")) / f".fault-fired-{safe}"
 

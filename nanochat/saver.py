@@ -204,7 +204,7 @@ class Saver:
         if slot is not None:
             try:
                 snapshots.prepare_slot(slot, self.directory)
-                self._ensure_space(slot, model_state, optim_state)
+                self.ensure_space(slot, model_state, optim_state)
                 snap_meta = {**meta, "snapshot": True, "final": False, "checkpoint_dir": str(self.directory)}
                 fault = lambda phase: self.fault("snapshot") if phase == "model" else None  # noqa: E731
                 checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault, private=True)
@@ -219,7 +219,7 @@ class Saver:
         d = self.directory
         checkpoint.make_dir(d)
         checkpoint.set_aside(d, rec.step, self.warn)
-        self._ensure_space(d, model_state, optim_state)
+        self.ensure_space(d, model_state, optim_state)
         checkpoint.write(d, rec.step, model_state, optim_state, meta, self.fault, codec=self.codec,
                          threads=self.codec_threads)  # fmt: skip
         self.fault("latest")
@@ -307,7 +307,9 @@ class Saver:
         newest = snapshots.newest(self.directory, self.run_id, verify=False)
         return next(p for p in snapshots.slots(self.directory) if newest is None or p != newest[0])
 
-    def _ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
+    def ensure_space(self, d: Path, model_state: dict, optim_state: dict) -> None:
+        """Before a save into the checkpoint dir `d`: prune early if that makes room for these states, and raise
+        StorageError naming what to free if they still do not fit (a snapshot slot `d` is left to its writer)."""
         need = int(1.05 * (_nbytes(model_state) + _nbytes(optim_state))) + (1 << 20)
         if d == self.directory:
             for path in checkpoint.make_room(d, self.keep, need, self.verified, self.keep_every):

@@ -269,7 +269,7 @@ class Speedrun:
         self.events.append("phase_end", phase=phase, exit_code=code, seconds=time.time() - started)
         return code, True
 
-    def _command(self, phase: str, args: list[str]) -> int:
+    def command(self, phase: str, args: list[str]) -> int:
         """A phase that is one plain command (data, tokenizer, eval): shown, run, its output to the run dir."""
         log = self.run_dir / f"{phase}.log"
         self.display(f"speedrun: {phase}: $ python {' '.join(args)}  (log: {log})")
@@ -293,7 +293,7 @@ class Speedrun:
         args = ["-m", "nanochat.dataset"] + (["--builtin"] if self.builtin else ["-n", str(want)])
         if self.builtin and int(table["max_docs"]) > 0:
             args += ["--max-docs", str(table["max_docs"])]
-        return self._command("data", args), True
+        return self.command("data", args), True
 
     def _tokenizer(self, redo: bool) -> tuple[int, bool]:
         path, vocab = tokenizer_file(), int(self.tables["tokenizer"]["vocab_size"])
@@ -313,7 +313,7 @@ class Speedrun:
             f"--vocab_size={vocab}",
             f"--max_chars={self.tables['tokenizer']['max_chars']}",
         ]
-        return self._command("tokenizer", args), True
+        return self.command("tokenizer", args), True
 
     def _eval(self, redo: bool) -> int:
         """chat_eval on the final model of each chat phase that has one; a record already there is kept."""
@@ -329,7 +329,7 @@ class Speedrun:
             args = ["-m", "scripts.chat_eval", f"--checkpoint_dir={self.dir_of(phase)}", f"--step={newest.step}",
                     f"--tasks={table['tasks']}", f"--max_problems={table['max_problems']}",
                     f"--max_tokens={table['max_tokens']}"]  # fmt: skip
-            if code := self._command("eval", args):
+            if code := self.command("eval", args):
                 return code
         return EXIT_OK
 

@@ -174,7 +174,7 @@ def test_atomic_write_leaves_no_temp_file_on_error(tmp_path: Path, error: BaseEx
         raise error  # ...then the writer fails (or the user hits Ctrl-C)
 
     with pytest.raises(type(error)):
-        checkpoint.commit._write_atomic(target, write)
+        checkpoint.commit.write_atomic(target, write)
     assert target.read_bytes() == b"the old content"
     assert temp_files(tmp_path) == []
     checkpoint.write_text_atomic(target, "new")
@@ -601,7 +601,7 @@ def huge(nbytes: int) -> torch.Tensor:
 def test_ensure_space_passes_when_it_fits(tmp_path: Path) -> None:
     save(tmp_path, 2)
     before = snapshot(tmp_path)
-    Saver(tmp_path, keep=1, warn=pytest.fail)._ensure_space(tmp_path, *states(4))
+    Saver(tmp_path, keep=1, warn=pytest.fail).ensure_space(tmp_path, *states(4))
     assert snapshot(tmp_path) == before
 
 

@@ -122,7 +122,7 @@ def speedrun_log(d: Path, victim: Path) -> None:
     run = Speedrun("t", 1, True, False, None, d, load_config(None), lambda launch, fresh: 0, display=lambda line: None)
     plant(d / "eval.log", victim)
     with pytest.raises(safefile.UnsafeFileError, match="eval.log is a symlink"):
-        run._command("eval", ["-c", "print('through the link')"])
+        run.command("eval", ["-c", "print('through the link')"])
 
 
 def fault_marker(d: Path, victim: Path) -> None:
@@ -130,7 +130,7 @@ def fault_marker(d: Path, victim: Path) -> None:
     fault = Fault.parse("raise@step:1")
     fault.marker_dir = d
     missing = victim.with_name("created-through-the-link")
-    plant(fault._marker(), missing)
+    plant(fault.marker, missing)
     fault.at_step(1, 0)  # a marker is there: counts as fired
     assert not missing.exists()
 

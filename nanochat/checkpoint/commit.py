@@ -40,7 +40,7 @@ class _HashingWriter:
         self.size += memoryview(data).nbytes
         try:
             n = self.f.write(data)
-        except OSError as e:  # torch.save reports it as a bare RuntimeError; keep it for _write_atomic
+        except OSError as e:  # torch.save reports it as a bare RuntimeError; keep it for write_atomic
             self.error = e
             raise
         if self.on_first_write is not None:  # the file is now partly written: a crash here is "mid-write"
@@ -53,7 +53,7 @@ class _HashingWriter:
         self.f.flush()
 
 
-def _write_atomic(
+def write_atomic(
     path: Path,
     write: Callable[[_HashingWriter], None],
     mid_write: Callable[[], None] | None = None,
@@ -131,7 +131,7 @@ def write(
             from nanochat import compress  # imports torch and numpy: only when compressing
 
             write = lambda w, s=state, i=info: i.update(compress.dump(s, w, codec, threads=threads))  # noqa: E731
-        size, digest = _write_atomic(directory / name, write, lambda k=kind: fault(k), private)
+        size, digest = write_atomic(directory / name, write, lambda k=kind: fault(k), private)
         files[name] = {"size": size, "xxh3_64": digest, **info}
     meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
     fault("meta")
