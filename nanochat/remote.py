@@ -11,6 +11,10 @@ committed locally, meta last. What a meta may name is one rule (`vouched_files`,
 that step's own file names are ever fetched, written or deleted, and a download uses the very meta that was
 checked (never a second read, which a tampered or changing bucket could answer differently).
 
+`Remote` is a checkpoint storage (nanochat/checkpoint/storage.py): what is committed there is the package's one
+resolver over it (`committed`, checking sizes: the checksums are checked at download), and what pruning deletes is
+the package's one retention plan (`plan_prune`), as for a local dir.
+
 A remote dir may hold checkpoints of several runs (a --resume=False start makes a new run id): only the run's
 own lineage is restored or pruned; the others are left as they are.
 """
@@ -130,11 +134,11 @@ class Remote:
             self.fs.rm_file(self.path(name))
         return names
 
-    def committed(self, run_id: str | None = None) -> list[tuple[int, dict]]:
+    def committed(self, run_id: str | None = None, step: int | None = None) -> list[tuple[int, dict]]:
         """(step, meta) of the committed checkpoints whose files match their meta's sizes (see `check`), newest
-        first; only those of `run_id` when given: the one resolver over this storage."""
+        first; only those of `run_id`, or the one at `step`, when given: the one resolver over this storage."""
         ours = None if run_id is None else lambda c: c.meta.get("run_id") == run_id
-        return [(c.step, c.meta) for c in checkpoint.valid_newest_first(self, accept=ours)]
+        return [(c.step, c.meta) for c in checkpoint.valid_newest_first(self, accept=ours, step=step)]
 
     def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None) -> bool:
         """Copy the committed local checkpoint `step`: payload files, then the meta (the commit), then the marker.
@@ -142,7 +146,7 @@ class Remote:
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
         meta = json.loads(meta_bytes)
-        if any(s == step and m == meta for s, m in self.committed()):
+        if any(m == meta for _, m in self.committed(step=step)):
             return False
         self.makedirs(self.root)
         for kind in checkpoint.KINDS:

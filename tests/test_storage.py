@@ -71,6 +71,9 @@ def test_the_resolver_gives_the_newest_valid_and_says_why_it_skipped_newer_ones(
     assert [c.step for c in checkpoint.valid_newest_first(storage, pytest.fail, step=4)] == [4]  # that step alone
     assert list(checkpoint.valid_newest_first(storage, pytest.fail, step=5)) == []
     assert list(checkpoint.valid_newest_first(storage, step=12)) == []
+    if kind == "remote":  # what the uploader, restore and pull ask: the same walk
+        assert [s for s, _ in storage.committed("run-a")] == [8, 4] and [s for s, _ in storage.committed()] == [8, 6, 4]
+        assert [s for s, _ in storage.committed(step=6)] == [6] and storage.committed("run-a", 6) == []
 
 
 def test_the_snapshot_slots_resolve_through_the_same_walk(damaged, tmp_path) -> None:
