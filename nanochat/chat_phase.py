@@ -42,11 +42,9 @@ def find_source(phase: Phase, source_dir: Path, step: int) -> checkpoint.Checkpo
     found: list = [None, None]
     if phase.dist.master:
         try:
-            for ckpt in checkpoint.valid_newest_first(source_dir, warn0):
-                if ckpt.step == step or step < 0 and ckpt.final:
-                    found[0] = ckpt
-                    break
-            else:
+            at, final = (step, None) if step >= 0 else (None, lambda c: c.final)
+            found[0] = next(checkpoint.valid_newest_first(source_dir, warn0, accept=final, step=at), None)
+            if found[0] is None:
                 which = f"valid checkpoint at step {step}" if step >= 0 else "valid final checkpoint"
                 found[1] = CheckpointError(
                     f"{source_dir} has no {which} to start from: finish the previous phase first, or pick another"

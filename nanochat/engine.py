@@ -51,10 +51,8 @@ def load_from_args(args: argparse.Namespace) -> tuple[Path, GPT, dict]:
 def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
     """A model for inference from a checkpoint dir of any phase: the newest valid checkpoint, or the one at `step`
     (verified either way), in eval mode. Returns (model, meta)."""
-    for ckpt in checkpoint.valid_newest_first(directory):
-        if step < 0 or ckpt.step == step:
-            break
-    else:
+    ckpt = next(checkpoint.valid_newest_first(directory, step=None if step < 0 else step), None)
+    if ckpt is None:
         which = f"valid checkpoint at step {step}" if step >= 0 else "valid checkpoint"
         raise CheckpointError(f"{directory} has no {which}: train one first, or pick another with --step")
     with torch.device(device):

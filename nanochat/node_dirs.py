@@ -105,7 +105,7 @@ def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: boo
     error = None
     if lacks:
         try:  # the remote's copy as its meta was checked (a copy here that does not match is set aside)
-            if (meta := dict(remote.committed(run_id)).get(point.step)) is None:
+            if (meta := dict(remote.committed(run_id, point.step)).get(point.step)) is None:
                 raise CheckpointError(f"{remote.url} holds no valid copy of step {point.step} of this run")
             remote.download(point.step, ckpt_dir, meta, warn)
             log(f"downloaded step {point.step} from {remote.url} into this node's {ckpt_dir}")

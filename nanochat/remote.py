@@ -11,6 +11,10 @@ committed locally, meta last. What a meta may name is one rule (`vouched_files`,
 that step's own file names are ever fetched, written or deleted, and a download uses the very meta that was
 checked (never a second read, which a tampered or changing bucket could answer differently).
 
+`Remote` is a checkpoint storage (nanochat/checkpoint/storage.py): what is committed there is the package's one
+resolver over it (`committed`, checking sizes: the checksums are checked at download), and what pruning deletes is
+the package's one retention plan (`plan_prune`), as for a local dir.
+
 A remote dir may hold checkpoints of several runs (a --resume=False start makes a new run id): only the run's
 own lineage is restored or pruned; the others are left as they are.
 """
@@ -23,12 +27,12 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat import checkpoint, safefile
-from nanochat.checkpoint import CheckpointError, StorageError
+from nanochat.checkpoint import Checkpoint, CheckpointError, StorageError
 from nanochat.config import ConfigError
 from nanochat.redact import redact
 
@@ -86,25 +90,55 @@ class Remote:
                 found.setdefault(parsed[1], {})[name] = int(entry.get("size") or 0)
         return found
 
+    @property
+    def location(self) -> str:
+        return self.url
+
+    def listing(self) -> dict[int, dict[str, int]]:
+        """The storage interface's listing (nanochat/checkpoint/storage.py): `files`."""
+        return self.files()
+
     def meta(self, step: int) -> dict:
         return json.loads(self.fs.cat_file(self.path(checkpoint.file_name("meta", step))))
 
-    def committed(self, run_id: str | None = None) -> list[tuple[int, dict]]:
-        """(step, meta) of the committed checkpoints whose files match their meta's sizes, newest first; only
-        those of `run_id` when given."""
-        out = []
-        for step, names in sorted(self.files().items(), reverse=True):
-            if checkpoint.file_name("meta", step) not in names:
-                continue
-            try:
-                meta = self.meta(step)
-                files = checkpoint.vouched_files(meta, step)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged or tampered meta
-                continue
-            if all(names.get(name) == want["size"] for name, want in files.items()):
-                if run_id is None or meta.get("run_id") == run_id:
-                    out.append((step, meta))
-        return out
+    def check(self, step: int, files: dict[str, int], verify: bool = False, load_check: bool = False) -> Checkpoint:
+        """One step checked as far as a listing can: its meta, and the sizes it records. Checksums and the safe load
+        need the bytes: `download` checks them before anything is committed locally (so `verify` and `load_check`
+        change nothing here)."""
+        meta_name = checkpoint.file_name("meta", step)
+        ckpt = Checkpoint(step, [])
+        if meta_name not in files:
+            ckpt.problem = "no meta file (an interrupted upload, or an interrupted prune)"
+            return ckpt
+        ckpt.committed = True
+        try:
+            meta = self.meta(step)
+            vouched = checkpoint.vouched_files(meta, step)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or tampered meta
+            ckpt.problem = f"{meta_name} is unreadable ({type(e).__name__}: {first_line(e)})"
+            return ckpt
+        ckpt.meta = meta
+        for name, want in vouched.items():
+            if files.get(name) != want["size"]:
+                ckpt.problem = f"{name} has {files.get(name, 'no')} bytes, meta says {want['size']}"
+                break
+        return ckpt
+
+    def identity(self, step: int, files: dict[str, int]) -> None:
+        """Never cached: a listing and a meta are cheap next to the verification a cache saves locally."""
+        return None
+
+    def remove(self, step: int, files: Iterable[str]) -> list[str]:
+        names = sorted(files, key=lambda n: not n.startswith("meta"))
+        for name in names:
+            self.fs.rm_file(self.path(name))
+        return names
+
+    def committed(self, run_id: str | None = None, step: int | None = None) -> list[tuple[int, dict]]:
+        """(step, meta) of the committed checkpoints whose files match their meta's sizes (see `check`), newest
+        first; only those of `run_id`, or the one at `step`, when given: the one resolver over this storage."""
+        ours = None if run_id is None else lambda c: c.meta.get("run_id") == run_id
+        return [(c.step, c.meta) for c in checkpoint.valid_newest_first(self, accept=ours, step=step)]
 
     def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None) -> bool:
         """Copy the committed local checkpoint `step`: payload files, then the meta (the commit), then the marker.
@@ -112,7 +146,7 @@ class Remote:
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
         meta = json.loads(meta_bytes)
-        if any(s == step and m == meta for s, m in self.committed()):
+        if any(m == meta for _, m in self.committed(step=step)):
             return False
         self.makedirs(self.root)
         for kind in checkpoint.KINDS:
@@ -169,25 +203,19 @@ class Remote:
         return ckpt
 
     def plan_prune(self, keep: int, run_id: str | None, keep_every: int = 0) -> dict[int, list[str]]:
-        """What `prune` would delete, {step: file names}: the run's committed checkpoints past its newest `keep`
-        (-1: none) except those kept forever (the final one, keep_every's), and payload files left without a meta
-        below the newest committed step."""
-        committed = self.committed(run_id)
-        doomed = [
-            s
-            for i, (s, meta) in enumerate(committed)
-            if keep >= 0 and i >= keep and not checkpoint.kept_forever(s, bool(meta.get("final")), keep_every)
-        ]
-        newest = committed[0][0] if committed else -1
-        return {step: sorted(names) for step, names in sorted(self.files().items())
-                if step in doomed or checkpoint.file_name("meta", step) not in names and step < newest}  # fmt: skip
+        """What `prune` would delete, {step: file names}: the one retention plan (`checkpoint.plan`) over the
+        run's checkpoints here (another run's are neither kept nor deleted), keep=-1 included (it still drops
+        payload files left without a meta below the newest committed step)."""
+        found = [c for c in checkpoint.checked_newest_first(self)
+                 if not c.valid or run_id is None or c.meta.get("run_id") == run_id]  # fmt: skip
+        listing = self.files()  # as it is now: a step gone meanwhile is not deleted again
+        return {c.step: sorted(listing[c.step]) for c in checkpoint.plan(found, keep, keep_every) if c.step in listing}
 
     def prune(self, keep: int, run_id: str | None, keep_every: int = 0) -> list[int]:
         """Delete what plan_prune names, the meta of each first. Returns the deleted steps."""
         doomed = self.plan_prune(keep, run_id, keep_every)
-        for names in doomed.values():
-            for name in sorted(names, key=lambda n: not n.startswith("meta")):
-                self.fs.rm_file(self.path(name))
+        for step, names in doomed.items():
+            self.remove(step, names)
         return list(doomed)
 
 

@@ -128,11 +128,10 @@ def plan_phase(phase: str, newest: checkpoint.Checkpoint | None, asked, redo: bo
 
 
 def newest_valid(directory: Path) -> checkpoint.Checkpoint | None:
-    """The newest committed checkpoint whose files match its meta by size (the trainer and the next phase verify
-    checksums when they load it; a rerun that only skips must decide in a blink)."""
-    if not directory.is_dir():
-        return None
-    return next((c for c in reversed(checkpoint.scan(directory)) if c.valid), None)
+    """The newest committed checkpoint whose files match its meta by size: the one resolver with sizes only (the
+    trainer and the next phase verify checksums when they load it; a rerun that only skips must decide in a
+    blink)."""
+    return next(checkpoint.valid_newest_first(directory, verify=False, load_check=False), None)
 
 
 @dataclass

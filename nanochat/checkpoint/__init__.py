@@ -32,10 +32,14 @@ Where each rule lives (each module imports only those above it in this list, so 
     verify.py            what a meta may vouch for (`vouched_files`), checksums, `inspect`, `scan`
     commit.py            durable writes and the commit (`write`, `mark_latest`, `update_meta`), `set_aside`,
                          `clean_temp`
-    discovery.py         the latest marker, `valid_newest_first`, `find_latest_valid` (the disk alone)
+    storage.py           where checkpoints live, as one interface (`CheckpointStorage`): `LocalDir` here (and each
+                         snapshot slot); nanochat/remote.py's `Remote` for copies at a URL
+    discovery.py         THE resolver over any storage (`valid_newest_first`: the valid checkpoints, newest first,
+                         each skip warned), the latest marker, `find_latest_valid` (the disk alone)
     lineage.py           `run_id`, `start_lineage`, `source_record`, `source_changed`
     loading.py           `load`, `load_model` (torch is imported at the first load, never at import)
-    retention.py         `plan_prune`, `prune`, `slim`, `make_room`, `kept_forever`, `archive`
+    retention.py         THE retention plan over any storage (`plan`), `plan_prune`, `prune`, `slim`, `make_room`,
+                         `kept_forever`, `archive`
     snapshots.py         in-memory snapshots: the same files and rules in shared memory (`slots`, `newest`,
                          `holding`, `remove`, `stale`)
     resolve.py           `find_resume_point`: the newest valid checkpoint on disk, or a newer snapshot of the run
@@ -57,12 +61,18 @@ from nanochat.checkpoint.commit import (
     write_record,
     write_text_atomic,
 )
-from nanochat.checkpoint.discovery import find_latest_valid, read_latest_marker, valid_newest_first
+from nanochat.checkpoint.discovery import (
+    checked_newest_first,
+    find_latest_valid,
+    read_latest_marker,
+    valid_newest_first,
+)
 from nanochat.checkpoint.lineage import run_id, source_changed, source_record, start_lineage
 from nanochat.checkpoint.loading import BYTES_PER_WEIGHT, load, load_model
 from nanochat.checkpoint.names import KINDS, LATEST, RUN_ID, Checkpoint, file_name, parse_name, record_path
 from nanochat.checkpoint.resolve import find_resume_point
-from nanochat.checkpoint.retention import archive, kept_forever, make_room, plan_prune, prune, slim
+from nanochat.checkpoint.retention import archive, kept_forever, make_room, plan, plan_prune, prune, slim
+from nanochat.checkpoint.storage import CheckpointStorage, LocalDir
 from nanochat.checkpoint.verify import MetaError, check_file, file_digest, inspect, scan, vouched_files
 from nanochat.errors import CheckpointError, StorageError
 from nanochat.safefile import TMP_PREFIX, fsync_path, make_dir  # this package's names since long
@@ -75,10 +85,13 @@ __all__ = [
     "TMP_PREFIX",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointStorage",
+    "LocalDir",
     "MetaError",
     "StorageError",
     "archive",
     "check_file",
+    "checked_newest_first",
     "clean_temp",
     "file_digest",
     "file_name",
@@ -93,6 +106,7 @@ __all__ = [
     "make_room",
     "mark_latest",
     "parse_name",
+    "plan",
     "plan_prune",
     "prune",
     "read_latest_marker",

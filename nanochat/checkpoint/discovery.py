@@ -1,8 +1,8 @@
-"""Finding checkpoints on disk: the latest marker, and the walk over the valid ones, newest first.
+"""Finding checkpoints: the one walk over the valid ones of any storage, newest first, and the latest marker.
 
-`valid_newest_first` is the one walk behind the resume point and the kept set, so what a run would resume from is
-always the first checkpoint pruning keeps. The newest usable checkpoint across disk and in-memory snapshots is
-resolve.py's `find_resume_point`.
+`valid_newest_first` is the one resolver behind the resume point, the kept set, snapshots and remote copies, so
+what a run would resume from is always the first checkpoint pruning keeps. The newest usable checkpoint across
+disk and in-memory snapshots is resolve.py's `find_resume_point`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanochat import safefile
 from nanochat.checkpoint.names import LATEST, Checkpoint, steps_on_disk
-from nanochat.checkpoint.verify import inspect
+from nanochat.checkpoint.storage import CheckpointStorage, LocalDir
 
 
 def read_latest_marker(directory: Path) -> tuple[int | None, str]:
@@ -45,32 +45,47 @@ def find_latest_valid(
 
 
 def valid_newest_first(
-    directory: Path, warn: Callable[[str], None] = lambda msg: None, cache: dict | None = None, load_check: bool = True
+    where: Path | CheckpointStorage,
+    warn: Callable[[str], None] = lambda msg: None,
+    cache: dict | None = None,
+    load_check: bool = True,
+    verify: bool = True,
+    accept: Callable[[Checkpoint], bool] | None = None,
+    step: int | None = None,
 ) -> Iterator[Checkpoint]:
-    """The valid checkpoints of a directory, newest first, each fully verified, warning about each invalid one it
-    skips: the one walk behind both the resume point (`find_latest_valid`) and the kept set (`plan_prune`), so
-    the checkpoint a run resumes from is always the first one pruning keeps. `cache` (a dict the caller keeps)
-    remembers verified checkpoints by their files' identity (inode, size, mtime): a trainer verifies each checkpoint
-    once (`Saver.verified`), not again at every prune, nor twice at start; a file replaced or rewritten is verified
-    again."""
-    on_disk = steps_on_disk(directory)
-    for step in sorted(on_disk, reverse=True):
-        paths = on_disk[step]
-        key = tuple((p.name, *_identity(p)) for p in sorted(paths))
-        ckpt = cache.get(key) if cache is not None else None
-        if ckpt is None:
-            ckpt = inspect(directory, step, paths, verify=True, load_check=load_check)
-            if cache is not None and ckpt.valid and load_check:  # the cache vouches for the full check only
-                cache[key] = ckpt
-        if ckpt.valid:
+    """THE resolver: the valid checkpoints of a storage (a Path is a local dir), newest first, warning about each
+    invalid one it skips, with the reason. The one walk behind the resume point (`find_latest_valid`,
+    `find_resume_point`), the kept set (retention.py's `plan`), snapshots, the remote's committed copies and every
+    "newest" a tool asks for, so the checkpoint a run resumes from is always the first one pruning keeps.
+
+    `verify=False` checks sizes only, `load_check=False` skips the safe load (see `inspect`); `accept` passes over
+    valid checkpoints silently (another run's, a non-final one); `step` looks at that step alone. `cache` (a dict
+    the caller keeps) remembers fully verified checkpoints by their files' identity (`identity`): a trainer verifies
+    each checkpoint once (`Saver.verified`), not again at every prune, nor twice at start; a file replaced or
+    rewritten is verified again."""
+    for ckpt in checked_newest_first(where, cache, verify, load_check, step):
+        if not ckpt.valid:
+            warn(f"skipping the checkpoint at step {ckpt.step}: {ckpt.problem}; falling back to an older one")
+        elif accept is None or accept(ckpt):
             yield ckpt
-        else:
-            warn(f"skipping the checkpoint at step {step}: {ckpt.problem}; falling back to an older one")
 
 
-def _identity(path: Path) -> tuple:
-    try:
-        st = path.stat()
-    except OSError:
-        return (None,)
-    return st.st_ino, st.st_size, st.st_mtime_ns
+def checked_newest_first(
+    where: Path | CheckpointStorage,
+    cache: dict | None = None,
+    verify: bool = True,
+    load_check: bool = True,
+    step: int | None = None,
+) -> Iterator[Checkpoint]:
+    """Every step of a storage with checkpoint files, checked, newest first, valid or not (see
+    `valid_newest_first`)."""
+    storage = LocalDir(where) if isinstance(where, Path) else where
+    listing = storage.listing()
+    for s in sorted(listing, reverse=True) if step is None else [step] if step in listing else []:
+        key = storage.identity(s, listing[s]) if cache is not None else None
+        ckpt = cache.get(key) if key is not None else None
+        if ckpt is None:
+            ckpt = storage.check(s, listing[s], verify, load_check)
+            if key is not None and ckpt.valid and verify and load_check:  # the cache vouches for the full check
+                cache[key] = ckpt
+        yield ckpt

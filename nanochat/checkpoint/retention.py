@@ -1,10 +1,10 @@
 """Retention: which checkpoints to keep, and deleting the rest so that a crash never leaves a half-valid one.
 
-Pruning keeps the newest `keep` *verified* checkpoints (the same walk as the resume point, discovery.py's
+`plan` is the one retention plan, for a local dir (`plan_prune`, `prune`) and for remote copies (nanochat/remote.py's
+`Remote.prune`): keep the newest `keep` *verified* checkpoints (the same walk as the resume point, discovery.py's
 `valid_newest_first`), plus what no retention deletes (`kept_forever`) and every damaged one (the user decides).
 `slim` drops the optimizer file of older checkpoints, `make_room` prunes one more before a save that does not fit,
-`archive` moves everything aside for a fresh start. nanochat/remote.py's retention of remote copies asks
-`kept_forever` too.
+`archive` moves everything aside for a fresh start.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nanochat.checkpoint.commit import write_text_atomic
-from nanochat.checkpoint.discovery import valid_newest_first
+from nanochat.checkpoint.discovery import checked_newest_first, valid_newest_first
 from nanochat.checkpoint.names import LATEST, RUN_ID, Checkpoint, file_name, steps_on_disk
-from nanochat.checkpoint.verify import scan
+from nanochat.checkpoint.storage import LocalDir
 from nanochat.errors import CheckpointError
 from nanochat.safefile import fsync_path
 
@@ -29,30 +29,32 @@ def kept_forever(step: int, final: bool, keep_every: int) -> bool:
     return final or keep_every > 0 and step % keep_every == 0
 
 
-def plan_prune(directory: Path, keep: int, cache: dict | None = None, keep_every: int = 0) -> list[Checkpoint]:
-    """What pruning to the newest `keep` valid checkpoints would delete (keep=-1: nothing).
+def plan(found: list[Checkpoint], keep: int, keep_every: int = 0) -> list[Checkpoint]:
+    """THE retention plan, for local dirs and remote copies alike: which of `found` (every step of one storage, as
+    the resolver's walk checked it, newest first) to delete, oldest first.
 
-    The kept set is made of *verified* checkpoints, newest first: a newer checkpoint whose bytes rotted at the same
-    size takes no keep slot, so the newest verified checkpoint is never deleted. Never deleted either: a final
-    checkpoint, one whose step is a multiple of `keep_every` (> 0), or a damaged one (the user decides about
-    those). Uncommitted files (no meta) older than the newest kept checkpoint are debris and go too. Verification
-    reads each checkpoint (once per `cache`, see `valid_newest_first`).
-    """
+    Kept: the newest `keep` valid checkpoints (-1: all), so the newest valid one (the resume point) is never
+    deleted while keep >= 1, and a newer checkpoint that failed its check takes no keep slot; beyond them the ones
+    no retention deletes (`kept_forever`). Damaged ones (committed, not valid) are never deleted: the user decides
+    about those. Uncommitted files (no meta) older than the newest valid checkpoint are debris and go too."""
+    valid = [c for c in found if c.valid]
+    if not valid:
+        return []
+    kept = len(valid) if keep < 0 else keep
+    doomed = [c for c in valid[kept:] if not kept_forever(c.step, c.final, keep_every)]
+    doomed += [c for c in found if not c.committed and c.step < valid[0].step]
+    return sorted(doomed, key=lambda c: c.step)
+
+
+def plan_prune(directory: Path, keep: int, cache: dict | None = None, keep_every: int = 0) -> list[Checkpoint]:
+    """What pruning a local dir to the newest `keep` valid checkpoints would delete (see `plan`). Verification
+    reads each checkpoint (once per `cache`, see `valid_newest_first`); keep=-1 deletes nothing here, not even
+    debris, and so reads nothing (a remote's listing is cheap: it drops its debris then too)."""
     if keep == -1:
         return []
     if keep < 1:
         raise CheckpointError(f"cannot keep {keep} checkpoints: keep at least 1 (or -1 for all)")
-    kept: list[Checkpoint] = []
-    doomed: list[Checkpoint] = []
-    for c in valid_newest_first(directory, cache=cache):
-        if len(kept) < keep:
-            kept.append(c)
-        elif not kept_forever(c.step, c.final, keep_every):
-            doomed.append(c)
-    if not kept:
-        return []
-    doomed += [c for c in scan(directory, verify=False) if not c.committed and c.step < kept[0].step]
-    return sorted(doomed, key=lambda c: c.step)
+    return plan(list(checked_newest_first(directory, cache)), keep, keep_every)
 
 
 def prune(
@@ -104,14 +106,8 @@ def make_room(directory: Path, keep: int, need: int, cache: dict | None = None, 
 
 
 def _delete(directory: Path, doomed: list[Checkpoint], hook: Callable[[str], None] | None = None) -> list[Path]:
-    removed = []
-    for ckpt in doomed:
-        meta = directory / file_name("meta", ckpt.step)
-        for path in sorted(ckpt.paths, key=lambda p: p != meta):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-            if hook:
-                hook("prune")
+    storage = LocalDir(directory, hook)
+    removed = [path for ckpt in doomed for path in storage.remove(ckpt.step, ckpt.paths)]
     if removed:
         fsync_path(directory)
     return removed

@@ -22,10 +22,10 @@ import stat
 from pathlib import Path
 
 from nanochat.checkpoint.commit import write_text_atomic
-from nanochat.checkpoint.discovery import find_latest_valid
+from nanochat.checkpoint.discovery import find_latest_valid, valid_newest_first
 from nanochat.checkpoint.lineage import run_id
 from nanochat.checkpoint.names import Checkpoint
-from nanochat.checkpoint.verify import inspect, scan
+from nanochat.checkpoint.verify import scan
 from nanochat.errors import CheckpointError
 from nanochat.locks import lock_holder
 from nanochat.safefile import make_dir, read_text
@@ -101,13 +101,9 @@ def newest(
         return None
     best = None
     for slot in slots(directory):
-        if slot.is_symlink():
-            continue
-        for ckpt in reversed(scan(slot, verify=False)):
-            ckpt = inspect(slot, ckpt.step, ckpt.paths, verify, load_check) if verify else ckpt
-            if ckpt.valid and ckpt.meta.get("run_id") == run and (best is None or ckpt.step > best[1].step):
-                best = (slot, ckpt)
-                break
+        ckpt = _of_run(slot, run, verify, verify and load_check)
+        if ckpt and (best is None or ckpt.step > best[1].step):
+            best = (slot, ckpt)
     return best
 
 
@@ -116,12 +112,20 @@ def holding(directory: Path, run: str, step: int, verify: bool = True) -> Path |
     holds its own), or None."""
     try:
         for slot in slots(directory) if newest(directory, run, verify=False) else []:  # (checks the folders)
-            ckpt = inspect(slot, step, verify=verify, load_check=verify) if not slot.is_symlink() else None
-            if ckpt and ckpt.valid and ckpt.meta.get("run_id") == run:
+            if _of_run(slot, run, verify, verify, step):
                 return slot
     except (OSError, CheckpointError):  # unreadable shared memory: not held
         pass
     return None
+
+
+def _of_run(slot: Path, run: str, verify: bool, load_check: bool, step: int | None = None) -> Checkpoint | None:
+    """The newest valid checkpoint of one slot (a checkpoint dir of its own: the one resolver's `LocalDir`) that run
+    `run` wrote, or the one at `step`; never through a symlinked slot."""
+    if slot.is_symlink():
+        return None
+    mine = lambda c: c.meta.get("run_id") == run  # noqa: E731
+    return next(valid_newest_first(slot, verify=verify, load_check=load_check, accept=mine, step=step), None)
 
 
 def remove(directory: Path) -> bool:
