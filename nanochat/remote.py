@@ -86,10 +86,11 @@ class Remote:
                 found.setdefault(parsed[1], {})[name] = int(entry.get("size") or 0)
         return found
 
-    def meta(self, step: int) -> dict:
-        return json.loads(self.fs.cat_file(self.path(checkpoint.file_name("meta", step))))
+    def meta(self, step: int) -> checkpoint.Meta:
+        name = checkpoint.file_name("meta", step)
+        return checkpoint.Meta.parse(json.loads(self.fs.cat_file(self.path(name))), f"{self.url}/{name}")
 
-    def committed(self, run_id: str | None = None) -> list[tuple[int, dict]]:
+    def committed(self, run_id: str | None = None) -> list[tuple[int, checkpoint.Meta]]:
         """(step, meta) of the committed checkpoints whose files match their meta's sizes, newest first; only
         those of `run_id` when given."""
         out = []
@@ -99,10 +100,10 @@ class Remote:
             try:
                 meta = self.meta(step)
                 files = checkpoint.vouched_files(meta, step)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged or tampered meta
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):  # damaged, tampered
                 continue
             if all(names.get(name) == want["size"] for name, want in files.items()):
-                if run_id is None or meta.get("run_id") == run_id:
+                if run_id is None or meta.run_id == run_id:
                     out.append((step, meta))
         return out
 
@@ -111,13 +112,13 @@ class Remote:
         False if the remote already holds it (the same meta, committed)."""
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
-        meta = json.loads(meta_bytes)
+        meta = checkpoint.Meta.parse(json.loads(meta_bytes), str(local / meta_name))
         if any(s == step and m == meta for s, m in self.committed()):
             return False
         self.makedirs(self.root)
         for kind in checkpoint.KINDS:
             name = checkpoint.file_name(kind, step)
-            if name in meta["files"]:  # (a weights-only checkpoint has no optimizer file)
+            if name in meta.files:  # (a weights-only checkpoint has no optimizer file)
                 self.fs.put_file(str(local / name), self.path(name))
                 fault(kind)
         fault("meta")
@@ -126,7 +127,7 @@ class Remote:
         return True
 
     def download(
-        self, step: int, local: Path, meta: dict, warn: Callable[[str], None] = print
+        self, step: int, local: Path, meta: checkpoint.Meta, warn: Callable[[str], None] = print
     ) -> checkpoint.Checkpoint:
         """Fetch `step` into the local dir as `meta` (the one `committed` checked: never read again) vouches for it:
         through temp files, each fully verified (size, checksum, safe load) before anything is committed, then the
@@ -154,7 +155,7 @@ class Remote:
                 placed.append(local / name)
                 tmp.rename(local / name)
             placed.append(local / checkpoint.file_name("meta", step))
-            checkpoint.write_text_atomic(placed[-1], json.dumps(meta, indent=1))
+            checkpoint.write_text_atomic(placed[-1], json.dumps(meta.to_dict(), indent=1))
             ckpt = checkpoint.inspect(local, step, verify=False)  # as committed (its bytes were verified above)
             if not ckpt.valid:
                 raise CheckpointError(f"{local}: step {step} does not verify once committed: {ckpt.problem}")
@@ -176,7 +177,7 @@ class Remote:
         doomed = [
             s
             for i, (s, meta) in enumerate(committed)
-            if keep >= 0 and i >= keep and not checkpoint.kept_forever(s, bool(meta.get("final")), keep_every)
+            if keep >= 0 and i >= keep and not checkpoint.kept_forever(s, meta.final, keep_every)
         ]
         newest = committed[0][0] if committed else -1
         return {step: sorted(names) for step, names in sorted(self.files().items())
@@ -214,8 +215,8 @@ def restore_if_newer(
                 " downloading it")  # fmt: skip
             t0 = time.perf_counter()
             remote.download(step, local, meta, warn)
-            if lineage is None and meta.get("run_id"):
-                checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta["run_id"] + "\n")
+            if lineage is None and meta.run_id:
+                checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta.run_id + "\n")
             log(f"downloaded step {step} in {time.perf_counter() - t0:.1f}s")
             return
         except Exception as e:  # noqa: BLE001 - a bad copy, or the storage failing: try the next older one

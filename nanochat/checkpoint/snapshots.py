@@ -105,7 +105,7 @@ def newest(
             continue
         for ckpt in reversed(scan(slot, verify=False)):
             ckpt = inspect(slot, ckpt.step, ckpt.paths, verify, load_check) if verify else ckpt
-            if ckpt.valid and ckpt.meta.get("run_id") == run and (best is None or ckpt.step > best[1].step):
+            if ckpt.valid and ckpt.meta.run_id == run and (best is None or ckpt.step > best[1].step):
                 best = (slot, ckpt)
                 break
     return best
@@ -117,7 +117,7 @@ def holding(directory: Path, run: str, step: int, verify: bool = True) -> Path |
     try:
         for slot in slots(directory) if newest(directory, run, verify=False) else []:  # (checks the folders)
             ckpt = inspect(slot, step, verify=verify, load_check=verify) if not slot.is_symlink() else None
-            if ckpt and ckpt.valid and ckpt.meta.get("run_id") == run:
+            if ckpt and ckpt.valid and ckpt.meta.run_id == run:
                 return slot
     except (OSError, CheckpointError):  # unreadable shared memory: not held
         pass
@@ -171,7 +171,7 @@ def drop_other_runs(directory: Path, run: str) -> bool:
     except CheckpointError:
         return False
     held = [c for s in slots(directory) for c in scan(s) if c.committed]
-    if held and all((c.meta or {}).get("run_id") == run for c in held):
+    if held and all(c.meta is not None and c.meta.run_id == run for c in held):
         return False
     return remove_home(home)
 
@@ -182,7 +182,7 @@ def _unneeded(origin: Path) -> str | None:
     held = [c for s in slots(origin) for c in scan(s) if c.valid]
     if not held:
         return "holds no valid snapshot"
-    if not any(c.meta.get("run_id") == run for c in held):
+    if not any(c.meta.run_id == run for c in held):
         return f"written by another run than the one in {origin} now"
     if not (snap := newest(origin, run)):
         return "holds no valid snapshot of the current run"
