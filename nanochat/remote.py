@@ -127,7 +127,7 @@ class Remote:
         return True
 
     def download(
-        self, step: int, local: Path, meta: checkpoint.Meta, warn: Callable[[str], None] = print
+        self, step: int, local: Path, meta: checkpoint.Meta | dict, warn: Callable[[str], None] = print
     ) -> checkpoint.Checkpoint:
         """Fetch `step` into the local dir as `meta` (the one `committed` checked: never read again) vouches for it:
         through temp files, each fully verified (size, checksum, safe load) before anything is committed, then the
@@ -135,8 +135,9 @@ class Remote:
         `checkpoint.set_aside`). Raises CheckpointError if it does not verify; on any failure nothing of it is
         left behind."""
         try:
+            meta = meta if isinstance(meta, checkpoint.Meta) else checkpoint.Meta.parse(meta)
             files = checkpoint.vouched_files(meta, step)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, CheckpointError) as e:
             raise CheckpointError(f"{self.url}: the meta of step {step} is not valid ({e})") from None
         checkpoint.make_dir(local)
         fetched, placed = {}, []

@@ -1,8 +1,9 @@
 """Verifying a checkpoint: is it what its meta vouches for, and does it load without running code.
 
-A checkpoint is valid only if its meta parses, names only this step's files (`vouched_files`), both files match
-the sizes and checksums it records (xxh3-64; crc32 in metas of older versions) and both load with
-`torch.load(weights_only=True)`. `inspect` says which of these fails, as one line; nothing here deletes anything.
+A checkpoint is valid only if its meta parses (into meta.py's record, kept as `Checkpoint.meta`), names only this
+step's files (`vouched_files`), both files match the sizes and checksums it records (xxh3-64; crc32 in metas of
+older versions) and both load with `torch.load(weights_only=True)`. `inspect` says which of these fails, as one
+line; nothing here deletes anything.
 """
 
 from __future__ import annotations
