@@ -63,14 +63,14 @@ def start_model(phase: Phase, source_dir: Path, cfg: ChatConfig, tokenizer: Toke
     """The model (its source's weights, or nothing loaded when resuming) and the source record for the meta."""
     if phase.resume_from is not None:  # only its own checkpoint; the source merely gets checked
         saved = phase.resume_from[1].meta
-        record, model_cfg = saved.get("source", {}), GPTConfig(**saved["model_config"])
+        record, model_cfg = saved.source or {}, GPTConfig(**saved.model_config)
         same_vocab(model_cfg, tokenizer, phase.ckpt_dir)
         if changed := checkpoint.source_changed(record):
             warn0(f"this phase started from {record.get('dir')} step {record.get('step')}, which {changed} since;"
                   " resuming from this phase's own checkpoint")  # fmt: skip
         return phase.build(model_cfg, init=lambda m: None), record
     source = find_source(phase, source_dir, cfg.source_step)
-    model_cfg = GPTConfig(**source.meta["model_config"])
+    model_cfg = GPTConfig(**source.meta.model_config)
     same_vocab(model_cfg, tokenizer, source_dir)
     record = checkpoint.source_record(source_dir, source)
     print0(f"starting from {source_dir} step {source.step} ({record.get('phase')})")

@@ -41,14 +41,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device_type", choices=["auto", "cuda", "cpu"], default="auto")
 
 
-def load_from_args(args: argparse.Namespace) -> tuple[Path, GPT, dict]:
+def load_from_args(args: argparse.Namespace) -> tuple[Path, GPT, checkpoint.Meta]:
     """(checkpoint dir, model, meta) for the options of add_model_args."""
     directory = model_dir(args.phase, args.model_tag, args.checkpoint_dir)
     device = autodetect_device_type() if args.device_type == "auto" else args.device_type
     return directory, *load_checkpoint_model(directory, args.step, torch.device(device))
 
 
-def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+def load_checkpoint_model(
+    directory: Path, step: int = -1, device: torch.device | str = "cpu"
+) -> tuple[GPT, checkpoint.Meta]:
     """A model for inference from a checkpoint dir of any phase: the newest valid checkpoint, or the one at `step`
     (verified either way), in eval mode. Returns (model, meta)."""
     ckpt = next(checkpoint.valid_newest_first(directory, step=None if step < 0 else step), None)
@@ -56,7 +58,7 @@ def load_checkpoint_model(directory: Path, step: int = -1, device: torch.device 
         which = f"valid checkpoint at step {step}" if step >= 0 else "valid checkpoint"
         raise CheckpointError(f"{directory} has no {which}: train one first, or pick another with --step")
     with torch.device(device):
-        model = GPT(GPTConfig(**ckpt.meta["model_config"]))
+        model = GPT(GPTConfig(**ckpt.meta.model_config))
     model.to(device)
     model.load_state_dict(checkpoint.load_model(directory, ckpt, device, model))
     return model.eval(), ckpt.meta

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 from nanochat import checkpoint
 from nanochat.checkpoint import Checkpoint, CheckpointError
 from nanochat.config import ConfigError
-from nanochat.registry import DEFAULT, recorded_phase
+from nanochat.registry import DEFAULT
 from nanochat.tasks import BUILTIN_TASKS, TASKS, Task, TaskMixture, get_task, parse_mixture_spec
 
 if TYPE_CHECKING:  # torch is imported where it is used: bad input is refused before seconds of import
@@ -92,7 +92,7 @@ def select(directory: Path, spec: str, warn: Callable[[str], None]) -> list[Chec
         raise ConfigError(f"no valid checkpoint among steps {', '.join(map(str, candidates))} in {directory}")
     first = chosen[-1]
     for c in chosen:
-        if c.meta["model_config"] != first.meta["model_config"]:
+        if c.meta.model_config != first.meta.model_config:
             raise CheckpointError(f"the checkpoints at steps {first.step} and {c.step} in {directory} are different"
                                   " models (model_config): evaluate them separately")  # fmt: skip
     return sorted(chosen, key=lambda c: c.step)
@@ -185,25 +185,23 @@ class Bpb:
         return {**self.what, "batches": self.steps}
 
 
-def validation(meta: dict, tokenizer: Tokenizer, device: torch.device, eval_tokens: int = -1) -> Bpb:
+def validation(meta: checkpoint.Meta, tokenizer: Tokenizer, device: torch.device, eval_tokens: int = -1) -> Bpb:
     """The evaluation the phase's trainer runs, read from a checkpoint's meta: base training's validation split,
     or midtraining's test conversations packed into rows, with the trainer's batch shape and token count (all its
     ranks' together; `eval_tokens` > 0: about that many instead)."""
     from nanochat.loss_eval import eval_token_count
 
-    cfg, model_cfg = meta["train_config"], meta["model_config"]
+    cfg, model_cfg = meta.train_config, meta.model_config
     B = cfg["device_batch_size"]
     T = cfg["max_seq_len"] if cfg["max_seq_len"] > 0 else model_cfg["sequence_len"]  # a chat phase's -1: the model's
     if eval_tokens > 0:
         steps = max(1, eval_tokens // (B * T))
     else:  # as Phase.plan: batches per rank, times the ranks (they read the same split in shares)
-        world = meta.get("world_size", 1)
-        total = eval_token_count(
-            cfg["eval_tokens"], cfg["eval_every"], meta["num_iterations"], meta["total_batch_size"]
-        )
+        world = meta.world_size or 1
+        total = eval_token_count(cfg["eval_tokens"], cfg["eval_every"], meta.num_iterations, meta.total_batch_size)
         steps = max(1, total // (B * T * world)) * world
     what = {"data": "", "batch": [B, T], "tokens": steps * B * T}
-    if recorded_phase(meta) == DEFAULT.run_name:  # base training's data; the chat phases' tasks
+    if meta.phase == DEFAULT.run_name:  # base training's data; the chat phases' tasks
         from nanochat.dataloader import DataLoader
 
         what["data"] = "the validation split"
@@ -350,14 +348,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def build(meta: dict, device: torch.device) -> GPT:
+def build(meta: checkpoint.Meta, device: torch.device) -> GPT:
     """An empty model of a checkpoint's shape on `device`, in eval mode, for load_state_dict."""
     import torch
 
     from nanochat.gpt import GPT, GPTConfig
 
     with torch.device(device):
-        model = GPT(GPTConfig(**meta["model_config"]))
+        model = GPT(GPTConfig(**meta.model_config))
     return model.to(device).eval()  # the rotary tables are made on the CPU
 
 
@@ -417,7 +415,8 @@ def save_average(out: Path, directory: Path, ckpts: list[Checkpoint], state: dic
     if any(c.committed for c in checkpoint.scan(out)):
         raise ConfigError(f"{out} already holds checkpoints: save the average into a new or empty dir")
     newest = ckpts[-1]
-    meta = {k: v for k, v in newest.meta.items() if not k.startswith("val_") and k not in ("files", "saved_at")}
+    kept = newest.meta.to_dict().items()
+    meta = {k: v for k, v in kept if not k.startswith("val_") and k not in ("files", "saved_at")}
     checkpoint.make_dir(out)
     meta.update(extra, final=True, stop_reason="averaged", run_id=checkpoint.start_lineage(out),
                 averaged_from=[checkpoint.source_record(directory, c) for c in ckpts])  # fmt: skip

@@ -118,7 +118,7 @@ def _adopt(ckpt_dir: Path, point: Checkpoint | None, run_id: str, resume: bool, 
     """This node's dir joins rank 0's run (any other run's checkpoints, or all on a --resume=False start, are
     archived); True if it lacks a copy of the resume point that loads like rank 0's."""
     checkpoint.make_dir(ckpt_dir)
-    runs = {c.meta.get("run_id") for c in checkpoint.scan(ckpt_dir) if c.valid} | {checkpoint.run_id(ckpt_dir)}
+    runs = {c.meta.run_id for c in checkpoint.scan(ckpt_dir) if c.valid} | {checkpoint.run_id(ckpt_dir)}
     if (not resume or runs - {None, run_id}) and (archived := checkpoint.archive(ckpt_dir)):
         metrics.archive(ckpt_dir, archived)
         log(f"this node's {ckpt_dir} held {'old' if not resume else 'another run'}'s checkpoints: moved to {archived}")
@@ -128,4 +128,4 @@ def _adopt(ckpt_dir: Path, point: Checkpoint | None, run_id: str, resume: bool, 
         return False
     here = checkpoint.inspect(ckpt_dir, point.step)
     # the same run's step, and the optimizer state too if rank 0 loads it (a slimmed copy would not do)
-    return not (here.valid and (here.meta or {}).get("run_id") == run_id and here.weights_only <= point.weights_only)
+    return not (here.valid and here.meta.run_id == run_id and here.weights_only <= point.weights_only)

@@ -131,7 +131,7 @@ class Phase:
             self.saver.on_durable = self.uploader.offer
             if self.resume_from is not None and self.resume_from[0] == ckpt_dir:
                 self.uploader.offer(self.resume_from[1].step)  # a copy an earlier run did not finish (or begin)
-        if self.resume_from is not None and (other := self.resume_from[1].meta.get("phase", "base_train")) != name:
+        if self.resume_from is not None and (other := self.resume_from[1].meta.phase) != name:
             raise CheckpointError(
                 f"{ckpt_dir} holds {other} checkpoints, not {name}'s: pick this phase's own --checkpoint_dir"
             )
@@ -242,16 +242,17 @@ class Phase:
                 print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
             saved = ckpt.meta
             resume.check_tokenizer(saved, meta.get("tokenizer"), ckpt_dir)
-            for change in (changed := resume.changes(saved["train_config"], asdict(cfg))):
+            for change in (changed := resume.changes(saved.train_config, asdict(cfg))):
                 print0(f"resume: --{change['setting']} changed from {change['from']!r} to {change['to']!r}")
-            history = saved.get("changed_on_resume", []) + [{"step": saved["step"], **c} for c in changed]
+            history = saved.changed_on_resume + [{"step": saved.step, **c} for c in changed]
             extended = resume.extension(saved, ckpt.final, num_iterations, cfg.rewarm_steps)
-            if extended and extended.step == saved["step"]:
+            if extended and extended.step == saved.step:
                 ramp = f"ramps up over --rewarm_steps={extended.rewarm}" if extended.rewarm else "goes back at once"
                 was = f"the LR multiplier was {extended.from_lrm:.2f}; it {ramp}"
-                print0(f"resume: the run had finished at step {saved['step']}; it goes on to {num_iterations} under"
+                print0(f"resume: the run had finished at step {saved.step}; it goes on to {num_iterations} under"
                        f" the new budget's schedule ({was})")  # fmt: skip
-            tokens_seen = saved.get("tokens_seen", saved["step"] * total_batch) - saved["step"] * total_batch
+            before = saved.step * total_batch if saved.tokens_seen is None else saved.tokens_seen
+            tokens_seen = before - saved.step * total_batch
             model_state, optim_state = checkpoint.load(source, ckpt, device, model)
             model.load_state_dict(model_state)
             if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
@@ -260,9 +261,9 @@ class Phase:
             else:
                 optimizers.load_state_dict(optim_state)
             del model_state, optim_state
-            step, smooth_loss, train_time = saved["step"], saved["smooth_loss"], saved["train_time"]
-            val, val_step = saved.get(metric), saved.get(f"{metric}_step")
-            ranks = saved["ranks"]
+            step, smooth_loss, train_time = saved.step, saved.smooth_loss, saved.train_time
+            val, val_step = saved.metric(metric).value, saved.metric(metric).step
+            ranks = saved.ranks
             try:
                 if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
                     loader.load_state_dict(ranks[dist_info.rank]["loader"])

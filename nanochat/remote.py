@@ -98,8 +98,9 @@ class Remote:
         """The storage interface's listing (nanochat/checkpoint/storage.py): `files`."""
         return self.files()
 
-    def meta(self, step: int) -> dict:
-        return json.loads(self.fs.cat_file(self.path(checkpoint.file_name("meta", step))))
+    def meta(self, step: int) -> checkpoint.Meta:
+        name = checkpoint.file_name("meta", step)
+        return checkpoint.Meta.parse(json.loads(self.fs.cat_file(self.path(name))), f"{self.url}/{name}")
 
     def check(self, step: int, files: dict[str, int], verify: bool = False, load_check: bool = False) -> Checkpoint:
         """One step checked as far as a listing can: its meta, and the sizes it records. Checksums and the safe load
@@ -114,7 +115,10 @@ class Remote:
         try:
             meta = self.meta(step)
             vouched = checkpoint.vouched_files(meta, step)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # a damaged or tampered meta
+        except CheckpointError as e:  # a damaged or tampered meta (parse names the file)
+            ckpt.problem = first_line(e)
+            return ckpt
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             ckpt.problem = f"{meta_name} is unreadable ({type(e).__name__}: {first_line(e)})"
             return ckpt
         ckpt.meta = meta
@@ -137,7 +141,7 @@ class Remote:
     def committed(self, run_id: str | None = None, step: int | None = None) -> list[tuple[int, dict]]:
         """(step, meta) of the committed checkpoints whose files match their meta's sizes (see `check`), newest
         first; only those of `run_id`, or the one at `step`, when given: the one resolver over this storage."""
-        ours = None if run_id is None else lambda c: c.meta.get("run_id") == run_id
+        ours = None if run_id is None else lambda c: c.meta.run_id == run_id
         return [(c.step, c.meta) for c in checkpoint.valid_newest_first(self, accept=ours, step=step)]
 
     def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None) -> bool:
@@ -145,13 +149,13 @@ class Remote:
         False if the remote already holds it (the same meta, committed)."""
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
-        meta = json.loads(meta_bytes)
+        meta = checkpoint.Meta.parse(json.loads(meta_bytes), str(local / meta_name))
         if any(m == meta for _, m in self.committed(step=step)):
             return False
         self.makedirs(self.root)
         for kind in checkpoint.KINDS:
             name = checkpoint.file_name(kind, step)
-            if name in meta["files"]:  # (a weights-only checkpoint has no optimizer file)
+            if name in meta.files:  # (a weights-only checkpoint has no optimizer file)
                 self.fs.put_file(str(local / name), self.path(name))
                 fault(kind)
         fault("meta")
@@ -160,7 +164,7 @@ class Remote:
         return True
 
     def download(
-        self, step: int, local: Path, meta: dict, warn: Callable[[str], None] = print
+        self, step: int, local: Path, meta: checkpoint.Meta | dict, warn: Callable[[str], None] = print
     ) -> checkpoint.Checkpoint:
         """Fetch `step` into the local dir as `meta` (the one `committed` checked: never read again) vouches for it:
         through temp files, each fully verified (size, checksum, safe load) before anything is committed, then the
@@ -168,8 +172,9 @@ class Remote:
         `checkpoint.set_aside`). Raises CheckpointError if it does not verify; on any failure nothing of it is
         left behind."""
         try:
+            meta = meta if isinstance(meta, checkpoint.Meta) else checkpoint.Meta.parse(meta)
             files = checkpoint.vouched_files(meta, step)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, CheckpointError) as e:
             raise CheckpointError(f"{self.url}: the meta of step {step} is not valid ({e})") from None
         checkpoint.make_dir(local)
         fetched, placed = {}, []
@@ -188,7 +193,7 @@ class Remote:
                 placed.append(local / name)
                 tmp.rename(local / name)
             placed.append(local / checkpoint.file_name("meta", step))
-            checkpoint.write_text_atomic(placed[-1], json.dumps(meta, indent=1))
+            checkpoint.write_text_atomic(placed[-1], json.dumps(meta.to_dict(), indent=1))
             ckpt = checkpoint.inspect(local, step, verify=False)  # as committed (its bytes were verified above)
             if not ckpt.valid:
                 raise CheckpointError(f"{local}: step {step} does not verify once committed: {ckpt.problem}")
@@ -207,7 +212,7 @@ class Remote:
         run's checkpoints here (another run's are neither kept nor deleted), keep=-1 included (it still drops
         payload files left without a meta below the newest committed step)."""
         found = [c for c in checkpoint.checked_newest_first(self)
-                 if not c.valid or run_id is None or c.meta.get("run_id") == run_id]  # fmt: skip
+                 if not c.valid or run_id is None or c.meta.run_id == run_id]  # fmt: skip
         listing = self.files()  # as it is now: a step gone meanwhile is not deleted again
         return {c.step: sorted(listing[c.step]) for c in checkpoint.plan(found, keep, keep_every) if c.step in listing}
 
@@ -242,8 +247,8 @@ def restore_if_newer(
                 " downloading it")  # fmt: skip
             t0 = time.perf_counter()
             remote.download(step, local, meta, warn)
-            if lineage is None and meta.get("run_id"):
-                checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta["run_id"] + "\n")
+            if lineage is None and meta.run_id:
+                checkpoint.write_text_atomic(local / checkpoint.RUN_ID, meta.run_id + "\n")
             log(f"downloaded step {step} in {time.perf_counter() - t0:.1f}s")
             return
         except Exception as e:  # noqa: BLE001 - a bad copy, or the storage failing: try the next older one

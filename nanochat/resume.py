@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from nanochat.checkpoint import CheckpointError
+from nanochat.checkpoint import CheckpointError, Meta
 from nanochat.optim import lr_multiplier
 from nanochat.redact import redact
 from nanochat.registry import PHASES
@@ -35,23 +35,23 @@ MODEL = {"n_layer": "depth", "n_embd": "model width (--head_dim, depth)", "n_hea
 QUIET = set().union(*(marked(config_of(p), "quiet") for p in PHASES.values()))
 
 
-def check_compatible(meta: dict, model_cfg, train_config: dict, directory: Path) -> None:
+def check_compatible(meta: Meta, model_cfg, train_config: dict, directory: Path) -> None:
     """Refuse to resume into a different model: one line naming the setting and the way out."""
-    saved, step = meta["model_config"], meta["step"]
+    saved, step = meta.model_config, meta.step
     for key, label in MODEL.items():
         if key in saved and saved[key] != getattr(model_cfg, key):
             _refuse(step, directory, f"{label} {saved[key]}", getattr(model_cfg, key))
-    row = meta.get("train_config", {}).get("max_seq_len")  # a chat phase's row length (-1: the model's context)
+    row = (meta.train_config or {}).get("max_seq_len")  # a chat phase's row length (-1: the model's context)
     if row is not None and row != train_config.get("max_seq_len", row):
         _refuse(step, directory, f"--max_seq_len {row}", train_config["max_seq_len"])
 
 
-def check_tokenizer(meta: dict, tokenizer: str | None, directory: Path) -> None:
+def check_tokenizer(meta: Meta, tokenizer: str | None, directory: Path) -> None:
     """Refuse the same vocabulary size over other tokens (`tokenizer`: the current one's fingerprint, where the
     phase records one: base training)."""
-    if tokenizer and meta.get("tokenizer") and meta["tokenizer"] != tokenizer:
+    if tokenizer and meta.tokenizer and meta.tokenizer != tokenizer:
         raise CheckpointError(
-            f"the checkpoint at step {meta['step']} in {directory} was trained with another tokenizer.json (the"
+            f"the checkpoint at step {meta.step} in {directory} was trained with another tokenizer.json (the"
             " same vocab size, a different file); restore that tokenizer, or use --resume=False to start fresh or"
             " pick another --model_tag"
         )
@@ -90,16 +90,16 @@ class Extension:
         return self.from_lrm + t * (scheduled - self.from_lrm)
 
 
-def extension(meta: dict, final: bool, num_iterations: int, rewarm: int) -> Extension | None:
+def extension(meta: Meta, final: bool, num_iterations: int, rewarm: int) -> Extension | None:
     """The run's schedule extension: the one in the meta, or a new one if this resume raises the budget of a
     finished run."""
-    if meta.get("schedule_extended") and not final:
-        return Extension(**meta["schedule_extended"])
-    old = meta.get("num_iterations")
+    if meta.schedule_extended and not final:
+        return Extension(**meta.schedule_extended)
+    old = meta.num_iterations
     if final and isinstance(old, int) and num_iterations > old:
-        cfg = meta["train_config"]
+        cfg = meta.train_config
         last = lr_multiplier(old - 1, old, cfg["warmup_ratio"], cfg["warmdown_ratio"], cfg["final_lr_frac"])
-        return Extension(meta["step"], last, rewarm)
+        return Extension(meta.step, last, rewarm)
     return None
 
 

@@ -282,7 +282,7 @@ def transfer_section(ckpt_dir: Path, tmp: Path) -> None:
     for codec in ("none", "zstd"):
         local = tmp / f"local-{codec}"
         checkpoint.make_dir(local)
-        checkpoint.write(local, ckpt.step, model, optim, dict(ckpt.meta), codec=codec, threads=compress.all_threads())
+        checkpoint.write(local, ckpt.step, model, optim, ckpt.meta, codec=codec, threads=compress.all_threads())
         size = sum(p.stat().st_size for p in local.glob("*.pt")) / 1e6
         r = open_remote(f"s3://bench/{codec}")
         t0 = time.perf_counter()

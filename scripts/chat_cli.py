@@ -19,7 +19,6 @@ import torch
 from nanochat.checkpoint import CheckpointError
 from nanochat.config import ConfigError, finite_float
 from nanochat.engine import Engine, add_model_args, load_from_args
-from nanochat.registry import recorded_phase
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 
@@ -109,7 +108,7 @@ def main(argv: list[str]) -> int:
         if args.prompt is not None:
             chat.reply(args.prompt, sys.stdout)
             return 0
-        print(f"chatting with {directory} step {meta['step']} ({recorded_phase(meta)}); /clear, /quit")
+        print(f"chatting with {directory} step {meta.step} ({meta.phase}); /clear, /quit")
         while True:
             try:
                 text = input("> ")

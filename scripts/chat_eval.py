@@ -21,7 +21,6 @@ from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError
 from nanochat.config import ConfigError
 from nanochat.engine import Engine, add_model_args, load_from_args
-from nanochat.registry import recorded_phase
 from nanochat.tasks import Task, get_task, parse_mixture_spec
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
@@ -77,7 +76,7 @@ def main(argv: list[str]) -> int:
     engine = Engine(model, tokenizer)
     on_gpu = model.wte.weight.device.type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if on_gpu else contextlib.nullcontext()
-    print(f"evaluating {directory} step {meta['step']} ({recorded_phase(meta)})")
+    print(f"evaluating {directory} step {meta.step} ({meta.phase})")
     results = {}
     with autocast, torch.inference_mode():
         for task in tasks:
@@ -94,9 +93,9 @@ def main(argv: list[str]) -> int:
     print(f"{'task':<16}{'kind':<13}{'correct':>9}{'total':>7}{'accuracy':>10}")
     for name, r in results.items():
         print(f"{name:<16}{r['kind']:<13}{r['correct']:>9}{r['total']:>7}{100 * r['accuracy']:>9.1f}%")
-    record = {"step": meta["step"], "phase": recorded_phase(meta), "time": time.time(), "tasks": results}
+    record = {"step": meta.step, "phase": meta.phase, "time": time.time(), "tasks": results}
     try:
-        path = checkpoint.write_record(directory, "chat_eval", meta["step"], record)
+        path = checkpoint.write_record(directory, "chat_eval", meta.step, record)
         print(f"record: {path}")
     except OSError as e:
         print(f"chat_eval: could not write the record into {directory} ({e.strerror or e})", file=sys.stderr)

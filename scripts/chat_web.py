@@ -37,11 +37,10 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from nanochat.checkpoint import CheckpointError
+from nanochat.checkpoint import CheckpointError, Meta
 from nanochat.config import ConfigError, finite_float
 from nanochat.engine import Engine, add_model_args, load_from_args
 from nanochat.gpt import GPT
-from nanochat.registry import recorded_phase
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 PAGE = Path(__file__).with_name("chat_web.html")
@@ -131,14 +130,14 @@ def exposure(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def describe(directory: Path, model: GPT, meta: dict, args: argparse.Namespace) -> dict:
+def describe(directory: Path, model: GPT, meta: Meta, args: argparse.Namespace) -> dict:
     """What GET /health says about the model; the checkpoint's path only with --show_paths (it names the user's
     folders to whoever can read /health)."""
     info = {
         "model": directory.name,
-        "phase": recorded_phase(meta),
-        "step": meta["step"],
-        "model_config": meta["model_config"],
+        "phase": meta.phase,
+        "step": meta.step,
+        "model_config": meta.model_config,
         "parameters": model.num_params(),
         "device": str(model.wte.weight.device),
         "sampling": {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},

@@ -97,19 +97,20 @@ def judge(before: Point | None, after: Point | None, fresh: bool, asked: int | N
     launched with --resume=False; `asked`: the step budget asked for now, if known)."""
     if after is None:
         return False, False
-    key = lambda point: (str(point[0]), point[1].step, (point[1].meta or {}).get("saved_at"))  # noqa: E731
+    key = lambda point: (str(point[0]), point[1].step, point[1].meta and point[1].meta.saved_at)  # noqa: E731
     newer = before is None or fresh or after[1].step > before[1].step
     progressed = newer and (before is None or key(after) != key(before))
     ckpt = after[1]
     # the budget asked for now wins over the one the checkpoint was saved under (it may have been raised)
-    budget = asked if asked is not None and asked > 0 else (ckpt.meta or {}).get("num_iterations", 1 << 62)
+    saved = ckpt.meta.num_iterations if ckpt.meta else None
+    budget = asked if asked is not None and asked > 0 else (saved if saved is not None else 1 << 62)
     return progressed, bool(ckpt.final and ckpt.step >= budget)
 
 
 def evidence(a: Attempt, after: Point | None, progressed: bool, budget: bool, stop_requested: bool,
              disks: list[Path]) -> Evidence:  # fmt: skip
     """Everything the classifier reads about an attempt that is over (`disks`: the dirs whose free space counts)."""
-    stop_reason = (after[1].meta or {}).get("stop_reason", "") if after else ""
+    stop_reason = (after[1].meta.stop_reason or "") if after and after[1].meta else ""
     pids = {w.pid for w in a.workers.all} | {a.proc.pid}
     return Evidence(
         exitcode=a.exitcode, attempt_log=a.log, log_dir=a.log_dir, torchrun_pid=a.proc.pid,

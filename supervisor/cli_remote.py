@@ -11,7 +11,7 @@ import typer
 from nanochat import checkpoint
 from nanochat.config import ConfigError
 from nanochat.redact import redact
-from nanochat.registry import DEFAULT, recorded_phase
+from nanochat.registry import DEFAULT
 from supervisor.launch import UsageProblem
 from supervisor.options import PhaseOption, confirm, resolve_dirs
 
@@ -42,7 +42,7 @@ def pull(
 
     target = (to or Path.cwd() / redact(url).rstrip("/").rsplit("/", 1)[-1]).expanduser().resolve()
     ckpt = remote_call("pulling from", url, lambda: remote.pull(url, step, target))
-    print(f"pulled step {ckpt.step} ({recorded_phase(ckpt.meta)}) into {target}, verified")
+    print(f"pulled step {ckpt.step} ({ckpt.meta.phase}) into {target}, verified")
     print(f"chat with it: python -m scripts.chat_cli --checkpoint_dir {target}")
 
 

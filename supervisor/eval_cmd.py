@@ -16,7 +16,7 @@ from pathlib import Path
 from nanochat import checkpoint, safefile
 from nanochat.checkpoint import Checkpoint
 from nanochat.config import ConfigError
-from nanochat.registry import recorded_phase, scored_by_bpb
+from nanochat.registry import scored_by_bpb
 from supervisor.launch import UsageProblem
 
 
@@ -86,7 +86,7 @@ def check(req: EvalRequest) -> Plan:
     if not req.ckpt_dir.is_dir():
         raise UsageProblem(f"no checkpoint dir at {req.ckpt_dir}: pass --checkpoint-dir, --model-tag or --phase")
     ckpts = E.select(req.ckpt_dir, req.checkpoints, lambda msg: say(f"warning: {msg}"))
-    phase = recorded_phase(ckpts[-1].meta)
+    phase = ckpts[-1].meta.phase
     bpb = scored_by_bpb(phase)
     if bpb and req.tasks is not None:
         raise UsageProblem(f"--tasks is for the chat phases (sft, rl); {phase} checkpoints are scored by validation"
@@ -114,12 +114,12 @@ def evaluate(req: EvalRequest, plan: Plan) -> dict:
         tokenizer = get_tokenizer()
     except ValueError as e:  # a malformed tokenizer file (a missing one is an OSError: one line too)
         raise UsageProblem(str(e)) from None
-    if meta["model_config"]["vocab_size"] != tokenizer.vocab_size:
+    if meta.model_config["vocab_size"] != tokenizer.vocab_size:
         raise checkpoint.CheckpointError(
-            f"the checkpoints in {req.ckpt_dir} have a vocabulary of {meta['model_config']['vocab_size']}, the"
+            f"the checkpoints in {req.ckpt_dir} have a vocabulary of {meta.model_config['vocab_size']}, the"
             f" tokenizer {tokenizer.vocab_size}: evaluate them with the tokenizer they were trained with"
         )
-    if meta.get("tokenizer") and tokenizer.fingerprint and meta["tokenizer"] != tokenizer.fingerprint:
+    if meta.tokenizer and tokenizer.fingerprint and meta.tokenizer != tokenizer.fingerprint:
         say("warning: the tokenizer differs from the one these checkpoints were trained with (same vocabulary size)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if plan.bpb:

@@ -48,15 +48,15 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         "checkpoints": [
             {
                 "step": c.step,
-                "saved_at": (c.meta or {}).get("saved_at"),
-                "val_bpb": (c.meta or {}).get("val_bpb"),
-                "val": metric(c.meta or {}),
+                "saved_at": c.meta.saved_at if c.meta else None,
+                "val_bpb": c.meta.metric("val_bpb").value if c.meta else None,
+                "val": metric(c.meta),
                 "size": c.size,
                 "valid": c.valid,
                 "final": c.final,
                 "weights_only": c.weights_only,
                 "problem": c.problem,
-                "stop_reason": (c.meta or {}).get("stop_reason"),
+                "stop_reason": c.meta.stop_reason if c.meta else None,
             }
             for c in ckpts
         ],
@@ -75,7 +75,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         "remote_lag": remote_lag([c.step for c in ckpts if c.valid], hb["remote_step"], hb.get("remote_error"))
         if hb and "remote_step" in hb
         else None,
-        "changed_on_resume": (newest.meta or {}).get("changed_on_resume", []) if newest else [],
+        "changed_on_resume": newest.meta.changed_on_resume if newest and newest.meta else [],
         "nodes": other_nodes(run_path),
         "snapshots": [
             {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
@@ -90,20 +90,21 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
     }
 
 
-def metric(meta: dict) -> tuple[str, float] | None:
+def metric(meta: checkpoint.Meta | None) -> tuple[str, float] | None:
     """(name, value) of the evaluation a checkpoint's meta records: val_bpb, or RL's val_pass@k."""
-    found = [(k.removeprefix("val_"), v) for k, v in meta.items() if k.startswith("val_") and not k.endswith("_step")]
+    found = ((k.removeprefix("val_"), m.value) for k, m in (meta.metrics if meta else {}).items())
     return next(((k, v) for k, v in found if v is not None), None)
 
 
 def budget(newest: checkpoint.Checkpoint | None, hb: dict | None) -> int | None:
     """The step budget: the one the newest checkpoint was saved under, unless a trainer started since then with
     another (a later `train --num-iterations`): then the heartbeat's, as the supervisor judges it too."""
-    meta = (newest.meta or {}) if newest else {}
+    meta = newest.meta if newest else None
     asked, beat = (hb.get("num_iterations"), hb.get("time")) if hb else (None, None)
-    if isinstance(asked, int) and asked > 0 and isinstance(beat, (int, float)) and beat > meta.get("saved_at", 0):
+    saved_at = (meta.saved_at if meta else None) or 0
+    if isinstance(asked, int) and asked > 0 and isinstance(beat, (int, float)) and beat > saved_at:
         return asked
-    return meta.get("num_iterations")
+    return meta.num_iterations if meta else None
 
 
 def invocations(events: list[dict], holder: dict | None) -> list[dict]:
@@ -339,13 +340,13 @@ def summary_lines(state: str, seconds: float, ckpt: checkpoint.Checkpoint | None
                   steps_lost: int, run_dir: Path) -> list[str]:  # fmt: skip
     """The supervisor's end-of-run summary: where the run got (`ckpt`: its resume point; `v`: the live View), how,
     what it cost, and where everything is."""
-    meta = (ckpt.meta or {}) if ckpt else {}
-    budget = opts.num_iterations or meta.get("num_iterations") or v.num_iterations
+    meta = ckpt.meta if ckpt else None
+    budget = opts.num_iterations or (meta.num_iterations if meta else None) or v.num_iterations
     parts = [f"step {ckpt.step}/{budget}" if ckpt else "no checkpoint"]
     if v.loss is not None:
         parts.append(f"train loss {v.loss:.4f}")
     if found := metric(meta):
-        parts.append(f"val {found[0]} {found[1]:.4f} (step {meta.get(f'val_{found[0]}_step')})")
+        parts.append(f"val {found[0]} {found[1]:.4f} (step {meta.metric(f'val_{found[0]}').step})")
     if v.tok_per_s:
         parts.append(f"{v.tok_per_s:,.0f} tokens/s")
     minutes = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f}s"

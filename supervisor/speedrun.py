@@ -99,12 +99,12 @@ def settings_changed(saved: dict, asked) -> str:
     return ""
 
 
-def parent_changed(phase: str, meta: dict) -> str:
+def parent_changed(phase: str, meta: checkpoint.Meta) -> str:
     """'' if what the phase was made from is as it was (base: the tokenizer; the others: the source checkpoint)."""
     if phase == "base":
-        saved = meta.get("tokenizer")
+        saved = meta.tokenizer
         return "but with another tokenizer" if saved and saved != file_fingerprint(tokenizer_file()) else ""
-    source = meta.get("source", {})
+    source = meta.source or {}
     if changed := checkpoint.source_changed(source):
         return f"but its parent ({source.get('phase')} step {source.get('step')}) {changed} since"
     return ""
@@ -116,12 +116,12 @@ def plan_phase(phase: str, newest: checkpoint.Checkpoint | None, asked, redo: bo
         return Decision("fresh", "--redo: starting afresh")
     if newest is None:
         return Decision("fresh", "starting")
-    meta = newest.meta or {}
+    meta = newest.meta
     parent = parent_changed(phase, meta)
     if parent and parent_rebuilt:  # its parent was (re)made in this very run: this phase is stale by construction
         return Decision("fresh", f"{parent.removeprefix('but ')}: starting afresh")
     if newest.final:
-        if problem := settings_changed(meta.get("train_config", {}), asked) or parent:
+        if problem := settings_changed(meta.train_config or {}, asked) or parent:
             return Decision("refuse", f"finished at step {newest.step} {problem}")
         return Decision("skip", f"done at step {newest.step}")
     return Decision("resume", f"resuming from step {newest.step}")  # (the trainer checks its own resume)

@@ -37,7 +37,7 @@ def phase_status(run_dir: Path) -> dict:
         directory = Path(first.get("dirs", {}).get(name, "")) if name in first.get("dirs", {}) else None
         ckpts = checkpoint.scan(directory) if directory and directory.is_dir() else []
         newest = next((c for c in reversed(ckpts) if c.valid), None)
-        meta = (newest.meta or {}) if newest else {}
+        meta = newest.meta if newest else None
         attempts = [a for r in runs if r.get("phase") == name for a in r["attempts"]]
         last = mine[-1] if mine else {}
         state = {"phase_skip": "done", "phase_start": "running" if holder else "interrupted"}.get(last.get("event"))
@@ -50,7 +50,7 @@ def phase_status(run_dir: Path) -> dict:
             "phase": name,
             "state": state or "pending",
             "step": newest.step if newest else None,
-            "budget": meta.get("num_iterations"),
+            "budget": meta.num_iterations if meta else None,
             "newest_checkpoint": str(directory / checkpoint.file_name("meta", newest.step)) if newest else None,
             "checkpoint_dir": str(directory) if directory else None,
             "seconds": round(sum(e.get("seconds") or 0 for e in mine if e.get("event") == "phase_end"), 1),
@@ -113,22 +113,22 @@ def write_report(run_dir: Path, phases: list[str], dirs: dict[str, Path]) -> Pat
         if final is None:
             lines.append(f"No final checkpoint yet in `{directory}`.")
             continue
-        meta = final.meta or {}
-        cfg = meta.get("train_config", {})
-        model = meta.get("model_config", {})
+        meta = final.meta
+        cfg = meta.train_config or {}
+        model = meta.model_config or {}
         shown = {k: cfg[k] for k in SHOWN_SETTINGS if k in cfg}
-        lines.append(f"- checkpoint: `{directory}` step {final.step} ({meta.get('phase')})")
+        lines.append(f"- checkpoint: `{directory}` step {final.step} ({meta.phase})")
         lines.append(f"- model: {model.get('n_layer')} layers, width {model.get('n_embd')}, context"
                      f" {model.get('sequence_len')}, vocabulary {model.get('vocab_size')}")  # fmt: skip
         lines.append("- settings: " + ", ".join(f"`{k}={v}`" for k, v in shown.items()))
-        lines.append(f"- training time: {meta.get('train_time', 0) / 60:.1f} min; wall time in this run dir:"
+        lines.append(f"- training time: {(meta.train_time or 0) / 60:.1f} min; wall time in this run dir:"
                      f" {(s or {}).get('seconds', 0) / 60:.1f} min")  # fmt: skip
-        lines.append(f"- tokens: {meta.get('tokens_seen', 0):,} ({meta.get('world_size')} ranks)")
-        results = [f"train loss {meta['train_loss']:.4f}"] if meta.get("train_loss") is not None else []
+        lines.append(f"- tokens: {meta.tokens_seen or 0:,} ({meta.world_size} ranks)")
+        results = [f"train loss {meta.train_loss:.4f}"] if meta.train_loss is not None else []
         results += [
-            f"{k.removeprefix('val_').replace('_', ' ')} {v:.4f} (step {meta.get(k + '_step')})"
-            for k, v in meta.items()
-            if k.startswith("val_") and not k.endswith("_step") and v is not None
+            f"{k.removeprefix('val_').replace('_', ' ')} {m.value:.4f} (step {m.step})"
+            for k, m in meta.metrics.items()
+            if m.value is not None
         ]
         lines.append("- final: " + (", ".join(results) or "-"))
         if s:

@@ -28,6 +28,7 @@ keeps the newest `keep` *verified* checkpoints.
 Where each rule lives (each module imports only those above it in this list, so there is no import circle):
 
     nanochat/errors.py   CheckpointError, StorageError (below this package: nanochat/locks.py raises them too)
+    meta.py              the meta as one typed, versioned record (`Meta`: `parse`, `to_dict`; `SCHEMA_VERSION`)
     names.py             file names (`file_name`, `parse_name`, `record_path`), the `Checkpoint` record of one step
     verify.py            what a meta may vouch for (`vouched_files`), checksums, `inspect`, `scan`
     commit.py            durable writes and the commit (`write`, `mark_latest`, `update_meta`), `set_aside`,
@@ -69,6 +70,7 @@ from nanochat.checkpoint.discovery import (
 )
 from nanochat.checkpoint.lineage import run_id, source_changed, source_record, start_lineage
 from nanochat.checkpoint.loading import BYTES_PER_WEIGHT, load, load_model
+from nanochat.checkpoint.meta import SCHEMA_VERSION, Meta, Metric
 from nanochat.checkpoint.names import KINDS, LATEST, RUN_ID, Checkpoint, file_name, parse_name, record_path
 from nanochat.checkpoint.resolve import find_resume_point
 from nanochat.checkpoint.retention import archive, kept_forever, make_room, plan, plan_prune, prune, slim
@@ -82,12 +84,15 @@ __all__ = [
     "KINDS",
     "LATEST",
     "RUN_ID",
+    "SCHEMA_VERSION",
     "TMP_PREFIX",
     "Checkpoint",
     "CheckpointError",
     "CheckpointStorage",
     "LocalDir",
+    "Meta",
     "MetaError",
+    "Metric",
     "StorageError",
     "archive",
     "check_file",

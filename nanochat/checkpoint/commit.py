@@ -14,11 +14,13 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import xxhash
 
 from nanochat import safefile
+from nanochat.checkpoint.meta import Meta
 from nanochat.checkpoint.names import LATEST, file_name, record_path
 from nanochat.checkpoint.verify import inspect
 from nanochat.lifeline import writer_alive, writer_id
@@ -106,7 +108,7 @@ def write(
     step: int,
     model_state: dict,
     optim_state: dict | None,
-    meta: dict,
+    meta: Meta | dict,
     fault: Callable[[str], None] = lambda phase: None,
     private: bool = False,
     codec: str = "none",
@@ -117,11 +119,15 @@ def write(
 
     Does not touch latest_step.txt or prune (see `mark_latest`, `prune`); nanochat/saver.py does the ordering.
     `optim_state` None writes a weights-only checkpoint (no optimizer file; e.g. an average of checkpoints).
+    `meta` is the writer's record (a dict is parsed first: a malformed one fails before any file is written);
+    the step, the files and the time are added here.
     """
+    if not isinstance(meta, Meta):
+        meta = Meta.parse(meta, "the meta to write", committed=False)
     files = {}
     states = (("model", model_state),) + ((("optim", optim_state),) if optim_state is not None else ())
     if optim_state is None:
-        meta = {**meta, "weights_only": True}
+        meta = replace(meta, weights_only=True)
     for kind, state in states:
         name = file_name(kind, step)
         info: dict = {}  # a compressed file's codec, level and raw size (none: nothing, as in every older meta)
@@ -133,9 +139,10 @@ def write(
             write = lambda w, s=state, i=info: i.update(compress.dump(s, w, codec, threads=threads))  # noqa: E731
         size, digest = write_atomic(directory / name, write, lambda k=kind: fault(k), private)
         files[name] = {"size": size, "xxh3_64": digest, **info}
-    meta = {**meta, "step": step, "files": files, "saved_at": time.time()}
+    meta = replace(meta, step=step, files=files, saved_at=time.time())
     fault("meta")
-    write_text_atomic(directory / file_name("meta", step), json.dumps(meta, indent=1), private)  # the commit point
+    text = json.dumps(meta.to_dict(), indent=1)
+    write_text_atomic(directory / file_name("meta", step), text, private)  # the commit point
 
 
 def write_record(directory: Path, kind: str, step: int, record: dict) -> Path:
@@ -151,11 +158,11 @@ def mark_latest(directory: Path, step: int) -> None:
 
 
 def update_meta(directory: Path, step: int, **fields) -> None:
-    """Add metrics to a committed meta (e.g. the final validation bpb, measured after the save), atomically."""
+    """Add metrics to a committed meta (e.g. the final validation bpb, measured after the save), atomically.
+    `fields` are spelled as in the file (`val_bpb=..., val_bpb_step=...`); every other key is kept."""
     path = directory / file_name("meta", step)
-    meta = json.loads(path.read_text())
-    meta.update(fields)
-    write_text_atomic(path, json.dumps(meta, indent=1))
+    meta = Meta.parse(json.loads(path.read_text()), path.name).with_fields(**fields)
+    write_text_atomic(path, json.dumps(meta.to_dict(), indent=1))
 
 
 def set_aside(directory: Path, step: int, warn: Callable[[str], None]) -> None:

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from nanochat import safefile
 from nanochat.checkpoint.commit import write_text_atomic
+from nanochat.checkpoint.meta import Meta
 from nanochat.checkpoint.names import RUN_ID, Checkpoint, file_name
 from nanochat.errors import CheckpointError
 
 
 def source_record(directory: Path, ckpt: Checkpoint) -> dict:
     """What a derived phase records of the checkpoint it started from: phase, directory, step, model checksum."""
-    model = ckpt.meta["files"][file_name("model", ckpt.step)]
-    return {"phase": ckpt.meta.get("phase", "base_train"), "dir": str(directory.resolve()), "step": ckpt.step,
+    model = ckpt.meta.files[file_name("model", ckpt.step)]
+    return {"phase": ckpt.meta.phase, "dir": str(directory.resolve()), "step": ckpt.step,
             "model_xxh3_64": model.get("xxh3_64")}  # fmt: skip
 
 
@@ -29,8 +30,8 @@ def source_changed(record: dict) -> str:
         return ""
     meta_path = Path(record["dir"]) / file_name("meta", record["step"])
     try:
-        files = json.loads(meta_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = Meta.parse(json.loads(meta_path.read_text()), meta_path.name).files
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
         return "is gone or unreadable"
     if files.get(file_name("model", record["step"]), {}).get("xxh3_64") != record.get("model_xxh3_64"):
         return "was replaced by another model"
@@ -47,7 +48,7 @@ def run_id(directory: Path, disk: Checkpoint | None = None) -> str | None:
         raise CheckpointError(str(e)) from None
     except (OSError, UnicodeDecodeError):
         pass
-    return (disk.meta or {}).get("run_id") if disk else None
+    return disk.meta.run_id if disk and disk.meta else None
 
 
 def start_lineage(directory: Path, disk: Checkpoint | None = None) -> str:

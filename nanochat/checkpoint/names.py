@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.checkpoint.meta import Meta
+
 LATEST = "latest_step.txt"
 RUN_ID = ".run_id"
 # ASCII digits only, and \Z (not $, which also matches before a trailing newline): a name is exact or not ours
@@ -38,7 +40,7 @@ class Checkpoint:
 
     step: int
     paths: list[Path]
-    meta: dict | None = None
+    meta: Meta | None = None  # parsed once, where the meta is read and verified (verify.inspect)
     problem: str = ""  # empty when valid
     committed: bool = False  # a meta file exists (parseable or not)
 
@@ -48,13 +50,13 @@ class Checkpoint:
 
     @property
     def final(self) -> bool:
-        return bool(self.meta and self.meta.get("final"))
+        return self.meta is not None and self.meta.final
 
     @property
     def weights_only(self) -> bool:
         """Its optimizer file was dropped (see `slim`): fine for evaluation, chat and the next phase; a resume from
         it starts the optimizer afresh."""
-        return bool(self.meta and self.meta.get("weights_only"))
+        return self.meta is not None and self.meta.weights_only
 
     @property
     def size(self) -> int:

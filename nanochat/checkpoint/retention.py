@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from nanochat.checkpoint.commit import write_text_atomic
@@ -81,9 +82,9 @@ def slim(directory: Path, keep_full: int, cache: dict | None = None) -> list[Pat
         if i < keep_full or c.final:
             continue
         if not c.weights_only:
-            files = {name: f for name, f in c.meta["files"].items() if name != optim.name}
-            meta = {**c.meta, "weights_only": True, "files": files}
-            write_text_atomic(directory / file_name("meta", c.step), json.dumps(meta, indent=1))
+            files = {name: f for name, f in c.meta.files.items() if name != optim.name}
+            meta = replace(c.meta, weights_only=True, files=files)
+            write_text_atomic(directory / file_name("meta", c.step), json.dumps(meta.to_dict(), indent=1))
         if optim.exists():
             optim.unlink()
             removed.append(optim)

@@ -124,7 +124,7 @@ def _of_run(slot: Path, run: str, verify: bool, load_check: bool, step: int | No
     `run` wrote, or the one at `step`; never through a symlinked slot."""
     if slot.is_symlink():
         return None
-    mine = lambda c: c.meta.get("run_id") == run  # noqa: E731
+    mine = lambda c: c.meta.run_id == run  # noqa: E731
     return next(valid_newest_first(slot, verify=verify, load_check=load_check, accept=mine, step=step), None)
 
 
@@ -175,7 +175,7 @@ def drop_other_runs(directory: Path, run: str) -> bool:
     except CheckpointError:
         return False
     held = [c for s in slots(directory) for c in scan(s) if c.committed]
-    if held and all((c.meta or {}).get("run_id") == run for c in held):
+    if held and all(c.meta is not None and c.meta.run_id == run for c in held):
         return False
     return remove_home(home)
 
@@ -186,7 +186,7 @@ def _unneeded(origin: Path) -> str | None:
     held = [c for s in slots(origin) for c in scan(s) if c.valid]
     if not held:
         return "holds no valid snapshot"
-    if not any(c.meta.get("run_id") == run for c in held):
+    if not any(c.meta.run_id == run for c in held):
         return f"written by another run than the one in {origin} now"
     if not (snap := newest(origin, run)):
         return "holds no valid snapshot of the current run"

@@ -1,8 +1,9 @@
 """Verifying a checkpoint: is it what its meta vouches for, and does it load without running code.
 
-A checkpoint is valid only if its meta parses, names only this step's files (`vouched_files`), both files match
-the sizes and checksums it records (xxh3-64; crc32 in metas of older versions) and both load with
-`torch.load(weights_only=True)`. `inspect` says which of these fails, as one line; nothing here deletes anything.
+A checkpoint is valid only if its meta parses (into meta.py's record, kept as `Checkpoint.meta`), names only this
+step's files (`vouched_files`), both files match the sizes and checksums it records (xxh3-64; crc32 in metas of
+older versions) and both load with `torch.load(weights_only=True)`. `inspect` says which of these fails, as one
+line; nothing here deletes anything.
 """
 
 from __future__ import annotations
@@ -13,28 +14,30 @@ from pathlib import Path
 
 import xxhash
 
+from nanochat.checkpoint.meta import Meta
 from nanochat.checkpoint.names import KINDS, Checkpoint, file_name, steps_on_disk
+from nanochat.errors import CheckpointError
 
 
 class MetaError(ValueError):
     """A meta that parses but breaks the rules of what it may vouch for (see `vouched_files`)."""
 
 
-def vouched_files(meta: dict, step: int) -> dict[str, dict]:
+def vouched_files(meta: Meta, step: int) -> dict[str, dict]:
     """{name: what the meta promises of it (see `_expected`)} for the payload files a meta of `step` lists: the one
     rule on what a meta may name, for local verification and remote copies alike. Only this step's `file_name`s
     (the model, and the optimizer unless weights-only) may be listed, so a tampered meta can never make a reader
     fetch, write or delete a file of its choosing. Raises MetaError for a meta that breaks the rule, and
-    KeyError, TypeError, AttributeError or ValueError for a malformed one."""
-    if meta["step"] != step:
-        raise MetaError(f"records step {meta['step']!r}"[:80])
+    KeyError, TypeError, AttributeError or ValueError for a malformed file entry."""
+    if meta.step != step:
+        raise MetaError(f"records step {meta.step!r}"[:80])
     allowed = {file_name(kind, step) for kind in KINDS}
     files = {}
-    for name, entry in meta["files"].items():
+    for name, entry in meta.files.items():
         if name not in allowed:
             raise MetaError(f"lists {name!r}"[:80] + f", not a file of step {step} (a tampered meta?)")
         files[name] = _expected(entry)
-    for kind in ("model",) if meta.get("weights_only") else KINDS:
+    for kind in ("model",) if meta.weights_only else KINDS:
         if file_name(kind, step) not in files:
             raise MetaError(f"does not list {file_name(kind, step)}")
     return files
@@ -68,17 +71,20 @@ def inspect(
         return ckpt
     ckpt.committed = True
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = Meta.parse(json.loads(meta_path.read_text()), meta_path.name)
         # size and checksum of each listed file, checked here so a malformed entry is a problem, not a crash
         files = vouched_files(meta, step)
     except MetaError as e:
         ckpt.problem = f"{meta_path.name} {e}"
         return ckpt
+    except CheckpointError as e:  # Meta.parse's one line names the file
+        ckpt.problem = str(e)
+        return ckpt
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         ckpt.problem = f"{meta_path.name} is unreadable ({type(e).__name__}: {e})"
         return ckpt
     ckpt.meta = meta
-    for kind in ("model",) if meta.get("weights_only") else KINDS:
+    for kind in ("model",) if meta.weights_only else KINDS:
         name = file_name(kind, step)
         path = directory / name
         if not path.exists():
