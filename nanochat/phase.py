@@ -36,12 +36,12 @@ from nanochat.saver import Saver
 from nanochat.settings import LoopConfig
 from nanochat.train_loop import (
     Heartbeat,
+    SaveSchedule,
     StopFlag,
     check_replicas,
     find_start,
     peak_flops,
     rng_state,
-    save_due,
     set_rng_state,
     stopped,
 )
@@ -217,7 +217,7 @@ class Phase:
         step_stats: Callable[[], dict[str, float]] | None = None,
     ) -> int:
         """Resume the state (weights, optimizer, loader position, RNG, counters) if a checkpoint was found, then
-        train to `plan.num_iterations`: every step saves what it owes (train_loop.save_due), evaluates every
+        train to `plan.num_iterations`: every step saves what it owes (train_loop.SaveSchedule), evaluates every
         --eval_every steps and at the end, and stops cleanly on a signal. `evaluate(step, between)` returns the
         metric or None when `between` reported a stop; `meta` goes into every checkpoint's meta.
 
@@ -395,6 +395,7 @@ class Phase:
         # Order within a step: train, log, save, then eval and samples, so a crash in eval never costs the
         # checkpoint and a resumed run (which starts at the next step) does not repeat the eval of its first step.
         first_step, smooth_tps, timed = step, 0.0, 0
+        schedule = SaveSchedule(cfg.save_every, cfg.snapshot_every)
         while step < num_iterations:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -468,7 +469,9 @@ class Phase:
                 fault.at_step(step, dist_info.rank)
 
             last = step == num_iterations
-            signum = save_due(step, last, stop, dist_info, cfg.save_every, cfg.snapshot_every, save)
+            signum = stop.agreed(dist_info)
+            if due := schedule.due(step, last, signum):
+                save(step, due.reason, disk=due.disk, memory=due.memory)
             if signum and not last:
                 return stopped(stop, signum, step)
             if last and saver.snapshotter:
@@ -478,7 +481,7 @@ class Phase:
                     return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
             elif cfg.eval_every > 0 and step % cfg.eval_every == 0:
                 if (result := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
-                    if cfg.save_every > 0 and step % cfg.save_every == 0:
+                    if schedule.on_disk(step):
                         saver.finish()  # saved just before the evaluation (perhaps still in the background)
                     else:
                         save(step, f"signal:{signal.Signals(stop.decided).name}")
