@@ -1,8 +1,7 @@
-"""What every training phase shares around its loop (base training today; midtraining, SFT and RL next): where a
-run starts (resume point and lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and
-SIGTERM into "save after this step", the heartbeat the supervisor watches, RNG state for exact resume, the replica
-check, the GPU's peak for MFU, and the exit statuses. A phase script keeps only what differs: its data, its loss,
-its schedule.
+"""What every training phase shares around its loop (nanochat/phase.py): where a run starts (resume point and
+lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and SIGTERM into "save after this
+step", the save schedule (what each step owes), the heartbeat the supervisor watches, RNG state for exact resume,
+the replica check, the GPU's peak for MFU, and the exit statuses.
 """
 
 from __future__ import annotations
