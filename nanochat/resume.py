@@ -135,7 +135,7 @@ def restore(
     source, ckpt = point
     if source != ckpt_dir:
         print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
-    saved, world, device = ckpt.meta, dist_info.world_size, dist_info.device
+    saved = ckpt.meta
     check_tokenizer(saved, tokenizer, ckpt_dir)
     for change in (changed := changes(saved["train_config"], asdict(cfg))):
         print0(f"resume: --{change['setting']} changed from {change['from']!r} to {change['to']!r}")
@@ -147,6 +147,24 @@ def restore(
         print0(f"resume: the run had finished at step {saved['step']}; it goes on to {plan.num_iterations} under"
                f" the new budget's schedule ({was})")  # fmt: skip
     offset = saved.get("tokens_seen", saved["step"] * plan.tokens_per_step) - saved["step"] * plan.tokens_per_step
+    load_weights(point, model, optimizers, dist_info.device)
+    step = saved["step"]
+    counters = Counters(step, saved["smooth_loss"], saved["train_time"], saved.get(metric), saved.get(f"{metric}_step"),
+                        offset, history, extended)  # fmt: skip
+    load_position(saved["ranks"], loader, dist_info, step, ckpt_dir)
+    if step >= plan.num_iterations and not ckpt.final:  # the budget was lowered below where the run is
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
+            f"{plan.num_iterations} but is not a final one; raise --num_iterations to go on, or --resume=False"
+            " to start fresh"
+        )
+    return counters
+
+
+def load_weights(point: tuple[Path, Checkpoint], model: torch.nn.Module, optimizers: Optimizers, device: torch.device):
+    """The model's weights and the optimizer's state (a weights-only fallback checkpoint: the optimizer starts
+    afresh, and says so)."""
+    source, ckpt = point
     model_state, optim_state = checkpoint.load(source, ckpt, device, model)
     model.load_state_dict(model_state)
     if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
@@ -154,10 +172,12 @@ def restore(
               " moments, Muon momentum) starts afresh, so this resume is not exact")  # fmt: skip
     else:
         optimizers.load_state_dict(optim_state)
-    del model_state, optim_state
-    step, ranks = saved["step"], saved["ranks"]
-    counters = Counters(step, saved["smooth_loss"], saved["train_time"], saved.get(metric), saved.get(f"{metric}_step"),
-                        offset, history, extended)  # fmt: skip
+
+
+def load_position(ranks: list[dict], loader: Loader, dist_info: DistInfo, step: int, ckpt_dir: Path) -> None:
+    """The loader's position and the RNG of this rank, from the checkpoint's `ranks`; at another world size the
+    loader reshards (the data order continues approximately) and the RNG goes on as it is."""
+    world = dist_info.world_size
     try:
         if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
             loader.load_state_dict(ranks[dist_info.rank]["loader"])
@@ -169,17 +189,10 @@ def restore(
             " them (e.g. --tasks, --task_size, --seed) or start fresh with --resume=False"
         ) from None
     if len(ranks) == world:
-        set_rng_state(ranks[dist_info.rank]["rng"], device)
+        set_rng_state(ranks[dist_info.rank]["rng"], dist_info.device)
         print0(f"resumed from step {step} in {ckpt_dir}")
     else:
         print0(
             f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
             " weights, optimizer and schedule are exact; the data order continues approximately"
         )
-    if step >= plan.num_iterations and not ckpt.final:  # the budget was lowered below where the run is
-        raise CheckpointError(
-            f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
-            f"{plan.num_iterations} but is not a final one; raise --num_iterations to go on, or --resume=False"
-            " to start fresh"
-        )
-    return counters
