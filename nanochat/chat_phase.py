@@ -4,7 +4,8 @@ recorded in every checkpoint of theirs as its source), the chat settings, the ta
     base_checkpoints/<tag>  --mid_train-->  mid_checkpoints/<tag>  --chat_sft-->  chatsft_checkpoints/<tag>
 
 A fresh phase loads its source's weights (never its optimizer state); a resumed phase loads only its own
-checkpoint, and says so if its source has changed since it started from it.
+checkpoint, and says so if its source has changed since it started from it. `ChatRecipe` is what the two phases
+hand to the loop (nanochat/phase.py); RL (scripts/chat_rl.py) uses the start and the mixtures.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import OptimConfig, Optimizers
 from nanochat.paths import phase_dirs
-from nanochat.phase import Phase
+from nanochat.phase import Between, Phase, Recipe
+from nanochat.registry import PhaseInfo
 from nanochat.settings import ChatConfig
 from nanochat.tasks import BUILTIN_TASKS, TaskMixture, get_task, parse_mixture_spec
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer
@@ -118,40 +120,46 @@ def epochs_horizon(cfg: ChatConfig, tokenizer: Tokenizer, mixture: TaskMixture, 
     return lambda per_step: round(cfg.num_epochs * tokens / per_step)
 
 
-def evaluator(model: GPT, mixture: TaskMixture, loader_cls, B: int, T: int, steps: int, tokenizer: Tokenizer,
-              phase: Phase):  # fmt: skip
-    """Bits per byte on the evaluation mixture's test conversations, scored on what the phase trains on (every
-    token when packed, the assistant's when padded). Every evaluation reads the same conversations, so they
-    compare across steps and restarts."""
-    token_bytes = tokenizer.token_bytes().to(phase.device)
-    start = mixture.state_dict()
+class ChatRecipe(Recipe):
+    """Midtraining's and SFT's recipe: the source's model, the task mixture's conversations (`packed` end to end
+    into full rows, trained on every token, or one padded row each, trained on the assistant's tokens), num_epochs
+    passes over them, and bits per byte on the evaluation mixture's test conversations, scored on what the phase
+    trains on. Every evaluation reads the same conversations, so they compare across steps and restarts."""
 
-    def evaluate(step: int, between) -> float | None:
-        mixture.load_state_dict(start)
-        return evaluate_bpb(model, loader_cls(tokenizer, mixture, B, T, phase.device), steps, token_bytes, between)
+    def __init__(self, phase: Phase, cfg: ChatConfig, tokenizer: Tokenizer, source_dir: Path,
+                 mixes: tuple[TaskMixture, TaskMixture], packed: bool) -> None:  # fmt: skip
+        train_mix, self.test_mix = mixes
+        self.model, source = start_model(phase, source_dir, cfg, tokenizer)
+        T, B = seq_len(cfg, self.model), cfg.device_batch_size
+        self.plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=not packed))
+        optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
+        self.optimizers = Optimizers(self.model, optim_cfg, phase.dist.rank, phase.dist.world_size)
+        self.loader_cls = PackedLoader if packed else PaddedLoader
+        self.loader = self.loader_cls(tokenizer, train_mix, B, T, phase.device)
+        self.meta = {"source": source, "tasks": cfg.tasks}
+        self.tokenizer, self.B, self.T, self.device = tokenizer, B, T, phase.device
+        self.token_bytes = tokenizer.token_bytes().to(phase.device)
+        self.start = self.test_mix.state_dict()
 
-    return evaluate
+    def evaluate(self, step: int, between: Between) -> float | None:
+        self.test_mix.load_state_dict(self.start)
+        val = self.loader_cls(self.tokenizer, self.test_mix, self.B, self.T, self.device)
+        return evaluate_bpb(self.model, val, self.plan.eval_steps, self.token_bytes, between)
 
 
-def train_chat(name: str, cfg: ChatConfig, overrides: dict, phase_key: str, packed: bool) -> int:
+def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, packed: bool) -> int:
     """A chat phase from start to end: `packed` (midtraining) lays conversations end to end and trains on every
     token; otherwise (SFT) each gets a padded row and only the assistant's tokens are trained on."""
     tokenizer = get_tokenizer()
     check_tokenizer(tokenizer)
     # before the phase starts (and holds, maybe archives, its directory): a missing source folder or a task that
     # cannot load changes nothing (torchrun's RANK and WORLD_SIZE: the process group comes with the phase)
-    ckpt_dir, source_dir = phase_dirs(phase_key, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
-    train_mix, test_mix = mixtures(cfg, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    phase = Phase(name, cfg, ckpt_dir, overrides)
-    model, source = start_model(phase, source_dir, cfg, tokenizer)
-    T, B = seq_len(cfg, model), cfg.device_batch_size
-    plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=not packed))
-    optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
-    optimizers = Optimizers(model, optim_cfg, phase.dist.rank, phase.dist.world_size)
-    loader_cls = PackedLoader if packed else PaddedLoader
-    loader = loader_cls(tokenizer, train_mix, B, T, phase.device)
-    evaluate = evaluator(model, test_mix, loader_cls, B, T, plan.eval_steps, tokenizer, phase)
-    code = phase.train(model, optimizers, loader, plan, evaluate, meta={"source": source, "tasks": cfg.tasks})
+    ckpt_dir, source_dir = phase_dirs(info.name, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
+    mixes = mixtures(cfg, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    phase = Phase(info.run_name, cfg, ckpt_dir, overrides)
+    recipe = ChatRecipe(phase, cfg, tokenizer, source_dir, mixes, packed)
+    code = phase.train(recipe)
+    loader = recipe.loader
     if not packed and loader.slots:
         print0(
             f"padding: {100 * (1 - loader.targets / loader.slots):.1f}% of the row positions (rank 0) trained nothing"

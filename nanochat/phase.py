@@ -1,10 +1,12 @@
 """One training phase (base training, midtraining, SFT, RL): the settings they all share, the start (process
-group, stop flag, the checkpoint directory held, where the run resumes from), the exact resume of weights,
-optimizer, data position and RNG, and the training loop itself.
+group, stop flag, the checkpoint directory held, where the run resumes from), and the training loop itself.
 
-A phase script builds only what is its own (where the model comes from, its data, its evaluation, its horizon) and
-hands them to `Phase.train`. Saving, resuming, stopping on a signal, the heartbeat and the order of save and eval
-exist once: here, in train_loop.py, saver.py and checkpoint/.
+What differs between the phases is a `Recipe` (its model, optimizers, data, plan, loss, evaluation, samples), each
+in its phase's own module: base training's in scripts/base_train.py, midtraining's and SFT's in chat_phase.py, RL's
+in scripts/chat_rl.py. `Phase.train(recipe)` runs the loop over it, built from parts that each live once: the save
+schedule and the stop flag (train_loop.py), the run's counters and the meta a save writes (counters.py), the
+restore of a checkpoint (resume.py), the step lines, heartbeat, metrics and wandb (telemetry.py), the writing of
+checkpoints (saver.py, checkpoint/).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,10 +23,11 @@ from typing import Protocol
 import psutil
 import torch
 
-from nanochat import checkpoint, metrics, node_dirs, resume
+from nanochat import checkpoint, node_dirs, resume
 from nanochat.checkpoint import CheckpointError, snapshots
 from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, say_here, warn0, warn_here
 from nanochat.config import ConfigError, describe
+from nanochat.counters import Counters, meta_record
 from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import eval_token_count
@@ -34,23 +36,19 @@ from nanochat.redact import redact, reveal
 from nanochat.remote import Uploader, check_remote, restore_if_newer
 from nanochat.saver import Saver
 from nanochat.settings import LoopConfig
-from nanochat.train_loop import (
-    Heartbeat,
-    StopFlag,
-    check_replicas,
-    find_start,
-    peak_flops,
-    rng_state,
-    save_due,
-    set_rng_state,
-    stopped,
-)
+from nanochat.telemetry import Startup, Telemetry
+from nanochat.train_loop import Due, SaveSchedule, StopFlag, check_replicas, find_start, rng_state, stopped
+
+# `between(batches done, this rank's data exhausted)`, called by an evaluation before its first batch and after each:
+# (a stop was agreed, every rank's data is exhausted)
+Between = Callable[[int, bool], tuple[bool, bool]]
+FINAL_EVAL_STOPPED = " in the final evaluation; run again to evaluate it"
 
 
 class Loader(Protocol):
     """What the loop needs of a phase's training data: batches, and a position a checkpoint can hold."""
 
-    def next_batch(self) -> tuple[torch.Tensor, ...]: ...  # (inputs, targets) unless the phase has its own loss_fn
+    def next_batch(self) -> tuple[torch.Tensor, ...]: ...  # (inputs, targets) unless the recipe has its own loss
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def load_resharded(self, states: list[dict]) -> None: ...
@@ -64,25 +62,52 @@ class Plan:
     seq_len: int  # tokens per row (a chat phase's -1 setting resolved to its model's context)
     grad_accum: int  # micro-batches per optimizer step on each rank
     tokens_per_step: int  # across all ranks (for tokens/s, MFU and the meta)
-    eval_steps: int  # micro-batches per evaluation on each rank
+    eval_steps: int  # micro-batches (RL: problems) per evaluation on each rank
 
 
-Evaluate = Callable[[int, Callable[[int, bool], tuple[bool, bool]]], float | None]
+class Recipe(Protocol):
+    """What differs between the phases. A phase's class subclasses this (for the defaults) and sets the attributes;
+    `Phase.train(recipe)` restores their state from a checkpoint and runs the loop."""
+
+    model: GPT
+    optimizers: Optimizers
+    loader: Loader
+    plan: Plan  # from `Phase.plan`
+    meta: dict  # goes into every checkpoint's meta (the source, tasks, tokenizer)
+    # the evaluation's number: named so in the meta (with its step as `<metric>_step`), the logs and the heartbeat
+    metric: str = "val_bpb"
+    sample_every: int = -1  # steps between `sample` calls (and at the end); -1: never
+
+    def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        """A micro-batch's loss (`model`: the compiled one where it is compiled): the next-token loss by default."""
+        return model(*batch)
+
+    def evaluate(self, step: int, between: Between) -> float | None:
+        """The metric of the model at `step` (in eval mode, under autocast), or None when `between` said stop."""
+        ...
+
+    def sample(self, step: int) -> None:
+        """Show what the model writes at `step` (every rank calls it)."""
+
+    def step_stats(self) -> dict[str, float]:
+        """The phase's own numbers for a step line (called by every rank at each one: it may be a collective)."""
+        return {}
 
 
 class Phase:
     """A phase's run: `Phase(...)` starts it (the directory held, the resume point found), the script builds its
-    model, optimizer and data, and `train(...)` resumes their state and runs the loop to the budget or a stop."""
+    recipe (model, optimizer, data), and `train(recipe)` resumes their state and runs the loop to the budget or a
+    stop."""
 
     def __init__(self, name: str, cfg: LoopConfig, ckpt_dir: Path, overrides: dict) -> None:
-        self.t0 = time.perf_counter()
-        self.imported = time.time() - psutil.Process().create_time()  # the interpreter's start-up and our imports
+        # the interpreter's start-up and our imports, before this
+        self.times = Startup(time.perf_counter(), time.time() - psutil.Process().create_time())
         self.name, self.cfg, self.ckpt_dir, self.overrides = name, cfg, ckpt_dir, overrides
         # the real URL only opens the filesystem; the config (logged, and recorded in every meta) keeps it redacted
         self.remote_url = reveal(cfg.remote_dir) if cfg.remote_dir else ""
         cfg.remote_dir = redact(cfg.remote_dir)
         self.dist = init_distributed(cfg.device_type, cfg.dist_timeout)
-        self.t_pg = time.perf_counter()
+        self.times.process_group = time.perf_counter()
         self.device = self.dist.device
         self.stop = StopFlag()  # from here on SIGINT/SIGTERM mean "save after the next step", even during start-up
         if self.device.type == "cpu":
@@ -122,7 +147,7 @@ class Phase:
             point = self.resume_from[1] if self.resume_from and self.resume_from[0] == ckpt_dir else None
             node_dirs.after_start(ckpt_dir, remote, self.dist, self.saver.writer, point, self.run_id, cfg.resume,
                                   say, warn)  # fmt: skip
-        self.uploader, self.heartbeat = None, None
+        self.uploader, self.telemetry = None, None
         if remote and self.dist.master:
             keep = cfg.remote_keep_last_n or cfg.keep_last_n_checkpoints
             at_upload = self.fault.at_upload if self.fault else (lambda phase: None)
@@ -136,7 +161,7 @@ class Phase:
                 f"{ckpt_dir} holds {other} checkpoints, not {name}'s: pick this phase's own --checkpoint_dir"
             )
         self.saver.run_id = self.run_id
-        self.t_found = time.perf_counter()
+        self.times.found = time.perf_counter()
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -154,7 +179,7 @@ class Phase:
         model.to(self.device)  # the rotary tables are made on the CPU
         if self.resume_from is None:
             init(model)
-        self.t_model = time.perf_counter()
+        self.times.model = time.perf_counter()
         print0(
             f"model: {model_cfg}\nparameters: {model.num_params():,} | FLOPs per token: {model.flops_per_token():.3e}"
         )
@@ -167,29 +192,37 @@ class Phase:
             )
         return model
 
-    def plan(self, tokens_per_row: int, derived_iterations: Callable[[int], int]) -> Plan:
+    def plan(self, tokens_per_row: int, derived_iterations: Callable[[int], int], rows_per_step: int = 0,
+             eval_steps: int = 0) -> Plan:  # fmt: skip
         """Batch geometry (tokens_per_row: the tokens of one sequence) and the horizon: --num_iterations if set,
-        else derived_iterations(tokens per step)."""
+        else derived_iterations(tokens per step). A step is --total_batch_size tokens, or `rows_per_step` rows
+        when the phase counts its own (RL: prompts x samples; it then gives `eval_steps` and says the plan itself)."""
         cfg, world = self.cfg, self.dist.world_size
         per_micro = cfg.device_batch_size * tokens_per_row * world
         total = per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
+        total = rows_per_step * tokens_per_row if rows_per_step else total
         if total % per_micro:
             raise ConfigError(
                 f"--total_batch_size={total} is not a multiple of device_batch_size*max_seq_len*world_size"
                 f" = {cfg.device_batch_size}*{tokens_per_row}*{world} = {per_micro}; pick a multiple (or -1)"
             )
         iterations = cfg.num_iterations if cfg.num_iterations > 0 else max(1, derived_iterations(total))
-        eval_steps = max(1, eval_token_count(cfg.eval_tokens, cfg.eval_every, iterations, total) // per_micro)
+        plan = Plan(iterations, tokens_per_row, total // per_micro, total, eval_steps)
+        if rows_per_step:
+            return plan
+        plan.eval_steps = max(1, eval_token_count(cfg.eval_tokens, cfg.eval_every, iterations, total) // per_micro)
         print0(f"batch: {total:,} tokens/step = {cfg.device_batch_size}x{tokens_per_row} x {world} ranks x"
-               f" {total // per_micro} accumulation steps")  # fmt: skip
+               f" {plan.grad_accum} accumulation steps")  # fmt: skip
         print0(f"training for {iterations:,} steps = {iterations * total:,} tokens")
-        print0(f"evaluation: {eval_steps * per_micro:,} validation tokens ({eval_steps} batches) per evaluation")
-        return Plan(iterations, tokens_per_row, total // per_micro, total, eval_steps)
+        print0(f"evaluation: {plan.eval_steps * per_micro:,} validation tokens ({plan.eval_steps} batches) per"
+               " evaluation")  # fmt: skip
+        return plan
 
-    def train(self, *args, **kwargs) -> int:
-        """Run `_train` (below), then wait for the last checkpoint's upload, if a --remote_dir is set (rank 0, up to
-        --remote_flush_timeout): a finished or stopped run is in the bucket when the process ends."""
-        code = self._train(*args, **kwargs)
+    def train(self, recipe: Recipe) -> int:
+        """Run the loop (`_train`), then wait for the last checkpoint's upload, if a --remote_dir is set (rank 0, up
+        to --remote_flush_timeout): a finished or stopped run is in the bucket when the process ends. Returns the
+        exit status: 0 done, 128+signal stopped."""
+        code = self._train(recipe)
         if self.uploader is not None and self.uploader.offered is not None:
             if self.uploader.flush(self.cfg.remote_flush_timeout):
                 print0(f"remote: step {self.uploader.uploaded} is in {self.uploader.remote.url}")
@@ -198,303 +231,155 @@ class Phase:
                 warn0(f"remote: step {self.uploader.offered} is not in {self.uploader.remote.url} after"
                       f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
                       " `nanochat-run push` copies it later")  # fmt: skip
-            if self.heartbeat is not None:  # the supervisor's end-of-run summary shows how far the remote lags
-                self.heartbeat.amend(**self.uploader.status())
+            if self.telemetry is not None:  # the supervisor's end-of-run summary shows how far the remote lags
+                self.telemetry.heartbeat.amend(**self.uploader.status())
         return code
 
-    def _train(
-        self,
-        model: GPT,
-        optimizers: Optimizers,
-        loader: Loader,
-        plan: Plan,
-        evaluate: Evaluate,
-        meta: dict,
-        sample: Callable[[int], None] | None = None,
-        sample_every: int = -1,
-        loss_fn: Callable[[torch.nn.Module, tuple], torch.Tensor] | None = None,
-        metric: str = "val_bpb",
-        step_stats: Callable[[], dict[str, float]] | None = None,
-    ) -> int:
+    def _train(self, r: Recipe) -> int:
         """Resume the state (weights, optimizer, loader position, RNG, counters) if a checkpoint was found, then
-        train to `plan.num_iterations`: every step saves what it owes (train_loop.save_due), evaluates every
-        --eval_every steps and at the end, and stops cleanly on a signal. `evaluate(step, between)` returns the
-        metric or None when `between` reported a stop; `meta` goes into every checkpoint's meta.
-
-        A micro-batch is `loss_fn(train_model, loader.next_batch())` (default: train_model(x, y), the next-token
-        loss); `metric` names the evaluation's number in the meta (with its step as `<metric>_step`), the logs
-        and the heartbeat; `step_stats()`, called by every rank at each step line, adds numbers to it."""
-        loss_fn = loss_fn or (lambda m, batch: m(*batch))
-        label = metric.removeprefix("val_").replace("_", " ")
-        cfg, dist_info, device, ckpt_dir = self.cfg, self.dist, self.device, self.ckpt_dir
-        world, stop, saver, fault = dist_info.world_size, self.stop, self.saver, self.fault
-        num_iterations, total_batch = plan.num_iterations, plan.tokens_per_step
-        train_model = torch.compile(model, dynamic=False) if _compile(cfg, device) else model
-        flops_per_token, peak = model.flops_per_token(), peak_flops(device)
-        t_optim = time.perf_counter()
-
-        # ---- resume: weights, optimizer, schedule position, data position, RNG ---------------------------------
-        step, smooth_loss, train_time, val, val_step = 0, 0.0, 0.0, None, None
-        history, extended, tokens_seen = [], None, 0  # tokens_seen: tokens before the current batch size took over
-        if self.resume_from is not None:
-            source, ckpt = self.resume_from
-            if source != ckpt_dir:
-                print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
-            saved = ckpt.meta
-            resume.check_tokenizer(saved, meta.get("tokenizer"), ckpt_dir)
-            for change in (changed := resume.changes(saved.train_config, asdict(cfg))):
-                print0(f"resume: --{change['setting']} changed from {change['from']!r} to {change['to']!r}")
-            history = saved.changed_on_resume + [{"step": saved.step, **c} for c in changed]
-            extended = resume.extension(saved, ckpt.final, num_iterations, cfg.rewarm_steps)
-            if extended and extended.step == saved.step:
-                ramp = f"ramps up over --rewarm_steps={extended.rewarm}" if extended.rewarm else "goes back at once"
-                was = f"the LR multiplier was {extended.from_lrm:.2f}; it {ramp}"
-                print0(f"resume: the run had finished at step {saved.step}; it goes on to {num_iterations} under"
-                       f" the new budget's schedule ({was})")  # fmt: skip
-            before = saved.step * total_batch if saved.tokens_seen is None else saved.tokens_seen
-            tokens_seen = before - saved.step * total_batch
-            model_state, optim_state = checkpoint.load(source, ckpt, device, model)
-            model.load_state_dict(model_state)
-            if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
-                warn0(f"resuming from the weights-only checkpoint at step {ckpt.step}: the optimizer state (Adam"
-                      " moments, Muon momentum) starts afresh, so this resume is not exact")  # fmt: skip
-            else:
-                optimizers.load_state_dict(optim_state)
-            del model_state, optim_state
-            step, smooth_loss, train_time = saved.step, saved.smooth_loss, saved.train_time
-            val, val_step = saved.metric(metric).value, saved.metric(metric).step
-            ranks = saved.ranks
-            try:
-                if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
-                    loader.load_state_dict(ranks[dist_info.rank]["loader"])
-                else:
-                    loader.load_resharded([r["loader"] for r in ranks])
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(
-                    f"the checkpoint at step {step} in {ckpt_dir} was saved with other data settings ({e}); restore"
-                    " them (e.g. --tasks, --task_size, --seed) or start fresh with --resume=False"
-                ) from None
-            if len(ranks) == world:
-                set_rng_state(ranks[dist_info.rank]["rng"], device)
-                print0(f"resumed from step {step} in {ckpt_dir}")
-            else:
+        train to `plan.num_iterations`: every step saves what it owes (train_loop.SaveSchedule), evaluates every
+        --eval_every steps and at the end, and stops cleanly on a signal."""
+        cfg, plan, stop, saver = self.cfg, r.plan, self.stop, self.saver
+        train_model = torch.compile(r.model, dynamic=False) if _compile(cfg, self.device) else r.model
+        self.times.optim = time.perf_counter()
+        c = Counters() if self.resume_from is None else resume.restore(
+            self.resume_from, self.ckpt_dir, cfg, plan, r.metric, r.meta.get("tokenizer"), r.model, r.optimizers,
+            r.loader, self.dist)  # fmt: skip
+        self.times.loaded = time.perf_counter()
+        resumed = self.resume_from is not None
+        tel = self.telemetry = Telemetry(cfg, self.dist, plan, r.metric, saver, self.ckpt_dir, c.step, resumed,
+                                         r.model.flops_per_token(), self.uploader)  # fmt: skip
+        if c.step >= plan.num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
+            if c.val_step == c.step:
                 print0(
-                    f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
-                    " weights, optimizer and schedule are exact; the data order continues approximately"
+                    f"nothing to do: the final checkpoint at step {c.step} reaches num_iterations={plan.num_iterations}"
                 )
-            if step >= num_iterations and not ckpt.final:  # the budget was lowered below where the run is
-                raise CheckpointError(
-                    f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
-                    f"{num_iterations} but is not a final one; raise --num_iterations to go on, or --resume=False"
-                    " to start fresh"
-                )
-        t_loaded = time.perf_counter()
+            elif not self.final_eval(r, c):
+                return stopped(stop, stop.decided, c.step, FINAL_EVAL_STOPPED)
+            return self.finished(c)
 
-        wandb_run = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
-        log = metrics.MetricsLog(ckpt_dir, saver.writer, step, saver.warn)  # a dir per node: each its own history
-        started_at = time.time()
-        # every node's supervisor watches its own node: each node's local rank 0 beats
-        heartbeat = self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.local_rank == 0,
-                                               num_iterations=num_iterations, device_batch_size=cfg.device_batch_size,
-                                               total_batch_size=total_batch, max_seq_len=plan.seq_len,
-                                               world_size=world, device=device.type,
-                                               dist_timeout=cfg.dist_timeout)  # fmt: skip
-        heartbeat(step=step, phase="starting", checkpoint=step if self.resume_from else None)
-
-        def save(step: int, reason: str, disk: bool = True, memory: bool = False) -> None:
-            heartbeat(step=step, phase="saving", reason=reason)
-            t0 = time.perf_counter()
-            record = {
-                **meta,
-                "run_id": self.run_id,
-                "phase": self.name,
-                "num_iterations": num_iterations,
-                "final": step == num_iterations,
-                "stop_reason": reason,
-                "model_config": model.config.to_dict(),
-                "train_config": asdict(cfg),
-                "world_size": world,
-                "total_batch_size": total_batch,
-                "tokens_seen": tokens_seen + step * total_batch,
-                "changed_on_resume": history,
-                "schedule_extended": resume.record(extended),
-                metric: val,
-                f"{metric}_step": val_step,
-                "train_loss": smooth_loss / (1 - 0.9**step) if step else None,
-                "smooth_loss": smooth_loss,
-                "train_time": train_time,
-                "started_at": started_at,
-                "torch_version": torch.__version__,
-            }
-            rank_state = {"loader": loader.state_dict(), "rng": rng_state(device)}
-            background = reason == "periodic"  # final and signal saves are durable before we go on
-            saver.save(step, model.state_dict(), optimizers.state_dict(), record, rank_state, wait=not background,
-                       disk=disk, memory=memory)  # fmt: skip
-            dt = time.perf_counter() - t0
-            what = " and ".join(
-                [f"checkpoint to {ckpt_dir} ({reason})"] * disk + ["snapshot in shared memory"] * memory
-            )
-            if background and cfg.async_save:
-                print0(f"step {step:05d} | saving {what} in the background; blocked {dt:.3f}s")
-            else:
-                print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
-
-        def run_eval(step: int) -> float | None:
-            """The evaluation's metric, or None if a stop signal arrived meanwhile (the ranks agree on it after every
-            batch, so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
-
-            def between(done: int, exhausted: bool) -> tuple[bool, bool]:
-                if fault and done:
-                    fault.at_eval_batch(dist_info.rank)
-                heartbeat(step=step, phase="evaluating", eval_batch=done, eval_batches=plan.eval_steps,
-                          checkpoint=saver.durable)  # fmt: skip
-                signum, ended = stop.agreed_with(dist_info, int(exhausted))
-                return bool(signum), bool(ended)
-
-            between(0, False)
-            model.eval()
-            with self.autocast:
-                result = evaluate(step, between)
-            model.train()
-            if result is None:
-                print0(f"step {step:05d} | validation stopped by a signal")
-                return None
-            print0(f"step {step:05d} | validation {label} {result:.4f}")
-            log.eval(step, **{metric: result})
-            if wandb_run:
-                wandb_run.log({"step": step, f"val/{label}": result})
-            return result
-
-        def final_eval(step: int) -> bool:
-            """Evaluate the final checkpoint (already durable) and add the metric to its meta; False if stopped."""
-            nonlocal val, val_step
-            result = run_eval(step)
-            if result is None:
-                return False
-            val, val_step = result, step
-            if saver.writer:
-                try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
-                    checkpoint.update_meta(ckpt_dir, step, **{metric: val, f"{metric}_step": step})
-                except OSError as e:
-                    saver.warn(f"could not add the final {label} to {ckpt_dir}'s meta ({e.strerror or e}); it is in"
-                               " the log")  # fmt: skip
-            return True
-
-        def finished(step: int) -> int:
-            heartbeat(step=step, phase="done", loss=smooth_loss / (1 - 0.9**step), checkpoint=step, **{metric: val})
-            cleanup_distributed()
-            return 0
-
-        if step >= num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
-            if val_step == step:
-                print0(f"nothing to do: the final checkpoint at step {step} reaches num_iterations={num_iterations}")
-            elif not final_eval(step):
-                return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
-            return finished(step)
-
-        # ---- the loop: `step` counts completed optimizer steps ---------------------------------------------------
-        # Order within a step: train, log, save, then eval and samples, so a crash in eval never costs the
-        # checkpoint and a resumed run (which starts at the next step) does not repeat the eval of its first step.
-        first_step, smooth_tps, timed = step, 0.0, 0
-        while step < num_iterations:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(plan.grad_accum):
-                # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
-                # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
-                # overlaps the previous micro-batch's queued backward.
-                batch = loader.next_batch()
-                with self.autocast:
-                    loss = loss_fn(train_model, batch)
-                (loss / plan.grad_accum).backward()
-            lrm = lr_multiplier(step, num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-            lrm = extended.lrm(step, lrm) if extended else lrm
-            optimizers.step(lrm, muon_momentum(step))
-            optimizers.zero_grad()
-            saver.settle()  # the snapshot of the step before, written during this one, is committed
-            loss_value = loss.item()  # the last micro-batch's loss on this rank: a cheap, honest progress signal
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            step += 1
-            if step > first_step + 1:  # the first step of a process includes compilation and warm-up
-                train_time += dt
+        # `c.step` counts completed optimizer steps. Order within a step: train, log, save, then eval and samples, so
+        # a crash in eval never costs the checkpoint and a resumed run (which starts at the next step) does not
+        # repeat the eval of its first step.
+        schedule, first_step = SaveSchedule(cfg.save_every, cfg.snapshot_every), c.step
+        while c.step < plan.num_iterations:
+            loss, lrm, dt = self.train_step(r, train_model, c)
+            c.step += 1
+            if c.step > first_step + 1:  # the first step of a process includes compilation and warm-up
+                c.train_time += dt
             else:  # where a (re)start spends its time, for scripts/bench_recovery.py and the curious
-                now = time.perf_counter()
-                print0(
-                    f"startup: {self.imported:.2f}s interpreter + imports, {self.t_pg - self.t0:.2f}s process group,"
-                    f" {self.t_found - self.t_pg:.2f}s finding the checkpoint, {self.t_model - self.t_found:.2f}s"
-                    f" building the model, {t_optim - self.t_model:.2f}s optimizers and data, {t_loaded - t_optim:.2f}s"
-                    f" loading the state, {now - t_loaded:.2f}s first step; {self.imported + now - self.t0:.2f}s in all"
-                )
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at step {step}; lower the learning rates or check the data"
-                )
+                tel.startup(self.times)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {c.step}; lower the learning rates or check the data")
+            c.add_loss(loss)
+            tel.step(c, lrm, dt, r.step_stats, saver.durable)
+            if self.fault:
+                self.fault.at_step(c.step, self.dist.rank)
 
-            smooth_loss = 0.9 * smooth_loss + 0.1 * loss_value
-            debiased = smooth_loss / (1 - 0.9**step)
-            tok_per_s = total_batch / dt
-            if step > first_step + 1:  # the smoothed rate leaves out the first step (compilation, warm-up)
-                timed += 1
-                smooth_tps = 0.9 * smooth_tps + 0.1 * tok_per_s
-            mfu_now = 100 * flops_per_token * tok_per_s / (peak * world) if peak else None
-            remote = self.uploader.status() if self.uploader else {}
-            heartbeat(step=step, loss=debiased, tok_per_s=smooth_tps / (1 - 0.9**timed) if timed else None, **remote,
-                      mfu=mfu_now, gpu_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                      checkpoint=saver.durable, phase="training")  # fmt: skip
-            stats = {}
-            if step % cfg.log_every == 0 or step == num_iterations:
-                mfu = f" | mfu {mfu_now:.1f}%" if peak else ""
-                stats = step_stats() if step_stats else {}
-                print0(
-                    f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.1f}%) | loss {debiased:.4f}"
-                    + "".join(f" | {k.replace('_', ' ')} {v:.4f}" for k, v in stats.items())
-                    + f" | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f}{mfu}"
-                    f" | total time {train_time / 60:.2f}m"
-                )
-                if wandb_run:
-                    wandb_run.log(
-                        {
-                            "step": step,
-                            "train/loss": debiased,
-                            "train/lrm": lrm,
-                            "train/tok_per_sec": tok_per_s,
-                            **{f"train/{k}": v for k, v in stats.items()},
-                        }
-                    )
-            log.step(step, loss=debiased, lrm=lrm, tok_per_s=tok_per_s, mfu=mfu_now, dt=dt, **stats)
-            if fault:
-                fault.at_step(step, dist_info.rank)
-
-            last = step == num_iterations
-            signum = save_due(step, last, stop, dist_info, cfg.save_every, cfg.snapshot_every, save)
+            last, signum = c.step == plan.num_iterations, stop.agreed(self.dist)
+            if due := schedule.due(c.step, last, signum):
+                self.save(r, c, due)
             if signum and not last:
-                return stopped(stop, signum, step)
-            if last and saver.snapshotter:
-                snapshots.remove(ckpt_dir)  # the final checkpoint is durable: free the shared memory (every machine)
+                return stopped(stop, signum, c.step)
             if last:
-                if not final_eval(step):
-                    return stopped(stop, stop.decided, step, " in the final evaluation; run again to evaluate it")
-            elif cfg.eval_every > 0 and step % cfg.eval_every == 0:
-                if (result := run_eval(step)) is None:  # stopped mid-evaluation: make this step durable, then exit
-                    if cfg.save_every > 0 and step % cfg.save_every == 0:
+                if saver.snapshotter:
+                    snapshots.remove(self.ckpt_dir)  # the final checkpoint is durable: free the shared memory
+                if not self.final_eval(r, c):
+                    return stopped(stop, stop.decided, c.step, FINAL_EVAL_STOPPED)
+            elif cfg.eval_every > 0 and c.step % cfg.eval_every == 0:
+                if (result := self.run_eval(r, c.step)) is None:  # stopped mid-evaluation: make this step durable
+                    if schedule.on_disk(c.step):
                         saver.finish()  # saved just before the evaluation (perhaps still in the background)
                     else:
-                        save(step, f"signal:{signal.Signals(stop.decided).name}")
-                    return stopped(stop, stop.decided, step)
-                val, val_step = result, step
-            if sample is not None and sample_every > 0 and (last or step % sample_every == 0):
-                sample(step)
+                        self.save(r, c, schedule.due(c.step, signum=stop.decided))
+                    return stopped(stop, stop.decided, c.step)
+                c.val, c.val_step = result, c.step
+            if r.sample_every > 0 and (last or c.step % r.sample_every == 0):
+                r.sample(c.step)
 
         saver.finish()  # nothing should be in flight after the final save; this makes sure
-        crc = check_replicas(model, dist_info)
-        print0(f"weights identical on all {world} ranks (CRC32 {crc})")
-        print0(f"done: {step} steps, validation {label} {val:.4f}, training time {train_time / 60:.2f}m")
-        if wandb_run:
-            wandb_run.finish()
-        return finished(step)
+        crc = check_replicas(r.model, self.dist)
+        print0(f"weights identical on all {self.dist.world_size} ranks (CRC32 {crc})")
+        tel.done(c)
+        return self.finished(c)
+
+    def train_step(self, r: Recipe, train_model: torch.nn.Module, c: Counters) -> tuple[float, float, float]:
+        """One optimizer step after `c.step` completed ones: (the last micro-batch's loss on this rank, a cheap and
+        honest progress signal; the LR multiplier; the seconds it took)."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(r.plan.grad_accum):
+            # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
+            # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
+            # overlaps the previous micro-batch's queued backward.
+            batch = r.loader.next_batch()
+            with self.autocast:
+                loss = r.loss(train_model, batch)
+            (loss / r.plan.grad_accum).backward()
+        lrm = c.lrm(lr_multiplier(c.step, r.plan.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
+                                  cfg.final_lr_frac))  # fmt: skip
+        r.optimizers.step(lrm, muon_momentum(c.step))
+        r.optimizers.zero_grad()
+        self.saver.settle()  # the snapshot of the step before, written during this one, is committed
+        loss_value = loss.item()
+        if cuda:
+            torch.cuda.synchronize()
+        return loss_value, lrm, time.perf_counter() - t0
+
+    def save(self, r: Recipe, c: Counters, due: Due) -> None:
+        """Save step `c.step` as `due` says; a final or signal save is durable before this returns."""
+        self.telemetry.saving(c.step, due.reason)
+        t0 = time.perf_counter()
+        record = meta_record(c, extras=r.meta, run_id=self.run_id, phase=self.name,
+                             num_iterations=r.plan.num_iterations, tokens_per_step=r.plan.tokens_per_step,
+                             reason=due.reason, model_config=r.model.config.to_dict(), train_config=asdict(self.cfg),
+                             world_size=self.dist.world_size, metric=r.metric,
+                             started_at=self.telemetry.started_at)  # fmt: skip
+        rank_state = {"loader": r.loader.state_dict(), "rng": rng_state(self.device)}
+        background = due.reason == "periodic"
+        self.saver.save(c.step, r.model.state_dict(), r.optimizers.state_dict(), record, rank_state,
+                        wait=not background, disk=due.disk, memory=due.memory)  # fmt: skip
+        self.telemetry.saved(c.step, due, time.perf_counter() - t0, background and self.cfg.async_save)
+
+    def run_eval(self, r: Recipe, step: int) -> float | None:
+        """The evaluation's metric, or None if a stop signal arrived meanwhile (the ranks agree on it after every
+        batch, so a Ctrl+C ends even a long evaluation within a batch). Progress goes into the heartbeat."""
+
+        def between(done: int, exhausted: bool) -> tuple[bool, bool]:
+            if self.fault and done:
+                self.fault.at_eval_batch(self.dist.rank)
+            self.telemetry.evaluating(step, done, self.saver.durable)
+            signum, ended = self.stop.agreed_with(self.dist, int(exhausted))
+            return bool(signum), bool(ended)
+
+        between(0, False)
+        r.model.eval()
+        with self.autocast:
+            result = r.evaluate(step, between)
+        r.model.train()
+        self.telemetry.evaluated(step, result)
+        return result
+
+    def final_eval(self, r: Recipe, c: Counters) -> bool:
+        """Evaluate the final checkpoint (already durable) and add the metric to its meta; False if stopped."""
+        result = self.run_eval(r, c.step)
+        if result is None:
+            return False
+        c.val, c.val_step = result, c.step
+        if self.saver.writer:
+            try:  # a nicety on a checkpoint that is already durable: never a reason to fail the run
+                checkpoint.update_meta(self.ckpt_dir, c.step, **{r.metric: c.val, f"{r.metric}_step": c.step})
+            except OSError as e:
+                self.saver.warn(f"could not add the final {self.telemetry.label} to {self.ckpt_dir}'s meta"
+                                f" ({e.strerror or e}); it is in the log")  # fmt: skip
+        return True
+
+    def finished(self, c: Counters) -> int:
+        self.telemetry.finished(c)
+        cleanup_distributed()
+        return 0
 
 
 def _compile(cfg: LoopConfig, device: torch.device) -> bool:

@@ -12,19 +12,32 @@ user's version of this module; tests/test_resume.py backs each row.
                    position is counted in tokens.
 
 Every change is logged once at the resume and recorded in the meta as `changed_on_resume` (kept across later
-resumes), which `nanochat-run status` shows.
+resumes), which `nanochat-run status` shows. `restore` does all of it for the loop: the checks, the log lines, then
+the weights, optimizer, loader position and RNG, returning the run's counters (nanochat/counters.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nanochat.checkpoint import CheckpointError, Meta
+from nanochat import checkpoint
+from nanochat.checkpoint import Checkpoint, CheckpointError, Meta
+from nanochat.common import DistInfo, print0, warn0
+from nanochat.counters import Counters
 from nanochat.optim import lr_multiplier
 from nanochat.redact import redact
 from nanochat.registry import PHASES
 from nanochat.settings import config_of, marked
+from nanochat.train_loop import set_rng_state
+
+if TYPE_CHECKING:  # phase.py calls restore
+    import torch
+
+    from nanochat.optim import Optimizers
+    from nanochat.phase import Loader, Plan
+    from nanochat.settings import LoopConfig
 
 # model_config keys a checkpoint cannot change, with the settings users know them by
 MODEL = {"n_layer": "depth", "n_embd": "model width (--head_dim, depth)", "n_head": "heads (--head_dim)",
@@ -103,5 +116,83 @@ def extension(meta: Meta, final: bool, num_iterations: int, rewarm: int) -> Exte
     return None
 
 
-def record(ext: Extension | None) -> dict | None:
-    return asdict(ext) if ext else None
+def restore(
+    point: tuple[Path, Checkpoint],
+    ckpt_dir: Path,
+    cfg: LoopConfig,
+    plan: Plan,
+    metric: str,
+    tokenizer: str | None,
+    model: torch.nn.Module,
+    optimizers: Optimizers,
+    loader: Loader,
+    dist_info: DistInfo,
+) -> Counters:
+    """Resume from `point` (where this rank reads it, and the checkpoint; found by train_loop.find_start): refuse
+    another tokenizer, log the changed settings and a schedule extension, then load the weights, the optimizer, the
+    loader's position (resharded for another world size) and the RNG, and return the run's counters. Refuses a
+    budget lowered below a checkpoint that is not a final one."""
+    source, ckpt = point
+    if source != ckpt_dir:
+        print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
+    saved = ckpt.meta
+    check_tokenizer(saved, tokenizer, ckpt_dir)
+    for change in (changed := changes(saved.train_config, asdict(cfg))):
+        print0(f"resume: --{change['setting']} changed from {change['from']!r} to {change['to']!r}")
+    history = saved.changed_on_resume + [{"step": saved.step, **c} for c in changed]
+    extended = extension(saved, ckpt.final, plan.num_iterations, cfg.rewarm_steps)
+    if extended and extended.step == saved.step:
+        ramp = f"ramps up over --rewarm_steps={extended.rewarm}" if extended.rewarm else "goes back at once"
+        was = f"the LR multiplier was {extended.from_lrm:.2f}; it {ramp}"
+        print0(f"resume: the run had finished at step {saved.step}; it goes on to {plan.num_iterations} under"
+               f" the new budget's schedule ({was})")  # fmt: skip
+    before = saved.step * plan.tokens_per_step if saved.tokens_seen is None else saved.tokens_seen
+    load_weights(point, model, optimizers, dist_info.device)
+    step, val = saved.step, saved.metric(metric)
+    counters = Counters(step, saved.smooth_loss, saved.train_time, val.value, val.step,
+                        before - step * plan.tokens_per_step, history, extended)  # fmt: skip
+    load_position(saved.ranks, loader, dist_info, step, ckpt_dir)
+    if step >= plan.num_iterations and not ckpt.final:  # the budget was lowered below where the run is
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
+            f"{plan.num_iterations} but is not a final one; raise --num_iterations to go on, or --resume=False"
+            " to start fresh"
+        )
+    return counters
+
+
+def load_weights(point: tuple[Path, Checkpoint], model: torch.nn.Module, optimizers: Optimizers, device: torch.device):
+    """The model's weights and the optimizer's state (a weights-only fallback checkpoint: the optimizer starts
+    afresh, and says so)."""
+    source, ckpt = point
+    model_state, optim_state = checkpoint.load(source, ckpt, device, model)
+    model.load_state_dict(model_state)
+    if optim_state is None:  # every newer checkpoint was damaged: the fallback is a weights-only one
+        warn0(f"resuming from the weights-only checkpoint at step {ckpt.step}: the optimizer state (Adam"
+              " moments, Muon momentum) starts afresh, so this resume is not exact")  # fmt: skip
+    else:
+        optimizers.load_state_dict(optim_state)
+
+
+def load_position(ranks: list[dict], loader: Loader, dist_info: DistInfo, step: int, ckpt_dir: Path) -> None:
+    """The loader's position and the RNG of this rank, from the checkpoint's `ranks`; at another world size the
+    loader reshards (the data order continues approximately) and the RNG goes on as it is."""
+    world = dist_info.world_size
+    try:
+        if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+            loader.load_state_dict(ranks[dist_info.rank]["loader"])
+        else:
+            loader.load_resharded([r["loader"] for r in ranks])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {ckpt_dir} was saved with other data settings ({e}); restore"
+            " them (e.g. --tasks, --task_size, --seed) or start fresh with --resume=False"
+        ) from None
+    if len(ranks) == world:
+        set_rng_state(ranks[dist_info.rank]["rng"], dist_info.device)
+        print0(f"resumed from step {step} in {ckpt_dir}")
+    else:
+        print0(
+            f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
+            " weights, optimizer and schedule are exact; the data order continues approximately"
+        )

@@ -28,14 +28,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint
-from nanochat.checkpoint import CheckpointError, StorageError, snapshots
+from nanochat.checkpoint import CheckpointError, Meta, StorageError, snapshots
 from nanochat.locks import DirLock
 
 
@@ -112,14 +112,17 @@ class Saver:
         step: int,
         model_state: dict,
         optim_state: dict,
-        meta: dict,
+        meta: Meta | dict,
         rank_state: dict,
         wait: bool = True,
         disk: bool = True,
         memory: bool = False,
     ) -> None:
         """Save `step` to disk and/or to an in-memory snapshot; `rank_state` (loader position, RNG) is gathered
-        from every rank. With `async_save` and `wait=False` the writing happens in the background."""
+        from every rank. With `async_save` and `wait=False` the writing happens in the background. `meta` is the
+        writer's record (nanochat/counters.py; a dict is parsed first); the saver adds the ranks and its warnings."""
+        if not isinstance(meta, Meta):
+            meta = Meta.parse(meta, "the meta to save", committed=False)
         per_rank = [rank_state]
         if self.world_size > 1:
             gathered = [None] * self.world_size
@@ -140,9 +143,9 @@ class Saver:
                     self.warn(f"{self.warnings[-1]}; saving step {step} anyway")
                 memory = memory and not self.snapshots_off
                 if self.warnings:
-                    meta = {**meta, "warnings": list(self.warnings)}
+                    meta = replace(meta, warnings=list(self.warnings))
                 if disk or memory:
-                    self._save_here(step, model_state, optim_state, {**meta, "ranks": per_rank}, wait, disk, memory)
+                    self._save_here(step, model_state, optim_state, replace(meta, ranks=per_rank), wait, disk, memory)
             except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they hang)
                 error = e
         self._raise_if_any_failed(step, error)
@@ -205,7 +208,7 @@ class Saver:
             try:
                 snapshots.prepare_slot(slot, self.directory)
                 self.ensure_space(slot, model_state, optim_state)
-                snap_meta = {**meta, "snapshot": True, "final": False, "checkpoint_dir": str(self.directory)}
+                snap_meta = replace(meta, snapshot=True, final=False, checkpoint_dir=str(self.directory))
                 fault = lambda phase: self.fault("snapshot") if phase == "model" else None  # noqa: E731
                 checkpoint.write(slot, rec.step, model_state, optim_state, snap_meta, fault, private=True)
                 rec.in_memory_at = time.perf_counter()

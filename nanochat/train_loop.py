@@ -1,8 +1,7 @@
-"""What every training phase shares around its loop (base training today; midtraining, SFT and RL next): where a
-run starts (resume point and lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and
-SIGTERM into "save after this step", the heartbeat the supervisor watches, RNG state for exact resume, the replica
-check, the GPU's peak for MFU, and the exit statuses. A phase script keeps only what differs: its data, its loss,
-its schedule.
+"""What every training phase shares around its loop (nanochat/phase.py): where a run starts (resume point and
+lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and SIGTERM into "save after this
+step", the save schedule (what each step owes), the heartbeat the supervisor watches, RNG state for exact resume,
+the replica check, the GPU's peak for MFU, and the exit statuses.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -175,31 +175,38 @@ class Heartbeat:
             self.failed = True
 
 
-def save_due(
-    step: int,
-    last: bool,
-    stop: StopFlag,
-    dist_info: DistInfo,
-    save_every: int,
-    snapshot_every: int,
-    save: Callable[..., None],
-) -> int:
-    """After step `step` is done (its heartbeat and log line out): agree on a stop across ranks, then save what the
-    step owes, through `save(step, reason, disk=..., memory=...)`: the final checkpoint, a checkpoint on a signal
-    (both written before this returns), or a periodic checkpoint and/or in-memory snapshot. Returns the agreed
-    signal (0 if none); when it is set and this was not the last step, the caller returns `stopped(...)`. Eval
-    and samples come after this, so a crash in them never costs the checkpoint."""
-    signum = stop.agreed(dist_info)
-    if last or signum:
-        save(step, "completed" if last else f"signal:{signal.Signals(signum).name}")
-        return signum
-    # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never makes a
-    # crash cost more than snapshot_every steps
-    disk = save_every > 0 and step % save_every == 0
-    memory = snapshot_every > 0 and step % snapshot_every == 0
-    if disk or memory:
-        save(step, "periodic", disk=disk, memory=memory)
-    return 0
+@dataclass(frozen=True)
+class Due:
+    """What a step owes: a save with its reason ("completed", "signal:SIGTERM" or "periodic"), to disk and/or to
+    an in-memory snapshot. A final or signal save goes to disk and is durable before the loop goes on."""
+
+    reason: str
+    disk: bool = True
+    memory: bool = False
+
+
+@dataclass(frozen=True)
+class SaveSchedule:
+    """When a run saves (--save_every to disk, --snapshot_every to shared memory; 0 or less: never), asked by every
+    place that saves. Pure: the stop signal comes in as an argument, agreed across ranks by the caller."""
+
+    save_every: int
+    snapshot_every: int
+
+    def due(self, step: int, last: bool = False, signum: int = 0) -> Due | None:
+        """What step `step` owes once done (its heartbeat and log line out; eval and samples come after, so a crash
+        in them never costs the checkpoint): the final save, a save on the agreed signal `signum`, or a periodic
+        save and/or snapshot; None for nothing."""
+        if last or signum:
+            return Due("completed" if last else f"signal:{signal.Signals(signum).name}")
+        # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never makes a
+        # crash cost more than snapshot_every steps
+        disk, memory = self.on_disk(step), self.snapshot_every > 0 and step % self.snapshot_every == 0
+        return Due("periodic", disk, memory) if disk or memory else None
+
+    def on_disk(self, step: int) -> bool:
+        """Whether step `step`'s periodic save wrote it to disk (perhaps still in the background)."""
+        return self.save_every > 0 and step % self.save_every == 0
 
 
 def stopped(stop: StopFlag, signum: int, step: int, where: str = "; run again to resume") -> int:

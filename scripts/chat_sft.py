@@ -27,7 +27,7 @@ PHASE = PHASES["sft"]
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(SFTConfig(), argv)
-    return train_chat(PHASE.run_name, cfg, overrides, PHASE.name, packed=False)
+    return train_chat(PHASE, cfg, overrides, packed=False)
 
 
 def cli() -> None:

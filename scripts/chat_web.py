@@ -449,7 +449,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, ValueError, OSError) as e:
         print(f"chat_web: error: {e}", file=sys.stderr)
         return 2
-    print(f"chat_web: {directory} step {meta['step']} at http://{args.host}:{args.port}", file=sys.stderr)
+    print(f"chat_web: {directory} step {meta.step} at http://{args.host}:{args.port}", file=sys.stderr)
     for line in exposure(args):
         print(f"chat_web: {line}", file=sys.stderr)
     stopping = threading.Event()

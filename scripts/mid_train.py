@@ -28,7 +28,7 @@ PHASE = PHASES["mid"]
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(MidConfig(), argv)
-    return train_chat(PHASE.run_name, cfg, overrides, PHASE.name, packed=True)
+    return train_chat(PHASE, cfg, overrides, packed=True)
 
 
 def cli() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanochat import checkpoint
-from nanochat.checkpoint import Checkpoint, snapshots
+from nanochat.checkpoint import Checkpoint, Meta, snapshots
 from nanochat.remote import open_remote
 from tests.helpers import garble
 
@@ -107,7 +107,7 @@ def test_the_cache_spares_a_second_verification_until_a_file_changes(tmp_path: P
 
 
 def record(step: int, final: bool = False, problem: str = "", committed: bool = True) -> Checkpoint:
-    return Checkpoint(step, [], {"final": final}, problem, committed)
+    return Checkpoint(step, [], Meta(step=step, files={}, final=final), problem, committed)
 
 
 @pytest.mark.parametrize(
