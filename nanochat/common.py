@@ -66,11 +66,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def gather(dist_info: DistInfo, value) -> list:
+def gather(world_size: int, value) -> list:
     """Collective: every rank's `value`, in rank order (any picklable object). One process: [value], no collective."""
-    if not dist_info.is_distributed:
+    if world_size == 1:
         return [value]
-    out = [None] * dist_info.world_size
+    out = [None] * world_size
     dist.all_gather_object(out, value)
     return out
 

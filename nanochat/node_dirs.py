@@ -57,7 +57,7 @@ def _upload(remote: Remote, ckpt_dir: Path, step: int, log: Say) -> None:
 
 def _raise_any(dist_info: DistInfo, error: str | None) -> None:
     """Collective: every rank raises the first error any rank had (so no rank waits in a collective forever)."""
-    if failed := next((e for e in gather(dist_info, error) if e), None):
+    if failed := next((e for e in gather(dist_info.world_size, error) if e), None):
         raise StorageError(f"{failed}; every node needs the checkpoint rank 0 resumes from: fix it, then resume")
 
 
@@ -70,7 +70,7 @@ def before_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: bo
     if dist_info.master:  # the run: rank 0's node's, else the remote's newest (a new machine for rank 0)
         lineage = mine[1] if mine else checkpoint.run_id(ckpt_dir)
         mine = (mine, _remote_newest(remote, lineage))
-    have = gather(dist_info, mine)
+    have = gather(dist_info.world_size, mine)
     local0, remote0 = have[0]
     lineage = (local0 or remote0 or (None, None))[1]  # None: nothing is known of the run; any node's copies count
     floor = max(local0[0] if local0 else -1, remote0[0] if remote0 else -1)
@@ -94,7 +94,7 @@ def after_start(ckpt_dir: Path, remote: Remote, dist_info: DistInfo, writer: boo
             lacks = _adopt(ckpt_dir, point, run_id, resume, log)
         except Exception as e:  # noqa: BLE001 - told to every rank below
             error = f"preparing {ckpt_dir} failed ({type(e).__name__}: {first_line(e)})"
-    asked = gather(dist_info, (lacks, error))
+    asked = gather(dist_info.world_size, (lacks, error))
     errors = [e for _, e in asked if e]
     if dist_info.master and not errors and any(lack for lack, _ in asked):
         try:

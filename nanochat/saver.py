@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint
 from nanochat.checkpoint import CheckpointError, Meta, StorageError, snapshots
+from nanochat.common import gather
 from nanochat.locks import DirLock
 
 
@@ -125,8 +126,7 @@ class Saver:
             meta = Meta.parse(meta, "the meta to save", committed=False)
         per_rank = [rank_state]
         if self.world_size > 1:
-            gathered = [None] * self.world_size
-            dist.all_gather_object(gathered, (rank_state, meta if dist.get_rank() == 0 else None))
+            gathered = gather(self.world_size, (rank_state, meta if dist.get_rank() == 0 else None))
             per_rank, meta = [r for r, _ in gathered], gathered[0][1]  # rank 0's record, in every node's copy
         error = None
         disk, memory = disk and self.writer, memory and self.snapshotter

@@ -69,7 +69,7 @@ def find_start(
         return point, run_id  # rank 0's slot, on this very machine
     # each machine's local rank 0 verifies its own slots; the other ranks of the machine read the slot it found
     slot = snapshots.holding(ckpt_dir, run_id, point[1].step) if dist_info.local_rank == 0 else None
-    held = gather(dist_info, None if slot is None else str(slot))
+    held = gather(dist_info.world_size, None if slot is None else str(slot))
     firsts = held[:: dist_info.world_size // machines]  # torchrun numbers each machine's ranks contiguously
     if all(firsts):
         return (Path(held[dist_info.rank - dist_info.local_rank]), point[1]), run_id
@@ -244,7 +244,7 @@ def check_replicas(model: torch.nn.Module, dist_info: DistInfo) -> str:
     crc = 0
     for p in model.state_dict().values():
         crc = zlib.crc32(p.detach().cpu().contiguous().view(torch.uint8).numpy(), crc)
-    crcs = gather(dist_info, crc)
+    crcs = gather(dist_info.world_size, crc)
     if len(set(crcs)) != 1:
         raise RuntimeError(f"ranks disagree on the weights (CRC32 per rank: {crcs}): replicas diverged")
     return f"{crc:08x}"
