@@ -200,7 +200,14 @@ class Phase:
         cfg, world = self.cfg, self.dist.world_size
         per_micro = cfg.device_batch_size * tokens_per_row * world
         total = per_micro if cfg.total_batch_size == -1 else cfg.total_batch_size
-        total = rows_per_step * tokens_per_row if rows_per_step else total
+        if rows_per_step:  # the phase's own count decides; a total is only checked against it (the supervisor
+            # pins the heartbeat's total on an OOM restart, so the same number must still be accepted)
+            if cfg.total_batch_size not in (-1, rows_per_step * tokens_per_row):
+                raise ConfigError(
+                    f"--total_batch_size={cfg.total_batch_size} does not apply here: a step is {rows_per_step} rows of"
+                    f" {tokens_per_row} tokens = {rows_per_step * tokens_per_row}; leave it at -1"
+                )
+            total = rows_per_step * tokens_per_row
         if total % per_micro:
             raise ConfigError(
                 f"--total_batch_size={total} is not a multiple of device_batch_size*max_seq_len*world_size"

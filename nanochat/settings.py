@@ -221,7 +221,7 @@ class RLConfig(ChatConfig):
     temperature: float = 1.0
     top_k: int = 50  # 0 = sample from the whole vocabulary
     device_batch_size: int = 8  # completions per forward/backward pass (divides num_samples)
-    total_batch_size: int = -1  # unused: a step is prompts_per_step x num_samples completions
+    total_batch_size: int = -1  # -1: a step is prompts_per_step x num_samples completions (any other total refused)
     # optimization: 5% of the pretraining learning rates, decayed linearly to 0
     embedding_lr: float = 0.01
     unembedding_lr: float = 0.0002
@@ -246,6 +246,9 @@ class RLConfig(ChatConfig):
                               f" {self.temperature}")  # fmt: skip
         if self.top_k < 0:
             raise ConfigError(f"--top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if self.eval_tokens != -1:  # inherited from LoopConfig: RL's evaluation counts problems
+            raise ConfigError(f"--eval_tokens does not apply to RL (it evaluates --eval_problems problems), got"
+                              f" {self.eval_tokens}; leave it out")  # fmt: skip
 
 
 def config_of(phase: PhaseInfo) -> type:

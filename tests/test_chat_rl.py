@@ -74,6 +74,8 @@ def test_bad_rl_settings_are_one_line(tmp_path, menv, sft):
         ("--num_samples=3", "must divide --num_samples=3"),
         ("--temperature=0", "--temperature must be > 0"),
         ("--tasks=identity", "the identity task has no automatic check"),
+        ("--eval_tokens=4096", "--eval_tokens does not apply to RL"),  # inherited settings RL cannot use
+        ("--total_batch_size=4096", "--total_batch_size=4096 does not apply here"),
     ]
     for arg, message in cases:
         assert message in one_line_error(rl(menv, tmp_path / "x", sft, arg), name="chat_rl")
