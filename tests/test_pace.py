@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import typer
 
+from nanochat.locks import DirLock
+from nanochat.train_loop import Heartbeat
 from supervisor.attempt import hang_reason
 from supervisor.launch import TrainOptions
 from supervisor.options import hang_timeout
 from supervisor.pace import FALLBACK, Pace
+from supervisor.records import EventLog, RunDir, append_event, read_events
+from supervisor.watch import Watcher
+from tests.helpers import run_cli
 
 
 def opts(tmp_path, **kw) -> TrainOptions:
@@ -94,3 +102,28 @@ def test_a_number_keeps_the_fixed_rule(tmp_path):
     state = dict(healthy=True, started=0.0, last_progress=0.0, heartbeat=training(3), pace=pace)
     assert hang_reason(o, **state, now=599) == ""
     assert hang_reason(o, **state, now=601) == "no progress for --hang-timeout=600s at step 3"
+
+
+def test_status_shows_the_deadline_of_the_live_phase(monkeypatch, capsys, tmp_path):
+    ckpt, run = tmp_path / "ckpt", RunDir(tmp_path / "ckpt.run")
+    o = TrainOptions("s", [], ckpt, run.path, hang_timeout=None)
+    watcher = Watcher(o, run, EventLog(run, warn=print), None, "run-1")  # type: ignore[arg-type]
+    lock = DirLock(ckpt, "supervisor")
+    lock.acquire()
+    try:
+        append_event(run, "run_start", pid=os.getpid(), checkpoint_dir=str(ckpt), run_id="run-1")
+        feed(watcher.pace, [(t * 0.5, training(t)) for t in range(1, 6)])
+        watcher._record_deadlines()
+        watcher._record_deadlines()  # nothing moved: not logged again
+        assert [e["event"] for e in read_events(run)].count("hang_deadlines") == 1
+        Heartbeat(str(run.heartbeat), True)(step=5, phase="training")
+        code, out, err = run_cli(monkeypatch, capsys, "status", "--checkpoint-dir", str(ckpt))
+        assert code == 0, err
+        assert "hang deadline: 20s without progress while training (--hang-timeout auto: 10x the median step" in out
+        Heartbeat(str(run.heartbeat), True)(step=5, phase="saving", reason="periodic", disk=True)
+        code, out, err = run_cli(monkeypatch, capsys, "status", "--json", "--checkpoint-dir", str(ckpt))
+        deadline = json.loads(out)["hang_deadline"]
+        assert (deadline["phase"], deadline["seconds"]) == ("saving", 2100)  # no save timed yet: the old rule
+        assert deadline["deadlines"]["training"]["seconds"] == 20
+    finally:
+        lock.release()
