@@ -51,6 +51,9 @@ def test_a_stall_is_caught_after_the_multiple_of_the_median_step(tmp_path):
     why = hang_reason(o, **state, now=10.0 + 20.1)
     assert why.startswith("no progress for 20s training at step 5 (--hang-timeout auto: 10x the median step")
     feed(pace, [(t * 4.0, training(t)) for t in range(5, 60)])  # slower now: 4 s a step, the median follows
+    assert len(pace.steps) == 50
+    pace.moved(training(60), training(64), 16.0)  # beats the watcher missed: their steps share the time
+    assert pace.steps[-1] == 4.0
     assert hang_reason(o, **state, now=10.0 + 39) == ""
     assert "no progress for 40s" in hang_reason(o, **state, now=10.0 + 41)
 
@@ -58,6 +61,9 @@ def test_a_stall_is_caught_after_the_multiple_of_the_median_step(tmp_path):
 def test_before_enough_steps_the_old_limit_holds(tmp_path):
     pace, o = Pace(), opts(tmp_path)
     feed(pace, [(0.0, training(1)), (0.5, training(2))])  # one step time: too few
+    assert pace.steps == [0.5]
+    pace.moved(training(2), {"phase": "saving", "step": 2, "reason": "periodic"}, 0.01)  # no step: not a step time
+    assert pace.steps == [0.5]
     state = dict(healthy=True, started=0.0, last_progress=0.0, heartbeat=training(2), pace=pace)
     assert hang_reason(o, **state, now=FALLBACK - 1) == ""
     assert "no progress for 1800s" in hang_reason(o, **state, now=FALLBACK + 1)
