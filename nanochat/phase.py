@@ -337,7 +337,7 @@ class Phase:
 
     def save(self, r: Recipe, c: Counters, due: Due) -> None:
         """Save step `c.step` as `due` says; a final or signal save is durable before this returns."""
-        self.telemetry.saving(c.step, due.reason)
+        self.telemetry.saving(c.step, due)
         t0 = time.perf_counter()
         record = meta_record(c, extras=r.meta, run_id=self.run_id, phase=self.name,
                              num_iterations=r.plan.num_iterations, tokens_per_step=r.plan.tokens_per_step,

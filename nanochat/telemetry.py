@@ -101,8 +101,9 @@ class Telemetry:
                                 **{f"train/{k}": v for k, v in numbers.items()}})  # fmt: skip
         self.log.step(step, loss=debiased, lrm=lrm, tok_per_s=tok_per_s, mfu=mfu, dt=dt, **numbers)
 
-    def saving(self, step: int, reason: str) -> None:
-        self.heartbeat(step=step, phase="saving", reason=reason)
+    def saving(self, step: int, due: Due) -> None:
+        # what it writes tells the supervisor's save deadline a snapshot from a disk save (supervisor/pace.py)
+        self.heartbeat(step=step, phase="saving", reason=due.reason, disk=due.disk)
 
     def saved(self, step: int, due: Due, dt: float, background: bool) -> None:
         """The save is done (`dt` seconds), or handed to the background writer (`background`: blocked `dt`)."""

@@ -13,6 +13,7 @@ from nanochat import checkpoint
 from supervisor import memory
 from supervisor.classify import Evidence
 from supervisor.launch import TrainOptions
+from supervisor.pace import Pace, current
 from supervisor.policy import Batch
 from supervisor.workers import Worker, Workers
 
@@ -68,9 +69,19 @@ class Attempt:
 
 
 def hang_reason(opts: TrainOptions, *, healthy: bool, started: float, last_progress: float, heartbeat: dict,
-                now: float) -> str:  # fmt: skip
+                now: float, pace: Pace | None = None) -> str:  # fmt: skip
     """Why an attempt counts as hung at `now` (monotonic), or ''. `healthy`: it reached training; `started` and
-    `last_progress`: when it launched and when its heartbeat last moved. A timeout of 0 is off."""
+    `last_progress`: when it launched and when its heartbeat last moved; `pace`: what the run showed so far (for
+    --hang-timeout auto, the None of opts.hang_timeout). A timeout of 0 is off."""
+    if opts.hang_timeout is None:
+        limits = (pace or Pace()).limits(opts.grace_period, opts.startup_timeout)
+        phase, limit, why = current(limits, heartbeat, healthy)
+        since = last_progress if healthy else started
+        if limit <= 0 or now - since <= limit:
+            return ""
+        if phase == "starting":
+            return f"no training step within {limit:g}s (--hang-timeout auto: {why})"
+        return f"no progress for {limit:g}s {phase} at step {heartbeat.get('step')} (--hang-timeout auto: {why})"
     if not healthy:
         if opts.startup_timeout > 0 and now - started > opts.startup_timeout:
             return f"no training step within --startup-timeout={opts.startup_timeout:g}s"

@@ -53,6 +53,7 @@ from supervisor.options import (
     number,
     phase_defaults,
     resolve_dirs,
+    timeout_text,
 )
 from supervisor.records import RunDir
 from supervisor.speedrun_report import is_speedrun, phase_status
@@ -220,7 +221,7 @@ def print_dry_run(agent, resolve: bool) -> None:
     o = agent.opts
     print(
         f"supervisor: --max-restarts={o.policy.max_restarts} --grace-period={o.grace_period:g}s"
-        f" --hang-timeout={o.hang_timeout:g}s --startup-timeout={o.startup_timeout:g}s; run dir {o.run_dir}"
+        f" --hang-timeout={timeout_text(o.hang_timeout)} --startup-timeout={o.startup_timeout:g}s; run dir {o.run_dir}"
     )
 
 

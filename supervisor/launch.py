@@ -40,7 +40,7 @@ class Supervision:
     max_no_progress: int = Policy.max_no_progress
     backoff: float = Policy.backoff
     backoff_cap: float = Policy.backoff_cap
-    hang_timeout: float = 1800.0  # 0 = off
+    hang_timeout: float | None = None  # None: auto (supervisor/pace.py); 0 = off
     startup_timeout: float = 3600.0  # 0 = off
     grace_period: float | None = None  # None: the trainer's --dist_timeout + GRACE_MARGIN
     oom_shrink: bool = Policy.oom_shrink
@@ -211,7 +211,7 @@ class TrainOptions:
     nnodes: str = Supervision.nnodes
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
-    hang_timeout: float = Supervision.hang_timeout  # 0 = off
+    hang_timeout: float | None = Supervision.hang_timeout  # None: auto (supervisor/pace.py); 0 = off
     startup_timeout: float = Supervision.startup_timeout  # 0 = off
     grace_period: float = DEFAULT_DIST_TIMEOUT + GRACE_MARGIN  # (Supervision.grace_period's None)
     fresh_start: bool = False  # the user asked for --resume=False

@@ -28,6 +28,22 @@ def number(raw: str) -> float:
         raise typer.BadParameter(str(e)) from None
 
 
+def hang_timeout(raw: str) -> float | None:
+    """--hang-timeout: "auto" (None, supervisor/pace.py) or a finite number of seconds."""
+    if raw.strip().lower() == "auto":
+        return None
+    try:
+        return finite_float(raw)
+    except ConfigError as e:
+        why = str(e).replace("expected a number,", "expected auto or a number of seconds,")
+        raise typer.BadParameter(why) from None
+
+
+def timeout_text(seconds: float | None) -> str:
+    """How --hang-timeout is shown: auto, or its seconds."""
+    return "auto" if seconds is None else f"{seconds:g}s"
+
+
 def phase_defaults(key: str) -> str:
     """A trainer setting's default for the help of the option that sets it, read from the phases' configs (never
     written twice): `Default: 500 (rl: 60).`, the default phase's value and each other phase's where it differs."""
@@ -52,8 +68,15 @@ BackoffOption = Annotated[
 ]
 BackoffCapOption = Annotated[float, typer.Option(help="Longest wait between attempts, in seconds.", parser=number)]
 HangOption = Annotated[
-    float,
-    typer.Option(help="Seconds without a step before a run counts as hung; 0 turns the check off.", parser=number),
+    float | None,
+    typer.Option(
+        help="Seconds without progress before a run counts as hung, or auto (the default): once a few steps are"
+        " timed, 10x the median step (at least 20 s), and saves, evaluations and restarts each by what they took"
+        " before (supervisor/pace.py); 0 turns the check off.",
+        parser=lambda raw: hang_timeout(raw),
+        metavar="auto|SECONDS",
+        show_default=False,
+    ),
 ]
 StartupOption = Annotated[
     float, typer.Option(help="Seconds allowed until the first step; 0 turns the check off.", parser=number)

@@ -19,6 +19,7 @@ from rich.text import Text
 from nanochat import checkpoint
 from nanochat.checkpoint import snapshots
 from nanochat.locks import lock_holder
+from supervisor.pace import current
 from supervisor.records import RunDir, read_events, read_heartbeat
 
 LIVE_HEARTBEAT = 5.0  # seconds: a heartbeat younger than this means a trainer is still at work
@@ -86,6 +87,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         "trainer": trainer,
         "active": bool(holder or trainer or (age is not None and age < LIVE_HEARTBEAT)),
         "waiting": waiting(events) if holder else None,
+        "hang_deadline": hang_deadline(events, hb) if holder else None,
         "disk_free": shutil.disk_usage(ckpt_dir).free,
     }
 
@@ -158,6 +160,18 @@ def waiting(events: list[dict]) -> dict | None:
 # display
 
 
+def hang_deadline(events: list[dict], hb: dict | None) -> dict | None:
+    """Under --hang-timeout auto, the deadline the live supervisor holds the trainer to now (the phase of the last
+    heartbeat picks it) and every phase's, from its last `hang_deadlines` event; None before one."""
+    last = next((e for e in reversed(events) if e.get("event") in ("hang_deadlines", "run_start")), None)
+    if not last or last["event"] != "hang_deadlines":
+        return None  # a fixed --hang-timeout, or this invocation has recorded none yet
+    limits = {k: (v["seconds"], v["why"]) for k, v in last["deadlines"].items()}
+    hb = hb or {}
+    phase, seconds, why = current(limits, hb, healthy=hb.get("phase") not in (None, "starting"))
+    return {"phase": phase, "seconds": seconds, "why": why, "deadlines": last["deadlines"]}
+
+
 def render(info: dict) -> Group:
     """The status block: the checkpoint table, then one line per fact. Plain Text, never markup: messages from
     the trainer may hold brackets."""
@@ -208,6 +222,8 @@ def render(info: dict) -> Group:
     if wait:
         line += f", waiting {wait['seconds']:.0f}s before attempt {wait['attempt']}: {wait['reason']}"
     say(line)
+    if (d := info.get("hang_deadline")) and sup:
+        say(f"hang deadline: {d['seconds']:g}s without progress while {d['phase']} (--hang-timeout auto: {d['why']})")
     if trainer and not sup:
         say(f"trainer: pid {trainer.get('pid')} on {trainer.get('host')} holds the checkpoint dir (unsupervised, or"
             " finishing its save after its supervisor died)")  # fmt: skip

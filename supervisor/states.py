@@ -60,7 +60,7 @@ class AttemptClass(enum.Enum):
     CRASH = "crash"  # a Python exception (read from the torchrun error file) or a plain non-zero exit
     HOST_OOM = "host_oom"  # a process SIGKILLed by the kernel's OOM killer
     CUDA_OOM = "cuda_oom"  # torch.OutOfMemoryError in the error file
-    HANG = "hang"  # no heartbeat progress for --hang-timeout (or --startup-timeout before the first step)
+    HANG = "hang"  # no heartbeat progress within the hang deadline (--hang-timeout: auto, pace.py, or fixed)
     SIGNAL = "signal"  # killed by some other signal (a worker, or torchrun itself)
     NCCL_TIMEOUT = "nccl_timeout"  # a collective timed out (NCCL watchdog or gloo timeout)
     PEER_FAILURE = "peer_failure"  # multi-node: another node failed first; this node's workers ended with it

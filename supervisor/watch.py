@@ -22,6 +22,7 @@ from supervisor.attempt import Attempt, Plan, Point, hang_reason, resume_point
 from supervisor.display import Display, View
 from supervisor.launch import TrainOptions
 from supervisor.lifecycle import Lifecycle
+from supervisor.pace import Pace
 from supervisor.policy import Batch
 from supervisor.records import EventLog, RunDir, read_heartbeat
 from supervisor.states import Outcome, RunState
@@ -47,6 +48,8 @@ class Watcher:
         self.opts, self.run_dir, self.events, self.lifecycle = opts, run_dir, events, lifecycle
         self.run_id = run_id  # tags this invocation's processes: NANOCHAT_ATTEMPT_ID=<run id>-<n>
         self._proc_cache: dict = {}
+        self.pace = Pace()  # what every attempt of this supervisor showed (--hang-timeout auto)
+        self._deadlines: dict[str, float] = {}  # the deadlines last written to the event log
 
     @property
     def display(self) -> Display:
@@ -159,17 +162,21 @@ class Watcher:
                             hb.get("world_size"), hb.get("device"))  # fmt: skip
         moved = ("step", "phase", "eval_batch")  # an evaluation's batches are progress too
         if any(hb.get(k) != a.heartbeat.get(k) for k in moved):
+            if a.heartbeat and a.healthy:
+                self.pace.moved(a.heartbeat, hb, now - a.last_progress)
             a.last_progress = now
         a.heartbeat = hb
         self.view.beat(hb)
         if hb.get("phase") in ("training", "saving") and not a.healthy:
             a.healthy = True
+            self.pace.started(now - a.started)
             if self.lifecycle.state is RunState.STARTING:
                 self.lifecycle.set(RunState.HEALTHY, f"training at step {hb.get('step')}")  # STARTING -> HEALTHY
 
     def _check_hang(self, a: Attempt, now: float) -> None:
+        self._record_deadlines()
         why = hang_reason(self.opts, healthy=a.healthy, started=a.started, last_progress=a.last_progress,
-                          heartbeat=a.heartbeat, now=now)  # fmt: skip
+                          heartbeat=a.heartbeat, now=now, pace=self.pace)  # fmt: skip
         if not why:
             return
         a.hang = a.killed = why
@@ -177,6 +184,18 @@ class Watcher:
         procs.send([w.proc for w in a.workers.live()], signal.SIGUSR1)
         time.sleep(2.0)  # faulthandler writes at once; give the tee a moment to reach the log
         procs.kill_tree(a.proc, a.workers.leftovers(), signal.SIGKILL)
+
+    def _record_deadlines(self) -> None:
+        """Under --hang-timeout auto, log the deadlines (`status` shows them) when one is new or moved by a quarter."""
+        if self.opts.hang_timeout is not None:
+            return
+        limits = self.pace.limits(self.opts.grace_period, self.opts.startup_timeout)
+        seconds = {k: v[0] for k, v in limits.items()}
+        old = self._deadlines
+        if old.keys() == seconds.keys() and all(abs(v - old[k]) <= 0.25 * old[k] for k, v in seconds.items()):
+            return
+        self._deadlines = seconds
+        self.events.append("hang_deadlines", deadlines={k: {"seconds": v[0], "why": v[1]} for k, v in limits.items()})
 
     def _stop(self, a: Attempt, now: float) -> None:
         """Deliver the stop to every worker as it appears; escalate per worker after the grace period."""

@@ -156,8 +156,9 @@ def test_telemetry_beats_logs_and_prints_each_step_as_the_loop_did(tmp_path: Pat
     tel.evaluated(2, None)
     tel.evaluated(2, 1.5)
     assert metrics.read(tmp_path)[-1] == {"kind": "eval", "step": 2, "val_bpb": 1.5, "time": ANY_TIME}
-    tel.saving(2, "periodic")
-    assert (beat(tmp_path)["phase"], beat(tmp_path)["reason"]) == ("saving", "periodic")
+    tel.saving(2, Due("periodic", disk=False, memory=True))
+    assert {k: beat(tmp_path)[k] for k in ("phase", "reason", "disk")} == {"phase": "saving", "reason": "periodic",
+                                                                           "disk": False}  # fmt: skip
     tel.saved(2, Due("periodic", disk=True, memory=True), 0.0123, background=True)
     tel.saved(3, Due("signal:SIGTERM"), 1.5, background=False)
     c.val, c.val_step = 1.5, 2

@@ -32,7 +32,9 @@ from tests.supervised import (
     make_env,
     newest,
     supervisor_runs,
+    torchrun_of,
     train_cmd,
+    workers_of,
 )
 
 pytestmark = pytest.mark.slow
@@ -160,6 +162,25 @@ def test_hang_dumps_stacks_and_restarts(supervise):
     assert re.search(r'File ".*faults\.py", line \d+ in fire', logs)  # where it hangs
     assert "dumping stacks (SIGUSR1)" in out
     assert newest(run.ckpt).final
+
+
+def test_a_stopped_worker_is_caught_by_the_default_auto_deadline(supervise):
+    # no --hang-timeout: auto. No save or evaluation comes due, so the stall is judged by the step deadline.
+    run = supervise(iters=100000, save_every=100000)
+    timed = lambda: [e for e in run.events("hang_deadlines") if e["deadlines"]["training"]["seconds"] < 1800]  # noqa: E731
+    run.wait_for("a step deadline from timed steps", lambda: bool(timed()))
+    assert timed()[0]["deadlines"]["training"]["why"].startswith("10x the median step")
+    rank1 = next(w for w in workers_of(torchrun_of(run)) if w.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGSTOP)  # a stuck collective: rank 0 waits for it forever
+    t0 = time.time()
+    run.wait_for("the hang", lambda: bool(run.events("attempt_end")), timeout=120)
+    hang = run.events("attempt_end")[0]
+    assert hang["class"] == "hang", hang
+    assert "(--hang-timeout auto: 10x the median step" in hang["outcome"]["message"], hang
+    print(f"the hang was caught {hang['exited_at'] - t0:.1f}s after the SIGSTOP")
+    assert hang["exited_at"] - t0 < 40  # the 20 s floor, the stack dump and the load of a shared machine
+    run.proc.send_signal(signal.SIGINT)  # it restarts as after any hang: that is the other hang test's
+    run.finish(130, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------------------------
