@@ -493,6 +493,8 @@ USAGE_CASES = {
     "unknown trainer setting": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--detph=2"], ["did you mean --depth"]),
     "bad fault spec": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--debug_fault=boom"], ["not a fault spec"]),
     "bad trainer value": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--save_every=x"], ["trainer setting"]),
+    "save-every not steps": (["train", "--checkpoint-dir", "{tmp}/c", "--save-every", "x"], ["or auto, got 'x'"]),
+    "mtbf not positive": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--mtbf=-1"], ["--mtbf must be a number of"]),
     "tag escapes (train)": (["train", "--model-tag", "../../c"], ["--model_tag='../../c' must be a plain name"]),
     "tag escapes (status)": (["status", "--model-tag", "a/../../c"], ["--model-tag='a/../../c' must be a plain"]),
     "tag escapes (prune)": (["prune", "--model-tag", ".."], ["--model-tag='..' must be a plain name"]),

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from nanochat import checkpoint
+from tests import runs
 from tests.conftest import REPO_ROOT
 
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=4", "--sample_every=-1"]
@@ -62,3 +64,25 @@ def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
     wb = torch.load(b / "model_000003.pt", weights_only=True)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
+
+
+def _auto_saves(env, d, nproc: int) -> list[int]:
+    """A run with --save_every=auto and a failure expected every half second: it saves often, and logs why."""
+    proc = runs.train(env, d, "--save_every=auto", "--mtbf=0.5", "--num_iterations=30", "--async_save=True",
+                      nproc=nproc)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    choices = re.findall(r"--save_every=auto: a save every (\d+) steps .*MTBF 0.5s", proc.stdout)
+    assert choices, proc.stdout[-3000:]
+    periodic = [s for s in runs.steps(d) if s != 30]
+    assert periodic[0] == 3 and len(periodic) >= 3, (periodic, choices)  # the measuring save, then Young/Daly's
+    return periodic
+
+
+def test_save_every_auto_writes_periodic_checkpoints_at_the_measured_interval(env, tmp_path):
+    _auto_saves(env, tmp_path, nproc=1)
+
+
+def test_save_every_auto_ranks_agree_on_every_save(env, tmp_path):
+    # rank 0 decides alone; a rank that saved another step would hang in the saver's collective gather
+    periodic = _auto_saves(env, tmp_path, nproc=2)
+    assert {c.step: len(c.meta.ranks) for c in checkpoint.scan(tmp_path)} == dict.fromkeys([*periodic, 30], 2)
