@@ -76,8 +76,8 @@ class LoopConfig:
     # checkpoints (see nanochat/checkpoint/)
     model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
     checkpoint_dir: str = quiet("")  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
-    save_every: int | str = runtime(500)  # save every N steps; 0 = only the final checkpoint; auto = from --mtbf
-    mtbf: float = runtime(4 * 3600.0)  # seconds between failures expected, for --save_every=auto (Young/Daly)
+    save_every: int | str = runtime(500)  # every N steps; 0 = only the final checkpoint; auto: from save cost, mtbf
+    mtbf: float = runtime(4 * 3600.0)  # expected seconds between failures (4 h), for --save_every=auto (Young/Daly)
     keep_last_n_checkpoints: int = runtime(3)  # keep the newest N; -1 = all; the final checkpoint is never pruned
     keep_optim_last_n: int = runtime(1)  # of those, the newest N keep optimizer state (older: weights only); -1 = all
     keep_every: int = runtime(0)  # also keep each checkpoint at a multiple of N steps, for `nanochat-run eval`; 0 = off
@@ -246,7 +246,7 @@ class RLConfig(ChatConfig):
     eval_every: int = 60  # -1 = only at the end
     eval_problems: int = runtime(256)  # held-out problems per evaluation, over all ranks
     pass_k: int = runtime(8)  # samples per problem
-    save_every: int = 60
+    save_every: int | str = 60
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,7 +1,8 @@
 """What every training phase shares around its loop (nanochat/phase.py): where a run starts (resume point and
 lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and SIGTERM into "save after this
-step", the save schedule (what each step owes), the heartbeat the supervisor watches, RNG state for exact resume,
-the replica check, the GPU's peak for MFU, and the exit statuses.
+step", the save schedule (what each step owes; with --save_every=auto, the Young/Daly interval from the measured
+cost of a save), the heartbeat the supervisor watches, RNG state for exact resume, the replica check, the GPU's peak
+for MFU, and the exit statuses.
 """
 
 from __future__ import annotations
@@ -126,13 +127,9 @@ class StopFlag:
         self.signum = self.signum or signum  # the first one counts; more only add to the count
         self.count += 1
 
-    def agreed(self, dist_info: DistInfo) -> int:
-        """The signal any rank received (0 if none): every rank stops after the same step."""
-        return self.agreed_with(dist_info, 0)[0]
-
     def agreed_with(self, dist_info: DistInfo, flag: int) -> tuple[int, int]:
-        """(the signal any rank received, the largest `flag` of any rank) in one collective: e.g. "my share of
-        the data ran out" agreed together with the stop."""
+        """(the signal any rank received, the largest `flag` of any rank) in one collective, so every rank stops
+        after the same step: e.g. "my share of the data ran out", or rank 0's "save now", agreed with the stop."""
         values = [self.signum, flag]
         if dist_info.is_distributed:
             t = torch.tensor(values, device=dist_info.device)

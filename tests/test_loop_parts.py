@@ -23,7 +23,7 @@ from nanochat.optim import OptimConfig, Optimizers
 from nanochat.phase import Plan
 from nanochat.resume import Extension
 from nanochat.saver import Saver, SaveRecord
-from nanochat.settings import TrainConfig
+from nanochat.settings import RLConfig, TrainConfig
 from nanochat.telemetry import Startup, Telemetry
 from nanochat.train_loop import FIRST_SAVE_STEPS, Due, SaveSchedule, rng_state, young_daly
 
@@ -122,6 +122,7 @@ def test_bad_save_every_or_mtbf_is_one_line(args: list[str], error: str) -> None
         parse_args(TrainConfig(), args)
     assert parse_args(TrainConfig(), ["--save_every=auto", "--mtbf=60"])[0].save_every == "auto"
     assert parse_args(TrainConfig(), ["--save_every=5e2"])[0].save_every == 500
+    assert parse_args(RLConfig(), ["--save_every=auto"])[0].save_every == "auto"  # a phase with its own default
 
 
 # ---- the run's counters and the meta a save writes -------------------------------------------------------------
