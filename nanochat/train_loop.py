@@ -183,7 +183,7 @@ class Due:
     memory: bool = False
 
 
-# --save_every=auto: the bounds on the interval Young/Daly picks
+# --save_every=auto (AutoSave): how it measures and logs
 FIRST_SAVE_STEPS = 3  # the first save, to measure what a save costs: after this many steps of a process (the first
 # step includes compilation and warm-up, so the step time is measured over the next ones too)
 MEASURED_SAVES = 5  # the cost of a save: the average of this process's last few (one alone is noisy)
