@@ -27,7 +27,8 @@ class HelpRequested(Exception):
     """-h or --help: the message is the help text (print it and exit 0)."""
 
 
-def _convert(key: str, raw: str, typ: type) -> Any:
+def convert(key: str, raw: str, typ: type) -> Any:
+    """`raw` as a value of type `typ` (bool, int, float; anything else stays a string), else ConfigError."""
     if typ is bool:
         low = raw.strip().lower()
         if low in _TRUE:
@@ -101,7 +102,7 @@ def parse_args(defaults: T, argv: list[str]) -> tuple[T, dict[str, Any]]:
                 raw = "True"  # a bare --flag switches a boolean on
             else:
                 raise ConfigError(f"--{key} needs a value, e.g. --{key}={getattr(defaults, key)!r}")
-        overrides[key] = _convert(key, raw, typ)
+        overrides[key] = convert(key, raw, typ)
     return dataclasses.replace(defaults, **overrides), overrides
 
 

@@ -268,7 +268,7 @@ class Phase:
         # `c.step` counts completed optimizer steps. Order within a step: train, log, save, then eval and samples, so
         # a crash in eval never costs the checkpoint and a resumed run (which starts at the next step) does not
         # repeat the eval of its first step.
-        schedule, first_step = SaveSchedule(cfg.save_every, cfg.snapshot_every), c.step
+        schedule, first_step = SaveSchedule.of(cfg.save_every, cfg.snapshot_every, cfg.mtbf, c.step), c.step
         while c.step < plan.num_iterations:
             loss, lrm, dt = self.train_step(r, train_model, c)
             c.step += 1
@@ -283,8 +283,9 @@ class Phase:
             if self.fault:
                 self.fault.at_step(c.step, self.dist.rank)
 
-            last, signum = c.step == plan.num_iterations, stop.agreed(self.dist)
-            if due := schedule.due(c.step, last, signum):
+            vote = schedule.vote(c.step, dt, saver.records, saver.busy()) if self.dist.master else 0
+            last, (signum, save_now) = c.step == plan.num_iterations, stop.agreed_with(self.dist, vote)
+            if due := schedule.due(c.step, last, signum, save_now):
                 self.save(r, c, due)
             if signum and not last:
                 return stopped(stop, signum, c.step)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from nanochat.config import ConfigError
+from nanochat.config import ConfigError, convert
 from nanochat.faults import Fault
 from nanochat.paths import DEFAULT_DEPTH, checkpoint_tag
 from nanochat.registry import PhaseInfo
@@ -76,7 +76,8 @@ class LoopConfig:
     # checkpoints (see nanochat/checkpoint/)
     model_tag: str = ""  # the checkpoint folder's name; default: the phase's (d{depth} for base training)
     checkpoint_dir: str = quiet("")  # default $NANOCHAT_BASE_DIR/<phase dir>/<model_tag>
-    save_every: int = runtime(500)  # save every N steps; 0 = only the final checkpoint
+    save_every: int | str = runtime(500)  # every N steps; 0 = only the final checkpoint; auto: from save cost, mtbf
+    mtbf: float = runtime(4 * 3600.0)  # expected seconds between failures (4 h), for --save_every=auto (Young/Daly)
     keep_last_n_checkpoints: int = runtime(3)  # keep the newest N; -1 = all; the final checkpoint is never pruned
     keep_optim_last_n: int = runtime(1)  # of those, the newest N keep optimizer state (older: weights only); -1 = all
     keep_every: int = runtime(0)  # also keep each checkpoint at a multiple of N steps, for `nanochat-run eval`; 0 = off
@@ -111,8 +112,9 @@ class LoopConfig:
             raise ConfigError("--eval_every takes a step count, or -1 for only at the end")
         if not 0 <= self.warmup_ratio + self.warmdown_ratio <= 1:
             raise ConfigError("--warmup_ratio + --warmdown_ratio must lie in [0, 1]")
-        if self.save_every < 0:
-            raise ConfigError(f"--save_every must be >= 0 (0 = only at the end), got {self.save_every}")
+        self.save_every = _save_every(self.save_every)
+        if self.mtbf <= 0:
+            raise ConfigError(f"--mtbf must be a number of seconds > 0, got {self.mtbf}")
         if self.snapshot_every < 0:
             raise ConfigError(f"--snapshot_every must be >= 0 (0 = off), got {self.snapshot_every}")
         if self.dist_timeout < 1:
@@ -136,6 +138,19 @@ class LoopConfig:
             raise ConfigError("--remote_keep_last_n must be >= -1 (0: as local) and --remote_flush_timeout >= 0")
         if self.remote_dir:
             check_remote(self.remote_dir)  # a malformed URL or a missing filesystem package: one line, now
+
+
+def _save_every(value: int | str) -> int | str:
+    """--save_every: a step count >= 0, or "auto" (the interval chosen from the measured save cost and --mtbf)."""
+    if value == "auto":
+        return value
+    try:
+        steps = convert("save_every", str(value), int)  # as every integer setting: 500, 5e2
+    except ConfigError:
+        steps = -1
+    if steps < 0:
+        raise ConfigError(f"--save_every must be a step count >= 0 (0 = only at the end) or auto, got {str(value)!r}")
+    return steps
 
 
 BUILTIN_MIXTURE = "arithmetic,spelling,choice,identity"
@@ -231,7 +246,7 @@ class RLConfig(ChatConfig):
     eval_every: int = 60  # -1 = only at the end
     eval_problems: int = runtime(256)  # held-out problems per evaluation, over all ranks
     pass_k: int = runtime(8)  # samples per problem
-    save_every: int = 60
+    save_every: int | str = 60
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,7 +1,8 @@
 """What every training phase shares around its loop (nanochat/phase.py): where a run starts (resume point and
 lineage, decided by rank 0 holding the directory), the stop flag that turns SIGINT and SIGTERM into "save after this
-step", the save schedule (what each step owes), the heartbeat the supervisor watches, RNG state for exact resume,
-the replica check, the GPU's peak for MFU, and the exit statuses.
+step", the save schedule (what each step owes; with --save_every=auto, the Young/Daly interval from the measured
+cost of a save), the heartbeat the supervisor watches, RNG state for exact resume, the replica check, the GPU's peak
+for MFU, and the exit statuses.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import contextlib
 import faulthandler
 import json
+import math
 import os
 import signal
 import sys
@@ -125,13 +127,9 @@ class StopFlag:
         self.signum = self.signum or signum  # the first one counts; more only add to the count
         self.count += 1
 
-    def agreed(self, dist_info: DistInfo) -> int:
-        """The signal any rank received (0 if none): every rank stops after the same step."""
-        return self.agreed_with(dist_info, 0)[0]
-
     def agreed_with(self, dist_info: DistInfo, flag: int) -> tuple[int, int]:
-        """(the signal any rank received, the largest `flag` of any rank) in one collective: e.g. "my share of
-        the data ran out" agreed together with the stop."""
+        """(the signal any rank received, the largest `flag` of any rank) in one collective, so every rank stops
+        after the same step: e.g. "my share of the data ran out", or rank 0's "save now", agreed with the stop."""
         values = [self.signum, flag]
         if dist_info.is_distributed:
             t = torch.tensor(values, device=dist_info.device)
@@ -185,27 +183,108 @@ class Due:
     memory: bool = False
 
 
-@dataclass(frozen=True)
+# --save_every=auto (AutoSave): how it measures and logs
+FIRST_SAVE_STEPS = 3  # the first save, to measure what a save costs: after this many steps of a process (the first
+# step includes compilation and warm-up, so the step time is measured over the next ones too)
+MEASURED_SAVES = 5  # the cost of a save: the average of this process's last few (one alone is noisy)
+CHANGE_TO_LOG = 0.2  # log the interval again only when it moved by more than this fraction
+
+
+def young_daly(cost: float, write: float, step_time: float, mtbf: float) -> int:
+    """The save interval in steps that loses the least expected time: a save every sqrt(2 x cost x MTBF) seconds
+    (Young 1974, Daly 2006), `cost` the seconds a save blocks the loop. Bounds: at least one step, and at least the
+    background write (`write` seconds; one save in flight at a time, so a shorter interval only blocks on it); at
+    most the MTBF itself, where the rule's assumption (cost much smaller than the MTBF) no longer holds and a
+    failure is expected before the next save anyway."""
+    seconds = min(max(math.sqrt(2 * max(cost, 0.0) * mtbf), write), mtbf)
+    return max(1, math.ceil(seconds / max(step_time, 1e-9)))
+
+
+@dataclass
+class AutoSave:
+    """--save_every=auto on rank 0: measures the loop's step time and the saver's records (how long a save blocked,
+    how long its write took until durable), and votes "save now" every `young_daly` steps. The ranks agree on rank
+    0's vote in the loop's per-step collective (StopFlag.agreed_with), so every rank saves the same step."""
+
+    mtbf: float
+    first_step: int  # the step this process started from (a resumed run measures afresh)
+    step_time: float | None = None  # an average over recent steps (seconds)
+    interval: int | None = None  # steps; None until a save was measured
+    logged: int | None = None
+    last_save: int | None = None
+    log: Callable[[str], None] = print
+
+    def observe(self, step: int, dt: float, records: list) -> None:
+        """Step `step` took `dt` seconds; `records`: the saver's SaveRecords so far (rank 0's)."""
+        if step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
+            self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
+        measured = [r for r in records if r.disk and r.step > self.first_step][-MEASURED_SAVES:]
+        if not measured or self.step_time is None:
+            return
+        cost = sum(r.blocked for r in measured) / len(measured)
+        written = [r.durable_at - r.started for r in measured if r.durable_at is not None]
+        write = sum(written) / len(written) if written else cost
+        self.interval = young_daly(cost, write, self.step_time, self.mtbf)
+        if self.logged is None or abs(self.interval - self.logged) > CHANGE_TO_LOG * self.logged:
+            self.logged = self.interval
+            self.log(f"--save_every=auto: a save every {self.interval} steps (~{self.interval * self.step_time:.1f}s;"
+                     f" a save blocks {cost:.3f}s, its write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step"
+                     f" {self.step_time:.3f}s)")  # fmt: skip
+
+    def vote(self, step: int, busy: bool) -> int:
+        """1 if step `step` should save to disk: the first measuring save, then every `interval` steps, never while
+        the previous write is still in flight (the save would only wait for it)."""
+        if busy:
+            return 0
+        if self.interval is None:
+            return int(self.last_save is None and step >= self.first_step + FIRST_SAVE_STEPS)
+        return int(step - (self.last_save or self.first_step) >= self.interval)
+
+
+@dataclass
 class SaveSchedule:
     """When a run saves (--save_every to disk, --snapshot_every to shared memory; 0 or less: never), asked by every
-    place that saves. Pure: the stop signal comes in as an argument, agreed across ranks by the caller."""
+    place that saves. The stop signal comes in as an argument, agreed across ranks by the caller; so does, with
+    --save_every=auto (`auto` set), the "save now" that rank 0's AutoSave voted. Pure without `auto`."""
 
     save_every: int
     snapshot_every: int
+    auto: AutoSave | None = None
+    _auto_saved: int | None = None  # the step the auto mode last saved to disk
 
-    def due(self, step: int, last: bool = False, signum: int = 0) -> Due | None:
+    def due(self, step: int, last: bool = False, signum: int = 0, save_now: int = 0) -> Due | None:
         """What step `step` owes once done (its heartbeat and log line out; eval and samples come after, so a crash
         in them never costs the checkpoint): the final save, a save on the agreed signal `signum`, or a periodic
-        save and/or snapshot; None for nothing."""
+        save and/or snapshot (with `auto`: a save to disk if the ranks agreed on `save_now`); None for nothing."""
         if last or signum:
             return Due("completed" if last else f"signal:{signal.Signals(signum).name}")
+        if self.auto is not None and save_now:
+            self._auto_saved = self.auto.last_save = step
         # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never makes a
         # crash cost more than snapshot_every steps
         disk, memory = self.on_disk(step), self.snapshot_every > 0 and step % self.snapshot_every == 0
         return Due("periodic", disk, memory) if disk or memory else None
 
+    @classmethod
+    def of(cls, save_every: int | str, snapshot_every: int, mtbf: float, first_step: int) -> SaveSchedule:
+        """The schedule of these settings (--save_every, --snapshot_every, --mtbf) for a process starting at
+        `first_step`."""
+        if save_every == "auto":
+            return cls(0, snapshot_every, AutoSave(mtbf, first_step, log=print0))
+        return cls(int(save_every), snapshot_every)
+
+    def vote(self, step: int, dt: float, records: list, busy: bool) -> int:
+        """Rank 0's "save now" for step `step` (it took `dt` seconds; `records`, `busy`: its saver's), which the
+        ranks then agree on: 0 unless --save_every=auto."""
+        if self.auto is None:
+            return 0
+        self.auto.observe(step, dt, records)
+        return self.auto.vote(step, busy)
+
     def on_disk(self, step: int) -> bool:
         """Whether step `step`'s periodic save wrote it to disk (perhaps still in the background)."""
+        if self.auto is not None:
+            return self._auto_saved == step
         return self.save_every > 0 and step % self.save_every == 0
 
 

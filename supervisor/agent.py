@@ -152,7 +152,8 @@ class Agent:
         progressed, budget = judge(a.before, after, a.fresh, self.opts.num_iterations)
         disks = [self.opts.checkpoint_dir, self.run_dir.path]
         outcome = classify(evidence(a, after, progressed, budget, self.lifecycle.stop_requested, disks))
-        summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"))
+        summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"),
+                                 time.monotonic() - a.started)  # fmt: skip
         if self.peers:  # several nodes: this node's outcome as recorded, and the leader's decision for all
             policy = lambda o: decide(o, [*self.history, summary], self.opts.policy, self.batch)  # noqa: E731
             agreed = self.peers.agree(a, outcome, policy)

@@ -112,8 +112,11 @@ def train(
         ),
     ] = None,
     save_every: Annotated[
-        int | None,
-        typer.Option(help=f"Save a checkpoint every N steps; 0 = only the final one. {phase_defaults('save_every')}"),
+        str | None,
+        typer.Option(
+            help="Save a checkpoint every N steps; 0 = only the final one; auto = an interval chosen from the measured"
+            f" cost of a save and the trainer's --mtbf (Young/Daly). {phase_defaults('save_every')}"
+        ),
     ] = None,
     keep_last_n: Annotated[
         int | None,

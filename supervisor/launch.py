@@ -165,6 +165,7 @@ class Launch:
     model_tag: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # for torchrun and its workers: a --remote_dir's credentials
     remote: bool = False  # the settings name a --remote_dir (a checkpoint dir per node needs one)
+    auto_save: bool = False  # --save_every=auto: the trainer's save interval follows its --mtbf
 
 
 def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
@@ -193,6 +194,7 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     launch.budget = cfg.num_iterations if cfg.num_iterations > 0 else None
     launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
     launch.remote = bool(cfg.remote_dir)
+    launch.auto_save = cfg.save_every == "auto"
     # credentials in --remote_dir: off the command line (`ps` shows it, torchrun.log and the event log record it),
     # into the environment, where the trainer finds the real URL (nanochat/redact.py)
     if redact(cfg.remote_dir) != cfg.remote_dir:
@@ -229,7 +231,8 @@ class TrainOptions:
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
     """The agent's TrainOptions for a resolved phase (`fresh` overrides the settings' --resume)."""
 
-    policy = Policy(sup.max_restarts, sup.max_no_progress, sup.backoff, sup.backoff_cap, sup.oom_shrink)
+    policy = Policy(sup.max_restarts, sup.max_no_progress, sup.backoff, sup.backoff_cap, sup.oom_shrink,
+                    launch.auto_save)  # fmt: skip
     grace = sup.grace_period if sup.grace_period is not None else launch.dist_timeout + GRACE_MARGIN
     nproc = sup.nproc_per_node or gpu_count() or 1
     return TrainOptions(launch.script, launch.trainer_args, launch.checkpoint_dir.expanduser().resolve(),

@@ -14,6 +14,7 @@ class Policy:
     backoff: float = 5.0  # seconds before the first restart; doubles with each attempt that never got to training
     backoff_cap: float = 300.0
     oom_shrink: bool = True  # on an OOM of the device's memory, shrink the device batch (accumulation keeps the total)
+    pass_mtbf: bool = False  # the trainer sets its save interval from --mtbf (--save_every=auto): tell it what we see
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class AttemptSummary:
     progressed: bool  # a newer usable checkpoint exists than when the attempt started
     healthy: bool = False  # the attempt reached training (a heartbeat with phase training or saving)
     device_batch_size: int | None = None  # what the attempt ran with, from its heartbeat
+    seconds: float = 0.0  # how long it ran
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,21 @@ def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batc
     # training resets it even if it saved nothing, while the crash-loop guard above still counts it.
     failing = _streak(history, lambda a: a.progressed or a.healthy)
     delay = min(policy.backoff_cap, policy.backoff * 2 ** max(failing - 1, 0))
+    if policy.pass_mtbf and (mtbf := observed_mtbf(history)):
+        overrides["mtbf"] = f"{mtbf:.0f}"
     return Decision(Action.RESTART, f"{outcome.kind.value}: restarting with resume", delay, overrides)
+
+
+NOT_FAILURES = (AttemptClass.COMPLETED, AttemptClass.STOPPED, AttemptClass.REFUSED, AttemptClass.CUDA_OOM,
+                AttemptClass.HOST_OOM)  # fmt: skip
+
+
+def observed_mtbf(history: list[AttemptSummary]) -> float | None:
+    """The run's mean time between failures so far, in seconds (at least 1): its attempts' time over the failures
+    among them; None before any. An out-of-memory restart is not a failure of the machine: it is a batch too big,
+    which the next attempt's smaller batch fixes."""
+    failures = sum(a.kind not in NOT_FAILURES for a in history)
+    return max(1.0, sum(a.seconds for a in history) / failures) if failures else None
 
 
 def _streak(history: list[AttemptSummary], resets) -> int:

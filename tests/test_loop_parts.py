@@ -5,6 +5,7 @@ restore of a checkpoint into a fresh model, optimizer and loader."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 from dataclasses import asdict
 from pathlib import Path
@@ -15,15 +16,16 @@ import torch
 from nanochat import checkpoint, metrics, resume
 from nanochat.checkpoint import SCHEMA_VERSION, CheckpointError, Meta, Metric
 from nanochat.common import DistInfo
+from nanochat.config import ConfigError, parse_args
 from nanochat.counters import Counters, meta_record
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import OptimConfig, Optimizers
 from nanochat.phase import Plan
 from nanochat.resume import Extension
-from nanochat.saver import Saver
-from nanochat.settings import TrainConfig
+from nanochat.saver import Saver, SaveRecord
+from nanochat.settings import RLConfig, TrainConfig
 from nanochat.telemetry import Startup, Telemetry
-from nanochat.train_loop import Due, SaveSchedule, rng_state
+from nanochat.train_loop import FIRST_SAVE_STEPS, Due, SaveSchedule, rng_state, young_daly
 
 # ---- the save schedule -----------------------------------------------------------------------------------------
 
@@ -55,6 +57,72 @@ def test_schedule_is_pure() -> None:
     assert [schedule.due(6) for _ in range(3)] == [Due("periodic", True, True)] * 3
     assert schedule.due(6, signum=signal.SIGTERM).reason == "signal:SIGTERM"
     assert schedule.due(6) == Due("periodic", True, True)  # no signal remembered
+
+
+def test_young_daly_picks_sqrt_2_cost_mtbf_in_steps_within_bounds() -> None:
+    # a save blocking 2 s with a failure every 4 h: sqrt(2 x 2 x 14400) = 240 s, at 0.5 s a step
+    assert young_daly(cost=2.0, write=10.0, step_time=0.5, mtbf=14400) == 480
+    assert young_daly(cost=8.0, write=10.0, step_time=0.5, mtbf=14400) == 960  # 4x the cost: 2x the interval
+    assert young_daly(cost=0.001, write=30.0, step_time=1.0, mtbf=14400) == 30  # never shorter than the write
+    assert young_daly(cost=0.0, write=0.0, step_time=2.0, mtbf=100) == 1  # at least one step
+    assert young_daly(cost=500.0, write=600.0, step_time=1.0, mtbf=100) == 100  # at most the MTBF
+
+
+def _record(step: int, blocked: float, write: float | None) -> SaveRecord:
+    return SaveRecord(step, True, False, 100.0, blocked, durable_at=None if write is None else 100.0 + write)
+
+
+def test_auto_saves_first_to_measure_then_every_young_daly_interval_never_while_a_write_is_in_flight() -> None:
+    lines: list[str] = []
+    schedule = SaveSchedule.of("auto", 0, mtbf=800.0, first_step=10)
+    schedule.auto.log = lines.append
+    records: list[SaveRecord] = []
+    votes = {}
+    for step in range(11, 14):  # nothing measured: the first save comes FIRST_SAVE_STEPS steps into the process
+        votes[step] = schedule.vote(step, 1.0, records, busy=False)
+    assert votes == {11: 0, 12: 0, 13: 1} and FIRST_SAVE_STEPS == 3
+    assert schedule.due(13, save_now=1) == Due("periodic", disk=True) and schedule.on_disk(13)
+    records.append(_record(13, blocked=0.25, write=None))  # the write is still in flight
+    assert schedule.vote(14, 1.0, records, busy=True) == 0  # sqrt(2 x 0.25 x 800) = 20 s = 20 steps
+    assert schedule.auto.interval == 20 and not schedule.on_disk(14) and schedule.due(14) is None
+    assert lines == ["--save_every=auto: a save every 20 steps (~20.0s; a save blocks 0.250s, its write takes 0.250s,"
+                     " MTBF 800s, a step 1.000s)"]  # fmt: skip
+    records[-1] = _record(13, blocked=0.25, write=30.0)  # durable after 30 s: the write bounds the interval
+    assert [schedule.vote(s, 1.0, records, busy=False) for s in range(15, 44)].index(1) + 15 == 43
+    assert len(lines) == 2 and "every 30 steps" in lines[-1]
+    assert schedule.vote(43, 1.0, records, busy=True) == 0  # due, but the previous write is still in flight
+    assert schedule.due(43, save_now=0) is None and schedule.vote(44, 1.0, records, busy=False) == 1
+    schedule.due(44, save_now=1)
+    assert schedule.on_disk(44) and not schedule.on_disk(43) and not schedule.on_disk(13)
+    assert schedule.vote(45, 1.0, [*records, _record(44, 0.26, 31.0)], busy=False) == 0
+    assert len(lines) == 2  # a small change is not logged again
+    assert schedule.due(45, signum=signal.SIGTERM) == Due("signal:SIGTERM")  # a signal still saves at once
+
+
+def test_auto_measures_afresh_after_a_resume_and_fixed_schedules_never_vote() -> None:
+    old = [_record(8, blocked=50.0, write=50.0)]  # a save of an earlier process does not count
+    schedule = SaveSchedule.of("auto", 2, mtbf=800.0, first_step=8)
+    assert [schedule.vote(s, 1.0, old, busy=False) for s in (9, 10, 11)] == [0, 0, 1]
+    assert schedule.auto.interval is None
+    assert schedule.due(10) == Due("periodic", disk=False, memory=True)  # snapshots keep their own schedule
+    fixed = SaveSchedule.of(4, 0, mtbf=1.0, first_step=0)
+    assert fixed == SaveSchedule(4, 0) and fixed.vote(4, 1.0, old, busy=False) == 0 and fixed.on_disk(4)
+
+
+STEPS_OR_AUTO = "--save_every must be a step count >= 0 (0 = only at the end) or auto, got "
+
+
+@pytest.mark.parametrize("args,error", [
+    (["--save_every=sometimes"], STEPS_OR_AUTO + "'sometimes'"),
+    (["--save_every=-2"], STEPS_OR_AUTO + "'-2'"),
+    (["--mtbf=-1"], "--mtbf must be a number of seconds > 0, got -1.0"),
+])  # fmt: skip
+def test_bad_save_every_or_mtbf_is_one_line(args: list[str], error: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(error) + "$"):
+        parse_args(TrainConfig(), args)
+    assert parse_args(TrainConfig(), ["--save_every=auto", "--mtbf=60"])[0].save_every == "auto"
+    assert parse_args(TrainConfig(), ["--save_every=5e2"])[0].save_every == 500
+    assert parse_args(RLConfig(), ["--save_every=auto"])[0].save_every == "auto"  # a phase with its own default
 
 
 # ---- the run's counters and the meta a save writes -------------------------------------------------------------

@@ -32,7 +32,8 @@ from supervisor.agent import (
     TrainOptions,
 )
 from supervisor.attempt import hang_reason, judge, resume_point
-from supervisor.policy import AttemptSummary, Batch, Policy, decide, smaller_batch
+from supervisor.launch import Supervision, resolve, train_options
+from supervisor.policy import AttemptSummary, Batch, Policy, decide, observed_mtbf, smaller_batch
 from supervisor.records import RunDir, append_event, read_events
 from supervisor.states import Action, AttemptClass, Outcome, RunState
 from tests.helpers import Recorder, assert_usage_error, run_cli, save
@@ -111,6 +112,20 @@ def test_backoff_resets_after_an_attempt_that_reached_training():
     guard = Policy(max_restarts=100, max_no_progress=3, backoff=3.0)
     d = decide(outcome(C.CRASH), [AttemptSummary(C.CRASH, False, True)] * 3, guard)
     assert d.action is Action.GIVE_UP and "crash loop" in d.reason
+
+
+def test_a_restart_tells_an_auto_save_trainer_the_failure_rate_it_observed(tmp_path):
+    # the attempts' time over the failures among them; an OOM is a batch too big, not the machine failing
+    policy, crashed = Policy(pass_mtbf=True), [AttemptSummary(C.CRASH, True, True, seconds=600.4)]
+    assert decide(outcome(C.CRASH), crashed, policy).trainer_overrides == {"mtbf": "600"}
+    more = [*crashed, AttemptSummary(C.CUDA_OOM, False, seconds=300.0), AttemptSummary(C.HANG, True, seconds=900.0)]
+    assert decide(outcome(C.HANG), more, policy).trainer_overrides == {"mtbf": "900"}
+    assert observed_mtbf([AttemptSummary(C.CUDA_OOM, False, seconds=5.0)]) is None
+    assert decide(outcome(C.CRASH), crashed, Policy()).trainer_overrides == {}  # a fixed --save_every: no --mtbf
+    # the policy passes it exactly when the trainer's settings say --save_every=auto
+    for args, auto in ((["--save_every=auto"], True), (["--save_every=7"], False), ([], False)):
+        launch = resolve("base", "scripts.base_train", args, tmp_path / "c")
+        assert train_options(launch, tmp_path / "r", Supervision(nproc_per_node=1)).policy.pass_mtbf is auto
 
 
 def test_max_restarts_counts_restarts_after_the_first_attempt():
@@ -493,6 +508,8 @@ USAGE_CASES = {
     "unknown trainer setting": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--detph=2"], ["did you mean --depth"]),
     "bad fault spec": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--debug_fault=boom"], ["not a fault spec"]),
     "bad trainer value": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--save_every=x"], ["trainer setting"]),
+    "save-every not steps": (["train", "--checkpoint-dir", "{tmp}/c", "--save-every", "x"], ["or auto, got 'x'"]),
+    "mtbf not positive": (["train", "--checkpoint-dir", "{tmp}/c", "--", "--mtbf=-1"], ["--mtbf must be a number of"]),
     "tag escapes (train)": (["train", "--model-tag", "../../c"], ["--model_tag='../../c' must be a plain name"]),
     "tag escapes (status)": (["status", "--model-tag", "a/../../c"], ["--model-tag='a/../../c' must be a plain"]),
     "tag escapes (prune)": (["prune", "--model-tag", ".."], ["--model-tag='..' must be a plain name"]),

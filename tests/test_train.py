@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from nanochat import checkpoint
+from tests import runs
 from tests.conftest import REPO_ROOT
 
 TINY = ["--depth=1", "--head_dim=32", "--max_seq_len=64", "--device_batch_size=4", "--sample_every=-1"]
@@ -62,3 +64,12 @@ def test_gradient_accumulation_matches_one_big_batch(env, tmp_path):
     wb = torch.load(b / "model_000003.pt", weights_only=True)
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-3, atol=1e-4)
+
+
+def test_save_every_auto_writes_periodic_checkpoints_at_the_measured_interval(env, tmp_path):
+    # a failure expected every half second: it saves often, and logs why (two ranks: test_supervisor_e2e.py)
+    proc = runs.train(env, tmp_path, "--save_every=auto", "--mtbf=0.5", "--num_iterations=30", "--async_save=True")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"--save_every=auto: a save every \d+ steps .*MTBF 0.5s", proc.stdout), proc.stdout[-3000:]
+    periodic = [c.step for c in checkpoint.scan(tmp_path) if c.step != 30]
+    assert periodic[0] == 3 and len(periodic) >= 3, periodic  # the measuring save, then Young/Daly's
