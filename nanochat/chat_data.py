@@ -146,8 +146,8 @@ class BestFitLoader(SFTRows):
     """Whole conversations packed into rows of T+1 tokens: each row takes, while one fits, the longest of the
     `lookahead` conversations waiting that fits the space left, and pads the rest. A conversation is only cut when
     it alone exceeds a row (as in `PaddedLoader`); the longest waiting one always opens a row, so none waits long.
-    Targets only where the assistant writes; attention crosses from one conversation into the earlier ones of its
-    row (measured: it does not hurt, see the README's SFT section)."""
+    Targets only where the assistant writes. Attention still crosses from one conversation into the earlier ones
+    of its row (causal SDPA); keeping it inside measured 0.013-0.014 better held-out bpb (README, SFT section)."""
 
     def __init__(self, tokenizer: Tokenizer, mixture: TaskMixture, B: int, T: int, device: torch.device,
                  lookahead: int = LOOKAHEAD) -> None:  # fmt: skip
