@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from nanochat import checkpoint
-from nanochat.chat_data import PackedLoader, PaddedLoader, mean_tokens
+from nanochat.chat_data import PaddedLoader, SFTRows, mean_tokens
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import print0, warn0
 from nanochat.config import ConfigError
@@ -121,20 +121,20 @@ def epochs_horizon(cfg: ChatConfig, tokenizer: Tokenizer, mixture: TaskMixture, 
 
 
 class ChatRecipe(Recipe):
-    """Midtraining's and SFT's recipe: the source's model, the task mixture's conversations (`packed` end to end
-    into full rows, trained on every token, or one padded row each, trained on the assistant's tokens), num_epochs
-    passes over them, and bits per byte on the evaluation mixture's test conversations, scored on what the phase
-    trains on. Every evaluation reads the same conversations, so they compare across steps and restarts."""
+    """Midtraining's and SFT's recipe: the source's model, the task mixture's conversations in rows by the phase's
+    loader (nanochat/chat_data.py), num_epochs passes over them, and bits per byte on the evaluation mixture's test
+    conversations, scored on what the phase trains on. Every evaluation reads the same conversations, so they
+    compare across steps and restarts."""
 
     def __init__(self, phase: Phase, cfg: ChatConfig, tokenizer: Tokenizer, source_dir: Path,
-                 mixes: tuple[TaskMixture, TaskMixture], packed: bool) -> None:  # fmt: skip
+                 mixes: tuple[TaskMixture, TaskMixture], loader_cls: type) -> None:  # fmt: skip
         train_mix, self.test_mix = mixes
         self.model, source = start_model(phase, source_dir, cfg, tokenizer)
         T, B = seq_len(cfg, self.model), cfg.device_batch_size
-        self.plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=not packed))
+        self.plan = phase.plan(T, epochs_horizon(cfg, tokenizer, train_mix, T, per_row=loader_cls is PaddedLoader))
         optim_cfg = OptimConfig(cfg.embedding_lr, cfg.unembedding_lr, cfg.matrix_lr, cfg.weight_decay)
         self.optimizers = Optimizers(self.model, optim_cfg, phase.dist.rank, phase.dist.world_size)
-        self.loader_cls = PackedLoader if packed else PaddedLoader
+        self.loader_cls = loader_cls
         self.loader = self.loader_cls(tokenizer, train_mix, B, T, phase.device)
         self.meta = {"source": source, "tasks": cfg.tasks}
         self.tokenizer, self.B, self.T, self.device = tokenizer, B, T, phase.device
@@ -147,9 +147,10 @@ class ChatRecipe(Recipe):
         return evaluate_bpb(self.model, val, self.plan.eval_steps, self.token_bytes, between)
 
 
-def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, packed: bool) -> int:
-    """A chat phase from start to end: `packed` (midtraining) lays conversations end to end and trains on every
-    token; otherwise (SFT) each gets a padded row and only the assistant's tokens are trained on."""
+def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, loader_cls: type) -> int:
+    """A chat phase from start to end, its rows from `loader_cls`: `PackedLoader` (midtraining) lays conversations
+    end to end and trains on every token; the SFT loaders (`BestFitLoader`, `PaddedLoader`) keep them whole and
+    train on the assistant's tokens only."""
     tokenizer = get_tokenizer()
     check_tokenizer(tokenizer)
     # before the phase starts (and holds, maybe archives, its directory): a missing source folder or a task that
@@ -157,11 +158,9 @@ def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, packed: bool) 
     ckpt_dir, source_dir = phase_dirs(info.name, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
     mixes = mixtures(cfg, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     phase = Phase(info.run_name, cfg, ckpt_dir, overrides)
-    recipe = ChatRecipe(phase, cfg, tokenizer, source_dir, mixes, packed)
+    recipe = ChatRecipe(phase, cfg, tokenizer, source_dir, mixes, loader_cls)
     code = phase.train(recipe)
     loader = recipe.loader
-    if not packed and loader.slots:
-        print0(
-            f"padding: {100 * (1 - loader.targets / loader.slots):.1f}% of the row positions (rank 0) trained nothing"
-        )
+    if isinstance(loader, SFTRows) and loader.slots:
+        print0(loader.report())
     return code

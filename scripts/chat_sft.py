@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: one conversation per row, padded, with the loss only on what the assistant writes.
+"""Supervised fine-tuning: whole conversations packed into rows (best fit; --pack=False: one per padded row), with
+the loss only on what the assistant writes.
 
 One process:   python -m scripts.chat_sft --num_iterations=100
 Distributed:   torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --tasks=smoltalk,arc-easy,gsm8k
@@ -15,6 +16,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from nanochat.chat_data import BestFitLoader, PaddedLoader
 from nanochat.chat_phase import train_chat
 from nanochat.config import parse_args
 from nanochat.registry import PHASES
@@ -27,7 +29,7 @@ PHASE = PHASES["sft"]
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(SFTConfig(), argv)
-    return train_chat(PHASE, cfg, overrides, packed=False)
+    return train_chat(PHASE, cfg, overrides, BestFitLoader if cfg.pack else PaddedLoader)
 
 
 def cli() -> None:

@@ -16,6 +16,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from nanochat.chat_data import PackedLoader
 from nanochat.chat_phase import train_chat
 from nanochat.config import parse_args
 from nanochat.registry import PHASES
@@ -28,7 +29,7 @@ PHASE = PHASES["mid"]
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(MidConfig(), argv)
-    return train_chat(PHASE, cfg, overrides, packed=True)
+    return train_chat(PHASE, cfg, overrides, PackedLoader)
 
 
 def cli() -> None:
