@@ -289,8 +289,10 @@ def test_deterministic_crash_gives_up_with_a_diagnosis(supervise):
 
 def test_max_restarts_is_honoured(supervise):
     # the fault fires whenever a run reaches step 7; the checkpoint at step 5 makes the first attempt progress,
-    # so the crash-loop limit (3 attempts without progress) is not what stops the second one: --max-restarts is
-    run = supervise("--max-restarts", "1", trainer=("--debug_fault=sigkill@step:7!",))
+    # so the crash-loop limit (3 attempts without progress) is not what stops the second one: --max-restarts is.
+    # Saves are synchronous here: a background write of step 5 could still be in flight at the kill on a loaded
+    # machine, and then the first attempt would not have progressed.
+    run = supervise("--max-restarts", "1", trainer=("--debug_fault=sigkill@step:7!", "--async_save=False"))
     out = run.finish(1, timeout=180)
     assert run.classes() == ["signal", "signal"]
     ends = run.events("attempt_end")
