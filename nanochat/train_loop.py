@@ -250,7 +250,6 @@ class SaveSchedule:
     save_every: int
     snapshot_every: int
     auto: AutoSave | None = None
-    _auto_saved: int | None = None  # the step the auto mode last saved to disk
 
     def due(self, step: int, last: bool = False, signum: int = 0, save_now: int = 0) -> Due | None:
         """What step `step` owes once done (its heartbeat and log line out; eval and samples come after, so a crash
@@ -259,7 +258,7 @@ class SaveSchedule:
         if last or signum:
             return Due("completed" if last else f"signal:{signal.Signals(signum).name}")
         if self.auto is not None and save_now:
-            self._auto_saved = self.auto.last_save = step
+            self.auto.last_save = step
         # a snapshot step that is also a save step snapshots too, so that a long disk write in flight never makes a
         # crash cost more than snapshot_every steps
         disk, memory = self.on_disk(step), self.snapshot_every > 0 and step % self.snapshot_every == 0
@@ -284,7 +283,7 @@ class SaveSchedule:
     def on_disk(self, step: int) -> bool:
         """Whether step `step`'s periodic save wrote it to disk (perhaps still in the background)."""
         if self.auto is not None:
-            return self._auto_saved == step
+            return self.auto.last_save == step
         return self.save_every > 0 and step % self.save_every == 0
 
 
