@@ -70,7 +70,7 @@ class Profile:
 PROFILES = {
     # d12 at 2048 tokens x 32 rows: 65k tokens a step, ~0.2 s on an H100 once compiled
     "cuda": Profile("cuda", 12, 128, 2048, 32, 40, 10, 25, 4 * 32 * 2048, 8192, None,
-                    {"data": 90, "train": 180, "save": 60, "resume": 210, "chat": 30, "goodput": 30}),
+                    {"data": 45, "train": 200, "save": 60, "resume": 220, "chat": 45, "goodput": 30}),
     "cpu": Profile("cpu", 2, 64, 128, 4, 20, 5, 13, 4 * 4 * 128, 512, 300,
                    {"data": 120, "train": 180, "save": 60, "resume": 240, "chat": 60, "goodput": 30}),
 }  # fmt: skip
@@ -160,6 +160,7 @@ def prepare(w: Work) -> None:
     if len(list_shards(data_dir(w.base))) >= 2 and (tokenizer_dir(w.base) / "tokenizer.json").exists():
         return
     p, py = w.profile, sys.executable
+    print(f"gpu-check: a corpus and a {p.vocab}-token tokenizer in {w.base} ...", flush=True)
     docs = [] if p.corpus_docs is None else ["--max-docs", str(p.corpus_docs)]
     for name, cmd in (("corpus", [py, "-m", "nanochat.dataset", "--builtin", *docs]),
                       ("tokenizer", [py, "-m", "scripts.tok_train", f"--vocab_size={p.vocab}",
@@ -178,7 +179,8 @@ def supervised(w: Work, name: str, *trainer: str) -> tuple[Path, int | None, str
     limit = p.limits["resume" if trainer else "train"]
     cmd = [sys.executable, "-m", "supervisor.cli", "train", "--depth", str(p.depth), "--num-iterations",
            str(p.steps), "--save-every", str(p.save_every), "--checkpoint-dir", str(ckpt), "--nproc-per-node", "1",
-           "--backoff", "0", "--max-restarts", "2", "--progress-every", "5", "--", *p.trainer_args(), *trainer]  # fmt: skip
+           "--backoff", "0", "--max-restarts", "2", "--progress-every", "5",
+           "--", *p.trainer_args(), *trainer]  # fmt: skip
     code, output = run(cmd, w.env, limit, w.root / f"{name}.log")
     return ckpt, code, output, limit
 
@@ -277,7 +279,7 @@ PARTS = ("start-up", "kept steps", "lost steps", "save blocked", "evaluation", "
 def goodput_row(w: Work) -> Row:
     must(w.status is not None, "not run: needs c)'s supervised run")
     ledger = w.status.get("goodput")
-    must(isinstance(ledger, dict), "no \"goodput\" in `nanochat-run status --json` (the ledger: issue 23 item 1)")
+    must(isinstance(ledger, dict), 'no "goodput" in `nanochat-run status --json` (the ledger: issue 23 item 1)')
     parts, wall = ledger.get("parts"), ledger.get("wall_s")
     must(isinstance(parts, dict) and isinstance(wall, int | float), f"goodput without parts or wall_s: {ledger}")
     missing = [k for k in PARTS if not isinstance(parts.get(k), int | float)]
@@ -353,11 +355,11 @@ def save_verdict(r: dict) -> Row:
     # the first save allocates the buffers (pinning is slow); the later ones are what every periodic save costs
     blocked, write = statistics.median(r["blocked"][1:]), statistics.median(r["writes"][1:])
     numbers = (f"blocked {blocked:.3f}s vs write {write:.2f}s ({100 * blocked / write:.0f}%) | first save blocked"
-               f" {r['blocked'][0]:.2f}s | {r['bytes'] / 1e9:.2f} GB")  # fmt: skip
+               f" {r['blocked'][0]:.2f}s | {r['bytes'] / 1e6:,.0f} MB")  # fmt: skip
     must(r["pinned_bytes"] >= r["gpu_bytes"], f"staging buffers not pinned: {r['pinned_bytes']} of {r['gpu_bytes']}"
          " bytes of GPU state")  # fmt: skip
     must(blocked < 0.25 * write, f"blocking is not much smaller than the write: {numbers}")
-    pinned = f", {r['pinned_bytes'] / 1e9:.2f} GB pinned" if r["gpu_bytes"] else ""
+    pinned = f", {r['pinned_bytes'] / 1e6:,.0f} MB pinned" if r["gpu_bytes"] else ""
     return Row("", f"3 background saves{pinned}", numbers, True)
 
 
@@ -405,9 +407,10 @@ def chat_verdict(r: dict) -> Row:
 
 
 def checks(p: Profile) -> list[tuple[str, str]]:
-    what = f"d{p.depth} compiled bf16" if p.device == "cuda" else f"d{p.depth} eager fp32"
-    return [("training", f"a) {what} training"), ("save", f"b) async save ({'pinned' if p.device == 'cuda' else 'CPU'})"),
-            ("resume", "c) SIGKILL + resume"), ("chat", "d) chat engine (KV cache)"), ("goodput", "e) goodput ledger")]  # fmt: skip
+    cuda = p.device == "cuda"
+    return [("training", f"a) d{p.depth} {'compiled bf16' if cuda else 'eager fp32'} training"),
+            ("save", f"b) async save ({'pinned buffers' if cuda else 'CPU'})"), ("resume", "c) SIGKILL + resume"),
+            ("chat", "d) chat engine (KV cache)"), ("goodput", "e) goodput ledger")]  # fmt: skip
 
 
 def run_checks(w: Work) -> list[Row]:
@@ -458,8 +461,10 @@ def refusal(device: str) -> str | None:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        return (f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; run it on a GPU"
-                " machine after `make install-cuda`, or pass --device cpu to check the plumbing on the CPU")
+        return (
+            f"no CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none; run it on a GPU"
+            " machine after `make install-cuda`, or pass --device cpu to check the plumbing on the CPU"
+        )
     return None
 
 
