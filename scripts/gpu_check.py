@@ -104,10 +104,11 @@ def run(cmd: list[str], env: dict[str, str], limit: float, log: Path) -> tuple[i
     import psutil
 
     with open(log, "w") as out:
+        # its own session: a Ctrl+C here reaches this script alone, which then stops the command as below
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
         try:
             code = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as e:
             code = None
             family = psutil.Process(proc.pid).children(recursive=True)
             proc.send_signal(signal.SIGTERM)  # the supervisor stops its trainer cleanly on SIGTERM
@@ -121,6 +122,8 @@ def run(cmd: list[str], env: dict[str, str], limit: float, log: Path) -> tuple[i
                     p.kill()
                 except psutil.NoSuchProcess:
                     pass
+            if isinstance(e, KeyboardInterrupt):
+                raise
     return code, log.read_text(errors="replace")
 
 
@@ -508,7 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = "1"  # small models: threads cost more than they give, and tests share the cores
     t0 = time.time()
     print(describe(p, root), flush=True)
-    rows = run_checks(Work(root, base, p, env))
+    try:
+        rows = run_checks(Work(root, base, p, env))
+    except KeyboardInterrupt:  # what was running is stopped already (`run`)
+        print(f"gpu-check: stopped; logs in {root}", file=sys.stderr)
+        return 130
     print(f"\ngpu-check: {len(rows)} checks in {time.time() - t0:.0f}s on {device_name(p.device)}\n{table(rows)}")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -50,8 +50,8 @@ def test_every_check_runs_on_the_cpu(base_dir: Path, env: dict[str, str], tmp_pa
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the check would run, not refuse")
-def test_no_cuda_gpu_is_a_one_line_refusal(env: dict[str, str]):
-    proc = subprocess.run(CHECK, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
+def test_no_cuda_gpu_is_a_one_line_refusal():
+    proc = subprocess.run(CHECK, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("gpu_check: no CUDA GPU: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
