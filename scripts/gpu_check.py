@@ -245,11 +245,12 @@ def resume_row(w: Work) -> Row:
     exact = all(torch.equal(ref[k], got[k]) for k in ref)
     # How far the resumed run ended from the uninterrupted one, relative to how far training moved the weights
     # after the resume point. On the CPU (fp32, eager, deterministic kernels) a resume is exact, so the weights
-    # must be bit-identical. On CUDA two uninterrupted runs already differ in the last bits: inductor's
-    # scatter-adds (the embedding's backward) and attention's backward accumulate with atomics in whatever order
-    # the threads arrive, and Muon's bf16 Newton-Schulz carries that along. That noise is orders of magnitude
-    # below the distance a wrong resume makes (another data position, lost momentum: comparable to the training
-    # itself), so on CUDA the drift must be under 10% of the weights' own motion since the resume point.
+    # must be bit-identical. On CUDA two uninterrupted runs already differ in the last bits: inductor lowers the
+    # embedding's backward (index_put with accumulate) to atomic adds, summed in whatever order the threads
+    # arrive (so may the flash-attention backward), and Muon's bf16 Newton-Schulz carries that along. Such noise
+    # stays far below the distance a wrong resume makes (another data position, lost momentum: the size of the
+    # training itself), so on CUDA the drift must be under 10% of the weights' own motion since the resume point;
+    # the row prints the drift measured, the first GPU run tells how much room that leaves.
     diff = sum(float((got[k].double() - ref[k].double()).norm() ** 2) for k in ref) ** 0.5
     moved = sum(float((ref[k].double() - at_resume[k].double()).norm() ** 2) for k in ref) ** 0.5
     drift = diff / moved if moved else float("inf")
