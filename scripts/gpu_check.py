@@ -208,7 +208,8 @@ def training_row(w: Work) -> Row:
     if p.device == "cuda":  # the trainer knows the bf16 peak of the GPUs it reports MFU for (train_loop.peak_flops)
         must(all(isinstance(m, float) for m in mfus), "no MFU in metrics.jsonl: the trainer knows no peak for this GPU")
         mfu = statistics.median(mfus)
-        must(0 < mfu <= 100, f"MFU {mfu:.1f}% is absurd (tok/s {tps:,.0f})")
+        absurd = [f"step {r['step']}: {m:.1f}%" for r, m in zip(timed, mfus) if not 0 < m <= 100]
+        must(not absurd, f"absurd MFU (a step timed wrong, or a wrong peak): {', '.join(absurd[:5])}")
         numbers += f" | MFU {mfu:.1f}%"
     w.ref = ckpt
     return Row("", f"{p.steps} steps, loss {first:.2f} -> {last:.2f}", numbers, True)
