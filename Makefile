@@ -9,7 +9,7 @@ CUDA ?= cu128
 BIN := $(VENV)/bin
 export NANOCHAT_BASE_DIR ?= $(HOME)/.cache/nanochat
 
-.PHONY: install install-cuda torch chromium slurm test test-fast demo lint bench clean
+.PHONY: install install-cuda torch chromium slurm test test-fast demo lint bench gpu-check clean
 
 install: $(VENV)/.installed torch
 
@@ -70,6 +70,23 @@ bench: install  # ~30 minutes on 2 cores; each script prints ratios measured sid
 	$(BIN)/python -m scripts.bench_chat
 	$(BIN)/python -m scripts.bench_rl
 	$(BIN)/python -m scripts.bench_storage
+
+# What only a GPU can show, in one table (scripts/gpu_check.py; under 10 minutes on one GPU). It runs on the first
+# Python whose torch sees a CUDA GPU: .venv's (after `make install-cuda`), else $(PYTHON) (a GPU image with torch
+# already in it). A machine with no network gets the packages that Python lacks from WHEELS=<a folder of wheels>.
+# With no CUDA GPU anywhere, the script refuses in one line. GPU_CHECK_ARGS="--device cpu" checks the plumbing.
+WHEELS ?=
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@py=; for p in $(BIN)/python $(PYTHON); do \
+	  if $$p -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then py=$$p; break; fi; \
+	done; \
+	if [ -z "$$py" ]; then py=$(BIN)/python; [ -x "$$py" ] || py=$(PYTHON); fi; \
+	if [ -n "$(WHEELS)" ]; then \
+	  $$py -m pip install -q --no-index --no-deps --target $(VENV)/gpu-site $(WHEELS)/*.whl || exit 1; \
+	  export PYTHONPATH=$(CURDIR)/$(VENV)/gpu-site; \
+	fi; \
+	echo "gpu-check: $$py"; $$py -m scripts.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

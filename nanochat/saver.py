@@ -198,6 +198,11 @@ class Saver:
             self._pending = self._writer.submit(
                 self._write_in_background, rec, slot, model_state, optim_state, meta, self._in_memory, copied
             )
+            if copied is not None:
+                # The training stream waits for these copies before its next kernel, and the loop synchronizes
+                # at the start of every step, so returning before they land saves no time: it only hid the copy
+                # from `blocked` (the log line, --save_every=auto's cost), which then read ~0 on CUDA.
+                copied.synchronize()
         else:
             self._write(rec, slot, model_state, optim_state, meta)
         rec.blocked = time.perf_counter() - rec.started
@@ -270,8 +275,9 @@ class Saver:
     def _stage_all(self, model_state: dict, optim_state: dict):
         """Copy both states into the reused CPU buffers: (model, optim, CUDA event marking the end of the copies).
 
-        On CUDA the copies go into pinned buffers on a side stream, so this returns without waiting for them;
-        the training stream waits for the side stream before its next kernel (which may update the weights)."""
+        On CUDA the copies go into pinned buffers on a side stream and this returns without waiting for them (the
+        caller, `_save_here`, then does); the training stream waits for the side stream before its next kernel
+        (which may update the weights)."""
         on_gpu = [t for t in tensors(model_state) + tensors(optim_state) if t.is_cuda]
         if not on_gpu:
             return self._stage(model_state, "model"), self._stage(optim_state, "optim"), None
