@@ -129,6 +129,8 @@ def _invocation(run: dict, live_hb: dict | None, now: float | None) -> Ledger:
             for k, v in attempt_parts(live_hb, a["started"], now, a.get("start_step") or 0, None, True).items():
                 out.parts[k] += v
         idle_since = a.get("ended") or a["started"]
+    if now is not None and idle_since is not None and run["attempts"] and run["attempts"][-1].get("ended"):
+        out.parts["back-off"] += max(0.0, now - idle_since)  # live, between two attempts
     out.parts["unexplained"] = out.wall - sum(v for k, v in out.parts.items() if k != "unexplained")
     return out
 

@@ -59,6 +59,8 @@ def test_invocations_add_waits_and_show_the_unexplained():
     assert led.parts["unexplained"] == pytest.approx(60.0 - 49.0)  # 1 s after the last attempt, 10 s of the kill
     assert led.ratio == pytest.approx(30.0 / 60.0)
     assert goodput.Ledger.from_dict(led.to_dict()).parts == led.parts
+    live = goodput.ledger([{**runs[0], "ended": None, "outcome": "running"}], now=55.0)  # in back-off since 49
+    assert live.wall == 55.0 and live.parts["back-off"] == 3.0 + 6.0 and live.parts["unexplained"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
