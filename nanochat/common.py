@@ -16,9 +16,11 @@ from nanochat.paths import get_base_dir  # noqa: F401 - re-exported: its home is
 # The trainer's exit statuses, which the supervisor's policy reads (supervisor/policy.py):
 #   0        the step budget is reached (possibly with warnings, recorded in the final meta)
 #   2        refused: bad settings, an incompatible checkpoint, the directory in use; a restart cannot fix it
+#   65       diverged (EX_DATAERR): more rollbacks than --max_rollbacks (nanochat/guard.py); not restarted
 #   74       storage error (EX_IOERR): disk full, EIO, a stale NFS handle; a restart with backoff may succeed
 #   128+sig  stopped by SIGINT/SIGTERM after saving a checkpoint
 EXIT_REFUSED = 2
+EXIT_DIVERGED = 65
 EXIT_STORAGE = 74
 
 

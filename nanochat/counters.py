@@ -27,6 +27,7 @@ class Counters:
     tokens_offset: int = 0  # tokens seen before the current batch size took over (a resume with another one)
     history: list[dict] = field(default_factory=list)  # the settings each resume changed (`changed_on_resume`)
     extended: Extension | None = None  # a finished run given a larger budget (resume.Extension)
+    rollbacks: list[dict] = field(default_factory=list)  # each rollback or skip of data (nanochat/guard.py)
 
     def add_loss(self, loss: float) -> None:
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
@@ -75,6 +76,7 @@ def meta_record(
         tokens_seen=c.tokens_seen(tokens_per_step),
         changed_on_resume=c.history,
         schedule_extended=asdict(c.extended) if c.extended else None,
+        rollbacks=c.rollbacks,
         metrics={metric: Metric(c.val, c.val_step)},
         train_loss=c.loss(),
         smooth_loss=c.smooth_loss,

@@ -12,6 +12,10 @@
                          before the meta (meta)
     sleep@save:40        sleep 40 s in the middle of every save (a slow save, for grace-period tests)
     sleep@eval:2         sleep 2 s after every validation batch (a slow evaluation, for stop tests)
+    nan@step:7           the loss of step 7 is NaN, again on the rerun (bad data: nanochat/guard.py rolls back), until
+                         the run has dealt with it (rolled back or skipped the update)
+    flip@step:7          the loss of step 7 is NaN on the first try only (a rerun is clean: silent data corruption)
+    spike@step:7         the loss of step 7 (and so its gradients) is 100x too large
 
 A fault fires once per checkpoint directory: a marker file `.fault-fired-<spec>` records it, so the restarted run
 carries on as after a transient failure. A `!` suffix makes it fire on every attempt, like a deterministic bug.
@@ -29,7 +33,10 @@ from pathlib import Path
 
 from nanochat import safefile
 
-_SPEC = re.compile(r"^(sigkill|raise|oom|hang|memhog|sleep)@(step|save|eval|upload):([a-z0-9]+)(!?)(?:,rank=(\d+))?$")
+_SPEC = re.compile(
+    r"^(sigkill|raise|oom|hang|memhog|sleep|nan|flip|spike)@(step|save|eval|upload):([a-z0-9]+)(!?)(?:,rank=(\d+))?$"
+)
+_LOSS_FAULTS = ("nan", "flip", "spike")  # they change a step's loss (at_loss) rather than end the process
 _SAVE_PHASES = ("model", "optim", "meta", "latest", "prune", "snapshot")
 
 
@@ -59,6 +66,8 @@ class Fault:
             raise ValueError(
                 f"--debug_fault={spec!r}: sleep takes @save:SECONDS or @eval:SECONDS, others @step or @save"
             )
+        if kind in _LOSS_FAULTS and where != "step":
+            raise ValueError(f"--debug_fault={spec!r}: {kind} faults take a step, e.g. {kind}@step:7")
         if not timed and where == "step" and not what.isdigit():
             raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, e.g. @step:7")
         if not timed and where == "save" and what not in _SAVE_PHASES:
@@ -87,7 +96,29 @@ class Fault:
         safe = re.sub(r"[^a-z0-9]+", "-", self.spec.lower()).strip("-")
         return (self.marker_dir or Path(".")) / f".fault-fired-{safe}"
 
+    def at_loss(self, loss, step: int, rank: int, rerun: bool):
+        """A micro-batch's loss in step `step` (a tensor), spoilt as the fault says (`rerun`: the step's second try)."""
+        if self.kind not in _LOSS_FAULTS or int(self.what) != step or rank != self.rank:
+            return loss
+        if self.kind == "nan":  # every try, until settled(): the marker is written once the run dealt with it
+            if os.path.lexists(self.marker) and not self.every_attempt:
+                return loss
+            print(f"debug_fault: nan at step {step}{' (rerun)' * rerun}", flush=True)
+            return loss * float("nan")
+        if self.kind == "flip" and rerun or not self._armed(rank):
+            return loss
+        print(f"debug_fault: {self.kind} at step {step}", flush=True)
+        return loss * (float("nan") if self.kind == "flip" else 100.0)
+
+    def settled(self) -> None:
+        """The loop has dealt with a nan fault's step (rolled back, or skipped its update): it fires no more."""
+        if self.kind == "nan" and not os.path.lexists(self.marker):
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            safefile.write_text(self.marker, f"{time.time()}\n")
+
     def at_step(self, step: int, rank: int) -> None:
+        if self.kind in _LOSS_FAULTS:
+            return
         if self.where == "step" and int(self.what) == step and self._armed(rank):
             fire(self.kind, f"step {step}")
 

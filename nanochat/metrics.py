@@ -1,13 +1,15 @@
 """What a run records about itself as it trains: `metrics.jsonl` beside its checkpoints (one JSON line per step,
 kept across restarts), and wandb when `--run` names one.
 
-metrics.jsonl holds three kinds of lines, each with "kind", "step" and "time":
+metrics.jsonl holds four kinds of lines, each with "kind", "step" and "time":
     start  an attempt began at "step" (0: from scratch; else the checkpoint it resumed from), with "attempt" (the
            supervisor's attempt number, None when unsupervised) and "reached": the highest step the previous
            attempts had logged (the steps past "step" were lost with them; None when nothing was lost)
     step   one optimizer step: "loss" (smoothed, debiased), "lrm" (learning-rate multiplier), "tok_per_s", "mfu"
            (percent, where the peak is known), "dt" (seconds), "attempt", plus the phase's own numbers (RL's reward)
     eval   an evaluation at "step": the metric by name ("val_bpb", "val_pass@k")
+    rollback  the run went back to the checkpoint at "step" after bad numbers at step "at" (nanochat/guard.py):
+           "reason" (nan, spike), "skipped" ([first, last] step whose data was skipped), "reached" as for start
 
 A started attempt first drops every line past the step it resumes from (rewriting the file to a temp file and
 renaming it, so a crash meanwhile leaves the old file or the new one), then appends its start line: the file always
@@ -83,23 +85,41 @@ class MetricsLog:
         if not enabled:
             return
         try:
-            try:
-                text = safefile.read_text(self.path, errors="replace")
-            except FileNotFoundError:
-                text = ""
-            records, reached = parse(text), None
-            kept = [r for r in records if r["step"] <= start_step]
-            for record in records:
-                if record["step"] > start_step and record.get("kind") == "step":
-                    reached = max(reached or 0, record["step"])
-            # lines past the resume point, a torn or malformed one: rewrite, atomically
-            if len(kept) != len(text.splitlines()) or text and not text.endswith("\n"):
-                safefile.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            reached = self._cut(start_step)
         except OSError as e:
             self._failed(e)
             return
         # written with the first record: a rerun that finds the run finished and does nothing adds no line
         self.start = {"kind": "start", "step": start_step, "attempt": self.attempt, "reached": reached}
+
+    def _cut(self, step: int) -> int | None:
+        """Drop every line past `step` (and a torn or malformed one), atomically; the highest step dropped."""
+        try:
+            text = safefile.read_text(self.path, errors="replace")
+        except FileNotFoundError:
+            text = ""
+        records, reached = parse(text), None
+        kept = [r for r in records if r["step"] <= step]
+        for record in records:
+            if record["step"] > step and record.get("kind") == "step":
+                reached = max(reached or 0, record["step"])
+        if len(kept) != len(text.splitlines()) or text and not text.endswith("\n"):
+            safefile.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return reached
+
+    def rollback(self, step: int, **fields) -> None:
+        """The run went back to `step` (nanochat/guard.py): the lines past it go, a "rollback" line says why."""
+        if not self.enabled or self.failed:
+            return
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        try:
+            reached = self._cut(step)
+        except OSError as e:
+            self._failed(e)
+            return
+        self._append({"kind": "rollback", "step": step, "attempt": self.attempt, "reached": reached, **fields})
 
     def step(self, step: int, **numbers) -> None:
         self._append({"kind": "step", "step": step, "attempt": self.attempt, **numbers})

@@ -30,12 +30,13 @@ from nanochat.config import ConfigError, describe
 from nanochat.counters import Counters, meta_record
 from nanochat.faults import Fault
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.guard import Diverged, Guard, Verdict
 from nanochat.loss_eval import eval_token_count
 from nanochat.optim import Optimizers, lr_multiplier, muon_momentum
 from nanochat.redact import redact, reveal
 from nanochat.remote import Uploader, check_remote, restore_if_newer
 from nanochat.saver import Saver
-from nanochat.settings import LoopConfig
+from nanochat.settings import LoopConfig, parse_skips
 from nanochat.telemetry import Startup, Telemetry
 from nanochat.train_loop import Due, SaveSchedule, StopFlag, check_replicas, find_start, rng_state, stopped
 
@@ -118,7 +119,7 @@ class Phase:
         if self.fault:
             self.fault.marker_dir = ckpt_dir
         rank = self.dist.rank
-        machines = self.dist.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+        self.machines = machines = self.dist.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
         self.per_node = os.environ.get(node_dirs.ENV) == "1" and machines > 1
         if self.per_node and not cfg.remote_dir:
             raise ConfigError("a checkpoint dir per node needs --remote_dir: a node on a new machine restores from it")
@@ -254,6 +255,7 @@ class Phase:
             r.loader, self.dist)  # fmt: skip
         self.times.loaded = time.perf_counter()
         resumed = self.resume_from is not None
+        self.guard, self.params = Guard(self.dist, cfg.spike_window, cfg.spike_z), list(r.model.parameters())
         tel = self.telemetry = Telemetry(cfg, self.dist, plan, r.metric, saver, self.ckpt_dir, c.step, resumed,
                                          r.model.flops_per_token(), self.uploader)  # fmt: skip
         if c.step >= plan.num_iterations:  # the final checkpoint: evaluate it if a stop cut its evaluation short
@@ -269,16 +271,21 @@ class Phase:
         # a crash in eval never costs the checkpoint and a resumed run (which starts at the next step) does not
         # repeat the eval of its first step.
         schedule, first_step = SaveSchedule.of(cfg.save_every, cfg.snapshot_every, cfg.mtbf, c.step), c.step
+        skips = dict(parse_skips(cfg.skip_data))  # --skip_data: {first step: last step} whose data is skipped
         while c.step < plan.num_iterations:
-            loss, lrm, dt = self.train_step(r, train_model, c)
+            if last_skipped := skips.get(c.step + 1):
+                self.skip_data(r, c, c.step + 1, last_skipped, "asked (--skip_data)")
+            loss, lrm, dt, verdict = self.train_step(r, train_model, c)
             c.step += 1
             if c.step > first_step + 1:  # the first step of a process includes compilation and warm-up
                 c.train_time += dt
             else:  # where a (re)start spends its time, for scripts/bench_recovery.py and the curious
                 tel.startup(self.times)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {c.step}; lower the learning rates or check the data")
-            c.add_loss(loss)
+            if verdict.kind != "ok" and (back := self.bad_numbers(r, c, verdict)) is not None:
+                c, schedule = back, SaveSchedule.of(cfg.save_every, cfg.snapshot_every, cfg.mtbf, back.step)
+                continue  # rolled back to the newest checkpoint, the data up to here skipped
+            if math.isfinite(loss):  # (not a step whose update --on_nan=warn skipped)
+                c.add_loss(loss)
             tel.step(c, lrm, dt, r.step_stats, saver.durable)
             if self.fault:
                 self.fault.at_step(c.step, self.dist.rank)
@@ -312,30 +319,93 @@ class Phase:
         tel.done(c)
         return self.finished(c)
 
-    def train_step(self, r: Recipe, train_model: torch.nn.Module, c: Counters) -> tuple[float, float, float]:
+    def train_step(self, r: Recipe, train_model: torch.nn.Module, c: Counters) -> tuple[float, float, float, Verdict]:
         """One optimizer step after `c.step` completed ones: (the last micro-batch's loss on this rank, a cheap and
-        honest progress signal; the LR multiplier; the seconds it took)."""
-        cfg, cuda = self.cfg, self.device.type == "cuda"
+        honest progress signal; the LR multiplier; the seconds it took; the ranks' verdict on its numbers). The
+        update is applied only when the numbers are sound, or a spike is only to be warned about (guard.py)."""
+        cfg, cuda, batches = self.cfg, self.device.type == "cuda", []
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(r.plan.grad_accum):
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None
+        loss, verdict = self._gradients(r, train_model, c, batches)
+        if verdict.kind == "nan":  # once more from the same state: the same batches, the RNG as the step began
+            print0(f"step {c.step + 1} | non-finite loss or gradient on rank(s) {verdict.ranks}: rerunning the step")
+            r.optimizers.zero_grad()
+            torch.set_rng_state(rng[0])
+            if cuda:
+                torch.cuda.set_rng_state(rng[1], self.device)
+            loss, again = self._gradients(r, train_model, c, batches)
+            if again.kind != "nan":
+                raise self.guard.suspect(c.step + 1, verdict.ranks)
+        lrm = c.lrm(lr_multiplier(c.step, r.plan.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
+                                  cfg.final_lr_frac))  # fmt: skip
+        if verdict.kind == "ok" or verdict.kind == "spike" and cfg.on_spike == "warn":
+            r.optimizers.step(lrm, muon_momentum(c.step))
+        r.optimizers.zero_grad()
+        self.saver.settle()  # the snapshot of the step before, written during this one, is committed
+        if cuda:
+            torch.cuda.synchronize()
+        return loss, lrm, time.perf_counter() - t0, verdict
+
+    def _gradients(self, r: Recipe, train_model: torch.nn.Module, c: Counters, batches: list) -> tuple[float, Verdict]:
+        """Forward and backward over the step's micro-batches (fetched into `batches`, or those given again), then
+        the ranks' verdict on the numbers. Returns the last micro-batch's loss on this rank."""
+        total, rerun = 0.0, bool(batches)
+        for i in range(r.plan.grad_accum):
             # Fetched here, not prefetched across the step boundary, so the loader's position after a step is
             # exactly "everything this step consumed" (what a checkpoint records). On CUDA the fetch still
             # overlaps the previous micro-batch's queued backward.
-            batch = r.loader.next_batch()
+            if not rerun:
+                batches.append(r.loader.next_batch())
             with self.autocast:
-                loss = r.loss(train_model, batch)
+                loss = r.loss(train_model, batches[i])
+            if self.fault:
+                loss = self.fault.at_loss(loss, c.step + 1, self.dist.rank, rerun)
             (loss / r.plan.grad_accum).backward()
-        lrm = c.lrm(lr_multiplier(c.step, r.plan.num_iterations, cfg.warmup_ratio, cfg.warmdown_ratio,
-                                  cfg.final_lr_frac))  # fmt: skip
-        r.optimizers.step(lrm, muon_momentum(c.step))
-        r.optimizers.zero_grad()
-        self.saver.settle()  # the snapshot of the step before, written during this one, is committed
-        loss_value = loss.item()
-        if cuda:
-            torch.cuda.synchronize()
-        return loss_value, lrm, time.perf_counter() - t0
+            total = total + loss.detach()
+        return loss.item(), self.guard.check(total / r.plan.grad_accum, self.params)
+
+    def bad_numbers(self, r: Recipe, c: Counters, verdict: Verdict) -> Counters | None:
+        """Step `c.step` had a non-finite value or a spike (the update was not applied, except a spike under
+        --on_spike=warn): warn, or roll back (guard.py). Returns the counters rolled back to, or None to go on."""
+        cfg, step = self.cfg, c.step
+        nan = verdict.kind == "nan"
+        what = "a non-finite loss or gradient, again on the rerun"
+        if not nan:
+            what = f"a loss spike: {verdict.loss:.4f}, {verdict.z:.1f} sd above the last {cfg.spike_window} steps"
+        if (cfg.on_nan if nan else cfg.on_spike) == "warn":
+            warn0(f"step {step}: {what}; {'its update was skipped' if nan else 'applied'} (--on_{verdict.kind}=warn)")
+            if self.fault:
+                self.fault.settled()
+            return None
+        self.saver.finish()  # nothing in flight: the checkpoint to go back to is committed
+        if (done := sum(x["reason"] in ("nan", "spike") for x in c.rollbacks)) >= cfg.max_rollbacks:
+            raise Diverged(
+                f"step {step}: {what}, after {done} rollbacks (--max_rollbacks={cfg.max_rollbacks}): the run"
+                " diverges; lower the learning rates or check the data"
+            )
+        point, _ = find_start(self.ckpt_dir, True, self.dist, self.machines, self.saver.verified)
+        if point is None:
+            warn0(f"step {step}: {what}; no checkpoint to go back to yet: its update was skipped")
+            return None
+        back = resume.restore(point, self.ckpt_dir, cfg, r.plan, r.metric, r.meta.get("tokenizer"), r.model,
+                              r.optimizers, r.loader, self.dist)  # fmt: skip
+        back.rollbacks = c.rollbacks  # this run's, newer than the checkpoint's
+        warn0(f"step {step}: {what}; rolled back to step {back.step} (rollback {done + 1} of at most"
+              f" {cfg.max_rollbacks})")  # fmt: skip
+        self.skip_data(r, back, back.step + 1, step, verdict.kind)
+        self.telemetry.rolled_back(back.step, at=step, reason=verdict.kind)
+        if self.fault:
+            self.fault.settled()
+        return back
+
+    def skip_data(self, r: Recipe, c: Counters, first: int, last: int, reason: str) -> None:
+        """Read past the data of steps first..last (what they would train on), and record it."""
+        for _ in range((last - first + 1) * r.plan.grad_accum):
+            r.loader.next_batch()
+        c.rollbacks = [*c.rollbacks, {"skipped": [first, last], "reason": reason}]
+        print0(f"skipped the data of steps {first}-{last} ({reason})")
 
     def save(self, r: Recipe, c: Counters, due: Due) -> None:
         """Save step `c.step` as `due` says; a final or signal save is durable before this returns."""

@@ -90,6 +90,13 @@ class LoopConfig:
     remote_keep_last_n: int = runtime(0)  # remote checkpoints kept (the final one always); 0 = as local, -1 = all
     remote_flush_timeout: int = runtime(600)  # seconds the final or signal save may wait for its upload before the exit
     compress: str = runtime("auto")  # payload files: none | zstd (lossless, ~1.2x) | auto (zstd with a --remote_dir)
+    # bad numbers (nanochat/guard.py): a non-finite loss or gradient, a loss spike
+    on_nan: str = runtime("rollback")  # rollback (to the newest snapshot/checkpoint, skipping the data) | warn
+    on_spike: str = runtime("warn")  # warn | rollback: a loss > spike_z standard deviations above the window's
+    spike_z: float = runtime(6.0)  # how far above the recent losses a spike is
+    spike_window: int = runtime(50)  # the recent losses it is measured against; no check until the window is full
+    max_rollbacks: int = runtime(3)  # more than this in a run: stop as diverged (exit 65; not restarted)
+    skip_data: str = ""  # FROM:TO[,...]: skip the data of these steps, as a rollback did (reproduces such a run)
     # supervision and drills
     heartbeat_file: str = quiet("")  # rank 0 rewrites this JSON file every step (the supervisor watches it)
     debug_fault: str = quiet("")  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
@@ -128,6 +135,11 @@ class LoopConfig:
             raise ConfigError(f"--keep_every must be >= 0 (0: off), got {self.keep_every}")
         if self.keep_last_n_checkpoints == 0 or self.keep_last_n_checkpoints < -1:
             raise ConfigError(f"--keep_last_n_checkpoints must be >= 1 or -1 (all), got {self.keep_last_n_checkpoints}")
+        if self.on_nan not in ("rollback", "warn") or self.on_spike not in ("rollback", "warn"):
+            raise ConfigError(f"--on_nan and --on_spike take rollback or warn, got {self.on_nan!r}, {self.on_spike!r}")
+        if self.spike_z <= 0 or self.spike_window < 2 or self.max_rollbacks < 0:
+            raise ConfigError("--spike_z must be > 0, --spike_window >= 2 and --max_rollbacks >= 0")
+        parse_skips(self.skip_data)  # raises a one-line ConfigError for a malformed range
         try:
             Fault.parse(self.debug_fault)
         except ValueError as e:
@@ -138,6 +150,23 @@ class LoopConfig:
             raise ConfigError("--remote_keep_last_n must be >= -1 (0: as local) and --remote_flush_timeout >= 0")
         if self.remote_dir:
             check_remote(self.remote_dir)  # a malformed URL or a missing filesystem package: one line, now
+
+
+def parse_skips(text: str) -> list[tuple[int, int]]:
+    """--skip_data: "FROM:TO[,FROM:TO...]", the steps (inclusive, 1-based) whose data is skipped, ascending."""
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        lo, sep, hi = part.partition(":")
+        if not (sep and lo.strip().isdigit() and hi.strip().isdigit()) or not 1 <= int(lo) <= int(hi):
+            raise ConfigError(
+                f"--skip_data={text!r}: give FROM:TO step ranges, e.g. 6:7 or 6:7,40:41 (1 <= FROM <= TO)"
+            )
+        out.append((int(lo), int(hi)))
+    if any(b[0] <= a[1] for a, b in zip(out, out[1:])):
+        raise ConfigError(f"--skip_data={text!r}: the ranges must ascend without overlapping")
+    return out
 
 
 def _save_every(value: int | str) -> int | str:

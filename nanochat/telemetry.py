@@ -73,6 +73,14 @@ class Spent:
             self.seconds[part] += now - self.mark
             self.mark = now
 
+    def rolled_back(self, step: int) -> None:
+        """The run went back to `step` in this process: the steps trained since are lost (none kept if `step`
+        is from before this process's saves: the checkpoint it resumed from)."""
+        kept = self.kept_at.get(step, 0.0)
+        self.seconds["lost"] = self.seconds.get("lost", 0.0) + self.seconds["train"] - kept
+        self.seconds["train"] = kept
+        self.kept_at = {s: t for s, t in self.kept_at.items() if s <= step}
+
     def saved(self, step: int) -> None:
         self.kept_at[step] = self.seconds["train"]
         while len(self.kept_at) > self.KEPT_AT:
@@ -171,6 +179,12 @@ class Telemetry:
             print0(f"step {step:05d} | saving {what} in the background; blocked {dt:.3f}s")
         else:
             print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
+
+    def rolled_back(self, step: int, at: int, reason: str) -> None:
+        """Bad numbers at step `at` took the run back to the checkpoint at `step` (nanochat/guard.py)."""
+        self.spent.charge("train")
+        self.spent.rolled_back(step)
+        self.log.rollback(step, at=at, reason=reason, skipped=[step + 1, at])
 
     def closing(self, **fields) -> None:
         """The process is about to end (the upload flushed, or a stop saved): the last word on where time went."""

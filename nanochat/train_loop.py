@@ -27,8 +27,18 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from nanochat import checkpoint, metrics, safefile
 from nanochat.checkpoint import CheckpointError, StorageError, snapshots
-from nanochat.common import EXIT_REFUSED, EXIT_STORAGE, DistInfo, cleanup_distributed, gather, print0, warn0
+from nanochat.common import (
+    EXIT_DIVERGED,
+    EXIT_REFUSED,
+    EXIT_STORAGE,
+    DistInfo,
+    cleanup_distributed,
+    gather,
+    print0,
+    warn0,
+)
 from nanochat.config import ConfigError, HelpRequested
+from nanochat.guard import Diverged
 
 
 def find_start(
@@ -345,6 +355,12 @@ def run_and_exit(name: str, main: Callable[[list[str]], int], argv: list[str]) -
         record_error(e)
         cleanup_distributed(barrier=False)
         code = EXIT_STORAGE if storage else EXIT_REFUSED
+    except Diverged as e:  # every rank agreed on it: the run stops, and a restart would not help
+        with contextlib.suppress(OSError):
+            print(f"{name}: error: {e}", file=sys.stderr)
+        record_error(e)
+        cleanup_distributed(barrier=False)
+        code = EXIT_DIVERGED
     # Done, or refused with exit 2, and nothing is in flight: leave without interpreter finalization. Under torchrun
     # with gloo, a worker sometimes aborts in C++ teardown at this point ("terminate called without an active
     # exception", SIGABRT/SIGBUS), which would turn a finished run into a failed attempt (or hide the 2).

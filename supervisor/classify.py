@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanochat import safefile
-from nanochat.common import EXIT_REFUSED, EXIT_STORAGE
+from nanochat.common import EXIT_DIVERGED, EXIT_REFUSED, EXIT_STORAGE
 from supervisor.memory import nearly_full
 from supervisor.procs import signal_name
 from supervisor.states import AttemptClass, Outcome
@@ -166,6 +166,9 @@ def _classify(ev: Evidence) -> Outcome:
     if worker_code == EXIT_REFUSED:
         msg = error_line or trainer_error(ev.attempt_log) or "the trainer refused its settings (exit 2)"
         return Outcome(AttemptClass.REFUSED, msg, **base)
+    if worker_code == EXIT_DIVERGED:
+        msg = error_line or trainer_error(ev.attempt_log) or "the run diverged (exit 65)"
+        return Outcome(AttemptClass.DIVERGED, msg, **base)
     if worker_code == EXIT_STORAGE or error_line.startswith("StorageError"):
         msg = error_line or trainer_error(ev.attempt_log) or "storage error (the trainer exited 74)"
         return Outcome(AttemptClass.STORAGE, "; ".join(filter(None, [msg, full])), evidence=evidence, **base)

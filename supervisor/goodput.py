@@ -57,7 +57,8 @@ def attempt_parts(hb: dict, started: float, ended: float, first: int, resumes_at
         else:  # a resume point older than the saves the trainer remembers: in proportion
             kept = train * (resumes_at - first - 1) / max(1, reached - first - 1)
     parts["start-up"] = spent["began"] - started
-    parts["kept steps"], parts["lost steps"] = kept, train - kept
+    # "lost": steps an in-process rollback threw away (nanochat/guard.py)
+    parts["kept steps"], parts["lost steps"] = kept, train - kept + float(spent.get("lost", 0.0))
     parts["save blocked"], parts["evaluation"] = float(spent.get("save", 0.0)), float(spent.get("eval", 0.0))
     parts["final save + flush"] = float(spent.get("final", 0.0))
     # after the last heartbeat: exiting, or the failure and the time it took to notice

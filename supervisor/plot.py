@@ -70,6 +70,7 @@ class RunSeries:
     tok_per_s: Curve
     restarts: list[Restart]
     goodput: Ledger | None = None  # where the supervised time went (supervisor/goodput.py); None: unsupervised
+    rollbacks: list[Restart] = field(default_factory=list)  # bad numbers rolled back in-process (cause: nan, spike)
 
     @property
     def steps_lost(self) -> int:
@@ -114,6 +115,11 @@ def series(checkpoint_dir: Path, run_dir: Path | None = None) -> RunSeries:
         tok_per_s=_curve(tok),
         restarts=restarts([r for r in records if r.get("kind") == "start"], ended),
         goodput=_ledger(checkpoint_dir, run_dir),
+        rollbacks=[
+            Restart(r["step"], r.get("reason", "?"), r["step"] + 1, r.get("at", r["step"]))
+            for r in records
+            if r.get("kind") == "rollback"
+        ],  # fmt: skip
     )
 
 
@@ -259,9 +265,18 @@ def draw(run: RunSeries, out: Path, compare: Sequence[RunSeries] = ()) -> Path:
         front.annotate(f"{r.cause} (resumed at {r.step}{lost})", xy=(r.step, 1), xycoords=("data", "axes fraction"),
                      xytext=(-4, -6), textcoords="offset points", rotation=90, ha="right", va="top", fontsize=10,
                      bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.6})  # fmt: skip
+    for r in run.rollbacks:  # went back to r.step from r.lost_to: the steps between were trained again
+        for ax in (top, bottom):
+            ax.axvline(r.step, color="tab:purple", ls=":", lw=1.4)
+            ax.axvspan(r.step, r.lost_to, color="tab:purple", alpha=0.10, lw=0)
+        front.annotate(f"{r.cause} at {r.lost_to}: rolled back to {r.step}", xy=(r.step, 0), rotation=90,
+                       xycoords=("data", "axes fraction"), xytext=(-4, 6), textcoords="offset points", ha="right",
+                       va="bottom", fontsize=9, color="tab:purple")  # fmt: skip
     handles = list(lines)
     if run.restarts:
         handles.append(Line2D([], [], color="black", ls="--", label="restart (labelled: why the attempt before ended)"))
+    if run.rollbacks:
+        handles.append(Line2D([], [], color="tab:purple", ls=":", label="rollback of bad numbers (data skipped)"))
     if any(r.lost for r in run.restarts):
         handles.append(Patch(color="tab:red", alpha=0.25, label="steps lost and trained again"))
     # below the panels, not on them: a legend inside would cover a curve or a restart's label on some run

@@ -47,6 +47,8 @@ def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batc
         return Decision(Action.STOP, "stopped on request")
     if outcome.kind is AttemptClass.REFUSED:
         return Decision(Action.GIVE_UP, f"the trainer refused to run, and a restart cannot fix that: {outcome.message}")
+    if outcome.kind is AttemptClass.DIVERGED:  # the rollbacks were spent on bad numbers: a restart repeats them
+        return Decision(Action.GIVE_UP, f"the run diverged: {outcome.message}")
     # A CUDA OOM, or a host OOM of a trainer on the CPU (where activations live in host memory): the same cure
     cpu_oom = outcome.kind is AttemptClass.HOST_OOM and batch.device == "cpu"
     device_oom = (outcome.kind is AttemptClass.CUDA_OOM or cpu_oom) and policy.oom_shrink
@@ -86,8 +88,8 @@ def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batc
     return Decision(Action.RESTART, f"{outcome.kind.value}: restarting with resume", delay, overrides)
 
 
-NOT_FAILURES = (AttemptClass.COMPLETED, AttemptClass.STOPPED, AttemptClass.REFUSED, AttemptClass.CUDA_OOM,
-                AttemptClass.HOST_OOM)  # fmt: skip
+NOT_FAILURES = (AttemptClass.COMPLETED, AttemptClass.STOPPED, AttemptClass.REFUSED, AttemptClass.DIVERGED,
+                AttemptClass.CUDA_OOM, AttemptClass.HOST_OOM)  # fmt: skip
 
 
 def observed_mtbf(history: list[AttemptSummary]) -> float | None:

@@ -78,6 +78,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         if hb and "remote_step" in hb
         else None,
         "changed_on_resume": newest.meta.changed_on_resume if newest and newest.meta else [],
+        "rollbacks": newest.meta.rollbacks if newest and newest.meta else [],  # bad numbers (nanochat/guard.py)
         "nodes": other_nodes(run_path),
         "snapshots": [
             {"slot": str(slot), "step": c.step, "valid": c.valid, "problem": c.problem}
@@ -210,6 +211,10 @@ def render(info: dict) -> Group:
         beat = f"step {n['step']} (heartbeat {n['age']:.0f}s ago)" if n["age"] is not None else "no heartbeat"
         last = f"; attempts {n['attempts']}, the last {n['last']}" if n["attempts"] else ""
         say(f"node {n['node']}: {beat}{last}")
+    for r in info.get("rollbacks", []):
+        first, last = r["skipped"]
+        how = "given with --skip_data" if r["reason"].startswith("asked") else f"a {r['reason']} at step {last}"
+        say(f"skipped data: steps {first}-{last} ({how}; trained on from step {first - 1})")
     for c in info.get("changed_on_resume", []):
         say(f"changed on resume at step {c['step']}: --{c['setting']} {c['from']!r} -> {c['to']!r}")
     if runs:

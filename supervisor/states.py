@@ -44,6 +44,7 @@ class AttemptClass(enum.Enum):
         COMPLETED ------------------------------------------------> finish
         STOPPED --------------------------------------------------> stop (exit 130 / 75)
         REFUSED --------------------------------------------------> give up at once (a restart cannot fix it)
+        DIVERGED -------------------------------------------------> give up at once (rollbacks spent on bad numbers)
         CRASH, STORAGE, HOST_OOM, HANG, SIGNAL, NCCL_TIMEOUT -----> restart with backoff, resume
         PEER_FAILURE (multi-node: recorded by the nodes that did not fail first; the leader decides on the class
                       of the node that did: supervisor/nodes.py)
@@ -56,6 +57,7 @@ class AttemptClass(enum.Enum):
     COMPLETED = "completed"  # exit 0 with the step budget reached
     STOPPED = "stopped"  # we asked (Ctrl+C / SIGTERM) and the trainer saved and exited
     REFUSED = "refused"  # trainer exit 2: bad settings or an incompatible checkpoint
+    DIVERGED = "diverged"  # trainer exit 65: more rollbacks of NaNs or spikes than --max_rollbacks (guard.py)
     STORAGE = "storage"  # trainer exit 74, or a failure with no error file on a full filesystem
     CRASH = "crash"  # a Python exception (read from the torchrun error file) or a plain non-zero exit
     HOST_OOM = "host_oom"  # a process SIGKILLed by the kernel's OOM killer
