@@ -210,8 +210,10 @@ def supervise(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., Run
 @pytest.mark.slow
 def test_an_aws_notice_mid_run_saves_uploads_and_exits_for_requeue(supervise, server: Metadata, tmp_path: Path):
     url = f"file://{tmp_path / 'remote'}"
+    # 16 micro-batches a step: a step (~1 s) outlasts the stop's delivery (a watch tick, the ranks' agreement), so
+    # "the step of the notice" is one step, not a blur of tiny ones
     run = supervise("--preemption", "aws", "--preemption-endpoint", server.url, "--remote-dir", url, iters=100000,
-                    save_every=100000)  # fmt: skip
+                    save_every=100000, trainer=("--total_batch_size=4096",))  # fmt: skip
     run.wait_for_step(3)
     server.notice = {"action": "terminate", "time": _iso(time.time() + 120)}
     out = run.finish(75, timeout=120)
@@ -220,6 +222,7 @@ def test_an_aws_notice_mid_run_saves_uploads_and_exits_for_requeue(supervise, se
     step = notices[0]["step"]
     ckpt = newest(run.ckpt)
     assert step <= ckpt.step <= step + 1, (step, ckpt.step)  # the step of the notice, or the one it was in
+    assert f"stopped by SIGTERM at step {ckpt.step}" in run.attempt_log(1)
     assert ckpt.meta["stop_reason"] == "signal:SIGTERM" and not ckpt.final
     assert ckpt.step in [s for s, _ in open_remote(url).committed()]  # the upload was flushed before the exit
     saved = run.events("preemption_saved")
