@@ -264,6 +264,7 @@ def speedrun(
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
     progress_every: ProgressOption = SUP.progress_every,
+    preemption: PreemptionOption = SUP.preemption,
 ) -> None:
     """From nothing to a chat model: data, tokenizer, base, mid, SFT, RL and evaluation, every training phase under
     the same supervision as `train`. Rerun it after any stop or crash: finished phases are skipped, the interrupted
@@ -275,7 +276,8 @@ def speedrun(
 
     sup = Supervision(nproc_per_node, max_restarts=max_restarts, max_no_progress=max_no_progress, backoff=backoff,
                       backoff_cap=backoff_cap, hang_timeout=hang_timeout, startup_timeout=startup_timeout,
-                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every)  # fmt: skip
+                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every,
+                      preemption=preemption)  # fmt: skip
     sup.check()
     tables = load_config(config)
     try:
