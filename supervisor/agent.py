@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanochat import checkpoint
 from nanochat.locks import DirLock, lock_holder
-from supervisor import procs
+from supervisor import preempt, procs
 from supervisor.attempt import Plan, evidence, judge, resume_point
 from supervisor.classify import classify
 from supervisor.display import Display, View
@@ -74,12 +74,17 @@ class Agent:
         self.events.append("run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir),
                            run_id=self.run_id, phase=self.opts.phase, process_started=self.since)  # fmt: skip
         started = time.time()
+        poller = preempt.start(self.opts.preemption, self.opts.preemption_endpoint, self._on_notice, self.display.event)
         try:
             code = self._check_nodes() or self.loop()
         finally:
+            if poller:
+                poller.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             lock.release()
+        if poller and poller.notice:
+            self._notice_met(poller.notice)
         self.events.append("run_end", state=self.state.value, exit_code=code, steps_lost=self.steps_lost)
         self._summary(time.time() - started)
         return code
@@ -180,6 +185,32 @@ class Agent:
         for line in summary_lines(self.state.value, seconds, point[1] if point else None, self.view, self.opts,
                                   len(self.history), self.steps_lost, self.run_dir.path):  # fmt: skip
             self.display.event(line)
+
+    def _on_notice(self, notice: preempt.Notice) -> None:
+        """A preemption notice (the poller's thread): recorded, then a SIGTERM to this supervisor in all but name,
+        so the one stop path saves at the current step, flushes the upload and exits 75 (requeue)."""
+        step = self.view.step
+        self.events.append("preemption_notice", cloud=notice.cloud, action=notice.action, deadline=notice.deadline,
+                           seconds_left=round(notice.warning, 1), step=step)  # fmt: skip
+        self.display.event(f"preemption notice from {notice.cloud} ({notice.action}) at step {step}: the machine goes"
+                           f" in {notice.warning:.0f}s; stopping as on SIGTERM (save, upload, exit 75)")  # fmt: skip
+        if not self.signals:  # a stop already under way needs no second one (a second stop kills the tree)
+            self.lifecycle.on_signal(signal.SIGTERM, None)
+
+    def _notice_met(self, notice: preempt.Notice) -> None:
+        """After a stop on a notice: how long the save (and upload) took against the time the notice gave."""
+        took, left = time.time() - notice.seen, notice.deadline - time.time()
+        try:
+            point = None if self.fresh else resume_point(self.opts)
+        except (OSError, checkpoint.CheckpointError):
+            point = None
+        self.events.append("preemption_saved", cloud=notice.cloud, seconds=round(took, 1),
+                           notice_seconds=round(notice.warning, 1), seconds_to_spare=round(left, 1),
+                           checkpoint_step=point[1].step if point else None,
+                           remote_step=self.view.remote_step if self.opts.remote else None)  # fmt: skip
+        verdict = f"{left:.1f}s to spare" if left >= 0 else f"{-left:.1f}s LATE: the machine may have gone mid-save"
+        self.display.event(f"preemption: stopped and saved in {took:.1f}s of the notice's {notice.warning:.0f}s"
+                           f" ({verdict})")  # fmt: skip
 
     def _log_of(self, n: int) -> Path:
         return self.run_dir.attempt(n) / "torchrun.log"

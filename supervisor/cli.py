@@ -47,6 +47,8 @@ from supervisor.options import (
     NprocOption,
     OomShrinkOption,
     PhaseOption,
+    PreemptionEndpointOption,
+    PreemptionOption,
     ProgressOption,
     RemoteOption,
     StartupOption,
@@ -158,6 +160,8 @@ def train(
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
     progress_every: ProgressOption = SUP.progress_every,
+    preemption: PreemptionOption = SUP.preemption,
+    preemption_endpoint: PreemptionEndpointOption = None,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
@@ -170,7 +174,8 @@ def train(
     phase, script = phase_of_script(phase, script)
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
-                      node_timeout, local_addr=local_addr)  # fmt: skip
+                      node_timeout, local_addr=local_addr, preemption=preemption,
+                      preemption_endpoint=preemption_endpoint)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)
@@ -259,6 +264,7 @@ def speedrun(
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
     progress_every: ProgressOption = SUP.progress_every,
+    preemption: PreemptionOption = SUP.preemption,
 ) -> None:
     """From nothing to a chat model: data, tokenizer, base, mid, SFT, RL and evaluation, every training phase under
     the same supervision as `train`. Rerun it after any stop or crash: finished phases are skipped, the interrupted
@@ -270,7 +276,8 @@ def speedrun(
 
     sup = Supervision(nproc_per_node, max_restarts=max_restarts, max_no_progress=max_no_progress, backoff=backoff,
                       backoff_cap=backoff_cap, hang_timeout=hang_timeout, startup_timeout=startup_timeout,
-                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every)  # fmt: skip
+                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every,
+                      preemption=preemption)  # fmt: skip
     sup.check()
     tables = load_config(config)
     try:

@@ -17,6 +17,7 @@ from nanochat.redact import ENV as REMOTE_ENV
 from nanochat.redact import redact
 from nanochat.registry import DEFAULT, PHASES, by_script
 from nanochat.settings import LoopConfig, config_of
+from supervisor import preempt
 from supervisor.policy import Policy
 
 DEFAULT_DIST_TIMEOUT = LoopConfig.dist_timeout  # for a --script we cannot parse: the default of ours
@@ -48,6 +49,8 @@ class Supervision:
     node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
     local_addr: str | None = None  # torchrun --local-addr: the address other nodes reach this one at
+    preemption: str = "auto"  # whose preemption notices to watch (supervisor/preempt.py): auto, a cloud, or off
+    preemption_endpoint: str | None = None  # http://HOST:PORT in place of the metadata service's (tests)
 
     @property
     def min_nodes(self) -> int:
@@ -87,6 +90,8 @@ class Supervision:
             raise UsageProblem("--max-restarts must be >= 0")
         if self.max_no_progress < 1:
             raise UsageProblem("--max-no-progress must be >= 1")
+        if problem := preempt.check(self.preemption, self.preemption_endpoint):
+            raise UsageProblem(problem)
         for name in ("hang_timeout", "startup_timeout", "backoff", "backoff_cap", "grace_period", "node_timeout"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -225,6 +230,8 @@ class TrainOptions:
     phase: str = DEFAULT.name  # the training phase (base, mid, sft, rl): recorded in the event log
     env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
     remote: bool = False  # the trainer copies checkpoints to a remote (Launch.remote)
+    preemption: str = Supervision.preemption  # whose preemption notices to watch (supervisor/preempt.py)
+    preemption_endpoint: str | None = None  # replaces the metadata service's http://HOST[:PORT] (tests)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
 
 
@@ -240,7 +247,8 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
                         local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
-                        remote=launch.remote)  # fmt: skip
+                        remote=launch.remote, preemption=sup.preemption,
+                        preemption_endpoint=sup.preemption_endpoint)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

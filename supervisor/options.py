@@ -96,6 +96,17 @@ OomShrinkOption = Annotated[
 ProgressOption = Annotated[
     float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
 ]
+PreemptionOption = Annotated[
+    str,
+    typer.Option(
+        help="Watch the cloud's metadata service for a spot/preemption notice (auto: the cloud this machine's DMI"
+        " names, or none): on one, save at the current step, flush the upload and exit 75 (requeue).",
+        metavar="auto|aws|gcp|azure|off",
+    ),
+]
+PreemptionEndpointOption = Annotated[  # hidden: tests point the poller at a local server
+    str | None, typer.Option(hidden=True, help="http://HOST:PORT in place of the metadata service's.")
+]
 RemoteOption = Annotated[
     str | None,
     typer.Option(

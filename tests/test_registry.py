@@ -116,5 +116,7 @@ def test_the_supervisor_defaults_live_in_one_dataclass(tmp_path):
     assert opts == TrainOptions("x", [], opts.checkpoint_dir, opts.run_dir) and opts.policy == Policy()
     for command in (cli.train, cli.speedrun):
         params = inspect.signature(command).parameters
-        for name in ("max_restarts", "backoff", "hang_timeout", "startup_timeout", "oom_shrink", "progress_every"):
+        names = ("max_restarts", "backoff", "hang_timeout", "startup_timeout", "oom_shrink", "progress_every",
+                 "preemption")  # fmt: skip
+        for name in names:
             assert params[name].default == getattr(Supervision(), name), (command.__name__, name)
