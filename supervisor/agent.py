@@ -190,12 +190,12 @@ class Agent:
         """A preemption notice (the poller's thread): recorded, then a SIGTERM to this supervisor in all but name,
         so the one stop path saves at the current step, flushes the upload and exits 75 (requeue)."""
         step = self.view.step
+        if not self.signals:  # first (the record below waits for a disk): a stop under way needs no second one
+            self.lifecycle.on_signal(signal.SIGTERM, None)
         self.events.append("preemption_notice", cloud=notice.cloud, action=notice.action, deadline=notice.deadline,
                            seconds_left=round(notice.warning, 1), step=step)  # fmt: skip
         self.display.event(f"preemption notice from {notice.cloud} ({notice.action}) at step {step}: the machine goes"
                            f" in {notice.warning:.0f}s; stopping as on SIGTERM (save, upload, exit 75)")  # fmt: skip
-        if not self.signals:  # a stop already under way needs no second one (a second stop kills the tree)
-            self.lifecycle.on_signal(signal.SIGTERM, None)
 
     def _notice_met(self, notice: preempt.Notice) -> None:
         """After a stop on a notice: how long the save (and upload) took against the time the notice gave."""

@@ -221,7 +221,9 @@ def test_an_aws_notice_mid_run_saves_uploads_and_exits_for_requeue(supervise, se
     assert len(notices) == 1 and notices[0]["cloud"] == "aws" and notices[0]["action"] == "terminate", out[-3000:]
     step = notices[0]["step"]
     ckpt = newest(run.ckpt)
-    assert step <= ckpt.step <= step + 1, (step, ckpt.step)  # the step of the notice, or the one it was in
+    # the step the supervisor last saw (its view is up to a tick old), or the one in flight, or on a loaded machine
+    # the next: the trainer saves at the end of the step in which the stop reaches it
+    assert step <= ckpt.step <= step + 2, (step, ckpt.step)
     assert f"stopped by SIGTERM at step {ckpt.step}" in run.attempt_log(1)
     assert ckpt.meta["stop_reason"] == "signal:SIGTERM" and not ckpt.final
     assert ckpt.step in [s for s, _ in open_remote(url).committed()]  # the upload was flushed before the exit
