@@ -231,7 +231,9 @@ class Phase:
         exit status: 0 done, 128+signal stopped."""
         code = self._train(recipe)
         if self.uploader is not None and self.uploader.offered is not None:
-            if self.uploader.flush(self.cfg.remote_flush_timeout):
+            beat = self.telemetry.heartbeat if self.telemetry is not None else None
+            waiting = (lambda: beat.amend(**self.uploader.progress())) if beat else (lambda: None)  # noqa: E731
+            if self.uploader.flush(self.cfg.remote_flush_timeout, waiting):  # the supervisor's deadline: its progress
                 print0(f"remote: step {self.uploader.uploaded} is in {self.uploader.remote.url}")
             else:
                 why = self.uploader.error or "still uploading"
@@ -239,7 +241,7 @@ class Phase:
                       f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
                       " `nanochat-run push` copies it later")  # fmt: skip
             if self.telemetry is not None:  # the supervisor's end-of-run summary shows how far the remote lags
-                self.telemetry.heartbeat.amend(**self.uploader.status())
+                self.telemetry.heartbeat.amend(**self.uploader.status(), uploading=None)  # no longer waiting
         return code
 
     def _train(self, r: Recipe) -> int:
