@@ -12,6 +12,7 @@
                          before the meta (meta)
     sleep@save:40        sleep 40 s in the middle of every save (a slow save, for grace-period tests)
     sleep@eval:2         sleep 2 s after every validation batch (a slow evaluation, for stop tests)
+    sleep@upload:2       sleep 2 s after the model file of every remote upload (a slow upload that progresses)
 
 A fault fires once per checkpoint directory: a marker file `.fault-fired-<spec>` records it, so the restarted run
 carries on as after a transient failure. A `!` suffix makes it fire on every attempt, like a deterministic bug.
@@ -57,13 +58,13 @@ class Fault:
         timed = kind == "sleep"
         if timed and (where == "step" or not what.isdigit()) or not timed and where == "eval":
             raise ValueError(
-                f"--debug_fault={spec!r}: sleep takes @save:SECONDS or @eval:SECONDS, others @step or @save"
+                f"--debug_fault={spec!r}: sleep takes @save, @eval or @upload:SECONDS, others @step or @save"
             )
         if not timed and where == "step" and not what.isdigit():
             raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, e.g. @step:7")
         if not timed and where == "save" and what not in _SAVE_PHASES:
             raise ValueError(f"--debug_fault={spec!r}: save phase must be one of {', '.join(_SAVE_PHASES)}")
-        if where == "upload" and (timed or what not in ("model", "optim", "meta")):
+        if where == "upload" and not timed and what not in ("model", "optim", "meta"):
             raise ValueError(
                 f"--debug_fault={spec!r}: upload faults take model, optim or meta, e.g. sigkill@upload:optim"
             )
@@ -103,7 +104,10 @@ class Fault:
 
     def at_upload(self, phase: str) -> None:
         """In the uploader thread (rank 0): after the `phase` file is sent (before the meta, for "meta")."""
-        if self.where == "upload" and phase == self.what and self._armed(0):
+        if self.where == "upload" and self.kind == "sleep":
+            if phase == "model":
+                time.sleep(float(self.what))
+        elif self.where == "upload" and phase == self.what and self._armed(0):
             fire(self.kind, f"upload phase {phase}")
 
     def at_eval_batch(self, rank: int) -> None:

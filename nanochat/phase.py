@@ -232,7 +232,8 @@ class Phase:
         code = self._train(recipe)
         if self.uploader is not None and self.uploader.offered is not None:
             beat = self.telemetry.heartbeat if self.telemetry is not None else None
-            waiting = (lambda: beat.amend(**self.uploader.progress())) if beat else (lambda: None)  # noqa: E731
+            up = self.uploader
+            waiting = (lambda: beat.amend(**up.status(), **up.progress())) if beat else (lambda: None)  # noqa: E731
             if self.uploader.flush(self.cfg.remote_flush_timeout, waiting):  # the supervisor's deadline: its progress
                 print0(f"remote: step {self.uploader.uploaded} is in {self.uploader.remote.url}")
             else:

@@ -390,14 +390,16 @@ class Uploader:
         """Wait up to `timeout` seconds until the newest offered step is uploaded; False if it is not. `waiting` is
         called about every second meanwhile (the trainer beats the upload's progress)."""
         deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            with self._cond:
+                if self.offered is None or self.uploaded == self.offered:
+                    return True
+            waiting()  # (outside the lock: the uploader thread takes it to say an upload is done)
+            with self._cond:
+                if self.offered is not None and self.uploaded != self.offered:
+                    self._cond.wait(min(left, 1.0))
         with self._cond:
-            while self.offered is not None and self.uploaded != self.offered:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                waiting()
-                self._cond.wait(min(left, 1.0))
-        return True
+            return self.offered is None or self.uploaded == self.offered
 
     def _sending(self, step: int, done: int, total: int) -> None:
         self.sending = (step, done, total)  # one tuple: the reading thread sees all three of one moment

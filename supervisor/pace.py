@@ -122,7 +122,8 @@ def current(limits: dict[str, tuple[float, str]], heartbeat: dict, healthy: bool
         return "starting", *limits["starting"]
     phase = heartbeat.get("phase")
     if heartbeat.get("uploading") is not None:  # the trainer waits for its last upload (a finished or stopped run)
-        return "uploading", *limits["uploading"]
+        # (a `hang_deadlines` event of an older supervisor has no upload deadline: the fallback)
+        return "uploading", *limits.get("uploading", (FALLBACK, f"{FALLBACK:g}s until an upload is timed"))
     if phase == "saving":
         return "saving", *limits.get(save_kind(heartbeat), limits["saving"])
     if phase == "evaluating":
