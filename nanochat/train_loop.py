@@ -200,13 +200,13 @@ def young_daly(cost: float, write: float, step_time: float, mtbf: float) -> int:
     return max(1, math.ceil(seconds / max(step_time, 1e-9)))
 
 
-def write_slowdown(step_time: float, writing_step_time: float | None, background: float) -> float:
-    """The seconds a background write of `background` seconds costs the loop by slowing its steps: the fraction of
-    each step lost to it (a step takes `writing_step_time` while a write runs, `step_time` otherwise) over the
-    write's duration. 0 until both are timed, or when the steps are no slower."""
+def write_slowdown(step_time: float, writing_step_time: float | None, steps: float) -> float:
+    """The seconds a save's background write costs the loop by slowing the `steps` steps it overlaps (on average):
+    each takes `writing_step_time` instead of `step_time`. 0 until both are timed, or when the steps are no slower.
+    (Counted in steps, not the write's seconds: a write shorter than a step still slows that whole step.)"""
     if writing_step_time is None or writing_step_time <= step_time:
         return 0.0
-    return max(background, 0.0) * (1.0 - step_time / writing_step_time)
+    return (writing_step_time - step_time) * max(steps, 0.0)
 
 
 def _writing(record, start: float, end: float) -> bool:
@@ -227,12 +227,14 @@ class AutoSave:
 
     A save costs more than its blocking part: the steps that run while its background write is in flight are slower
     (the writer competes for memory bandwidth, the disk and a core). Steps are timed apart by whether a disk write
-    was in flight during them, and the difference, over the write's duration, is added to the cost."""
+    was in flight during them, and what they lose (their extra time, times the steps a save's write overlaps on
+    average) is added to the cost."""
 
     mtbf: float
     first_step: int  # the step this process started from (a resumed run measures afresh)
     step_time: float | None = None  # an average over recent steps without a background write in flight (seconds)
     writing_step_time: float | None = None  # the same over recent steps while a disk write was in flight
+    writing_steps: int = 0  # steps of this process that a disk write was in flight during
     interval: int | None = None  # steps; None until a save was measured
     logged: int | None = None
     last_save: int | None = None
@@ -246,6 +248,7 @@ class AutoSave:
         if step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
             if measured and _writing(measured[-1], now - dt, now):  # one write in flight at a time: the newest
                 self.writing_step_time = _average(self.writing_step_time, dt)
+                self.writing_steps += 1
             else:
                 self.step_time = _average(self.step_time, dt)
         step_time = self.step_time or self.writing_step_time  # (every step overlapped a write: no slowdown known)
@@ -254,15 +257,17 @@ class AutoSave:
         cost = sum(r.blocked for r in measured) / len(measured)
         written = [r.durable_at - r.started for r in measured if r.durable_at is not None]
         write = sum(written) / len(written) if written else cost
-        slowdown = write_slowdown(step_time, self.writing_step_time, write - cost)
+        saves = sum(1 for r in records if r.disk and r.step > self.first_step)
+        slowdown = write_slowdown(step_time, self.writing_step_time, self.writing_steps / saves)
         self.interval = young_daly(cost + slowdown, write, step_time, self.mtbf)
         if self.logged is None or abs(self.interval - self.logged) > CHANGE_TO_LOG * self.logged:
             self.logged = self.interval
             during = f"{self.writing_step_time:.3f}s" if self.writing_step_time is not None else "not timed yet"
             self.log(f"--save_every=auto: a save every {self.interval} steps (~{self.interval * step_time:.1f}s;"
-                     f" a save costs {cost + slowdown:.3f}s: it blocks {cost:.3f}s and slows the steps during its"
-                     f" background write by {slowdown:.3f}s; its write takes {write:.3f}s, MTBF {self.mtbf:g}s, a"
-                     f" step {step_time:.3f}s, {during} during a write)")  # fmt: skip
+                     f" a save costs {cost + slowdown:.3f}s: it blocks {cost:.3f}s and slows the"
+                     f" {self.writing_steps / saves:.1f} steps during its background write by {slowdown:.3f}s; its"
+                     f" write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step {step_time:.3f}s, {during} during a"
+                     " write)")  # fmt: skip
 
     def vote(self, step: int, busy: bool) -> int:
         """1 if step `step` should save to disk: the first measuring save, then every `interval` steps, never while

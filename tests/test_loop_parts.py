@@ -86,8 +86,8 @@ def test_auto_saves_first_to_measure_then_every_young_daly_interval_never_while_
     assert schedule.vote(14, 1.0, records, busy=True) == 0  # sqrt(2 x 0.25 x 800) = 20 s = 20 steps
     assert schedule.auto.interval == 20 and not schedule.on_disk(14) and schedule.due(14) is None
     assert lines == ["--save_every=auto: a save every 20 steps (~20.0s; a save costs 0.250s: it blocks 0.250s and"
-                     " slows the steps during its background write by 0.000s; its write takes 0.250s, MTBF 800s, a"
-                     " step 1.000s, 1.000s during a write)"]  # fmt: skip
+                     " slows the 1.0 steps during its background write by 0.000s; its write takes 0.250s, MTBF 800s,"
+                     " a step 1.000s, 1.000s during a write)"]  # fmt: skip
     records[-1] = _record(13, blocked=0.25, write=30.0)  # durable after 30 s: the write bounds the interval
     assert [schedule.vote(s, 1.0, records, busy=False) for s in range(15, 44)].index(1) + 15 == 43
     assert len(lines) == 2 and "every 30 steps" in lines[-1]
@@ -102,7 +102,7 @@ def test_auto_saves_first_to_measure_then_every_young_daly_interval_never_while_
 
 def test_auto_counts_the_slowdown_of_the_steps_during_a_background_write_in_the_save_cost() -> None:
     assert write_slowdown(1.0, None, 30.0) == 0.0 and write_slowdown(1.0, 0.9, 30.0) == 0.0  # not timed, not slower
-    assert write_slowdown(1.0, 1.25, 30.0) == pytest.approx(6.0)  # a fifth of each step for 30 s
+    assert write_slowdown(1.0, 1.25, 24.0) == pytest.approx(6.0)  # a quarter of a step more, for 24 steps
     lines: list[str] = []
     schedule = SaveSchedule.of("auto", 0, mtbf=800.0, first_step=0)
     schedule.auto.log = lines.append
@@ -120,14 +120,14 @@ def test_auto_counts_the_slowdown_of_the_steps_during_a_background_write_in_the_
         t += 1.0
         schedule.vote(step, 1.0, records, busy=False, now=t)
     auto = schedule.auto
-    assert auto.writing_step_time == 2.0 and auto.step_time == 1.0
-    # 20 s of background write at half speed: 10 s lost, on top of the 0.5 s it blocks: sqrt(2 x 10.5 x 800) = 130 s
+    assert (auto.writing_step_time, auto.step_time, auto.writing_steps) == (2.0, 1.0, 10)
+    # 10 steps 1 s slower while the write runs: 10 s lost, on top of the 0.5 s it blocks: sqrt(2 x 10.5 x 800) = 130 s
     assert auto.interval == 130
-    assert (
-        "a save costs 10.500s: it blocks 0.500s and slows the steps during its background write by 10.000s"
-        in (lines[-1])
-        and "a step 1.000s, 2.000s during a write" in lines[-1]
-    )
+    assert "slows the 7.0 steps during its background write by 7.000s" in lines[-1]  # the last logged: 7 steps in (later moves < 20%)
+    auto.logged = None  # (the line again, with the finished write's numbers)
+    schedule.vote(20, 1.0, records, busy=False, now=t + 1.0)
+    assert "a save costs 10.500s: it blocks 0.500s and slows the 10.0 steps during its background write by" in lines[-1]
+    assert "by 10.000s; its write takes 20.500s" in lines[-1] and "a step 1.000s, 2.000s during a write" in lines[-1]
 
 
 def test_auto_measures_afresh_after_a_resume_and_fixed_schedules_never_vote() -> None:
