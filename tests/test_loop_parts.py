@@ -123,8 +123,8 @@ def test_auto_counts_the_slowdown_of_the_steps_during_a_background_write_in_the_
     assert (auto.writing_step_time, auto.step_time, auto.writing_steps) == (2.0, 1.0, 10)
     # 10 steps 1 s slower while the write runs: 10 s lost, on top of the 0.5 s it blocks: sqrt(2 x 10.5 x 800) = 130 s
     assert auto.interval == 130
-    assert "slows the 7.0 steps during its background write by 7.000s" in lines[-1]  # the last logged: 7 steps in (later moves < 20%)
-    auto.logged = None  # (the line again, with the finished write's numbers)
+    assert "slows the 7.0 steps during its background write by 7.000s" in lines[-1]
+    auto.logged = None  # the line logged last was 7 steps into the write (later moves < 20%): log it again
     schedule.vote(20, 1.0, records, busy=False, now=t + 1.0)
     assert "a save costs 10.500s: it blocks 0.500s and slows the 10.0 steps during its background write by" in lines[-1]
     assert "by 10.000s; its write takes 20.500s" in lines[-1] and "a step 1.000s, 2.000s during a write" in lines[-1]
