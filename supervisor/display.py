@@ -48,6 +48,7 @@ class View:
         self.attempt, self.tries, self.phase = n, tries, "starting"
         self.step = self.last_checkpoint = start_step
         self.loss = self.tok_per_s = self.eval_batch = self.eval_batches = self.mfu = self.gpu_mem = None
+        self.uploading = self.hang_after = None
 
     def beat(self, hb: dict) -> None:
         """Take what the trainer's heartbeat says; fields it leaves out keep their value (the loss while saving)."""

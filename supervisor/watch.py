@@ -221,7 +221,7 @@ class Watcher:
             return
         if a.stop_sent is None:
             a.stop_sent = now
-            self.view.phase = "saving on stop"
+            self.view.phase, self.view.hang_after = "saving on stop", None  # the grace period holds now, not a deadline
         self._deliver_stop(a, now)
         # each worker has the grace period from its own signal: escalate only once the last one to get it is over
         # (its peers wait for it in their collectives anyway); with no worker left, torchrun has it from the stop
