@@ -14,11 +14,12 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -188,6 +189,8 @@ FIRST_SAVE_STEPS = 3  # the first save, to measure what a save costs: after this
 # step includes compilation and warm-up, so the step time is measured over the next ones too)
 MEASURED_SAVES = 5  # the cost of a save: the average of this process's last few (one alone is noisy)
 CHANGE_TO_LOG = 0.2  # log the interval again only when it moved by more than this fraction
+STEP_WINDOW = 20  # step times: the median of the last this many (of each kind: with and without a write in flight),
+# which one step slowed by something else (a busy host, a data shard opened) does not move
 
 
 def young_daly(cost: float, write: float, step_time: float, mtbf: float) -> int:
@@ -215,8 +218,8 @@ def _writing(record, start: float, end: float) -> bool:
     return record.started + record.blocked < end and (record.durable_at is None or record.durable_at > start)
 
 
-def _average(average: float | None, value: float) -> float:
-    return value if average is None else 0.8 * average + 0.2 * value
+def _recent(times: list[float], dt: float) -> list[float]:
+    return [*times, dt][-STEP_WINDOW:]
 
 
 @dataclass
@@ -232,8 +235,8 @@ class AutoSave:
 
     mtbf: float
     first_step: int  # the step this process started from (a resumed run measures afresh)
-    step_time: float | None = None  # an average over recent steps without a background write in flight (seconds)
-    writing_step_time: float | None = None  # the same over recent steps while a disk write was in flight
+    steps: list[float] = field(default_factory=list)  # recent step times without a disk write in flight (seconds)
+    writing: list[float] = field(default_factory=list)  # recent step times while a disk write was in flight
     writing_steps: int = 0  # steps of this process that a disk write was in flight during
     interval: int | None = None  # steps; None until a save was measured
     logged: int | None = None
@@ -247,27 +250,38 @@ class AutoSave:
         measured = [r for r in records if r.disk and r.step > self.first_step][-MEASURED_SAVES:]
         if step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
             if measured and _writing(measured[-1], now - dt, now):  # one write in flight at a time: the newest
-                self.writing_step_time = _average(self.writing_step_time, dt)
+                self.writing = _recent(self.writing, dt)
                 self.writing_steps += 1
             else:
-                self.step_time = _average(self.step_time, dt)
+                self.steps = _recent(self.steps, dt)
         step_time = self.step_time or self.writing_step_time  # (every step overlapped a write: no slowdown known)
+        during = self.writing_step_time
         if not measured or step_time is None:
             return
         cost = sum(r.blocked for r in measured) / len(measured)
         written = [r.durable_at - r.started for r in measured if r.durable_at is not None]
         write = sum(written) / len(written) if written else cost
         saves = sum(1 for r in records if r.disk and r.step > self.first_step)
-        slowdown = write_slowdown(step_time, self.writing_step_time, self.writing_steps / saves)
+        slowdown = write_slowdown(step_time, during, self.writing_steps / saves)
         self.interval = young_daly(cost + slowdown, write, step_time, self.mtbf)
         if self.logged is None or abs(self.interval - self.logged) > CHANGE_TO_LOG * self.logged:
             self.logged = self.interval
-            during = f"{self.writing_step_time:.3f}s" if self.writing_step_time is not None else "not timed yet"
+            timed = f"{during:.3f}s" if during is not None else "not timed yet"
             self.log(f"--save_every=auto: a save every {self.interval} steps (~{self.interval * step_time:.1f}s;"
                      f" a save costs {cost + slowdown:.3f}s: it blocks {cost:.3f}s and slows the"
                      f" {self.writing_steps / saves:.1f} steps during its background write by {slowdown:.3f}s; its"
-                     f" write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step {step_time:.3f}s, {during} during a"
+                     f" write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step {step_time:.3f}s, {timed} during a"
                      " write)")  # fmt: skip
+
+    @property
+    def step_time(self) -> float | None:
+        """A step's time without a write in flight (the median of the recent ones), None before one was timed."""
+        return statistics.median(self.steps) if self.steps else None
+
+    @property
+    def writing_step_time(self) -> float | None:
+        """A step's time while a disk write was in flight, the same way."""
+        return statistics.median(self.writing) if self.writing else None
 
     def vote(self, step: int, busy: bool) -> int:
         """1 if step `step` should save to disk: the first measuring save, then every `interval` steps, never while
