@@ -61,11 +61,8 @@ class View:
         if "remote_step" in hb:
             self.remote_step, self.remote_error = hb["remote_step"], hb.get("remote_error")
         self.eval_batch, self.eval_batches = hb.get("eval_batch"), hb.get("eval_batches")
-        self.uploading, self.upload_sent, self.upload_bytes = (
-            hb.get("uploading"),
-            hb.get("upload_sent"),
-            hb.get("upload_bytes"),
-        )
+        self.uploading = hb.get("uploading")  # while the trainer waits for its final upload
+        self.upload_sent, self.upload_bytes = hb.get("upload_sent"), hb.get("upload_bytes")
 
     @property
     def doing(self) -> str:

@@ -10,7 +10,7 @@ its first heartbeat shows the same configuration (`adopt`); a changed configurat
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 FALLBACK = 1800.0  # seconds without progress before anything of its kind was measured (the old fixed default)
 MIN_STEPS = 3  # step times seen before the step deadline follows them (the first step, compiling, is start-up's)
@@ -62,6 +62,8 @@ class Pace:
 
     def moved(self, before: dict, after: dict, seconds: float) -> None:
         """The heartbeat went from `before` to `after`, `seconds` after `before` was first seen."""
+        if before.get("uploading") is not None:  # the final upload's progress (after a stop's save): no save time
+            return
         phase = before.get("phase")
         if phase == "saving":
             kind = save_kind(before)
@@ -164,6 +166,6 @@ def adopt(pace: Pace, heartbeat: dict, earlier: Pace | None) -> tuple[Pace, str]
     if pace.config is None:
         if earlier is not None and earlier.config == config:
             return earlier, "hang deadlines: from the pace an earlier invocation measured (the same configuration)"
-        return Pace(**{**asdict(pace), "config": config}), ""
+        return replace(pace, config=config), ""
     changed = ", ".join(k for k in CONFIG if pace.config.get(k) != config.get(k))
     return Pace(config=config), f"hang deadlines: the configuration changed ({changed}): measuring the pace afresh"

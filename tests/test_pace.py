@@ -162,6 +162,8 @@ def test_the_final_upload_is_held_to_the_throughput_of_earlier_uploads_and_each_
     # a stop's save, then its upload: the upload's deadline, not the save's
     stopping = {"phase": "saving", "reason": "signal:SIGTERM", "step": 7, "uploading": 7}
     assert deadline(o, healthy=True, heartbeat=stopping, pace=pace)[:2] == ("uploading", 2500)
+    pace.moved(stopping, {**stopping, "upload_sent": 10}, 900.0)  # a slow file of that upload is not a save's time
+    assert pace.saves == {}
     assert deadline(o, healthy=True, heartbeat={**flushing, "uploading": None}, pace=pace)[0] == "done"
 
 
