@@ -241,8 +241,9 @@ class Phase:
                 warn0(f"remote: step {self.uploader.offered} is not in {self.uploader.remote.url} after"
                       f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
                       " `nanochat-run push` copies it later")  # fmt: skip
-            if self.telemetry is not None:  # the supervisor's end-of-run summary shows how far the remote lags
-                self.telemetry.heartbeat.amend(**self.uploader.status(), uploading=None)  # no longer waiting
+        if self.telemetry is not None:  # the supervisor's summary shows how far the remote lags, and where time went
+            remote = {**self.uploader.status(), "uploading": None} if self.uploader is not None else {}  # (done)
+            self.telemetry.closing(**remote)
         return code
 
     def _train(self, r: Recipe) -> int:
@@ -306,7 +307,8 @@ class Phase:
                     return stopped(stop, stop.decided, c.step)
                 c.val, c.val_step = result, c.step
             if r.sample_every > 0 and (last or c.step % r.sample_every == 0):
-                r.sample(c.step)
+                with tel.spending("eval"):
+                    r.sample(c.step)
 
         saver.finish()  # nothing should be in flight after the final save; this makes sure
         crc = check_replicas(r.model, self.dist)
@@ -341,6 +343,10 @@ class Phase:
 
     def save(self, r: Recipe, c: Counters, due: Due) -> None:
         """Save step `c.step` as `due` says; a final or signal save is durable before this returns."""
+        with self.telemetry.spending("save" if due.reason == "periodic" else "final"):
+            self._save(r, c, due)
+
+    def _save(self, r: Recipe, c: Counters, due: Due) -> None:
         self.telemetry.saving(c.step, due)
         t0 = time.perf_counter()
         record = meta_record(c, extras=r.meta, run_id=self.run_id, phase=self.name,
@@ -365,11 +371,12 @@ class Phase:
             signum, ended = self.stop.agreed_with(self.dist, int(exhausted))
             return bool(signum), bool(ended)
 
-        between(0, False)
-        r.model.eval()
-        with self.autocast:
-            result = r.evaluate(step, between)
-        r.model.train()
+        with self.telemetry.spending("eval"):
+            between(0, False)
+            r.model.eval()
+            with self.autocast:
+                result = r.evaluate(step, between)
+            r.model.train()
         self.telemetry.evaluated(step, result)
         return result
 

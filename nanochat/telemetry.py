@@ -4,9 +4,10 @@ and where a (re)start spent its time (`Startup`). The loop says what happened; t
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,45 @@ class Startup:
         )
 
 
+@dataclass
+class Spent:
+    """Where this process's seconds went after its first step (the start-up, which the supervisor times from the
+    launch to `began`), for the supervisor's goodput ledger (supervisor/goodput.py). Every second from `began` on
+    is charged to one part: `charge(part)` books the time since the last charge, so nothing between two charges
+    (logging, the heartbeat, the stop vote) goes missing. Parts: "train" (the steps), "save" (a periodic save,
+    the time it blocked), "eval" (evaluations and samples), "final" (the final or signal save, the wait for the
+    background writer, the upload flush). `kept_at[step]`: "train" when the save of `step` was made, so the
+    supervisor can tell the steps a checkpoint kept from those a failure lost."""
+
+    began: float = 0.0  # wall time the first step ended; 0: not yet
+    mark: float = 0.0  # perf_counter() of the last charge
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("train", "save", "eval", "final"), 0.0))
+    kept_at: dict[int, float] = field(default_factory=dict)
+
+    KEPT_AT = 16  # saves remembered: a resume point is one of the newest few
+
+    def start(self) -> None:
+        self.began, self.mark = time.time(), time.perf_counter()
+
+    def charge(self, part: str) -> None:
+        if self.began:
+            now = time.perf_counter()
+            self.seconds[part] += now - self.mark
+            self.mark = now
+
+    def saved(self, step: int) -> None:
+        self.kept_at[step] = self.seconds["train"]
+        while len(self.kept_at) > self.KEPT_AT:
+            del self.kept_at[min(self.kept_at)]
+
+    def beat(self) -> dict:
+        """The heartbeat's "spent" field (seconds rounded to the millisecond; JSON keys are strings)."""
+        if not self.began:
+            return {}
+        return {"began": self.began, **{k: round(v, 3) for k, v in self.seconds.items()},
+                "kept_at": {str(k): round(v, 3) for k, v in self.kept_at.items()}}  # fmt: skip
+
+
 class Telemetry:
     """One attempt's telemetry. Made once the state is loaded: it opens wandb (--run) and metrics.jsonl (dropping
     the lines past `start_step`) and beats "starting". Every rank calls every method; each channel decides who
@@ -70,9 +110,24 @@ class Telemetry:
                                    dist_timeout=cfg.dist_timeout, flops_per_token=flops_per_token)  # fmt: skip
         self.heartbeat(step=start_step, phase="starting", checkpoint=start_step if resumed else None)
         self.first_step, self.smooth_tps, self.timed = start_step, 0.0, 0  # tokens/s, smoothed past the first step
+        self.spent = Spent()
 
     def startup(self, times: Startup) -> None:
+        """The first step is done: the start-up ends here (it includes compilation and warm-up)."""
         print0(times.line(time.perf_counter()))
+        self.spent.start()
+
+    @contextlib.contextmanager
+    def spending(self, part: str) -> Iterator[None]:
+        """Charge what came before to the steps, and the time inside to `part` ("save", "eval", "final")."""
+        self.spent.charge("train")
+        try:
+            yield
+        finally:
+            self.spent.charge(part)
+
+    def _beat(self, **fields) -> None:
+        self.heartbeat(**fields, spent=self.spent.beat())
 
     def step(self, c: Counters, lrm: float, dt: float, stats: Callable[[], dict[str, float]], durable: int | None):
         """Step `c.step` is done (in `dt` seconds): beat, log it, and print it every --log_every steps and at the
@@ -85,7 +140,8 @@ class Telemetry:
         mfu = 100 * self.flops_per_token * tok_per_s / (self.peak * self.world) if self.peak else None
         remote = self.uploader.status() if self.uploader else {}
         gpu_mem = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
-        self.heartbeat(step=step, loss=debiased, tok_per_s=self.smooth_tps / (1 - 0.9**self.timed) if self.timed
+        self.spent.charge("train")
+        self._beat(step=step, loss=debiased, tok_per_s=self.smooth_tps / (1 - 0.9**self.timed) if self.timed
                        else None, **remote, mfu=mfu, gpu_mem=gpu_mem, checkpoint=durable, phase="training")  # fmt: skip
         numbers = {}
         if step % self.log_every == 0 or step == n:
@@ -104,10 +160,11 @@ class Telemetry:
 
     def saving(self, step: int, due: Due) -> None:
         # what it writes tells the supervisor's save deadline a snapshot from a disk save (supervisor/pace.py)
-        self.heartbeat(step=step, phase="saving", reason=due.reason, disk=due.disk)
+        self._beat(step=step, phase="saving", reason=due.reason, disk=due.disk)
 
     def saved(self, step: int, due: Due, dt: float, background: bool) -> None:
         """The save is done (`dt` seconds), or handed to the background writer (`background`: blocked `dt`)."""
+        self.spent.saved(step)
         what = " and ".join(
             [f"checkpoint to {self.ckpt_dir} ({due.reason})"] * due.disk + ["snapshot in shared memory"] * due.memory
         )
@@ -116,8 +173,13 @@ class Telemetry:
         else:
             print0(f"step {step:05d} | saved {what} in {dt:.2f}s")
 
+    def closing(self, **fields) -> None:
+        """The process is about to end (the upload flushed, or a stop saved): the last word on where time went."""
+        self.spent.charge("final")
+        self.heartbeat.amend(**fields, spent=self.spent.beat())
+
     def evaluating(self, step: int, done: int, durable: int | None) -> None:
-        self.heartbeat(step=step, phase="evaluating", eval_batch=done, eval_batches=self.plan.eval_steps,
+        self._beat(step=step, phase="evaluating", eval_batch=done, eval_batches=self.plan.eval_steps,
                        checkpoint=durable)  # fmt: skip
 
     def evaluated(self, step: int, result: float | None) -> None:
@@ -138,4 +200,5 @@ class Telemetry:
 
     def finished(self, c: Counters) -> None:
         """The last beat: the run is complete (the supervisor stops restarting it)."""
-        self.heartbeat(step=c.step, phase="done", loss=c.loss(), checkpoint=c.step, **{self.metric: c.val})
+        self.spent.charge("final")
+        self._beat(step=c.step, phase="done", loss=c.loss(), checkpoint=c.step, **{self.metric: c.val})

@@ -37,8 +37,10 @@ __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PREEMPTED", "EXIT
 class Agent:
     """One supervised run. `run()` is the whole of it; `loop()` asks `attempt(n)` for each attempt in turn."""
 
-    def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None):
+    def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None,
+                 since: float | None = None):  # fmt: skip
         self.opts = opts
+        self.since = since  # when this invocation's process started: the goodput ledger's start (supervisor/goodput.py)
         self.nodes = nodes  # a multi-node run: the leader decides for every node (supervisor/nodes.py)
         self.display = display
         self.view = View(max_attempts=opts.policy.max_restarts + 1)
@@ -70,7 +72,7 @@ class Agent:
             self.display.event(msg)
         old_handlers = {s: signal.signal(s, self.lifecycle.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.events.append("run_start", pid=os.getpid(), checkpoint_dir=str(self.opts.checkpoint_dir),
-                           run_id=self.run_id, phase=self.opts.phase)  # fmt: skip
+                           run_id=self.run_id, phase=self.opts.phase, process_started=self.since)  # fmt: skip
         started = time.time()
         try:
             code = self._check_nodes() or self.loop()

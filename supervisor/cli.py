@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import psutil
 import typer
 
 from nanochat import checkpoint
@@ -206,7 +207,7 @@ def train(
         display.event(f"multi-node: {role} of --nnodes {sup.nnodes}; the leader decides for every node")
         nodes = Coordinator.connect(sup.node_rank, sup.max_nodes, sup.rdzv_endpoint, sup.min_nodes)
     try:
-        code = Agent(opts, display, nodes).run()
+        code = Agent(opts, display, nodes, since=psutil.Process().create_time()).run()
     except LockError as e:
         display.close()
         raise UsageProblem(str(e)) from None

@@ -18,12 +18,16 @@ from pathlib import Path
 
 from nanochat import metrics, safefile
 from nanochat.registry import by_folder
+from supervisor.goodput import PARTS, Ledger, ledger
 from supervisor.records import RunDir, read_events
 
 WIDTH, HEIGHT, DPI = 12, 8, 100  # inches and dots per inch: a 1200 x 800 PNG, readable at 100% on any screen
 UNSUPERVISED = "restart"  # the cause of a restart when no event log says how the attempt before it ended
 METRIC_NAMES = {"val_bpb": "validation bits per byte", "val_pass@k": "validation pass@k"}  # for the axis labels
 _NOT_METRICS = {"kind", "step", "time", "attempt"}
+BAR_COLORS = {"kept steps": "tab:green", "lost steps": "tab:red", "start-up": "tab:gray", "save blocked": "tab:orange",
+              "evaluation": "tab:purple", "final save + flush": "tab:brown", "detection": "tab:pink",
+              "back-off": "tab:cyan", "unexplained": "black"}  # fmt: skip
 
 
 class PlotError(Exception):
@@ -65,6 +69,7 @@ class RunSeries:
     evals: Curve
     tok_per_s: Curve
     restarts: list[Restart]
+    goodput: Ledger | None = None  # where the supervised time went (supervisor/goodput.py); None: unsupervised
 
     @property
     def steps_lost(self) -> int:
@@ -108,7 +113,20 @@ def series(checkpoint_dir: Path, run_dir: Path | None = None) -> RunSeries:
         evals=_curve(evals),
         tok_per_s=_curve(tok),
         restarts=restarts([r for r in records if r.get("kind") == "start"], ended),
+        goodput=_ledger(checkpoint_dir, run_dir),
     )
+
+
+def _ledger(checkpoint_dir: Path, run_dir: Path | None) -> Ledger | None:
+    """The goodput ledger of this checkpoint dir's supervised invocations, from the run dir's event log."""
+    if run_dir is None or not run_dir.is_dir():
+        return None
+    from supervisor.report import invocations  # (report imports rich: only here, where a picture is drawn)
+
+    runs = [r for r in invocations(read_events(RunDir(run_dir)), None)
+            if r["checkpoint_dir"] in (None, str(checkpoint_dir))]  # fmt: skip
+    led = ledger(runs)
+    return led if led.wall > 0 else None
 
 
 def restarts(starts: list[dict], ended: dict[int, str]) -> list[Restart]:
@@ -200,7 +218,12 @@ def draw(run: RunSeries, out: Path, compare: Sequence[RunSeries] = ()) -> Path:
         raise PlotError("drawing needs matplotlib: pip install matplotlib") from None
 
     fig = Figure(figsize=(WIDTH, HEIGHT), dpi=DPI, layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.4])
+    grid = fig.add_gridspec(3 if run.goodput else 2, 1, height_ratios=[3, 1.4, 0.5][: 3 if run.goodput else 2])
+    top = fig.add_subplot(grid[0])
+    bottom = fig.add_subplot(grid[1], sharex=top)
+    top.tick_params(labelbottom=False)
+    if run.goodput:  # below, on its own axis (seconds, not steps)
+        _time_bar(fig.add_subplot(grid[2]), run.goodput)
     names = labels([run, *compare])
     own = f"{names[0]}: training loss (smoothed)" if compare else "training loss (smoothed)"
     lines = top.plot(run.loss.steps, run.loss.values, color="tab:blue", lw=1.8, label=own)
@@ -258,9 +281,27 @@ def draw(run: RunSeries, out: Path, compare: Sequence[RunSeries] = ()) -> Path:
 
 def _summary(run: RunSeries) -> str:
     n = len(run.restarts)
+    good = f", goodput {100 * (run.goodput.ratio or 0):.1f}%" if run.goodput else ""
     if not n:
-        return f": {run.loss.steps[-1]} steps, no restarts"
-    return f": {run.loss.steps[-1]} steps, {n} restart{'s' * (n > 1)}, {run.steps_lost} steps lost"
+        return f": {run.loss.steps[-1]} steps, no restarts{good}"
+    return f": {run.loss.steps[-1]} steps, {n} restart{'s' * (n > 1)}, {run.steps_lost} steps lost{good}"
+
+
+def _time_bar(ax, led: Ledger) -> None:
+    """One horizontal bar: the supervised time split into the ledger's parts, kept training first."""
+    left = 0.0
+    for part in sorted(PARTS, key=lambda p: p != "kept steps"):
+        seconds = led.parts[part]
+        if seconds <= 0:
+            continue
+        ax.barh(0, seconds, left=left, color=BAR_COLORS[part],
+                label=f"{part} {seconds:.0f}s ({100 * seconds / led.wall:.0f}%)")  # fmt: skip
+        left += seconds
+    ax.set_yticks([])
+    ax.set_xlim(0, max(left, led.wall))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncols=5, fontsize=8, frameon=False)
+    ax.set_title(f"where the supervised time went (seconds): goodput {100 * (led.ratio or 0):.1f}% is kept training",
+                 fontsize=11)  # fmt: skip
 
 
 def text_curve(run: RunSeries, width: int, height: int = 16) -> str | None:

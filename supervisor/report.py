@@ -19,6 +19,7 @@ from rich.text import Text
 from nanochat import checkpoint
 from nanochat.checkpoint import snapshots
 from nanochat.locks import lock_holder
+from supervisor import goodput
 from supervisor.pace import current
 from supervisor.records import RunDir, read_events, read_heartbeat
 
@@ -88,6 +89,7 @@ def gather_status(ckpt_dir: Path, run_path: Path, verify: bool, this_dir_only: b
         "active": bool(holder or trainer or (age is not None and age < LIVE_HEARTBEAT)),
         "waiting": waiting(events) if holder else None,
         "hang_deadline": hang_deadline(events, hb) if holder else None,
+        "goodput": goodput.ledger(runs, hb if live else None).to_dict(),
         "disk_free": shutil.disk_usage(ckpt_dir).free,
     }
 
@@ -119,8 +121,9 @@ def invocations(events: list[dict], holder: dict | None) -> list[dict]:
         if kind == "run_start" or (kind in ("attempt_start", "attempt_end") and not runs):
             runs.append({"run_id": e.get("run_id"), "pid": e.get("pid") if kind == "run_start" else None,
                          "phase": e.get("phase"), "checkpoint_dir": e.get("checkpoint_dir"),
-                         "started": e.get("time"), "ended": None, "outcome": None, "state": None, "exit_code": None,
-                         "reason": None, "attempts": []})  # fmt: skip
+                         "started": e.get("process_started") or e.get("time"), "ended": None, "outcome": None,
+                         "state": None, "exit_code": None, "reason": None, "attempts": [],
+                         "last_seen": None})  # fmt: skip
         if kind == "attempt_start":
             runs[-1]["attempts"].append(_attempt(e, runs[-1]["run_id"]))
         elif kind == "attempt_end":
@@ -130,10 +133,13 @@ def invocations(events: list[dict], holder: dict | None) -> list[dict]:
                 mine = runs[-1]["attempts"][-1:]
             mine[-1].update({"class": e.get("class"), "message": (e.get("outcome") or {}).get("message"),
                              "checkpoint_step": e.get("checkpoint_step"), "steps_lost": e.get("steps_lost"),
-                             "step_reached": e.get("step_reached"), "ended": e.get("time")})  # fmt: skip
+                             "step_reached": e.get("step_reached"), "ended": e.get("time"),
+                             "ledger": e.get("ledger")})  # fmt: skip
         elif kind == "decision" and runs:
             runs[-1]["reason"] = e.get("reason")
-        elif kind == "run_end" and runs:
+        if runs and isinstance(e.get("time"), (int, float)):
+            runs[-1]["last_seen"] = e["time"]
+        if kind == "run_end" and runs:
             runs[-1].update(ended=e.get("time"), state=e.get("state"), exit_code=e.get("exit_code"))
     for i, r in enumerate(runs):
         live = i == len(runs) - 1 and holder is not None and holder.get("pid") in (r["pid"], None)
@@ -144,7 +150,7 @@ def invocations(events: list[dict], holder: dict | None) -> list[dict]:
 def _attempt(e: dict, run_id: str | None) -> dict:
     return {"attempt": e.get("attempt"), "run_id": run_id, "class": None, "message": None, "checkpoint_step": None,
             "steps_lost": None, "step_reached": None, "start_step": e.get("start_step"), "started": e.get("time"),
-            "ended": None, "log_dir": e.get("log_dir")}  # fmt: skip
+            "ended": None, "log_dir": e.get("log_dir"), "ledger": None}  # fmt: skip
 
 
 def waiting(events: list[dict]) -> dict | None:
@@ -212,6 +218,9 @@ def render(info: dict) -> Group:
         say(f"  run {invocation_line(r)}")
         for a in r["attempts"]:
             say(f"    {attempt_line(a, r['outcome'])}")
+    if (g := info.get("goodput")) and g["wall_s"] > 0:
+        for line in goodput.table(goodput.Ledger.from_dict(g)):
+            say(line)
     for snap in info["snapshots"]:
         state = "valid" if snap["valid"] else f"INVALID: {snap['problem']}"
         say(f"in-memory snapshot: step {snap['step']} in {snap['slot']} ({state})")
@@ -372,4 +381,7 @@ def summary_lines(state: str, seconds: float, ckpt: checkpoint.Checkpoint | None
     if v.remote_step is not None or v.remote_error:
         valid = [c.step for c in checkpoint.scan(opts.checkpoint_dir) if c.valid]
         lines.append(f"  remote: {remote_lag(valid, v.remote_step, v.remote_error)}")
+    events = read_events(RunDir(run_dir))  # a speedrun's run dir holds every phase's: this checkpoint dir's runs
+    runs = [r for r in invocations(events, None) if r["checkpoint_dir"] in (None, str(opts.checkpoint_dir))]
+    lines += [f"  {line}" for line in goodput.table(goodput.ledger(runs))]
     return [*lines, f"  logs: {run_dir} (nanochat-run logs, nanochat-run status)"]

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from nanochat import checkpoint, safefile
 from nanochat.locks import lock_holder
+from supervisor import goodput
 from supervisor.records import RunDir, read_events
 from supervisor.report import invocations
 
@@ -56,6 +57,7 @@ def phase_status(run_dir: Path) -> dict:
             "seconds": round(sum(e.get("seconds") or 0 for e in mine if e.get("event") == "phase_end"), 1),
             "attempts": [{k: a[k] for k in ("attempt", "class", "steps_lost")} for a in attempts],
             "steps_lost": sum(a["steps_lost"] or 0 for a in attempts),
+            "goodput": goodput.ledger([r for r in runs if r.get("phase") == name]).to_dict(),
         })  # fmt: skip
     return {"run_dir": str(run_dir), "model_tag": first.get("tag"), "phases": phases, "active": holder is not None,
             "report": str(run_dir / "report.md")}  # fmt: skip
@@ -68,13 +70,15 @@ def is_speedrun(run_dir: Path) -> bool:
 def render_phases(info: dict) -> Table:
     """The phases of a speedrun as a table (`nanochat-run status`)."""
     table = Table(title=f"speedrun {info.get('model_tag')} ({info['run_dir']})", title_justify="left")
-    for column in ("phase", "state", "step", "newest checkpoint", "attempts", "steps lost"):
+    for column in ("phase", "state", "step", "newest checkpoint", "attempts", "steps lost", "goodput"):
         table.add_column(column)
     for p in info["phases"]:
         step = f"{p['step']}/{p['budget']}" if p["step"] is not None else "-"
         newest = Path(p["newest_checkpoint"]).name if p["newest_checkpoint"] else "-"
         attempts = ", ".join(f"#{a['attempt']} {a['class'] or 'running'}" for a in p["attempts"]) or "-"
-        table.add_row(p["phase"], p["state"], step, newest, attempts, str(p["steps_lost"]))
+        ratio = (p.get("goodput") or {}).get("ratio")
+        table.add_row(p["phase"], p["state"], step, newest, attempts, str(p["steps_lost"]),
+                      "-" if ratio is None else f"{100 * ratio:.1f}%")  # fmt: skip
     return table
 
 
@@ -96,14 +100,23 @@ def write_report(run_dir: Path, phases: list[str], dirs: dict[str, Path]) -> Pat
         f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; run dir `{run_dir}`.",
         "",
     ]
-    lines += ["| phase | state | step | time | restarts | steps lost |", "|---|---|---|---|---|---|"]
+    lines += ["| phase | state | step | time | restarts | steps lost | goodput |", "|---|---|---|---|---|---|---|"]
     for name in phases:
         s = status.get(name, {"state": "pending", "attempts": [], "steps_lost": 0, "seconds": 0})
         step = f"{s.get('step')}/{s.get('budget')}" if s.get("step") is not None else "-"
         restarts = ", ".join(a["class"] or "running" for a in s["attempts"][:-1]) or "none"
-        lines.append(
-            f"| {name} | {s['state']} | {step} | {s['seconds'] / 60:.1f} min | {restarts} | {s['steps_lost']} |"
-        )
+        ratio = (s.get("goodput") or {}).get("ratio")
+        lines.append(f"| {name} | {s['state']} | {step} | {s['seconds'] / 60:.1f} min | {restarts} |"
+                     f" {s['steps_lost']} | {'-' if ratio is None else f'{100 * ratio:.1f}%'} |")  # fmt: skip
+    ledgers = {n: goodput.Ledger.from_dict(status[n]["goodput"]) for n in phases if status.get(n, {}).get("goodput")}
+    if ledgers := {n: led for n, led in ledgers.items() if led.wall > 0}:  # the trained phases, supervised
+        lines += ["", "## Where the time went (goodput: kept training time / supervised time)", "",
+                  "| part | " + " | ".join(ledgers) + " |", "|---|" + "---|" * len(ledgers)]  # fmt: skip
+        for part in goodput.PARTS:
+            lines.append(f"| {part} | " + " | ".join(f"{led.parts[part]:.1f}s ({100 * led.parts[part] / led.wall:.1f}%)"
+                                                    for led in ledgers.values()) + " |")  # fmt: skip
+        lines.append("| **goodput** | " + " | ".join(f"**{100 * (led.ratio or 0):.1f}%** of {led.wall:.1f}s"
+                                                  for led in ledgers.values()) + " |")  # fmt: skip
     for name in [p for p in phases if p in dirs]:
         s = status.get(name)
         directory = dirs[name]

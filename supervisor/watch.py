@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from nanochat import checkpoint
-from supervisor import memory, pace, procs
+from supervisor import goodput, memory, pace, procs
 from supervisor.attempt import Attempt, Plan, Point, deadline, hang_reason, resume_point
 from supervisor.display import Display, View
 from supervisor.launch import TrainOptions
@@ -25,7 +25,7 @@ from supervisor.lifecycle import Lifecycle
 from supervisor.pace import Pace
 from supervisor.policy import Batch
 from supervisor.records import EventLog, RunDir, read_events, read_heartbeat
-from supervisor.states import Outcome, RunState
+from supervisor.states import AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
 KILL_WAIT = 5.0  # seconds between SIGTERM and SIGKILL when we take a tree down
@@ -99,9 +99,10 @@ class Watcher:
         lineage = checkpoint.run_id(opts.checkpoint_dir)
         a = Attempt(n, log_dir, proc, Workers(attempt_id, opts.nproc_per_node), oom, plan.fresh, lineage, before, t,
                     time.time(), t)  # fmt: skip
+        # its time is the Attempt's: the goodput ledger's start of the attempt
         self.events.append("attempt_start", attempt=n, attempt_id=attempt_id, pid=proc.pid, cmd=spec.command(),
                            start_step=start_step, fresh=plan.fresh, overrides=dict(plan.overrides),
-                           log_dir=str(log_dir))  # fmt: skip
+                           log_dir=str(log_dir), time=a.started_wall)  # fmt: skip
         start = "starting fresh (--resume=False)" if plan.fresh else f"resuming from step {start_step}"
         if start_step is None and not plan.fresh:
             start = "no checkpoint yet: starting from step 0"
@@ -313,10 +314,14 @@ class Watcher:
         end_step = after[1].step if after else None
         reached = a.heartbeat.get("step")
         lost = max(0, reached - (end_step or 0)) if isinstance(reached, int) else None
+        ended, first = time.time(), a.before[1].step if a.before and not a.fresh else 0
+        clean = outcome.kind in (AttemptClass.COMPLETED, AttemptClass.STOPPED)
+        parts = goodput.attempt_parts(a.heartbeat, a.started_wall, ended, first, end_step or 0, clean)
         self.events.append("attempt_end", attempt=a.n, **{"class": outcome.kind.value}, outcome=outcome.to_dict(),
                            step_reached=reached, checkpoint_step=end_step, steps_lost=lost, progressed=progressed,
                            healthy=a.healthy, duration=time.monotonic() - a.started, peak_rss=a.peak_rss,
-                           exited_at=a.exited_at, worker_died_at=a.worker_died_at)  # fmt: skip
+                           exited_at=a.exited_at, worker_died_at=a.worker_died_at,
+                           ledger={k: round(v, 3) for k, v in parts.items()}, time=ended)  # fmt: skip
         self.view.last_checkpoint = end_step
         where = f"checkpoint at step {end_step}" if end_step is not None else "no checkpoint yet"
         lost_txt = f", {lost} steps lost" if lost else ""

@@ -106,11 +106,14 @@ def test_plot_and_status_plot_of_a_supervised_run_that_crashed(supervise, env: d
     assert series.loss.steps == list(range(1, 13))
     assert series.restarts == [Restart(step=4, cause="crash", lost_from=5, lost_to=7)]  # the class from the events
     assert series.steps_lost == 3
+    led = series.goodput  # the ledger the bar below the curves is drawn from: the crash's lost steps are in it
+    assert led is not None and led.parts["lost steps"] > 0 and led.parts["detection"] > 0 and 0 < led.ratio < 1
 
     status = cli({**env, "COLUMNS": "100"}, "status", "--plot", "--checkpoint-dir", str(run.ckpt))
     assert status.returncode == 0, status.stderr
     curve = status.stdout.split("supervisor: not running", 1)[1]  # after the status
-    assert "12 steps, 1 restart, 3 steps lost" in curve and "training loss (smoothed)" in curve
+    assert f"12 steps, 1 restart, 3 steps lost, goodput {100 * led.ratio:.1f}%" in curve
+    assert "training loss (smoothed)" in curve
     assert "restarts (|): crash at 4" in curve
     assert sum("┤" in line for line in curve.splitlines()) >= 4  # a y axis with ticks: a drawn curve
     assert max(len(line) for line in curve.splitlines()) <= 100

@@ -142,11 +142,15 @@ def test_crashes_in_base_sft_and_rl_end_bit_identical_to_a_clean_pipeline(tmp_pa
         attempts = info[phase]["attempts"]
         assert [a["class"] for a in attempts] == [kind, "completed"], (phase, attempts)
         assert info[phase]["steps_lost"] == lost
+        led = info[phase]["goodput"]  # per phase: a crash costs lost steps and detection, all adds up
+        assert led["parts"]["lost steps"] > 0 and led["parts"]["detection"] > 0 and 0 < led["ratio"] < 1, led
+        assert sum(led["parts"].values()) == pytest.approx(led["wall_s"], abs=0.01)
     assert [a["class"] for a in info["mid"]["attempts"]] == ["completed"]
     assert (info["rl"]["step"], info["rl"]["budget"]) == (6, 6)
     report = (Path(status(env)["run_dir"]) / "report.md").read_text()
     assert "| base | done | 20/20 |" in report and "| signal |" in report and "## rl" in report
     assert "| choice | categorical |" in report  # chat_eval's table of the final models
+    assert "## Where the time went" in report and "| lost steps | " in report
 
 
 def test_a_rerun_of_a_finished_speedrun_skips_every_phase_at_once(clean):
