@@ -1,7 +1,8 @@
 """`--hang-timeout auto`: what the run's heartbeat shows about its pace (step time, save, evaluation and start-up
-times), and the deadlines that follow from it. Pure: the watcher (watch.py) feeds it the heartbeat moves it sees,
-attempt.hang_reason asks it for the deadline of the phase an attempt is in. Nothing measured yet: today's fixed
-limits (FALLBACK; a save also gets --grace-period, start-up --startup-timeout).
+times, the throughput of its remote uploads), and the deadlines that follow from it. Pure: the watcher (watch.py)
+feeds it the heartbeats and their moves it sees, attempt.hang_reason asks it for the deadline of the phase an
+attempt is in. Nothing measured yet: today's fixed limits (FALLBACK; a save also gets --grace-period, start-up
+--startup-timeout).
 
 What it measured belongs to one configuration of the run (`config_of`: world size, batch, model): the watcher
 logs it with each `hang_deadlines` event, and the next invocation on the same run dir starts from the last one if
