@@ -224,32 +224,33 @@ def test_the_final_upload_beats_its_progress_and_a_rerun_starts_from_the_measure
     first one's final upload beats its progress and is held to the upload deadline the earlier uploads set; the
     second starts from the pace the first measured (the same configuration)."""
     ckpt, url, env = tmp_path / "ckpt", f"file://{tmp_path / 'remote'}", make_env(base_dir)
-    # every checkpoint kept whole, so that none is pruned under its upload: the step 8 one is sent (and timed) while
-    # the trainer trains on, or already waits for the step 24 one (16 is skipped if 24 comes first: the newest wins)
+    # every checkpoint kept whole, so that none is pruned under its upload: the step 16 one is sent (and timed) while
+    # the trainer trains on, or already waits for the step 48 one (32 is skipped if 48 comes first: the newest wins).
+    # 48 steps: the watcher (0.1 s tick) times enough of the fast steps (~40 ms) on a loaded host.
     trainer = ("--debug_fault=sleep@upload:2", "--keep_optim_last_n=-1")
-    first = Run(train_cmd(ckpt, "--remote-dir", url, "--progress-every", "0.2", "--keep-last-n", "-1", iters=24,
-                          save_every=8, trainer=trainer), ckpt, env)  # fmt: skip
+    first = Run(train_cmd(ckpt, "--remote-dir", url, "--progress-every", "0.2", "--keep-last-n", "-1", iters=48,
+                          save_every=16, trainer=trainer), ckpt, env)  # fmt: skip
     seen: list[dict] = []
 
     def flushing() -> bool:
         hb = first.heartbeat()
-        seen.extend([hb] if hb.get("uploading") == 24 and hb.get("upload_bytes") else [])  # (None between uploads)
+        seen.extend([hb] if hb.get("uploading") == 48 and hb.get("upload_bytes") else [])  # (None between uploads)
         return bool(seen)
 
     first.wait_for("the final upload in the heartbeat", flushing, timeout=120)
     out = first.finish(0)
     assert first.classes() == ["completed"]
     # the supervisor's progress line while the trainer waits: the upload's progress and the deadline it is held to
-    held = re.findall(r"uploading step 24 \(\d+\.\d/\d+\.\d MB\), hang after (\d+)s", out)
+    held = re.findall(r"uploading step 48 \(\d+\.\d/\d+\.\d MB\), hang after (\d+)s", out)
     assert "300" in held and set(held) <= {"300", "1800"}, out  # the fallback until an earlier upload was timed
     assert seen[0]["phase"] == "done" and seen[0]["upload_bytes"] > seen[0]["upload_sent"] >= 0, seen
     last = [e for e in first.events("hang_deadlines") if e["pace"]["config"]][-1]  # what the rerun starts from
     assert last["deadlines"]["uploading"]["why"].startswith("5x the largest checkpoint"), last
     measured = seed(first.events())
     assert measured and measured.upload_rate > 0 and measured.config["world_size"] == 2 and len(measured.steps) >= 3
-    assert (first.heartbeat().get("uploading"), first.heartbeat().get("remote_step")) == (None, 24)
+    assert (first.heartbeat().get("uploading"), first.heartbeat().get("remote_step")) == (None, 48)
 
-    second = Run(train_cmd(ckpt, iters=30, save_every=8), ckpt, env)
+    second = Run(train_cmd(ckpt, iters=52, save_every=16), ckpt, env)
     out = second.finish(0)
     assert "hang deadlines: from the pace an earlier invocation measured (the same configuration)" in out, out
     own = [e for e in second.own("hang_deadlines") if e["pace"]["config"]]
