@@ -16,6 +16,7 @@
                          the run has dealt with it (rolled back or skipped the update)
     flip@step:7          the loss of step 7 is NaN on the first try only (a rerun is clean: silent data corruption)
     spike@step:7         the loss of step 7 (and so its gradients) is 100x too large
+    sleep@upload:2       sleep 2 s after the model file of every remote upload (a slow upload that progresses)
 
 A fault fires once per checkpoint directory: a marker file `.fault-fired-<spec>` records it, so the restarted run
 carries on as after a transient failure. A `!` suffix makes it fire on every attempt, like a deterministic bug.
@@ -64,7 +65,7 @@ class Fault:
         timed = kind == "sleep"
         if timed and (where == "step" or not what.isdigit()) or not timed and where == "eval":
             raise ValueError(
-                f"--debug_fault={spec!r}: sleep takes @save:SECONDS or @eval:SECONDS, others @step or @save"
+                f"--debug_fault={spec!r}: sleep takes @save, @eval or @upload:SECONDS, others @step or @save"
             )
         if kind in _LOSS_FAULTS and where != "step":
             raise ValueError(f"--debug_fault={spec!r}: {kind} faults take a step, e.g. {kind}@step:7")
@@ -72,7 +73,7 @@ class Fault:
             raise ValueError(f"--debug_fault={spec!r}: step faults take a step number, e.g. @step:7")
         if not timed and where == "save" and what not in _SAVE_PHASES:
             raise ValueError(f"--debug_fault={spec!r}: save phase must be one of {', '.join(_SAVE_PHASES)}")
-        if where == "upload" and (timed or what not in ("model", "optim", "meta")):
+        if where == "upload" and not timed and what not in ("model", "optim", "meta"):
             raise ValueError(
                 f"--debug_fault={spec!r}: upload faults take model, optim or meta, e.g. sigkill@upload:optim"
             )
@@ -134,7 +135,10 @@ class Fault:
 
     def at_upload(self, phase: str) -> None:
         """In the uploader thread (rank 0): after the `phase` file is sent (before the meta, for "meta")."""
-        if self.where == "upload" and phase == self.what and self._armed(0):
+        if self.where == "upload" and self.kind == "sleep":
+            if phase == "model":
+                time.sleep(float(self.what))
+        elif self.where == "upload" and phase == self.what and self._armed(0):
             fire(self.kind, f"upload phase {phase}")
 
     def at_eval_batch(self, rank: int) -> None:

@@ -232,7 +232,10 @@ class Phase:
         exit status: 0 done, 128+signal stopped."""
         code = self._train(recipe)
         if self.uploader is not None and self.uploader.offered is not None:
-            if self.uploader.flush(self.cfg.remote_flush_timeout):
+            beat = self.telemetry.heartbeat if self.telemetry is not None else None
+            up = self.uploader
+            waiting = (lambda: beat.amend(**up.status(), **up.progress())) if beat else (lambda: None)  # noqa: E731
+            if self.uploader.flush(self.cfg.remote_flush_timeout, waiting):  # the supervisor's deadline: its progress
                 print0(f"remote: step {self.uploader.uploaded} is in {self.uploader.remote.url}")
             else:
                 why = self.uploader.error or "still uploading"
@@ -240,7 +243,8 @@ class Phase:
                       f" --remote_flush_timeout={self.cfg.remote_flush_timeout}s ({why}); it is safe locally, and"
                       " `nanochat-run push` copies it later")  # fmt: skip
         if self.telemetry is not None:  # the supervisor's summary shows how far the remote lags, and where time went
-            self.telemetry.closing(**(self.uploader.status() if self.uploader is not None else {}))
+            remote = {**self.uploader.status(), "uploading": None} if self.uploader is not None else {}  # (done)
+            self.telemetry.closing(**remote)
         return code
 
     def _train(self, r: Recipe) -> int:

@@ -21,6 +21,7 @@ own lineage is restored or pruned; the others are left as they are.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -144,22 +145,34 @@ class Remote:
         ours = None if run_id is None else lambda c: c.meta.run_id == run_id
         return [(c.step, c.meta) for c in checkpoint.valid_newest_first(self, accept=ours, step=step)]
 
-    def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None) -> bool:
+    def upload(self, local: Path, step: int, fault: Callable[[str], None] = lambda phase: None,
+               progress: Callable[[int, int], None] = lambda sent, total: None) -> bool:  # fmt: skip
         """Copy the committed local checkpoint `step`: payload files, then the meta (the commit), then the marker.
-        False if the remote already holds it (the same meta, committed)."""
+        False if the remote already holds it (the same meta, committed). `progress(sent, total)`: bytes so far (as
+        each file ends, and as a filesystem that reports its chunks sends them) and in all."""
+        from fsspec.callbacks import Callback  # (fsspec is imported where a remote is used, like open_remote)
+
         meta_name = checkpoint.file_name("meta", step)
         meta_bytes = (local / meta_name).read_bytes()  # read first: a prune meanwhile must not leave us half-sent
         meta = checkpoint.Meta.parse(json.loads(meta_bytes), str(local / meta_name))
         if any(m == meta for _, m in self.committed(step=step)):
             return False
         self.makedirs(self.root)
-        for kind in checkpoint.KINDS:
-            name = checkpoint.file_name(kind, step)
-            if name in meta.files:  # (a weights-only checkpoint has no optimizer file)
-                self.fs.put_file(str(local / name), self.path(name))
-                fault(kind)
+        names = {kind: checkpoint.file_name(kind, step) for kind in checkpoint.KINDS}
+        files = {kind: name for kind, name in names.items() if name in meta.files}  # (weights only: no optimizer)
+        sizes = {kind: (local / name).stat().st_size for kind, name in files.items()}
+        total, done = sum(sizes.values()) + len(meta_bytes), 0
+        progress(0, total)
+        for kind, name in files.items():
+            # a filesystem that sends in chunks (s3fs, gcsfs) reports each through the callback's hook
+            sending = Callback(hooks={"sent": lambda _, value, at=done, **kw: progress(at + int(value or 0), total)})
+            self.fs.put_file(str(local / name), self.path(name), callback=sending)
+            done += sizes[kind]
+            progress(done, total)
+            fault(kind)
         fault("meta")
         self.fs.pipe_file(self.path(meta_name), meta_bytes)
+        progress(total, total)
         self.fs.pipe_file(self.path(checkpoint.LATEST), f"{step}\n".encode())
         return True
 
@@ -344,6 +357,8 @@ class Uploader:
     uploaded: int | None = None  # the newest step committed remotely by this run
     offered: int | None = None  # the newest step offered
     error: str = ""  # the last failure, until an upload succeeds
+    sending: tuple[int, int, int] | None = None  # the upload in progress: (step, bytes sent, bytes in all)
+    sent: tuple[int, float] | None = None  # the last upload that sent a checkpoint: (bytes, seconds)
     _want: int | None = field(default=None, init=False, repr=False)
     _cond: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -358,20 +373,36 @@ class Uploader:
             self._cond.notify_all()
 
     def status(self) -> dict:
-        """For the heartbeat and `status`: how far the remote lags."""
+        """For the heartbeat and `status`: how far the remote lags, and what the last upload sent in how long (the
+        supervisor's hang deadline for the final upload follows it: supervisor/pace.py)."""
+        sent_bytes, seconds = self.sent or (None, None)
         return {"remote_step": self.uploaded, "remote_error": self.error or None,
-                "remote_behind": self.offered is not None and self.uploaded != self.offered}  # fmt: skip
+                "remote_behind": self.offered is not None and self.uploaded != self.offered,
+                "remote_sent_bytes": sent_bytes, "remote_sent_seconds": seconds}  # fmt: skip
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until the newest offered step is uploaded; False if it is not."""
+    def progress(self) -> dict:
+        """For the heartbeat while the trainer waits for its last upload (`flush`): the step it waits for and the
+        bytes of the upload in progress sent so far, and in all."""
+        step, sent, total = self.sending or (self.offered, None, None)
+        return {"uploading": step, "upload_sent": sent, "upload_bytes": total}
+
+    def flush(self, timeout: float, waiting: Callable[[], None] = lambda: None) -> bool:
+        """Wait up to `timeout` seconds until the newest offered step is uploaded; False if it is not. `waiting` is
+        called about every second meanwhile (the trainer beats the upload's progress)."""
         deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            with self._cond:
+                if self.offered is None or self.uploaded == self.offered:
+                    return True
+            waiting()  # (outside the lock: the uploader thread takes it to say an upload is done)
+            with self._cond:
+                if self.offered is not None and self.uploaded != self.offered:
+                    self._cond.wait(min(left, 1.0))
         with self._cond:
-            while self.offered is not None and self.uploaded != self.offered:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 1.0))
-        return True
+            return self.offered is None or self.uploaded == self.offered
+
+    def _sending(self, step: int, done: int, total: int) -> None:
+        self.sending = (step, done, total)  # one tuple: the reading thread sees all three of one moment
 
     def close(self) -> None:
         with self._cond:
@@ -389,7 +420,10 @@ class Uploader:
                 step, self._want = self._want, None
             try:
                 t0 = time.perf_counter()
-                sent = self.remote.upload(self.local, step, self.fault)
+                sent = self.remote.upload(self.local, step, self.fault, functools.partial(self._sending, step))
+                if sent and self.sending is not None:
+                    self.sent = (self.sending[2], time.perf_counter() - t0)
+                self.sending = None
                 pruned = self.remote.prune(self.keep, self.run_id, self.keep_every)
                 if sent:  # said before `flush` returns: the process may exit right after it
                     self.log(f"uploaded step {step} to {self.remote.url} in {time.perf_counter() - t0:.1f}s"

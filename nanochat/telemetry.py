@@ -109,12 +109,13 @@ class Telemetry:
         self.wandb = metrics.setup_wandb(cfg.run, asdict(cfg), dist_info.master, warn0)
         self.log = metrics.MetricsLog(ckpt_dir, saver.writer, start_step, saver.warn)  # a dir per node: its own
         self.started_at = time.time()
-        # every node's supervisor watches its own node: each node's local rank 0 beats
+        # every node's supervisor watches its own node: each node's local rank 0 beats (the fixed fields, the model's
+        # flops_per_token included, are the configuration the supervisor's measured pace belongs to: pace.config_of)
         self.heartbeat = Heartbeat(cfg.heartbeat_file, dist_info.local_rank == 0,
                                    num_iterations=plan.num_iterations, device_batch_size=cfg.device_batch_size,
                                    total_batch_size=plan.tokens_per_step, max_seq_len=plan.seq_len,
                                    world_size=self.world, device=self.device.type,
-                                   dist_timeout=cfg.dist_timeout)  # fmt: skip
+                                   dist_timeout=cfg.dist_timeout, flops_per_token=flops_per_token)  # fmt: skip
         self.heartbeat(step=start_step, phase="starting", checkpoint=start_step if resumed else None)
         self.first_step, self.smooth_tps, self.timed = start_step, 0.0, 0  # tokens/s, smoothed past the first step
         self.spent = Spent()

@@ -14,11 +14,12 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -198,6 +199,8 @@ FIRST_SAVE_STEPS = 3  # the first save, to measure what a save costs: after this
 # step includes compilation and warm-up, so the step time is measured over the next ones too)
 MEASURED_SAVES = 5  # the cost of a save: the average of this process's last few (one alone is noisy)
 CHANGE_TO_LOG = 0.2  # log the interval again only when it moved by more than this fraction
+STEP_WINDOW = 20  # step times: the median of the last this many (of each kind: with and without a write in flight),
+# which one step slowed by something else (a busy host, a data shard opened) does not move
 
 
 def young_daly(cost: float, write: float, step_time: float, mtbf: float) -> int:
@@ -210,36 +213,85 @@ def young_daly(cost: float, write: float, step_time: float, mtbf: float) -> int:
     return max(1, math.ceil(seconds / max(step_time, 1e-9)))
 
 
+def write_slowdown(step_time: float, writing_step_time: float | None, steps: float) -> float:
+    """The seconds a save's background write costs the loop by slowing the `steps` steps it overlaps (on average):
+    each takes `writing_step_time` instead of `step_time`. 0 until both are timed, or when the steps are no slower.
+    (Counted in steps, not the write's seconds: a write shorter than a step still slows that whole step.)"""
+    if writing_step_time is None or writing_step_time <= step_time:
+        return 0.0
+    return (writing_step_time - step_time) * max(steps, 0.0)
+
+
+def _writing(record, start: float, end: float) -> bool:
+    """Whether the background part of a save's disk write (after the save stopped blocking, until durable) ran
+    during [start, end]."""
+    return record.started + record.blocked < end and (record.durable_at is None or record.durable_at > start)
+
+
+def _recent(times: list[float], dt: float) -> list[float]:
+    return [*times, dt][-STEP_WINDOW:]
+
+
 @dataclass
 class AutoSave:
     """--save_every=auto on rank 0: measures the loop's step time and the saver's records (how long a save blocked,
     how long its write took until durable), and votes "save now" every `young_daly` steps. The ranks agree on rank
-    0's vote in the loop's per-step collective (StopFlag.agreed_with), so every rank saves the same step."""
+    0's vote in the loop's per-step collective (StopFlag.agreed_with), so every rank saves the same step.
+
+    A save costs more than its blocking part: the steps that run while its background write is in flight are slower
+    (the writer competes for memory bandwidth, the disk and a core). Steps are timed apart by whether a disk write
+    was in flight during them, and what they lose (their extra time, times the steps a save's write overlaps on
+    average) is added to the cost."""
 
     mtbf: float
     first_step: int  # the step this process started from (a resumed run measures afresh)
-    step_time: float | None = None  # an average over recent steps (seconds)
+    steps: list[float] = field(default_factory=list)  # recent step times without a disk write in flight (seconds)
+    writing: list[float] = field(default_factory=list)  # recent step times while a disk write was in flight
+    writing_steps: int = 0  # steps of this process that a disk write was in flight during
     interval: int | None = None  # steps; None until a save was measured
     logged: int | None = None
     last_save: int | None = None
     log: Callable[[str], None] = print
 
-    def observe(self, step: int, dt: float, records: list) -> None:
-        """Step `step` took `dt` seconds; `records`: the saver's SaveRecords so far (rank 0's)."""
-        if step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
-            self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
+    def observe(self, step: int, dt: float, records: list, now: float | None = None) -> None:
+        """Step `step` took `dt` seconds and ended at `now` (time.perf_counter(), the saver's clock); `records`: the
+        saver's SaveRecords so far (rank 0's)."""
+        now = time.perf_counter() if now is None else now
         measured = [r for r in records if r.disk and r.step > self.first_step][-MEASURED_SAVES:]
-        if not measured or self.step_time is None:
+        if step > self.first_step + 1:  # the first step of a process includes compilation and warm-up
+            if measured and _writing(measured[-1], now - dt, now):  # one write in flight at a time: the newest
+                self.writing = _recent(self.writing, dt)
+                self.writing_steps += 1
+            else:
+                self.steps = _recent(self.steps, dt)
+        step_time = self.step_time or self.writing_step_time  # (every step overlapped a write: no slowdown known)
+        during = self.writing_step_time
+        if not measured or step_time is None:
             return
         cost = sum(r.blocked for r in measured) / len(measured)
         written = [r.durable_at - r.started for r in measured if r.durable_at is not None]
         write = sum(written) / len(written) if written else cost
-        self.interval = young_daly(cost, write, self.step_time, self.mtbf)
+        saves = sum(1 for r in records if r.disk and r.step > self.first_step)
+        slowdown = write_slowdown(step_time, during, self.writing_steps / saves)
+        self.interval = young_daly(cost + slowdown, write, step_time, self.mtbf)
         if self.logged is None or abs(self.interval - self.logged) > CHANGE_TO_LOG * self.logged:
             self.logged = self.interval
-            self.log(f"--save_every=auto: a save every {self.interval} steps (~{self.interval * self.step_time:.1f}s;"
-                     f" a save blocks {cost:.3f}s, its write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step"
-                     f" {self.step_time:.3f}s)")  # fmt: skip
+            timed = f"{during:.3f}s" if during is not None else "not timed yet"
+            self.log(f"--save_every=auto: a save every {self.interval} steps (~{self.interval * step_time:.1f}s;"
+                     f" a save costs {cost + slowdown:.3f}s: it blocks {cost:.3f}s and slows the"
+                     f" {self.writing_steps / saves:.1f} steps during its background write by {slowdown:.3f}s; its"
+                     f" write takes {write:.3f}s, MTBF {self.mtbf:g}s, a step {step_time:.3f}s, {timed} during a"
+                     " write)")  # fmt: skip
+
+    @property
+    def step_time(self) -> float | None:
+        """A step's time without a write in flight (the median of the recent ones), None before one was timed."""
+        return statistics.median(self.steps) if self.steps else None
+
+    @property
+    def writing_step_time(self) -> float | None:
+        """A step's time while a disk write was in flight, the same way."""
+        return statistics.median(self.writing) if self.writing else None
 
     def vote(self, step: int, busy: bool) -> int:
         """1 if step `step` should save to disk: the first measuring save, then every `interval` steps, never while
@@ -282,12 +334,12 @@ class SaveSchedule:
             return cls(0, snapshot_every, AutoSave(mtbf, first_step, log=print0))
         return cls(int(save_every), snapshot_every)
 
-    def vote(self, step: int, dt: float, records: list, busy: bool) -> int:
-        """Rank 0's "save now" for step `step` (it took `dt` seconds; `records`, `busy`: its saver's), which the
-        ranks then agree on: 0 unless --save_every=auto."""
+    def vote(self, step: int, dt: float, records: list, busy: bool, now: float | None = None) -> int:
+        """Rank 0's "save now" for step `step` (it took `dt` seconds and ended at `now`, by default just now;
+        `records`, `busy`: its saver's), which the ranks then agree on: 0 unless --save_every=auto."""
         if self.auto is None:
             return 0
-        self.auto.observe(step, dt, records)
+        self.auto.observe(step, dt, records, now)
         return self.auto.vote(step, busy)
 
     def on_disk(self, step: int) -> bool:

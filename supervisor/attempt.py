@@ -68,30 +68,35 @@ class Attempt:
         return self.log_dir / "torchrun.log"
 
 
+def deadline(opts: TrainOptions, *, healthy: bool, heartbeat: dict, pace: Pace | None = None) -> tuple[str, float, str]:
+    """(the phase, the seconds without progress after which it is a hang (0: never), how that was set) for an
+    attempt whose last beat is `heartbeat` (`healthy`: it reached training; `pace`: what the run showed so far, for
+    --hang-timeout auto, the None of opts.hang_timeout). The one answer for the check and for the live panel."""
+    if opts.hang_timeout is None:
+        return current((pace or Pace()).limits(opts.grace_period, opts.startup_timeout), heartbeat, healthy)
+    if not healthy:
+        return "starting", max(opts.startup_timeout, 0.0), "--startup-timeout"
+    if heartbeat.get("phase") == "saving" and opts.hang_timeout > 0 and opts.grace_period > opts.hang_timeout:
+        # a save may legitimately take as long as the grace period allows a stop-save
+        return "saving", opts.grace_period, "the longer of --hang-timeout and --grace-period"
+    return str(heartbeat.get("phase") or "training"), max(opts.hang_timeout, 0.0), "--hang-timeout"
+
+
 def hang_reason(opts: TrainOptions, *, healthy: bool, started: float, last_progress: float, heartbeat: dict,
                 now: float, pace: Pace | None = None) -> str:  # fmt: skip
-    """Why an attempt counts as hung at `now` (monotonic), or ''. `healthy`: it reached training; `started` and
-    `last_progress`: when it launched and when its heartbeat last moved; `pace`: what the run showed so far (for
-    --hang-timeout auto, the None of opts.hang_timeout). A timeout of 0 is off."""
+    """Why an attempt counts as hung at `now` (monotonic), or ''. `started` and `last_progress`: when it launched
+    and when its heartbeat last moved; the rest as `deadline` takes it. A timeout of 0 is off."""
+    phase, limit, why = deadline(opts, healthy=healthy, heartbeat=heartbeat, pace=pace)
+    since = last_progress if healthy else started
+    if limit <= 0 or now - since <= limit:
+        return ""
     if opts.hang_timeout is None:
-        limits = (pace or Pace()).limits(opts.grace_period, opts.startup_timeout)
-        phase, limit, why = current(limits, heartbeat, healthy)
-        since = last_progress if healthy else started
-        if limit <= 0 or now - since <= limit:
-            return ""
         if phase == "starting":
             return f"no training step within {limit:g}s (--hang-timeout auto: {why})"
         return f"no progress for {limit:g}s {phase} at step {heartbeat.get('step')} (--hang-timeout auto: {why})"
     if not healthy:
-        if opts.startup_timeout > 0 and now - started > opts.startup_timeout:
-            return f"no training step within --startup-timeout={opts.startup_timeout:g}s"
-        return ""
-    # a save may legitimately take as long as the grace period allows a stop-save
-    saving = heartbeat.get("phase") == "saving"
-    limit = max(opts.hang_timeout, opts.grace_period) if saving else opts.hang_timeout
-    if opts.hang_timeout <= 0 or now - last_progress <= limit:
-        return ""
-    if limit != opts.hang_timeout:
+        return f"no training step within --startup-timeout={opts.startup_timeout:g}s"
+    if phase == "saving" and limit != opts.hang_timeout:
         return f"no progress for {limit:g}s in a save (the longer of --hang-timeout and --grace-period)"
     return f"no progress for --hang-timeout={opts.hang_timeout:g}s at step {heartbeat.get('step')}"
 

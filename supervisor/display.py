@@ -36,12 +36,19 @@ class View:
     restarts: list[str] = field(default_factory=list)  # the class of each finished attempt
     remote_step: int | None = None  # with --remote_dir: the newest checkpoint copied there
     remote_error: str | None = None  # the uploader's last error, while it lasts
+    uploading: int | None = None  # the step of the final upload the trainer waits for, and its progress in bytes
+    upload_sent: int | None = None
+    upload_bytes: int | None = None
+    hang_after: float | None = None  # the hang deadline of the live phase (seconds without progress; 0: none)
+    hang_why: str = ""  # how it was set
+    quiet: float = 0.0  # seconds since the heartbeat last moved
 
     def new_attempt(self, n: int, tries: int, start_step: int | None) -> None:
         """A new attempt: nothing of the previous one's is shown; the step is where it resumes from."""
         self.attempt, self.tries, self.phase = n, tries, "starting"
         self.step = self.last_checkpoint = start_step
         self.loss = self.tok_per_s = self.eval_batch = self.eval_batches = self.mfu = self.gpu_mem = None
+        self.uploading = self.hang_after = None
 
     def beat(self, hb: dict) -> None:
         """Take what the trainer's heartbeat says; fields it leaves out keep their value (the loss while saving)."""
@@ -54,13 +61,27 @@ class View:
         if "remote_step" in hb:
             self.remote_step, self.remote_error = hb["remote_step"], hb.get("remote_error")
         self.eval_batch, self.eval_batches = hb.get("eval_batch"), hb.get("eval_batches")
+        self.uploading = hb.get("uploading")  # while the trainer waits for its final upload
+        self.upload_sent, self.upload_bytes = hb.get("upload_sent"), hb.get("upload_bytes")
 
     @property
     def doing(self) -> str:
         """The trainer's phase in words, e.g. "evaluating 12/40 batches"."""
         if self.phase == "evaluating" and self.eval_batches:
             return f"evaluating {self.eval_batch or 0}/{self.eval_batches} batches"
+        if self.uploading is not None and self.upload_bytes:
+            sent = (self.upload_sent or 0) / 1e6
+            return f"uploading step {self.uploading} ({sent:.1f}/{self.upload_bytes / 1e6:.1f} MB)"
         return self.phase or ""
+
+    @property
+    def hang(self) -> str:
+        """The live hang deadline in words, e.g. "after 20s without progress (quiet 3s; 10x the median step ...)"."""
+        if self.hang_after is None:
+            return ""
+        if self.hang_after <= 0:
+            return f"never (off: {self.hang_why})"
+        return f"after {self.hang_after:g}s without progress (quiet {self.quiet:.0f}s; {self.hang_why})"
 
 
 class Display:
@@ -91,7 +112,8 @@ class Display:
         loss = f" loss {view.loss:.4f}" if view.loss is not None else ""
         tps = f", {view.tok_per_s:,.0f} tok/s" if view.tok_per_s else ""
         total = f"/{view.num_iterations}" if view.num_iterations else ""
-        self.event(f"attempt {view.attempt}: step {view.step}{total}{loss}{tps}, {view.doing or view.state}")
+        hang = f", hang after {view.hang_after:g}s" if view.hang_after else ""
+        self.event(f"attempt {view.attempt}: step {view.step}{total}{loss}{tps}, {view.doing or view.state}{hang}")
 
     def close(self) -> None:
         pass
@@ -130,6 +152,8 @@ class LiveDisplay(Display):
             gpu = f"{view.gpu_mem / 2**30:.1f} GiB" if view.gpu_mem is not None else "-"
             table.add_row("mfu", mfu, "gpu memory", gpu)
         table.add_row("restarts", ", ".join(view.restarts) or "none", "cpu", f"{view.cpu:.0f}%")
+        if view.hang:
+            table.add_row("hang", view.hang)
         self._best_effort(self.live.update, Group(self.progress, table))
 
     def close(self) -> None:

@@ -17,14 +17,14 @@ from pathlib import Path
 import psutil
 
 from nanochat import checkpoint
-from supervisor import goodput, memory, procs
-from supervisor.attempt import Attempt, Plan, Point, hang_reason, resume_point
+from supervisor import goodput, memory, pace, procs
+from supervisor.attempt import Attempt, Plan, Point, deadline, hang_reason, resume_point
 from supervisor.display import Display, View
 from supervisor.launch import TrainOptions
 from supervisor.lifecycle import Lifecycle
 from supervisor.pace import Pace
 from supervisor.policy import Batch
-from supervisor.records import EventLog, RunDir, read_heartbeat
+from supervisor.records import EventLog, RunDir, read_events, read_heartbeat
 from supervisor.states import AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
@@ -49,6 +49,7 @@ class Watcher:
         self.run_id = run_id  # tags this invocation's processes: NANOCHAT_ATTEMPT_ID=<run id>-<n>
         self._proc_cache: dict = {}
         self.pace = Pace()  # what every attempt of this supervisor showed (--hang-timeout auto)
+        self._earlier = pace.seed(read_events(run_dir))  # what the last invocation on this run dir measured
         self._deadlines: dict[str, float] = {}  # the deadlines last written to the event log
 
     @property
@@ -161,7 +162,11 @@ class Watcher:
         if hb.get("device_batch_size"):
             a.batch = Batch(hb.get("device_batch_size"), hb.get("total_batch_size"), hb.get("max_seq_len"),
                             hb.get("world_size"), hb.get("device"))  # fmt: skip
-        moved = ("step", "phase", "eval_batch")  # an evaluation's batches are progress too
+        self.pace, said = pace.adopt(self.pace, hb, self._earlier)
+        if said:
+            self.display.event(said)
+        self.pace.seen(hb)
+        moved = ("step", "phase", "eval_batch", "upload_sent")  # an evaluation's batches, an upload's files too
         if any(hb.get(k) != a.heartbeat.get(k) for k in moved):
             if a.heartbeat and a.healthy:
                 self.pace.moved(a.heartbeat, hb, now - a.last_progress)
@@ -176,6 +181,9 @@ class Watcher:
 
     def _check_hang(self, a: Attempt, now: float) -> None:
         self._record_deadlines()
+        _, limit, how = deadline(self.opts, healthy=a.healthy, heartbeat=a.heartbeat, pace=self.pace)
+        self.view.hang_after, self.view.hang_why = limit, how
+        self.view.quiet = now - (a.last_progress if a.healthy else a.started)
         why = hang_reason(self.opts, healthy=a.healthy, started=a.started, last_progress=a.last_progress,
                           heartbeat=a.heartbeat, now=now, pace=self.pace)  # fmt: skip
         if not why:
@@ -196,7 +204,11 @@ class Watcher:
         if old.keys() == seconds.keys() and all(abs(v - old[k]) <= 0.25 * old[k] for k, v in seconds.items()):
             return
         self._deadlines = seconds
-        self.events.append("hang_deadlines", deadlines={k: {"seconds": v[0], "why": v[1]} for k, v in limits.items()})
+        self.events.append(
+            "hang_deadlines",
+            deadlines={k: {"seconds": v[0], "why": v[1]} for k, v in limits.items()},
+            pace=pace.record(self.pace),
+        )  # what the next invocation starts from (pace.seed)
 
     def _stop(self, a: Attempt, now: float) -> None:
         """Deliver the stop to every worker as it appears; escalate per worker after the grace period."""
@@ -210,7 +222,7 @@ class Watcher:
             return
         if a.stop_sent is None:
             a.stop_sent = now
-            self.view.phase = "saving on stop"
+            self.view.phase, self.view.hang_after = "saving on stop", None  # the grace period holds now, not a deadline
         self._deliver_stop(a, now)
         # each worker has the grace period from its own signal: escalate only once the last one to get it is over
         # (its peers wait for it in their collectives anyway); with no worker left, torchrun has it from the stop

@@ -25,7 +25,7 @@ from nanochat.resume import Extension
 from nanochat.saver import Saver, SaveRecord
 from nanochat.settings import RLConfig, TrainConfig
 from nanochat.telemetry import Startup, Telemetry
-from nanochat.train_loop import FIRST_SAVE_STEPS, Due, SaveSchedule, rng_state, young_daly
+from nanochat.train_loop import FIRST_SAVE_STEPS, Due, SaveSchedule, rng_state, write_slowdown, young_daly
 
 # ---- the save schedule -----------------------------------------------------------------------------------------
 
@@ -85,8 +85,9 @@ def test_auto_saves_first_to_measure_then_every_young_daly_interval_never_while_
     records.append(_record(13, blocked=0.25, write=None))  # the write is still in flight
     assert schedule.vote(14, 1.0, records, busy=True) == 0  # sqrt(2 x 0.25 x 800) = 20 s = 20 steps
     assert schedule.auto.interval == 20 and not schedule.on_disk(14) and schedule.due(14) is None
-    assert lines == ["--save_every=auto: a save every 20 steps (~20.0s; a save blocks 0.250s, its write takes 0.250s,"
-                     " MTBF 800s, a step 1.000s)"]  # fmt: skip
+    assert lines == ["--save_every=auto: a save every 20 steps (~20.0s; a save costs 0.250s: it blocks 0.250s and"
+                     " slows the 1.0 steps during its background write by 0.000s; its write takes 0.250s, MTBF 800s,"
+                     " a step 1.000s, 1.000s during a write)"]  # fmt: skip
     records[-1] = _record(13, blocked=0.25, write=30.0)  # durable after 30 s: the write bounds the interval
     assert [schedule.vote(s, 1.0, records, busy=False) for s in range(15, 44)].index(1) + 15 == 43
     assert len(lines) == 2 and "every 30 steps" in lines[-1]
@@ -97,6 +98,36 @@ def test_auto_saves_first_to_measure_then_every_young_daly_interval_never_while_
     assert schedule.vote(45, 1.0, [*records, _record(44, 0.26, 31.0)], busy=False) == 0
     assert len(lines) == 2  # a small change is not logged again
     assert schedule.due(45, signum=signal.SIGTERM) == Due("signal:SIGTERM")  # a signal still saves at once
+
+
+def test_auto_counts_the_slowdown_of_the_steps_during_a_background_write_in_the_save_cost() -> None:
+    assert write_slowdown(1.0, None, 30.0) == 0.0 and write_slowdown(1.0, 0.9, 30.0) == 0.0  # not timed, not slower
+    assert write_slowdown(1.0, 1.25, 24.0) == pytest.approx(6.0)  # a quarter of a step more, for 24 steps
+    lines: list[str] = []
+    schedule = SaveSchedule.of("auto", 0, mtbf=800.0, first_step=0)
+    schedule.auto.log = lines.append
+    # the first save at step 3 blocks 0.5 s, then writes in the background until t=120.5 (perf_counter seconds)
+    records = [SaveRecord(3, True, False, started=100.0, blocked=0.5, durable_at=120.5)]
+    t = 90.0
+    for step in range(1, 4):  # 1 s steps before the save
+        t += 1.0
+        schedule.vote(step, 1.0, records[:0], busy=False, now=t)
+    t = 100.5
+    for step in range(4, 14):  # ten 2 s steps while the write is in flight, then 1 s steps again
+        t += 2.0
+        schedule.vote(step, 2.0, records, busy=t < 120.5, now=t)
+    for step in range(14, 20):
+        t += 1.0
+        schedule.vote(step, 1.0, records, busy=False, now=t)
+    auto = schedule.auto
+    assert (auto.writing_step_time, auto.step_time, auto.writing_steps) == (2.0, 1.0, 10)
+    # 10 steps 1 s slower while the write runs: 10 s lost, on top of the 0.5 s it blocks: sqrt(2 x 10.5 x 800) = 130 s
+    assert auto.interval == 130
+    assert "slows the 7.0 steps during its background write by 7.000s" in lines[-1]
+    auto.logged = None  # the line logged last was 7 steps into the write (later moves < 20%): log it again
+    schedule.vote(20, 1.0, records, busy=False, now=t + 1.0)
+    assert "a save costs 10.500s: it blocks 0.500s and slows the 10.0 steps during its background write by" in lines[-1]
+    assert "by 10.000s; its write takes 20.500s" in lines[-1] and "a step 1.000s, 2.000s during a write" in lines[-1]
 
 
 def test_auto_measures_afresh_after_a_resume_and_fixed_schedules_never_vote() -> None:

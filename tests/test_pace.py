@@ -1,22 +1,29 @@
-"""--hang-timeout auto (supervisor/pace.py, attempt.hang_reason): deadlines from made-up heartbeat sequences."""
+"""--hang-timeout auto (supervisor/pace.py, attempt.hang_reason): deadlines from made-up heartbeat sequences, the
+pace carried to a rerun of the same configuration, the deadline on the live panel; end to end, a supervised run
+whose final upload beats its progress and a rerun that starts from the pace the first one measured."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 
 import pytest
 import typer
+from rich.console import Console
 
 from nanochat.locks import DirLock
 from nanochat.train_loop import Heartbeat
-from supervisor.attempt import hang_reason
+from supervisor.attempt import deadline, hang_reason
+from supervisor.display import Display, LiveDisplay, View
 from supervisor.launch import TrainOptions
 from supervisor.options import hang_timeout
-from supervisor.pace import FALLBACK, Pace
+from supervisor.pace import FALLBACK, Pace, adopt, config_of, seed
 from supervisor.records import EventLog, RunDir, append_event, read_events
 from supervisor.watch import Watcher
 from tests.helpers import run_cli
+from tests.supervised import Run, make_env, train_cmd
 
 
 def opts(tmp_path, **kw) -> TrainOptions:
@@ -133,3 +140,119 @@ def test_status_shows_the_deadline_of_the_live_phase(monkeypatch, capsys, tmp_pa
         assert deadline["deadlines"]["training"]["seconds"] == 20
     finally:
         lock.release()
+
+
+def test_the_final_upload_is_held_to_the_throughput_of_earlier_uploads_and_each_file_sent_is_progress(tmp_path):
+    pace, o = Pace(), opts(tmp_path)
+    flushing = {"phase": "done", "step": 12, "uploading": 12, "upload_sent": 0, "upload_bytes": 10**9}
+    state = dict(healthy=True, started=0.0, last_progress=0.0, heartbeat=flushing, pace=pace)
+    assert deadline(o, healthy=True, heartbeat=flushing, pace=pace)[:2] == ("uploading", FALLBACK)  # none timed yet
+    # the uploader's last upload, in every beat: 1 GB in 200 s, then one in 500 s (a slower link): the slowest counts
+    for seconds in (200.0, 500.0, 200.0):
+        pace.seen({**training(4), "remote_sent_bytes": 10**9, "remote_sent_seconds": seconds})
+    pace.seen({**training(5), "remote_sent_bytes": None, "remote_sent_seconds": None})  # nothing uploaded yet
+    assert (pace.upload_bytes, pace.upload_rate) == (10**9, 2e6)
+    assert hang_reason(o, **state, now=2499) == ""  # 5 x 500 s
+    assert hang_reason(o, **state, now=2501) == (
+        "no progress for 2500s uploading at step 12 (--hang-timeout auto: 5x the largest checkpoint (1000.0 MB) at"
+        " the slowest upload's rate (500.00s), at least 300s)"
+    )
+    pace.seen({**training(6), "remote_sent_bytes": 10**6, "remote_sent_seconds": 0.1})  # small and fast: the floor
+    assert Pace(upload_bytes=10**6, upload_rate=1e7).limits(0, 0)["uploading"][0] == 300
+    # a stop's save, then its upload: the upload's deadline, not the save's
+    stopping = {"phase": "saving", "reason": "signal:SIGTERM", "step": 7, "uploading": 7}
+    assert deadline(o, healthy=True, heartbeat=stopping, pace=pace)[:2] == ("uploading", 2500)
+    pace.moved(stopping, {**stopping, "upload_sent": 10}, 900.0)  # a slow file of that upload is not a save's time
+    assert pace.saves == {}
+    assert deadline(o, healthy=True, heartbeat={**flushing, "uploading": None}, pace=pace)[0] == "done"
+
+
+BEAT = {"world_size": 2, "device": "cpu", "device_batch_size": 2, "total_batch_size": 256, "max_seq_len": 64,
+        "flops_per_token": 1.5e6}  # fmt: skip
+
+
+def test_a_rerun_starts_from_the_recorded_pace_only_with_the_same_configuration(tmp_path):
+    run = RunDir(tmp_path / "ckpt.run")
+    watcher = Watcher(opts(tmp_path), run, EventLog(run, warn=print), None, "run-1")  # type: ignore[arg-type]
+    assert watcher._earlier is None  # a new run dir: nothing to start from
+    watcher._record_deadlines()  # before any heartbeat: no configuration, nothing measured
+    watcher.pace, said = adopt(watcher.pace, {**BEAT, **training(1)}, None)
+    assert said == "" and watcher.pace.config == config_of(BEAT)
+    feed(watcher.pace, [(t * 0.5, {**BEAT, **training(t)}) for t in range(1, 6)])
+    watcher.pace.seen({**BEAT, "remote_sent_bytes": 10**9, "remote_sent_seconds": 100.0})
+    watcher._record_deadlines()
+    # the next invocation: the last record with a configuration (an earlier one, or a later one logged before any
+    # heartbeat, has none)
+    EventLog(run, warn=print).append("hang_deadlines", deadlines={}, pace=Pace().__dict__)
+    earlier = seed(read_events(run))
+    assert earlier == watcher.pace and earlier.steps == [0.5] * 4 and earlier.upload_rate == 1e7
+    pace, said = adopt(Pace(), {**BEAT, "phase": "starting", "step": 5}, earlier)
+    assert pace is earlier and "from the pace an earlier invocation measured" in said
+    assert deadline(opts(tmp_path), healthy=True, heartbeat=training(6), pace=pace)[1] == 20  # no steps needed
+    # another batch (an OOM restart, a rerun with other settings): measured afresh
+    fresh, said = adopt(Pace(), {**BEAT, "device_batch_size": 1, "phase": "starting"}, earlier)
+    assert fresh.steps == [] and fresh.config["device_batch_size"] == 1 and said == ""
+    again, said = adopt(pace, {**BEAT, "flops_per_token": 3e6}, earlier)  # the model changed within an invocation
+    assert again.steps == [] and said.endswith("the configuration changed (flops_per_token): measuring the pace afresh")
+    assert adopt(pace, {**BEAT, **training(9)}, None)[0] is pace  # the same configuration keeps its pace
+    for bad in ({"steps": "x", "config": {}}, {"steps": [0.5], "saves": {"k": None}, "config": {}}, {"nope": 1}):
+        EventLog(run, warn=print).append("hang_deadlines", deadlines={}, pace=bad)
+        assert seed(read_events(run)) is None  # the newest record is malformed: nothing to start from
+
+
+def test_the_live_panel_and_the_progress_line_show_the_hang_deadline(capsys):
+    v = View(max_attempts=3)
+    v.beat({"step": 12, "num_iterations": 20, "phase": "done", "uploading": 12, "upload_sent": 2 * 10**6,
+            "upload_bytes": 5 * 10**6})  # fmt: skip
+    assert v.doing == "uploading step 12 (2.0/5.0 MB)"
+    v.hang_after, v.hang_why, v.quiet = 23.0, "10x the median step (2.30s), at least 20s", 3.4
+    assert v.hang == "after 23s without progress (quiet 3s; 10x the median step (2.30s), at least 20s)"
+    Display(every=0).update(v)
+    assert capsys.readouterr().out.rstrip().endswith("uploading step 12 (2.0/5.0 MB), hang after 23s")
+    screen = io.StringIO()
+    live = LiveDisplay(Console(file=screen, width=160))
+    live.update(v)
+    live.close()
+    assert re.search(r"hang +after 23s without progress \(quiet 3s; 10x the median step", screen.getvalue())
+    v.hang_after, v.hang_why = 0.0, "--hang-timeout"
+    assert v.hang == "never (off: --hang-timeout)"
+
+
+@pytest.mark.slow
+def test_the_final_upload_beats_its_progress_and_a_rerun_starts_from_the_measured_pace(tmp_path, base_dir):
+    """Two invocations on one run dir with a file:// remote whose uploads are slow (2 s each) but progress: the
+    first one's final upload beats its progress and is held to the upload deadline the earlier uploads set; the
+    second starts from the pace the first measured (the same configuration)."""
+    ckpt, url, env = tmp_path / "ckpt", f"file://{tmp_path / 'remote'}", make_env(base_dir)
+    # every checkpoint kept whole, so that none is pruned under its upload: the step 16 one is sent (and timed) while
+    # the trainer trains on, or already waits for the step 48 one (32 is skipped if 48 comes first: the newest wins).
+    # 48 steps: the watcher (0.1 s tick) times enough of the fast steps (~40 ms) on a loaded host.
+    trainer = ("--debug_fault=sleep@upload:2", "--keep_optim_last_n=-1")
+    first = Run(train_cmd(ckpt, "--remote-dir", url, "--progress-every", "0.2", "--keep-last-n", "-1", iters=48,
+                          save_every=16, trainer=trainer), ckpt, env)  # fmt: skip
+    seen: list[dict] = []
+
+    def flushing() -> bool:
+        hb = first.heartbeat()
+        seen.extend([hb] if hb.get("uploading") == 48 and hb.get("upload_bytes") else [])  # (None between uploads)
+        return bool(seen)
+
+    first.wait_for("the final upload in the heartbeat", flushing, timeout=120)
+    out = first.finish(0)
+    assert first.classes() == ["completed"]
+    # the supervisor's progress line while the trainer waits: the upload's progress and the deadline it is held to
+    held = re.findall(r"uploading step 48 \(\d+\.\d/\d+\.\d MB\), hang after (\d+)s", out)
+    assert "300" in held and set(held) <= {"300", "1800"}, out  # the fallback until an earlier upload was timed
+    assert seen[0]["phase"] == "done" and seen[0]["upload_bytes"] > seen[0]["upload_sent"] >= 0, seen
+    last = [e for e in first.events("hang_deadlines") if e["pace"]["config"]][-1]  # what the rerun starts from
+    assert last["deadlines"]["uploading"]["why"].startswith("5x the largest checkpoint"), last
+    measured = seed(first.events())
+    assert measured and measured.upload_rate > 0 and measured.config["world_size"] == 2 and len(measured.steps) >= 3
+    assert (first.heartbeat().get("uploading"), first.heartbeat().get("remote_step")) == (None, 48)
+
+    second = Run(train_cmd(ckpt, iters=52, save_every=16), ckpt, env)
+    out = second.finish(0)
+    assert "hang deadlines: from the pace an earlier invocation measured (the same configuration)" in out, out
+    own = [e for e in second.own("hang_deadlines") if e["pace"]["config"]]
+    assert own and own[0]["pace"]["steps"][: len(measured.steps)] == measured.steps
+    assert own[0]["deadlines"]["training"]["seconds"] < FALLBACK and own[0]["deadlines"]["uploading"]["seconds"] == 300

@@ -308,12 +308,12 @@ def test_save_every_auto_on_two_ranks_and_the_restart_gets_the_observed_mtbf(sup
     # rank 0 picks the steps and both ranks save them (a rank that saved another step would hang in the saver's
     # gather); after the crash the next attempt gets the failure rate seen so far as its --mtbf
     fault = "--debug_fault=raise@step:12,rank=1"
-    run = supervise("--keep-last-n", "-1", iters=20, save_every="auto", trainer=("--mtbf=0.5", fault))
+    run = supervise("--keep-last-n", "-1", iters=20, save_every="auto", trainer=("--mtbf=0.1", fault))
     run.finish(0, timeout=240)
     assert run.classes() == ["crash", "completed"]
     mtbf = run.events("decision")[0]["overrides"]["mtbf"]
     assert float(mtbf) >= 1 and f"mtbf = {float(mtbf)}" in run.attempt_log(2)  # the trainer applied it
-    assert re.search(r"--save_every=auto: a save every \d+ steps .*MTBF 0.5s", run.attempt_log(1))
+    assert re.search(r"--save_every=auto: a save every \d+ steps .*MTBF 0.1s", run.attempt_log(1))
     assert re.search(rf"--save_every=auto: a save every \d+ steps .*MTBF {mtbf}s", run.attempt_log(2))
     saved = {c.step: len(c.meta.ranks) for c in checkpoint.scan(run.ckpt)}
     assert len([s for s in saved if s < 12]) >= 2 and 20 in saved and set(saved.values()) == {2}, saved
