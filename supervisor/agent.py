@@ -75,6 +75,7 @@ class Agent:
         try:
             code = self._check_nodes() or self.loop()
         finally:
+            self.watcher.close()  # no warm spare outlives the run
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             lock.release()

@@ -48,6 +48,7 @@ from supervisor.options import (
     PhaseOption,
     ProgressOption,
     RemoteOption,
+    SpareOption,
     StartupOption,
     confirm,
     number,
@@ -157,6 +158,7 @@ def train(
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
     progress_every: ProgressOption = SUP.progress_every,
+    spare: SpareOption = SUP.spare,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
@@ -169,7 +171,7 @@ def train(
     phase, script = phase_of_script(phase, script)
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
-                      node_timeout, local_addr=local_addr)  # fmt: skip
+                      node_timeout, local_addr=local_addr, spare=spare)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)

@@ -48,6 +48,7 @@ class Supervision:
     node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
     local_addr: str | None = None  # torchrun --local-addr: the address other nodes reach this one at
+    spare: bool = False  # a warm spare for the next attempt (supervisor/spare.py): off, it holds host memory
 
     @property
     def min_nodes(self) -> int:
@@ -226,6 +227,7 @@ class TrainOptions:
     env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
     remote: bool = False  # the trainer copies checkpoints to a remote (Launch.remote)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
+    spare: bool = Supervision.spare  # keep the next attempt's workers started, waiting (supervisor/spare.py)
 
 
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
@@ -240,7 +242,7 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
                         local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
-                        remote=launch.remote)  # fmt: skip
+                        remote=launch.remote, spare=sup.spare)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

@@ -93,6 +93,14 @@ GraceOption = Annotated[
 OomShrinkOption = Annotated[
     bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
 ]
+SpareOption = Annotated[
+    bool,
+    typer.Option(
+        help="Keep a warm spare: once an attempt trains, start the next attempt's torchrun, whose workers import"
+        " torch and the trainer, then wait; a restart skips those seconds. Costs --nproc-per-node idle processes"
+        " holding imported torch (host memory; no GPU memory, no process group). One machine only."
+    ),
+]
 ProgressOption = Annotated[
     float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
 ]
