@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 DIR_ENV = "NANOCHAT_SPARE_DIR"  # the folder the go appears in (set for a spare's torchrun only)
-GO_TIME_ENV = "NANOCHAT_SPARE_GO"  # the wall time the go arrived: where the trainer's start-up counts from
-GO_FILE = "go.json"  # {"script": module, "args": [trainer arguments]}, written whole (a rename)
+GO_TIME_ENV = "NANOCHAT_SPARE_GO"  # the wall time of the go: where the trainer's start-up counts from
+GO_FILE = "go.json"  # {"script": module, "args": [trainer arguments], "at": wall time}, written whole (a rename)
+# imported by the trainer later, at its first use: torch.optim's optimizers import torch._dynamo in their __init__
+# (~3 s on a CPU, half the optimizers-and-data part of a restart), and compile needs it anyway
+LATE_IMPORTS = ("torch._dynamo",)
 POLL = 0.02  # seconds between looks for the go: a restart waits at most this, an idle spare costs ~nothing
 
 
@@ -48,10 +51,12 @@ def wait_for_go(folder: Path) -> dict:
 def main(argv: list[str]) -> None:
     script = argv[-1]
     importlib.import_module(script)  # the seconds a spare exists for: torch, nanochat, the script's own imports
+    for module in LATE_IMPORTS:
+        importlib.import_module(module)
     go = wait_for_go(Path(os.environ.pop(DIR_ENV)))
     if go["script"] != script:  # the supervisor checks this before its go; a mismatch is a bug, said plainly
         sys.exit(f"nanochat.spare: imported {script} but the go is for {go['script']}")
-    os.environ[GO_TIME_ENV] = repr(time.time())
+    os.environ[GO_TIME_ENV] = repr(go["at"])  # from the go, not from now: imports still running when it came count
     sys.argv = [script, "--", *go["args"]]  # as `python -m <script> -- <args>` has it (runpy sets argv[0])
     runpy.run_module(script, run_name="__main__", alter_sys=True)
 

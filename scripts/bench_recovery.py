@@ -2,7 +2,8 @@
 
     python -m scripts.bench_recovery [--nproc 2] [--depth 2] [--repeats 3] [--compile]
 
-Arms, interleaved, each repeated; the kill step is drawn at random per repeat (seeded) and shared by every
+Arms, interleaved, each repeated; the kill step is drawn at random per repeat (seeded) from the second half of
+the run (a failure comes a while into a run, when a spare has long finished its imports) and shared by every
 killed arm:
   cold       `nanochat-run train` from scratch, uninterrupted: launch -> first completed step, and the
              reference end state
@@ -109,7 +110,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--save-every", type=int, default=10)
     ap.add_argument("--snapshot-every", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -128,7 +129,7 @@ def main() -> None:
         prepare(base)
         rows: dict[str, list[dict]] = {"cold": [], **{arm: [] for arm in arms}}
         for i in range(args.repeats):  # interleaved, so drift on a noisy machine hits every arm alike
-            k = rng.randrange(args.save_every + 1, args.steps - 1)
+            k = rng.randrange(max(args.save_every + 1, args.steps // 2), args.steps - 1)
             rows["cold"].append(run(args, base, f"cold{i}"))
             for arm, (_, kw) in arms.items():
                 rows[arm].append(run(args, base, f"{arm}{i}", k, **kw) | {"kill": k})
