@@ -136,7 +136,7 @@ def main() -> None:
     cold = statistics.median(r["first_step"] for r in rows["cold"])
     ref = rows["cold"][0]["final"]
     print(f"bench_recovery: depth {args.depth}, {args.nproc} workers (gloo, CPU), {args.steps} steps, checkpoint every"
-          f" {args.save_every}, compile {args.compile}, {args.repeats} kills per arm at random steps, medians")  # fmt: skip
+          f" {args.save_every}, compile {args.compile}, {args.repeats} kills per arm, medians")  # fmt: skip
     print(f"cold start: launch -> first step {cold:.2f}s")
     print(f"{'arm':<34}{'detect s':>10}{'recover s':>11}{'vs cold':>9}{'steps lost':>12}{'bit-exact':>11}{'spare':>7}")
     for arm, (label, _) in arms.items():
@@ -148,8 +148,10 @@ def main() -> None:
         print(f"{label:<34}{det:>10.2f}{rec:>11.2f}{rec / cold:>8.2f}x{lost:>12}{str(exact):>11}{str(used):>7}")
     print("kill steps: " + ", ".join(str(r["kill"]) for r in rows["disk"]))
     cols = ("start", "imports", "process group", "optim+data", "load", "first step")
-    print("where the seconds go (medians; start: launch or detection -> the trainer's own start, i.e. the supervisor,"
-          " torchrun and the workers' exec; optim+data includes finding the checkpoint and building the model):")
+    print(
+        "where the seconds go (medians; start: launch or detection -> the trainer's own start, i.e. the supervisor,"
+        " torchrun and the workers' exec; optim+data includes finding the checkpoint and building the model):"
+    )
     print(f"{'':<34}" + "".join(f"{c:>14}" for c in cols))
     for arm, label in (("cold", "cold start"), *((arm, label) for arm, (label, _) in arms.items())):
         parts = {c: statistics.median(_part(r["parts"], c) for r in rows[arm]) for c in cols}

@@ -29,7 +29,6 @@ from supervisor.workers import Workers
 SPAWN_WAIT = 30.0  # seconds a restart waits for a just-started spare's workers to appear (then: a cold start)
 
 
-
 class Spare:
     """At most one spare torchrun at a time, for the next attempt of this supervisor."""
 

@@ -182,7 +182,7 @@ class Watcher:
         if hb.get("phase") in ("training", "saving") and not a.healthy:
             a.healthy = True
             self.pace.started(now - a.started)
-            if self._launched and (said := self.spare.start(*self._launched)):
+            if self._launched and not self.signals and (said := self.spare.start(*self._launched)):
                 self.display.event(said)
             if self.lifecycle.state is RunState.STARTING:
                 self.lifecycle.set(RunState.HEALTHY, f"training at step {hb.get('step')}")  # STARTING -> HEALTHY
