@@ -10,8 +10,8 @@ killed arm:
   disk       the same run with `--debug_fault=sigkill@step:K` on the last rank, checkpoints every --save-every
   snapshots  the same kill, plus in-memory snapshots every --snapshot-every steps
   spare      the same as snapshots, under `nanochat-run train --spare` (the restart takes the warm spare)
-  no cache   (--compile only) the same as snapshots, with torch.compile's caches off: every attempt compiles
-             from nothing, as a restart on a new machine did before the caches moved into the run dir
+  no cache   (--compile only) the same as snapshots, with torch.compile's caches emptied at the kill: the
+             restart compiles from nothing, as one on a new machine did before the caches moved into the run dir
 
 For each kill: detection (worker SIGKILL -> the supervisor notices), recovery (SIGKILL -> the first step
 completed after the restart: backoff 0, torchrun start-up, imports, checkpoint load, first step), steps lost,
@@ -28,6 +28,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ import torch
 from nanochat import checkpoint
 from nanochat.dataset import data_dir, iter_texts, train_val_shards, write_builtin_corpus
 from nanochat.tokenizer import Tokenizer, tokenizer_dir
+from supervisor import procs
 
 
 def prepare(base: Path) -> None:
@@ -58,7 +60,7 @@ def startup_parts(log: str) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, base: Path, tag: str, kill_step: int = 0, snapshot_every: int = 0,
-        spare: bool = False, env: dict[str, str] | None = None) -> dict:  # fmt: skip
+        spare: bool = False, cold_cache: bool = False) -> dict:  # fmt: skip
     """One supervised run; polls the heartbeat to time the first step of each attempt."""
     ckpt = base / "ckpt" / tag
     run_dir = base / "runs" / tag
@@ -71,11 +73,16 @@ def run(args: argparse.Namespace, base: Path, tag: str, kill_step: int = 0, snap
     if kill_step:
         cmd.append(f"--debug_fault=sigkill@step:{kill_step},rank={args.nproc - 1}")
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "NANOCHAT_SHM_DIR": str(base / "shm"), **(env or {})}  # fmt: skip
+           "NANOCHAT_SHM_DIR": str(base / "shm")}  # fmt: skip
+    cache = base / "compile-cache" / tag  # cold_cache: ours, emptied at the kill (the supervisor keeps a user's)
+    if cold_cache:
+        env[procs.COMPILE_CACHE_ENV] = str(cache)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     seen: list[tuple[float, int]] = []  # (heartbeat time, step) of every training heartbeat seen
     while proc.poll() is None:
+        if cold_cache and cache.exists() and any(ckpt.glob(".fault-fired-*")):
+            shutil.rmtree(cache)  # the restart finds no compile cache, as on a new machine before the run dir had it
         try:
             hb = json.loads((run_dir / "heartbeat.json").read_text())
             if hb.get("phase") == "training" and (not seen or seen[-1][0] != hb["time"]):
@@ -122,8 +129,7 @@ def main() -> None:
     arms = {"disk": ("checkpoints only", {}), "snapshots": (f"+ snapshots every {snap}", {"snapshot_every": snap}),
             "spare": ("+ snapshots + --spare", {"snapshot_every": snap, "spare": True})}  # fmt: skip
     if args.compile:
-        off = {"TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
-        arms["nocache"] = ("+ snapshots, no compile cache", {"snapshot_every": snap, "env": off})
+        arms["nocache"] = ("+ snapshots, cache wiped at the kill", {"snapshot_every": snap, "cold_cache": True})
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         prepare(base)
