@@ -83,6 +83,7 @@ def run(args: argparse.Namespace, base: Path, tag: str, kill_step: int = 0, snap
     while proc.poll() is None:
         if cold_cache and cache.exists() and any(ckpt.glob(".fault-fired-*")):
             shutil.rmtree(cache)  # the restart finds no compile cache, as on a new machine before the run dir had it
+            cold_cache = False  # once: the restart fills it again
         try:
             hb = json.loads((run_dir / "heartbeat.json").read_text())
             if hb.get("phase") == "training" and (not seen or seen[-1][0] != hb["time"]):
