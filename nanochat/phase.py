@@ -390,6 +390,4 @@ class Phase:
 
 
 def _compile(cfg: LoopConfig, device: torch.device) -> bool:
-    if cfg.compile.lower() == "auto":
-        return device.type == "cuda"
-    return cfg.compile.lower() in ("true", "1")
+    return cfg.compiles(device.type == "cuda")

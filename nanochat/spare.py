@@ -2,7 +2,7 @@
 imports the training script (torch and nanochat with it), then waits, cheaply, for the supervisor's go, and only
 then becomes that script's `__main__` with the arguments the go carries.
 
-    torchrun ... -m nanochat.spare -- <script module>     (the supervisor starts it; never by hand)
+    torchrun ... -m nanochat.spare -- <script module> [<module to import too> ...]   (the supervisor starts it)
 
 What a spare saves a restart is the interpreter's start-up and the imports (seconds); the process group, the data
 and the checkpoint come after the go, with the attempt's own arguments (the policy may have changed them since
@@ -26,6 +26,7 @@ GO_FILE = "go.json"  # {"script": module, "args": [trainer arguments], "at": wal
 # imported by the trainer later, at its first use: torch.optim's optimizers import torch._dynamo in their __init__
 # (~3 s on a CPU, half the optimizers-and-data part of a restart), and compile needs it anyway
 LATE_IMPORTS = ("torch._dynamo",)
+COMPILE_IMPORTS = ("torch._inductor.compile_fx",)  # what torch.compile imports (~5 s on a CPU): for compiled runs
 POLL = 0.02  # seconds between looks for the go: a restart waits at most this, an idle spare costs ~nothing
 
 
@@ -49,9 +50,9 @@ def wait_for_go(folder: Path) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    script = argv[-1]
+    script, *also = argv[argv.index("--") + 1 :] if "--" in argv else argv
     importlib.import_module(script)  # the seconds a spare exists for: torch, nanochat, the script's own imports
-    for module in LATE_IMPORTS:
+    for module in (*LATE_IMPORTS, *also):  # also: what the supervisor knows the trainer will need (compile)
         importlib.import_module(module)
     go = wait_for_go(Path(os.environ.pop(DIR_ENV)))
     if go["script"] != script:  # the supervisor checks this before its go; a mismatch is a bug, said plainly

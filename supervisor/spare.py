@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 from nanochat import spare as worker
+from nanochat.config import ConfigError, HelpRequested
 from nanochat.registry import by_script
 from supervisor import procs
-from supervisor.launch import TrainOptions
+from supervisor.launch import TrainOptions, gpu_count, parse_settings
 from supervisor.workers import Workers
 
 SPAWN_WAIT = 30.0  # seconds a restart waits for a just-started spare's workers to appear (then: a cold start)
@@ -56,7 +57,8 @@ class Spare:
         log_dir = self.root / "log"
         try:
             log_dir.mkdir(parents=True)
-            launch = dataclasses.replace(spec, script=worker.__name__, trainer_args=[spec.script], log_dir=log_dir)
+            args = [spec.script, *_late_imports(spec)]
+            launch = dataclasses.replace(spec, script=worker.__name__, trainer_args=args, log_dir=log_dir)
             env = {**env, procs.ATTEMPT_ENV: self.attempt_id, worker.DIR_ENV: str(self.root)}
             self.proc = procs.launch(launch, log_dir / "torchrun.log", env)
         except OSError as e:  # a full disk, say: the next restart starts cold, as without --spare
@@ -107,6 +109,18 @@ class Spare:
 def _unargued(spec: procs.LaunchSpec) -> procs.LaunchSpec:
     """A launch without what changes from attempt to attempt: its arguments, log dir and (multi-node) rendezvous."""
     return dataclasses.replace(spec, trainer_args=[], log_dir=Path(), rdzv_id=None)
+
+
+def _late_imports(spec: procs.LaunchSpec) -> tuple[str, ...]:
+    """What the spare should import beyond the script, judged by the attempt it follows (the settings rarely change
+    between attempts; if they do, the imports are only wasted): torch.compile's, for a trainer that compiles."""
+    try:
+        cfg = parse_settings(spec.script, list(spec.trainer_args))
+    except (ConfigError, HelpRequested):  # cannot happen for an attempt that trained; then nothing extra
+        return ()
+    # as the trainer decides: --device_type=auto is CUDA where torch sees a GPU (no nvidia-smi: no torch import)
+    cuda = cfg.device_type == "cuda" or (cfg.device_type == "auto" and shutil.which("nvidia-smi") and gpu_count() > 0)
+    return worker.COMPILE_IMPORTS if cfg.compiles(bool(cuda)) else ()
 
 
 def _untagged(env: dict[str, str]) -> dict[str, str]:
