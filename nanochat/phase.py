@@ -20,10 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-import psutil
 import torch
 
-from nanochat import checkpoint, node_dirs, resume
+from nanochat import checkpoint, node_dirs, resume, spare
 from nanochat.checkpoint import CheckpointError, snapshots
 from nanochat.common import cleanup_distributed, init_distributed, keep_freed_memory, print0, say_here, warn0, warn_here
 from nanochat.config import ConfigError, describe
@@ -101,8 +100,8 @@ class Phase:
     stop."""
 
     def __init__(self, name: str, cfg: LoopConfig, ckpt_dir: Path, overrides: dict) -> None:
-        # the interpreter's start-up and our imports, before this
-        self.times = Startup(time.perf_counter(), time.time() - psutil.Process().create_time())
+        # the interpreter's start-up and our imports, before this (a warm spare's: since its go, nanochat/spare.py)
+        self.times = Startup(time.perf_counter(), time.time() - spare.began())
         self.name, self.cfg, self.ckpt_dir, self.overrides = name, cfg, ckpt_dir, overrides
         # the real URL only opens the filesystem; the config (logged, and recorded in every meta) keeps it redacted
         self.remote_url = reveal(cfg.remote_dir) if cfg.remote_dir else ""
@@ -471,6 +470,4 @@ class Phase:
 
 
 def _compile(cfg: LoopConfig, device: torch.device) -> bool:
-    if cfg.compile.lower() == "auto":
-        return device.type == "cuda"
-    return cfg.compile.lower() in ("true", "1")
+    return cfg.compiles(device.type == "cuda")

@@ -101,6 +101,12 @@ class LoopConfig:
     heartbeat_file: str = quiet("")  # rank 0 rewrites this JSON file every step (the supervisor watches it)
     debug_fault: str = quiet("")  # inject a fault, e.g. sigkill@step:7 or raise@step:5! (see nanochat/faults.py)
 
+    def compiles(self, cuda: bool) -> bool:
+        """Whether the model is compiled (`cuda`: the trainer runs on CUDA): --compile, auto meaning on CUDA."""
+        if self.compile.lower() == "auto":
+            return cuda
+        return self.compile.lower() in ("true", "1")
+
     def __post_init__(self) -> None:
         if self.device_type not in ("auto", "cuda", "cpu"):
             raise ConfigError(f"--device_type must be auto, cuda or cpu, got {self.device_type!r}")

@@ -80,6 +80,7 @@ class Agent:
         finally:
             if poller:
                 poller.stop()
+            self.watcher.close()  # no warm spare outlives the run
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             lock.release()

@@ -51,6 +51,7 @@ from supervisor.options import (
     PreemptionOption,
     ProgressOption,
     RemoteOption,
+    SpareOption,
     StartupOption,
     confirm,
     number,
@@ -162,6 +163,7 @@ def train(
     progress_every: ProgressOption = SUP.progress_every,
     preemption: PreemptionOption = SUP.preemption,
     preemption_endpoint: PreemptionEndpointOption = None,
+    spare: SpareOption = SUP.spare,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
     ] = False,
@@ -175,7 +177,7 @@ def train(
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
                       node_timeout, local_addr=local_addr, preemption=preemption,
-                      preemption_endpoint=preemption_endpoint)  # fmt: skip
+                      preemption_endpoint=preemption_endpoint, spare=spare)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)

@@ -51,6 +51,7 @@ class Supervision:
     local_addr: str | None = None  # torchrun --local-addr: the address other nodes reach this one at
     preemption: str = "auto"  # whose preemption notices to watch (supervisor/preempt.py): auto, a cloud, or off
     preemption_endpoint: str | None = None  # http://HOST:PORT in place of the metadata service's (tests)
+    spare: str = "auto"  # a warm spare for the next attempt (supervisor/spare.py): auto = on for a CUDA trainer
 
     @property
     def min_nodes(self) -> int:
@@ -90,6 +91,8 @@ class Supervision:
             raise UsageProblem("--max-restarts must be >= 0")
         if self.max_no_progress < 1:
             raise UsageProblem("--max-no-progress must be >= 1")
+        if self.spare not in ("auto", "on", "off"):
+            raise UsageProblem(f"--spare takes auto, on or off, got {self.spare!r}")
         if problem := preempt.check(self.preemption, self.preemption_endpoint):
             raise UsageProblem(problem)
         for name in ("hang_timeout", "startup_timeout", "backoff", "backoff_cap", "grace_period", "node_timeout"):
@@ -233,6 +236,7 @@ class TrainOptions:
     preemption: str = Supervision.preemption  # whose preemption notices to watch (supervisor/preempt.py)
     preemption_endpoint: str | None = None  # replaces the metadata service's http://HOST[:PORT] (tests)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
+    spare: str = Supervision.spare  # keep the next attempt's workers started, waiting (supervisor/spare.py)
 
 
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
@@ -248,7 +252,7 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
                         local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
                         remote=launch.remote, preemption=sup.preemption,
-                        preemption_endpoint=sup.preemption_endpoint)  # fmt: skip
+                        preemption_endpoint=sup.preemption_endpoint, spare=sup.spare)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

@@ -93,6 +93,15 @@ GraceOption = Annotated[
 OomShrinkOption = Annotated[
     bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
 ]
+SpareOption = Annotated[
+    str,
+    typer.Option(
+        help="A warm spare (auto | on | off): once an attempt trains, start the next attempt's torchrun, whose"
+        " workers import torch and the trainer, then wait; a restart skips those seconds. Costs --nproc-per-node"
+        " idle processes holding imported torch (host memory, ~0.4 GB each; no GPU memory, no process group)."
+        " auto: on for a trainer on CUDA (a GPU node has the host memory), off on the CPU. One machine only."
+    ),
+]
 ProgressOption = Annotated[
     float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
 ]

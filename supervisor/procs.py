@@ -16,6 +16,7 @@ from nanochat import node_dirs, redact, safefile
 from nanochat.lifeline import die_with_parent
 
 ATTEMPT_ENV = "NANOCHAT_ATTEMPT_ID"  # set for torchrun, inherited by every process of the attempt
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch.compile's caches (Triton's under it: triton/<device>)
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,19 @@ def _die_with(parent: int):
     return arm
 
 
-def environ_for(attempt_id: str, dir_per_node: bool = False, extra: dict[str, str] | None = None) -> dict[str, str]:
+def environ_for(attempt_id: str, dir_per_node: bool = False, extra: dict[str, str] | None = None,
+                compile_cache: Path | None = None) -> dict[str, str]:  # fmt: skip
     """Our environment for torchrun, tagged with the attempt id: every process of the attempt inherits the tag, so
     /proc/<pid>/environ finds them all, even workers orphaned by a dead torchrun. `dir_per_node`: the nodes
     share no checkpoint dir; the trainer keeps a copy on each (nanochat/node_dirs.py). `extra`: the phase's own
-    (a --remote_dir's real URL, kept off the command line: nanochat/redact.py)."""
+    (a --remote_dir's real URL, kept off the command line: nanochat/redact.py). `compile_cache`: where
+    torch.compile keeps what it built (Inductor's FX graphs, AOTAutograd's, Triton's kernels: all under
+    TORCHINDUCTOR_CACHE_DIR), unless the user chose a place: in the run dir, every attempt after the first starts
+    warm, on another machine too when the run dir is shared."""
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if compile_cache is not None:
+        env.setdefault(COMPILE_CACHE_ENV, str(compile_cache))
     env[ATTEMPT_ENV] = attempt_id
     for ours in (node_dirs.ENV, redact.ENV):  # ours to set, never inherited
         env.pop(ours, None)

@@ -25,6 +25,7 @@ from supervisor.lifecycle import Lifecycle
 from supervisor.pace import Pace
 from supervisor.policy import Batch
 from supervisor.records import EventLog, RunDir, read_events, read_heartbeat
+from supervisor.spare import Spare
 from supervisor.states import AttemptClass, Outcome, RunState
 from supervisor.workers import Worker, Workers
 
@@ -51,6 +52,8 @@ class Watcher:
         self.pace = Pace()  # what every attempt of this supervisor showed (--hang-timeout auto)
         self._earlier = pace.seed(read_events(run_dir))  # what the last invocation on this run dir measured
         self._deadlines: dict[str, float] = {}  # the deadlines last written to the event log
+        self.spare = Spare(opts, run_dir.path / "spare", run_id)  # --spare: the next attempt's workers, waiting
+        self._launched: tuple[procs.LaunchSpec, dict[str, str]] | None = None  # the last attempt's, for its spare
 
     @property
     def display(self) -> Display:
@@ -86,14 +89,19 @@ class Watcher:
         spec = launch_spec(opts, self.run_dir, plan, log_dir)
         attempt_id = f"{self.run_id}-{n}"
         oom = memory.OomCounters()
-        env = procs.environ_for(attempt_id, plan.dir_per_node, opts.env)
-        try:
-            proc = procs.launch(spec, log_dir / "torchrun.log", env)
-        except OSError as e:  # the log cannot be created (a full disk): log elsewhere rather than not run
-            log_dir = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
-            self.display.event(f"cannot create {spec.log_dir / 'torchrun.log'} ({e}); this attempt logs to {log_dir}")
-            spec = dataclasses.replace(spec, log_dir=log_dir)
-            proc = procs.launch(spec, log_dir / "torchrun.log", env)
+        env = procs.environ_for(attempt_id, plan.dir_per_node, opts.env, self.run_dir.path / "compile-cache")
+        self._launched = (spec, env)
+        if spare := self.spare.take(spec, env, log_dir):
+            proc, attempt_id = spare  # its processes keep the spare's tag
+        else:
+            try:
+                proc = procs.launch(spec, log_dir / "torchrun.log", env)
+            except OSError as e:  # the log cannot be created (a full disk): log elsewhere rather than not run
+                log_dir = Path(tempfile.mkdtemp(prefix=f"nanochat-run-attempt-{n:03d}-"))
+                self.display.event(f"cannot create {spec.log_dir / 'torchrun.log'} ({e}); this attempt logs to"
+                                   f" {log_dir}")  # fmt: skip
+                spec = dataclasses.replace(spec, log_dir=log_dir)
+                proc = procs.launch(spec, log_dir / "torchrun.log", env)
         oom.watch(proc.pid)
         t = time.monotonic()
         lineage = checkpoint.run_id(opts.checkpoint_dir)
@@ -102,14 +110,18 @@ class Watcher:
         # its time is the Attempt's: the goodput ledger's start of the attempt
         self.events.append("attempt_start", attempt=n, attempt_id=attempt_id, pid=proc.pid, cmd=spec.command(),
                            start_step=start_step, fresh=plan.fresh, overrides=dict(plan.overrides),
-                           log_dir=str(log_dir), time=a.started_wall)  # fmt: skip
+                           log_dir=str(log_dir), spare=bool(spare), time=a.started_wall)  # fmt: skip
         start = "starting fresh (--resume=False)" if plan.fresh else f"resuming from step {start_step}"
         if start_step is None and not plan.fresh:
             start = "no checkpoint yet: starting from step 0"
             if plan.dir_per_node:  # a new machine, say: the trainer gets the run's newest from the remote
                 start = "no checkpoint in this node's dir: the trainer gets the run's newest, if any, from the remote"
-        self.display.event(f"attempt {n}: torchrun pid {proc.pid}, {start}")
+        self.display.event(f"attempt {n}: torchrun pid {proc.pid}{' (the warm spare)' if spare else ''}, {start}")
         return a
+
+    def close(self) -> None:
+        """The run is over: no spare outlives it."""
+        self.spare.close()
 
     def _watch(self, a: Attempt) -> None:
         """Until torchrun exits: track workers, sample memory, read heartbeats, deliver a stop, detect hangs."""
@@ -176,6 +188,8 @@ class Watcher:
         if hb.get("phase") in ("training", "saving") and not a.healthy:
             a.healthy = True
             self.pace.started(now - a.started)
+            if self._launched and not self.signals and (said := self.spare.start(*self._launched, hb.get("device"))):
+                self.display.event(said)
             if self.lifecycle.state is RunState.STARTING:
                 self.lifecycle.set(RunState.HEALTHY, f"training at step {hb.get('step')}")  # STARTING -> HEALTHY
 

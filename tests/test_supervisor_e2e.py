@@ -15,17 +15,20 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nanochat import checkpoint, metrics
 from nanochat.locks import LOCKS, DirLock
-from supervisor import memory
+from supervisor import memory, procs
+from tests.runs import assert_same_final_state
 from tests.supervised import (
     NANOCHAT_RUN,
     Run,
     assert_no_orphans,
     assert_one_line_error,
     cli,
+    describe,
     kill_leftovers,
     last_value,
     leftovers,
@@ -317,6 +320,35 @@ def test_save_every_auto_on_two_ranks_and_the_restart_gets_the_observed_mtbf(sup
     assert re.search(rf"--save_every=auto: a save every \d+ steps .*MTBF {mtbf}s", run.attempt_log(2))
     saved = {c.step: len(c.meta.ranks) for c in checkpoint.scan(run.ckpt)}
     assert len([s for s in saved if s < 12]) >= 2 and 20 in saved and set(saved.values()) == {2}, saved
+
+
+def test_a_restart_takes_the_warm_spare_and_resumes_exactly(supervise, crashed_run: Run):
+    # --spare: once attempt 1 trains, attempt 2's torchrun is started and its workers wait after their imports; the
+    # SIGKILL at step 12 restarts into it (saves synchronous: step 10 is on disk by then, however loaded the
+    # machine). Same settings as crashed_run (the crash at step 12 too): the same final state, to the bit
+    fault = "--debug_fault=sigkill@step:12,rank=1"
+    run = supervise("--spare", "on", "--keep-last-n", "-1", trainer=(fault, "--async_save=False"))
+    out = run.finish(0, timeout=240)
+    assert run.classes() == ["signal", "completed"]
+    starts = run.events("attempt_start")
+    assert [s["spare"] for s in starts] == [False, True] and starts[1]["start_step"] == 10
+    assert re.search(r"attempt 2: torchrun pid \d+ \(the warm spare\), resuming from step 10", out), out[-3000:]
+    assert "resumed from step 10" in run.attempt_log(2) and "startup: " in run.attempt_log(2)
+    assert_same_final_state(run.ckpt, crashed_run.ckpt, step=30)
+    # nothing of a spare is left: the one the restart took trained and exited, the next one (started once
+    # attempt 2 trained) was killed at the end; its folder is gone and no process carries this run's tag
+    run_id = run.events("run_start")[0]["run_id"]
+    tagged = [p for p in psutil.process_iter() if _tag(p).startswith(f"{run_id}-")]
+    assert not tagged, describe(tagged)
+    assert not (run.run_dir.path / "spare").exists()
+    assert sorted(p.name for p in run.run_dir.path.glob("attempt-*")) == ["attempt-001", "attempt-002"]
+
+
+def _tag(p: psutil.Process) -> str:
+    try:
+        return p.environ().get(procs.ATTEMPT_ENV, "") if p.status() != psutil.STATUS_ZOMBIE else ""
+    except (psutil.Error, OSError):
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
