@@ -28,7 +28,7 @@ from nanochat.paths import (
 from nanochat.redact import redact
 from nanochat.registry import DEFAULT, by_script
 from nanochat.settings import TrainConfig, config_of
-from supervisor import cli_remote, report, tail
+from supervisor import cli_remote, eval_cmd, report, tail
 from supervisor.launch import (
     Supervision,
     UsageProblem,
@@ -547,46 +547,7 @@ app.command()(cli_remote.push)
 # evaluation across checkpoints (supervisor/eval_cmd.py, nanochat/ensemble.py)
 
 
-@app.command("eval")
-def evaluate(
-    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
-    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
-    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
-    phase: PhaseOption = DEFAULT.name,
-    checkpoints: Annotated[
-        str, typer.Option(help="Which ones: last:N (the newest N valid), all, or steps such as 1000,2000,3000.")
-    ] = "last:5",
-    mode: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated: each (every checkpoint), ensemble (their mean output probabilities),"
-            " average (their mean weights)."
-        ),
-    ] = "each,ensemble,average",
-    tasks: Annotated[
-        str | None, typer.Option(help="sft and rl checkpoints: the tasks to score. Default: chat_eval's.")
-    ] = None,
-    max_problems: Annotated[int, typer.Option(help="sft and rl: problems per task, from its test split.")] = 200,
-    max_tokens: Annotated[int, typer.Option(help="sft and rl: the longest generated answer, in tokens.")] = 256,
-    eval_tokens: Annotated[
-        int | None, typer.Option(help="base and mid: validation tokens. Default: what the trainer evaluates.")
-    ] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON record instead of the table.")] = False,
-    save: Annotated[
-        Path | None, typer.Option(help="Write the weight average into this new dir as a checkpoint of its own.")
-    ] = None,
-) -> None:
-    """Evaluate several checkpoints of one run: each one, their ensemble and their weight average, by validation
-    bits per byte (base, mid) or task accuracy (sft, rl). A table, and a JSON record and a plot in the run dir."""
-    from supervisor.eval_cmd import EvalRequest, run
-
-    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, None, depth, model_tag, phase=phase)
-    request = EvalRequest(ckpt_dir, run_path, checkpoints, mode, tasks, max_problems, max_tokens, eval_tokens,
-                          json_out, save.expanduser() if save else None)  # fmt: skip
-    try:
-        run(request)
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+app.command("eval")(eval_cmd.command)  # supervisor/eval_cmd.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,12 +12,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from nanochat import checkpoint, safefile
 from nanochat.checkpoint import Checkpoint
 from nanochat.config import ConfigError
-from nanochat.registry import scored_by_bpb
+from nanochat.registry import DEFAULT, scored_by_bpb
 from supervisor.launch import UsageProblem
+from supervisor.options import PhaseOption, resolve_dirs
 
 
 @dataclass
@@ -252,3 +256,45 @@ def plot(record: dict, path: Path) -> None:
     ax.legend(fontsize="small")
     fig.tight_layout()
     safefile.write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=120), durable=False)
+
+
+# the command (registered on the app in supervisor/cli.py)
+
+
+def command(
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="A checkpoint dir.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Find the checkpoint dir from the depth (d<depth>).")] = None,
+    model_tag: Annotated[str | None, typer.Option(help="Find the checkpoint dir from the model tag.")] = None,
+    phase: PhaseOption = DEFAULT.name,
+    checkpoints: Annotated[
+        str, typer.Option(help="Which ones: last:N (the newest N valid), all, or steps such as 1000,2000,3000.")
+    ] = "last:5",
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: each (every checkpoint), ensemble (their mean output probabilities),"
+            " average (their mean weights)."
+        ),
+    ] = "each,ensemble,average",
+    tasks: Annotated[
+        str | None, typer.Option(help="sft and rl checkpoints: the tasks to score. Default: chat_eval's.")
+    ] = None,
+    max_problems: Annotated[int, typer.Option(help="sft and rl: problems per task, from its test split.")] = 200,
+    max_tokens: Annotated[int, typer.Option(help="sft and rl: the longest generated answer, in tokens.")] = 256,
+    eval_tokens: Annotated[
+        int | None, typer.Option(help="base and mid: validation tokens. Default: what the trainer evaluates.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the JSON record instead of the table.")] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the weight average into this new dir as a checkpoint of its own.")
+    ] = None,
+) -> None:
+    """Evaluate several checkpoints of one run: each one, their ensemble and their weight average, by validation
+    bits per byte (base, mid) or task accuracy (sft, rl). A table, and a JSON record and a plot in the run dir."""
+    ckpt_dir, run_path = resolve_dirs(checkpoint_dir, None, depth, model_tag, phase=phase)
+    request = EvalRequest(ckpt_dir, run_path, checkpoints, mode, tasks, max_problems, max_tokens, eval_tokens,
+                          json_out, save.expanduser() if save else None)  # fmt: skip
+    try:
+        run(request)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
