@@ -122,17 +122,18 @@ def keep_freed_memory(keep_below: int | None = KEEP_BELOW) -> bool:
     activations and their gradients: scripts/bench_train.py measured 1.3-1.9x more tokens/s with the heap keeping
     them (its glibc-malloc arm is the comparison).
 
-    Why not keep every block (`keep_below=None`: no mmap at all, the setting before this bound)? Then the heap keeps
-    growing: its peak RSS rose step after step (upstream config: 5.0, 5.6, 6.1, 6.1, 6.1, 6.6 GB over six steps,
-    against 2.9-3.3 GB for default malloc) and differed from run to run (6.2-9.4 GB were seen). The cause is the
-    one main heap, not glibc's per-thread arenas: malloc_stats() after such a run showed 2.06 GB in arena 0 with
-    0.38 GB of it in use, 10 MB in the only other arena, and M_ARENA_MAX=1 or 2 left the peak where it was. Blocks
-    of hundreds of MB (the 32768-vocab logits and their gradients, 512 MiB each) freed between smaller long-lived
-    ones leave holes that the next step's blocks, placed in another order, do not fit exactly; with trimming off the
-    heap only grows, so its size depends on the order of allocations and keeps ratcheting up. Serving the blocks of
-    `keep_below` and more with mmap keeps them out of the heap: peak RSS then stays near default malloc's (3.0-3.4
-    GB on the same runs) while everything under 128 MiB (all of a tiny model's blocks) is still reused without
-    page faults. bench_train's "peak RSS" column shows both, per arm, with the unbounded setting as "keep-all".
+    Why not keep every block (`keep_below=None`: no mmap at all, the setting before this bound)? Its heap only
+    grows: on the upstream config (bench_train's upstream arms) peak RSS climbed step after step and differed
+    between identical runs (6.2-9.4 GB seen; 7.0 GB against 3.4 GB for default malloc in the run the README
+    quotes). Not glibc's per-thread arenas: in a one-off check (malloc_stats() after five steps of the upstream
+    config at batch 2, on random ids) the main arena held 2.06 GB with 0.38 GB in use and the one other arena 10 MB, and M_ARENA_MAX=1 or 2 left
+    the peak unchanged. It is the one main heap: with trimming off it never shrinks, and the 512 MiB blocks (the
+    32768-vocab logits and their gradients), freed between smaller long-lived blocks, leave holes the next step's
+    blocks do not exactly refill, so it ratchets up by a few hundred MB at a time, by how allocations happen to
+    interleave. Blocks of `keep_below` (128 MiB) and more now go to mmap, out of the heap: the upstream config's
+    peak RSS is then 1.04x default malloc's, with as many page faults per step as default malloc there (its big
+    blocks are mmap'd again), while every block under 128 MiB, all of a tiny config's (bench_train's d2/d4), is
+    still reused without faults.
     Returns False where it does not apply (not glibc, or a glibc that refuses the threshold).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
