@@ -124,17 +124,16 @@ def keep_freed_memory(keep_below: int | None = KEEP_BELOW) -> bool:
 
     Why not keep every block (`keep_below=None`: no mmap at all, the setting before this bound)? Its heap only
     grows: on the upstream config (bench_train's upstream arms) peak RSS climbed step after step and differed
-    between identical runs (6.2-9.4 GB seen; 7.0 GB against 3.4 GB for default malloc in the run the README
-    quotes). Not glibc's per-thread arenas: in a one-off check (malloc_stats() after five steps of the upstream
-    config at batch 2, on random ids) the main arena held 2.06 GB with 0.38 GB in use and the one other arena
-    10 MB, and M_ARENA_MAX=1 or 2 left
-    the peak unchanged. It is the one main heap: with trimming off it never shrinks, and the 512 MiB blocks (the
-    32768-vocab logits and their gradients), freed between smaller long-lived blocks, leave holes the next step's
-    blocks do not exactly refill, so it ratchets up by a few hundred MB at a time, by how allocations happen to
-    interleave. Blocks of `keep_below` (128 MiB) and more now go to mmap, out of the heap: the upstream config's
-    peak RSS is then 1.04x default malloc's, with as many page faults per step as default malloc there (its big
-    blocks are mmap'd again), while every block under 128 MiB, all of a tiny config's (bench_train's d2/d4), is
-    still reused without faults.
+    between identical runs (6.2-9.4 GB seen; 7.0 GB against 3.4 GB for default malloc in the run the README quotes).
+    Not glibc's per-thread arenas: in a one-off check (malloc_stats() after five steps of the upstream config at
+    batch 2, on random ids) the main arena held 2.06 GB with 0.38 GB in use and the one other arena 10 MB, and
+    M_ARENA_MAX=1 or 2 left the peak unchanged. It is the one main heap: with trimming off it never shrinks, and the
+    512 MiB blocks (the 32768-vocab logits and their gradients), freed between smaller long-lived blocks, leave
+    holes the next step's blocks do not exactly refill, so it ratchets up by a few hundred MB at a time, by how
+    allocations happen to interleave. Blocks of `keep_below` (128 MiB) and more now go to mmap, out of the heap: the
+    upstream config's peak RSS is then 1.04x default malloc's, with as many page faults per step as default malloc
+    there (its big blocks are mmap'd again), while every block under 128 MiB, all of a tiny config's (bench_train's
+    d2/d4), is still reused without faults.
     Returns False where it does not apply (not glibc, or a glibc that refuses the threshold).
     """
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters (malloc.h)
