@@ -8,6 +8,8 @@ midtrained checkpoint with --doc_mask=True and --doc_mask=False (same seed, so t
 rows, same steps; the two arms' order alternates from seed to seed). Each SFT model is then scored as a chat sees
 conversations, one at a time: the mean loss on the assistant's tokens (nats) of its seed's held-out test
 conversations, and chat_eval's accuracy on the checkable built-in tasks. tok/s is SFT's median after its first step.
+On a machine busy with other jobs pass --threads 1: two OpenMP threads that keep losing their cores wait for each
+other (a depth-2 base step took 15 s with 2 threads and 0.7 s with 1 on the machine the README's run used).
 """
 
 from __future__ import annotations
