@@ -15,10 +15,9 @@ also around average_gradients / AdamW.step / Muon.step (wrapped in place). Arms,
   upstream [compiled]   our trainer at upstream nanochat's CPU config: depth 4, head_dim 64, seq 512, batch 8,
                         vocab 32768, fp32. Upstream's own code is not run here, so no ratio against it is printed:
                         a number logged on another machine is not a measurement of this one.
-  upstream glibc-malloc / keep-all   the upstream config with glibc's default malloc / keep_freed_memory(None)
-                        (every freed block kept, none mmap'd: the unbounded setting its docstring explains)
-Peak RSS per arm: the worker's high-water mark (VmHWM) in the arm's rounds, min-max. A worker keeps what its
-earlier arms freed: the upstream arms have workers of their own (the compiled arm shares the eager one's).
+  upstream glibc-malloc / keep-all   glibc's default malloc / keep_freed_memory(None): every freed block kept
+Peak RSS: the worker's high-water mark (VmHWM) in the arm's rounds, min-max. A worker keeps what its earlier arms
+freed, so the upstream arms have workers of their own (the compiled arm shares the eager one's).
 
 Workers are long-lived and idle between commands, so start-up, data setup and compilation are never measured.
 Each arm reports the CPU other programs used meanwhile ("other load"): trust runs where it is near 0.
@@ -49,13 +48,13 @@ NUM_ITERATIONS = 10**6  # the schedule's horizon: lr_multiplier stays 1.0 during
 POLL_S = 0.005
 # (name, processes, threads each), set up one at a time so compile times are not inflated by another's set-up
 WORKERS = (("2p", 2, 1), ("1p", 1, 2), ("1pd", 1, 2), ("up", 1, 2), ("upd", 1, 2), ("upk", 1, 2))
-GLIBC_DEFAULT, KEEP_ALL = ("1pd", "upd"), ("upk",)  # workers whose malloc is not base_train's
+MALLOC = {"1pd": "glibc default", "upd": "glibc default", "upk": "keep all freed memory, no mmap"}  # else base_train's
 
 
 @dataclass(frozen=True)
 class Arm:
     key: str
-    worker: str  # a WORKERS name: "1p", "2p", "1pd" / "upd" (glibc's default malloc), "up", "upk" (keep all)
+    worker: str  # a WORKERS name; "1pd", "upd" and "upk" use another malloc (MALLOC)
     depth: int
     data: str  # "small" (the base dir's tokenizer), "upstream" (32768-vocab tokenizer) or "random" (random ids)
     seq_len: int
@@ -91,16 +90,12 @@ def usage() -> tuple[float, float, int]:
     return ru.ru_utime + ru.ru_stime, ru.ru_stime, ru.ru_minflt
 
 
-def reset_peak_rss() -> None:
-    """Start this process's VmHWM afresh (Linux >= 4.0; where refused, peak_rss() is the lifetime peak)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss() -> int:
-    """Bytes: this process's peak resident set since reset_peak_rss() (VmHWM is in KiB)."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+def peak_rss(reset: bool = False) -> int:
+    """Bytes: this process's peak resident set (VmHWM) since the last reset (Linux >= 4.0; else the lifetime's)."""
+    if reset:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
 
 
 def busy_jiffies() -> tuple[int, int]:
@@ -203,13 +198,10 @@ class Runner:
 def worker_main(args: argparse.Namespace) -> None:
     from nanochat import common
 
-    # malloc as base_train sets it on CPU, before torch allocates anything, except for the comparison workers
-    if args.worker in GLIBC_DEFAULT:
+    # malloc as base_train sets it on CPU, before torch allocates anything, except in the comparison workers
+    malloc = MALLOC.get(args.worker, "keep freed memory (as base_train)")
+    if malloc != "glibc default" and not common.keep_freed_memory(None if args.worker == "upk" else common.KEEP_BELOW):
         malloc = "glibc default"
-    elif args.worker in KEEP_ALL:
-        malloc = "keep all freed memory, no mmap" if common.keep_freed_memory(None) else "glibc default"
-    else:
-        malloc = "keep freed memory (as base_train)" if common.keep_freed_memory() else "glibc default"
     import torch
 
     from nanochat import optim as optim_mod
@@ -253,7 +245,7 @@ def worker_main(args: argparse.Namespace) -> None:
             arm = arms[key]
             runner = runners[arm.model_key]
             c0 = usage()[0]
-            reset_peak_rss()
+            peak_rss(reset=True)
             for _ in range(arm.seg_warmup):
                 runner.step(arm.compiled)
             recs = [runner.step(arm.compiled) for _ in range(arm.seg_steps)]
@@ -363,8 +355,7 @@ def make_arms(args: argparse.Namespace, upstream_vocab: int | None) -> list[Arm]
 
 
 def summarize(arm: Arm, segs: list[list[dict]], other: list[float], steal: list[float], rss: list[int]) -> dict:
-    """Medians over all measured steps, per-round tok/s, the other programs' load and steal (cores), and the
-    peak RSS range over rounds (bytes, the largest rank's)."""
+    """Medians over all measured steps, per-round tok/s, other programs' load and steal (cores), peak RSS range."""
     steps = [s for seg in segs for s in seg]
     wall = [s["wall"] for s in steps]
     med = median(wall)
