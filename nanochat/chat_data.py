@@ -146,8 +146,9 @@ class BestFitLoader(SFTRows):
     """Whole conversations packed into rows of T+1 tokens: each row takes, while one fits, the longest of the
     `lookahead` conversations waiting that fits the space left, and pads the rest. A conversation is only cut when
     it alone exceeds a row (as in `PaddedLoader`); the longest waiting one always opens a row, so none waits long.
-    Targets only where the assistant writes. Attention still crosses from one conversation into the earlier ones
-    of its row (causal SDPA); keeping it inside measured 0.013-0.014 better held-out bpb (README, SFT section)."""
+    Targets only where the assistant writes. Every conversation opens with <|bos|>, which is what SFT's --doc_mask
+    keys on to keep attention inside each conversation of a row (GPT.forward's doc_start); without it attention
+    crosses into the row's earlier conversations. scripts/bench_mask.py measures the difference."""
 
     def __init__(self, tokenizer: Tokenizer, mixture: TaskMixture, B: int, T: int, device: torch.device,
                  lookahead: int = LOOKAHEAD) -> None:  # fmt: skip

@@ -11,8 +11,10 @@ hand to the loop (nanochat/phase.py); RL (scripts/chat_rl.py) uses the start and
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint
@@ -124,10 +126,11 @@ class ChatRecipe(Recipe):
     """Midtraining's and SFT's recipe: the source's model, the task mixture's conversations in rows by the phase's
     loader (nanochat/chat_data.py), num_epochs passes over them, and bits per byte on the evaluation mixture's test
     conversations, scored on what the phase trains on. Every evaluation reads the same conversations, so they
-    compare across steps and restarts."""
+    compare across steps and restarts. With `doc_mask` (SFT's packed rows), attention stays inside each conversation
+    of a row, in training and evaluation alike (GPT.forward's doc_start: every conversation opens with <|bos|>)."""
 
     def __init__(self, phase: Phase, cfg: ChatConfig, tokenizer: Tokenizer, source_dir: Path,
-                 mixes: tuple[TaskMixture, TaskMixture], loader_cls: type) -> None:  # fmt: skip
+                 mixes: tuple[TaskMixture, TaskMixture], loader_cls: type, doc_mask: bool = False) -> None:  # fmt: skip
         train_mix, self.test_mix = mixes
         self.model, source = start_model(phase, source_dir, cfg, tokenizer)
         T, B = seq_len(cfg, self.model), cfg.device_batch_size
@@ -140,17 +143,22 @@ class ChatRecipe(Recipe):
         self.tokenizer, self.B, self.T, self.device = tokenizer, B, T, phase.device
         self.token_bytes = tokenizer.token_bytes().to(phase.device)
         self.start = self.test_mix.state_dict()
+        self.doc_start = tokenizer.bos_id if doc_mask else None
+
+    def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
+        return model(*batch, doc_start=self.doc_start)
 
     def evaluate(self, step: int, between: Between) -> float | None:
         self.test_mix.load_state_dict(self.start)
         val = self.loader_cls(self.tokenizer, self.test_mix, self.B, self.T, self.device)
-        return evaluate_bpb(self.model, val, self.plan.eval_steps, self.token_bytes, between)
+        model = self.model if self.doc_start is None else partial(self.model, doc_start=self.doc_start)
+        return evaluate_bpb(model, val, self.plan.eval_steps, self.token_bytes, between)
 
 
-def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, loader_cls: type) -> int:
+def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, loader_cls: type, doc_mask: bool = False) -> int:
     """A chat phase from start to end, its rows from `loader_cls`: `PackedLoader` (midtraining) lays conversations
     end to end and trains on every token; the SFT loaders (`BestFitLoader`, `PaddedLoader`) keep them whole and
-    train on the assistant's tokens only."""
+    train on the assistant's tokens only. `doc_mask`: attention stays inside each conversation of a row."""
     tokenizer = get_tokenizer()
     check_tokenizer(tokenizer)
     # before the phase starts (and holds, maybe archives, its directory): a missing source folder or a task that
@@ -158,7 +166,7 @@ def train_chat(info: PhaseInfo, cfg: ChatConfig, overrides: dict, loader_cls: ty
     ckpt_dir, source_dir = phase_dirs(info.name, cfg.model_tag, cfg.checkpoint_dir, cfg.source_dir)
     mixes = mixtures(cfg, int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
     phase = Phase(info.run_name, cfg, ckpt_dir, overrides)
-    recipe = ChatRecipe(phase, cfg, tokenizer, source_dir, mixes, loader_cls)
+    recipe = ChatRecipe(phase, cfg, tokenizer, source_dir, mixes, loader_cls, doc_mask)
     code = phase.train(recipe)
     loader = recipe.loader
     if isinstance(loader, SFTRows) and loader.slots:

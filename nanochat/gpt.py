@@ -4,7 +4,8 @@
 - rotary position embeddings, QK-norm, parameter-free RMSNorm (also right after the embedding)
 - ReLU^2 MLP at 4x width, no biases anywhere, untied token embedding and lm_head
 - tanh logit softcap at 15, zero-initialised output projections
-- grouped-query attention through F.scaled_dot_product_attention
+- grouped-query attention through F.scaled_dot_product_attention; optionally kept inside each document of a row
+  (`doc_start`: SFT's packed rows hold several conversations)
 - an optional KV cache for incremental decoding (nanochat/engine.py); training never passes one
 """
 
@@ -49,6 +50,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def document_mask(idx: torch.Tensor, doc_start: int) -> torch.Tensor:
+    """(B, 1, T, T) bool for SDPA: query i sees key j when j <= i and no `doc_start` token lies in (j, i].
+
+    Rotary embeddings are relative, so a document attends exactly as it would at the start of a row: its outputs
+    do not depend on the other documents in the row (tests/test_model.py checks this to the bit). Tokens before a
+    row's first `doc_start` form one document of their own. On CUDA a mask rules out the flash kernel (SDPA picks
+    the memory-efficient one): its cost is in scripts/bench_mask.py's tokens/s."""
+    doc = (idx == doc_start).cumsum(dim=1)  # (B, T): which document of the row each token is in
+    T = idx.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 class Linear(nn.Linear):
@@ -115,7 +129,13 @@ class Attention(nn.Module):
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        layer: int,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
@@ -124,7 +144,9 @@ class Attention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # QK-norm after rotary
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
+        if kv_cache is None and doc_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=doc_mask, enable_gqa=gqa)
+        elif kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
@@ -152,9 +174,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None, layer: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None,
+        layer: int,
+        doc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache, layer)
+        x = x + self.attn(norm(x), cos, sin, kv_cache, layer, doc_mask)
         return x + self.mlp(norm(x))
 
 
@@ -210,16 +238,20 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         reduction: str = "mean",
         kv_cache: KVCache | None = None,
+        doc_start: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab), or the loss against targets. With a kv_cache, idx continues the cached tokens:
-        its positions start at kv_cache.pos, it attends to the cache and itself, and it is appended to the cache."""
+        its positions start at kv_cache.pos, it attends to the cache and itself, and it is appended to the cache.
+        With `doc_start` (a token id, training only), a document starts at each such token and attention stays
+        inside it (`document_mask`): a row of several conversations trains each as if it were alone."""
         T = idx.size(1)
         t0 = 0 if kv_cache is None else kv_cache.pos
         assert t0 + T <= self.cos.size(1), f"sequence length {t0 + T} exceeds the rotary table ({self.cos.size(1)})"
         cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]
+        mask = None if doc_start is None or kv_cache is not None else document_mask(idx, doc_start)
         x = norm(self.wte(idx))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, kv_cache, i)
+            x = block(x, cos, sin, kv_cache, i, mask)
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(norm(x)).float()

@@ -250,6 +250,7 @@ class MidConfig(ChatConfig):
 class SFTConfig(ChatConfig):
     # batch: rows of whole conversations, so the step is counted in rows x max_seq_len tokens (padding included)
     pack: bool = True  # several conversations to a row, best fit (nanochat/chat_data.py); False = one, padded
+    doc_mask: bool = True  # with pack: attention stays inside each conversation of a row (scripts/bench_mask.py)
     device_batch_size: int = 4  # rows per micro-batch on each rank
     total_batch_size: int = -1  # tokens (rows x max_seq_len) per step; -1 = one micro-batch on every rank
     # fine-tuning nudges: 2% of the pretraining learning rates, decayed linearly to 0 over the whole run

@@ -15,6 +15,9 @@ also around average_gradients / AdamW.step / Muon.step (wrapped in place). Arms,
   upstream [compiled]   our trainer at upstream nanochat's CPU config: depth 4, head_dim 64, seq 512, batch 8,
                         vocab 32768, fp32. Upstream's own code is not run here, so no ratio against it is printed:
                         a number logged on another machine is not a measurement of this one.
+  upstream glibc-malloc / keep-all   glibc's default malloc / keep_freed_memory(None): every freed block kept
+Peak RSS: the worker's high-water mark (VmHWM) in the arm's rounds, min-max. A worker keeps what its earlier arms
+freed, so the upstream arms have workers of their own (the compiled arm shares the eager one's).
 
 Workers are long-lived and idle between commands, so start-up, data setup and compilation are never measured.
 Each arm reports the CPU other programs used meanwhile ("other load"): trust runs where it is near 0.
@@ -23,6 +26,7 @@ Each arm reports the CPU other programs used meanwhile ("other load"): trust run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -43,13 +47,14 @@ OPTIM_PARTS = ("grad_avg", "adamw", "muon")  # inside "optim"
 NUM_ITERATIONS = 10**6  # the schedule's horizon: lr_multiplier stays 1.0 during the benchmark
 POLL_S = 0.005
 # (name, processes, threads each), set up one at a time so compile times are not inflated by another's set-up
-WORKERS = (("2p", 2, 1), ("1p", 1, 2), ("1pd", 1, 2))
+WORKERS = (("2p", 2, 1), ("1p", 1, 2), ("1pd", 1, 2), ("up", 1, 2), ("upd", 1, 2), ("upk", 1, 2))
+MALLOC = {"1pd": "glibc default", "upd": "glibc default", "upk": "keep all freed memory, no mmap"}  # else base_train's
 
 
 @dataclass(frozen=True)
 class Arm:
     key: str
-    worker: str  # "1p", "2p", or "1pd" (one process with glibc's default malloc)
+    worker: str  # a WORKERS name; "1pd", "upd" and "upk" use another malloc (MALLOC)
     depth: int
     data: str  # "small" (the base dir's tokenizer), "upstream" (32768-vocab tokenizer) or "random" (random ids)
     seq_len: int
@@ -83,6 +88,14 @@ def usage() -> tuple[float, float, int]:
     """(user + system CPU seconds, system CPU seconds, minor page faults) of this process so far."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime, ru.ru_stime, ru.ru_minflt
+
+
+def peak_rss(reset: bool = False) -> int:
+    """Bytes: this process's peak resident set (VmHWM) since the last reset (Linux >= 4.0; else the lifetime's)."""
+    if reset:
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) * 1024
 
 
 def busy_jiffies() -> tuple[int, int]:
@@ -185,9 +198,10 @@ class Runner:
 def worker_main(args: argparse.Namespace) -> None:
     from nanochat import common
 
-    # malloc as base_train sets it on CPU, before torch allocates anything; "1pd" keeps glibc's default
-    kept = args.worker != "1pd" and common.keep_freed_memory()
-    malloc = "keep freed memory (as base_train)" if kept else "glibc default"
+    # malloc as base_train sets it on CPU, before torch allocates anything, except in the comparison workers
+    malloc = MALLOC.get(args.worker, "keep freed memory (as base_train)")
+    if malloc != "glibc default" and not common.keep_freed_memory(None if args.worker == "upk" else common.KEEP_BELOW):
+        malloc = "glibc default"
     import torch
 
     from nanochat import optim as optim_mod
@@ -231,10 +245,11 @@ def worker_main(args: argparse.Namespace) -> None:
             arm = arms[key]
             runner = runners[arm.model_key]
             c0 = usage()[0]
+            peak_rss(reset=True)
             for _ in range(arm.seg_warmup):
                 runner.step(arm.compiled)
             recs = [runner.step(arm.compiled) for _ in range(arm.seg_steps)]
-            write_json(ctl / f"{me}.res.{seq}", {"steps": recs, "cpu": usage()[0] - c0})
+            write_json(ctl / f"{me}.res.{seq}", {"steps": recs, "cpu": usage()[0] - c0, "peak_rss": peak_rss()})
             seq += 1
     finally:
         common.cleanup_distributed()
@@ -329,14 +344,18 @@ def make_arms(args: argparse.Namespace, upstream_vocab: int | None) -> list[Arm]
             kw = dict(depth=4, data=src, seq_len=512, batch=8, head_dim=64)
             kw.update(seg_steps=1, seg_warmup=0, setup_warmup=1)  # a step takes seconds: warm enough
             tag = "upstream" if src == "upstream" else "upstream rand-ids"
-            arms.append(Arm(tag, "1p", compiled=False, **kw))
+            worker = "up" if src == "upstream" else "1p"  # the real-data arms: peak RSS comparable across malloc
+            arms.append(Arm(tag, worker, compiled=False, **kw))
             if not args.no_compile:
-                arms.append(Arm(f"{tag} compiled", "1p", compiled=True, **kw))
+                arms.append(Arm(f"{tag} compiled", worker, compiled=True, **kw))
+            if src == "upstream" and not args.no_malloc:
+                arms.append(Arm(f"{tag} glibc-malloc", "upd", compiled=False, **kw))
+                arms.append(Arm(f"{tag} keep-all", "upk", compiled=False, **kw))
     return arms
 
 
-def summarize(arm: Arm, segs: list[list[dict]], other: list[float], steal: list[float]) -> dict:
-    """Medians over all measured steps, per-round tok/s, and the other programs' load and steal (cores)."""
+def summarize(arm: Arm, segs: list[list[dict]], other: list[float], steal: list[float], rss: list[int]) -> dict:
+    """Medians over all measured steps, per-round tok/s, other programs' load and steal (cores), peak RSS range."""
     steps = [s for seg in segs for s in seg]
     wall = [s["wall"] for s in steps]
     med = median(wall)
@@ -348,6 +367,7 @@ def summarize(arm: Arm, segs: list[list[dict]], other: list[float], steal: list[
     out["faults"] = median([s["faults"] for s in steps])  # rank 0's minor page faults per step
     out["round_tok_s"] = [arm.tokens_per_step / median([s["wall"] for s in seg]) for seg in segs]
     out["other"], out["steal"] = median(other), median(steal)
+    out["rss_min"], out["rss_max"] = min(rss), max(rss)
     return out
 
 
@@ -357,6 +377,7 @@ def measure(args: argparse.Namespace, arms: list[Arm], workers: dict[str, Worker
     segs: dict[str, list[list[dict]]] = {a.key: [] for a in arms}
     other: dict[str, list[float]] = {a.key: [] for a in arms}
     steal: dict[str, list[float]] = {a.key: [] for a in arms}
+    rss: dict[str, list[int]] = {a.key: [] for a in arms}
     hz = os.sysconf("SC_CLK_TCK")
     t_last = 0.0
     for r in range(args.rounds):
@@ -373,6 +394,7 @@ def measure(args: argparse.Namespace, arms: list[Arm], workers: dict[str, Worker
             ours = sum(rr["cpu"] for rr in res)  # the whole command, warm-up steps included
             other[a.key].append(max(0.0, (b1 - b0) / hz - ours) / dt)  # in cores
             steal[a.key].append((s1 - s0) / hz / dt)
+            rss[a.key].append(max(rr["peak_rss"] for rr in res))
             # per step: the slowest rank (ranks meet in every collective, so they differ little), CPU of all ranks
             by_step = zip(*(rr["steps"] for rr in res))  # each step's records, one per rank
             segs[a.key].append(
@@ -381,7 +403,7 @@ def measure(args: argparse.Namespace, arms: list[Arm], workers: dict[str, Worker
         t_last = time.perf_counter() - t_round
         busy = median([other[a.key][-1] for a in arms])
         print(f"round {r + 1}/{args.rounds}: {t_last:.1f}s, other programs used {busy:.2f} cores", flush=True)
-    return {a.key: summarize(a, segs[a.key], other[a.key], steal[a.key]) for a in arms}
+    return {a.key: summarize(a, segs[a.key], other[a.key], steal[a.key], rss[a.key]) for a in arms}
 
 
 def report(args: argparse.Namespace, arms: list[Arm], ready: dict, stats: dict) -> None:
@@ -393,16 +415,18 @@ def report(args: argparse.Namespace, arms: list[Arm], ready: dict, stats: dict) 
         ms = f"{s['min'] * 1000:.0f}-{s['max'] * 1000:.0f}"
         procs = f"{a.world}x{ready[a.worker]['threads']}"
         rows.append([a.key, procs, a.tokens_per_step, s["n"], f"{s['median'] * 1000:.0f}", ms, f"{s['tok_s']:,.0f}"])
-        rows[-1] += [f"{s['cpu_util']:.2f}", f"{s['other']:.2f}"]
+        rows[-1] += [f"{s['cpu_util']:.2f}", f"{s['other']:.2f}", f"{s['rss_min'] / 1e9:.2f}-{s['rss_max'] / 1e9:.2f}"]
         phase_rows.append([a.key, *(f"{s[k] * 1000:.1f}" for k in (*PHASES, *OPTIM_PARTS))])
         phase_rows[-1] += [f"{100 * s[k] / s['median']:.0f}%" for k in ("optim", "muon")]
         phase_rows[-1] += [f"{100 * s['sys_share']:.0f}%", f"{s['faults'] / 1000:,.0f}k"]
     headers = ["arm", "procs x thr", "tok/step", "steps", "step ms", "min-max ms", "tok/s", "cpu/proc", "other load"]
+    headers.append("peak RSS GB")
     print_table(
         headers,
         rows,
         "tok/s: all ranks together. cpu/proc: CPU cores each process kept busy. other load: cores used by\n"
-        "other programs during the arm (median over rounds; 0 = quiet machine, 2 = a full competing job).",
+        "other programs during the arm (median over rounds; 0 = quiet machine, 2 = a full competing job).\n"
+        "peak RSS GB: the worker's high-water mark during the arm's rounds, min-max over rounds (largest rank).",
     )
     busy = median([s["other"] for s in stats.values()])
     if busy > 0.25:
@@ -429,6 +453,8 @@ def report(args: argparse.Namespace, arms: list[Arm], ready: dict, stats: dict) 
     pairs += [(f"d{d}: compiled / eager", f"d{d} 1p compiled", f"d{d} 1p") for d in args.depths]
     pairs += [(f"{k}: compiled / eager", f"{k} compiled", k) for k in ("upstream", "upstream rand-ids")]
     pairs += [(f"d{d}: base_train malloc / glibc default", f"d{d} 1p", f"d{d} 1p glibc-malloc") for d in args.depths]
+    pairs += [("upstream: base_train malloc / glibc default", "upstream", "upstream glibc-malloc")]
+    pairs += [("upstream: base_train malloc / keep-all", "upstream", "upstream keep-all")]
     up = [a for a in arms if a.data != "small"]
     rows = []
     for label, num, den in pairs:
@@ -445,6 +471,14 @@ def report(args: argparse.Namespace, arms: list[Arm], ready: dict, stats: dict) 
             "1 process); upstream's code is not run, so nothing here is compared with it. rand-ids: random ids."
         )
         print_table(["comparison", "tok/s A", "tok/s B", "A/B", "per round"], rows, note if up else "")
+
+    base = stats.get("upstream glibc-malloc")
+    if base is not None:
+        section("peak RSS of the upstream arms against glibc's default malloc (max over rounds; min-max of each)")
+        rows = [[k, f"{stats[k]['rss_min'] / 1e9:.2f}-{stats[k]['rss_max'] / 1e9:.2f}",
+                 f"{stats[k]['rss_max'] / base['rss_max']:.2f}x", f"{stats[k]['tok_s'] / base['tok_s']:.2f}x"]
+                for k in ("upstream", "upstream keep-all", "upstream glibc-malloc") if k in stats]  # fmt: skip
+        print_table(["arm", "peak RSS GB", "peak / default", "tok/s / default"], rows)
 
     rows = []
     for a in (a for a in arms if a.compiled):

@@ -29,7 +29,8 @@ PHASE = PHASES["sft"]
 @record
 def main(argv: list[str]) -> int:
     cfg, overrides = parse_args(SFTConfig(), argv)
-    return train_chat(PHASE, cfg, overrides, BestFitLoader if cfg.pack else PaddedLoader)
+    loader = BestFitLoader if cfg.pack else PaddedLoader
+    return train_chat(PHASE, cfg, overrides, loader, doc_mask=cfg.pack and cfg.doc_mask)  # one per row: no mask
 
 
 def cli() -> None:

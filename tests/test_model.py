@@ -69,6 +69,28 @@ def test_gqa_attention_runs():
     assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 32)
 
 
+def test_document_mask_keeps_attention_inside_each_document():
+    model = tiny()
+    with torch.no_grad():  # zero output projections (the init) would hide what attention does
+        for block in model.blocks:
+            block.attn.c_proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+            block.mlp.c_proj.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(3))
+    bos, gen = 0, torch.Generator().manual_seed(1)
+    row = torch.randint(1, 64, (1, 32), generator=gen)
+    row[0, 0] = row[0, 12] = bos  # two documents: positions 0-11 and 12-31
+    other = row.clone()
+    other[0, 1:12] = (row[0, 1:12] + 5) % 63 + 1  # another first document, same length
+    with torch.no_grad():
+        masked = [model(r, doc_start=bos)[0, 12:] for r in (row, other)]
+        plain = [model(r)[0, 12:] for r in (row, other)]
+        alone = model(row[:, 12:], doc_start=bos)[0]
+        first = model(row, doc_start=bos)[0, :12], model(row)[0, :12]
+    assert torch.equal(masked[0], masked[1])  # the second document never sees the first: bit for bit
+    assert not torch.allclose(plain[0], plain[1], atol=1e-3)  # without the mask it does
+    torch.testing.assert_close(alone, masked[0])  # as if alone in its row (rotary is relative)
+    torch.testing.assert_close(*first)  # the first document: plain causal attention either way
+
+
 def test_init_is_deterministic_by_seed():
     a, b, c = tiny(), tiny(), GPT(GPTConfig.from_depth(2, 64, 32, head_dim=32))
     c.init_weights(1)
