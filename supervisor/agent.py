@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanochat import checkpoint
 from nanochat.locks import DirLock, lock_holder
-from supervisor import procs
+from supervisor import health, procs
 from supervisor.attempt import Plan, evidence, judge, resume_point
 from supervisor.classify import classify
 from supervisor.display import Display, View
@@ -60,6 +60,7 @@ class Agent:
         self.steps_lost = 0  # steps trained by this invocation's attempts that no checkpoint kept
         self.stop_code: int | None = None  # a follower: the exit code the leader's stop decision carries
         self.agreed: Decision | None = None  # several nodes: the leader's decision on the attempt that just ended
+        self.peak_rss = 0  # the peak memory of the last attempt not killed for memory: what the next one needs free
 
     @property
     def state(self) -> RunState:
@@ -94,8 +95,12 @@ class Agent:
                 if isinstance(got, int):
                     return got
                 self.attempt_no, self.overrides, self.fresh = got
+                if (code := self._check_health(self.attempt_no)) is not None:
+                    return code
             else:
                 if (code := self._wait_for_previous_trainer()) is not None:
+                    return code
+                if (code := self._check_health(self.run_dir.next_attempt())) is not None:
                     return code
                 self.attempt_no = self.run_dir.next_attempt()
                 if self.peers:
@@ -154,6 +159,8 @@ class Agent:
         progressed, budget = judge(a.before, after, a.fresh, self.opts.num_iterations)
         disks = [self.opts.checkpoint_dir, self.run_dir.path]
         outcome = classify(evidence(a, after, progressed, budget, self.lifecycle.stop_requested, disks))
+        if outcome.kind is not AttemptClass.HOST_OOM:  # an OOM's peak is the limit, not what the run needs
+            self.peak_rss = a.peak_rss or self.peak_rss
         summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"),
                                  time.monotonic() - a.started)  # fmt: skip
         if self.peers:  # several nodes: this node's outcome as recorded, and the leader's decision for all
@@ -190,6 +197,27 @@ class Agent:
             return None
         code, self.dir_per_node = self.peers.check_dirs()
         return code
+
+    def _check_health(self, n: int) -> int | None:
+        """Before attempt `n`: this node's health check (supervisor/health.py). A sick node gives up at once as
+        `unhealthy` (a follower tells the leader, which goes on without it or stops the run): the exit code, or
+        None when healthy or --no-health-check."""
+        if not self.opts.health_check:
+            return None
+        started = time.monotonic()
+        problems = health.check_node(self.opts.checkpoint_dir, [self.run_dir.path], self.opts.device_type,
+                                     self.opts.nproc_per_node, self.peak_rss)  # fmt: skip
+        self.events.append("health", before_attempt=n, ok=not problems, seconds=round(time.monotonic() - started, 2),
+                           problems=[dataclasses.asdict(p) for p in problems])  # fmt: skip
+        if not problems:
+            return None
+        outcome = Outcome(AttemptClass.UNHEALTHY, "; ".join(p.line() for p in problems))
+        if self.peers is not None and self.peers.follower:
+            self.peers.nodes.report(n, outcome, time.time())
+        decision = decide(outcome, self.history, self.opts.policy, self.batch)
+        self.lifecycle.set(RunState.FAILED, decision.reason)  # STARTING -> FAILED
+        self.display.event(f"diagnosis: unhealthy: {outcome.message}")
+        return EXIT_FAILED
 
     def _wait_for_previous_trainer(self) -> int | None:
         """A trainer of an earlier supervisor (one that died) may still be finishing its save: starting ours now

@@ -42,6 +42,7 @@ from supervisor.options import (
     BackoffOption,
     GraceOption,
     HangOption,
+    HealthOption,
     MaxNoProgressOption,
     MaxRestartsOption,
     NprocOption,
@@ -157,6 +158,7 @@ def train(
     startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    health_check: HealthOption = SUP.health_check,
     progress_every: ProgressOption = SUP.progress_every,
     dry_run: Annotated[
         bool, typer.Option(help="Print the torchrun command and the resolved trainer settings, then exit.")
@@ -170,7 +172,7 @@ def train(
     phase, script = phase_of_script(phase, script)
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
-                      node_timeout, local_addr=local_addr)  # fmt: skip
+                      node_timeout, local_addr=local_addr, health_check=health_check)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)
@@ -258,6 +260,7 @@ def speedrun(
     startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    health_check: HealthOption = SUP.health_check,
     progress_every: ProgressOption = SUP.progress_every,
 ) -> None:
     """From nothing to a chat model: data, tokenizer, base, mid, SFT, RL and evaluation, every training phase under
@@ -270,7 +273,8 @@ def speedrun(
 
     sup = Supervision(nproc_per_node, max_restarts=max_restarts, max_no_progress=max_no_progress, backoff=backoff,
                       backoff_cap=backoff_cap, hang_timeout=hang_timeout, startup_timeout=startup_timeout,
-                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every)  # fmt: skip
+                      grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every,
+                      health_check=health_check)  # fmt: skip
     sup.check()
     tables = load_config(config)
     try:

@@ -48,6 +48,7 @@ class Supervision:
     node_timeout: float = 600.0  # multi-node: the leader's wait for every node to report an attempt's end
     rdzv_id: str | None = None  # names the run's rendezvous (SLURM: the job id); each attempt adds its number
     local_addr: str | None = None  # torchrun --local-addr: the address other nodes reach this one at
+    health_check: bool = True  # check the node before each attempt (supervisor/health.py)
 
     @property
     def min_nodes(self) -> int:
@@ -166,6 +167,7 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)  # for torchrun and its workers: a --remote_dir's credentials
     remote: bool = False  # the settings name a --remote_dir (a checkpoint dir per node needs one)
     auto_save: bool = False  # --save_every=auto: the trainer's save interval follows its --mtbf
+    device_type: str = "auto"  # the trainer's --device_type (auto, cuda, cpu)
 
 
 def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
@@ -195,6 +197,7 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
     launch.remote = bool(cfg.remote_dir)
     launch.auto_save = cfg.save_every == "auto"
+    launch.device_type = cfg.device_type
     # credentials in --remote_dir: off the command line (`ps` shows it, torchrun.log and the event log record it),
     # into the environment, where the trainer finds the real URL (nanochat/redact.py)
     if redact(cfg.remote_dir) != cfg.remote_dir:
@@ -226,6 +229,8 @@ class TrainOptions:
     env: dict[str, str] = field(default_factory=dict)  # added to torchrun's environment (Launch.env)
     remote: bool = False  # the trainer copies checkpoints to a remote (Launch.remote)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
+    health_check: bool = Supervision.health_check  # check the node before each attempt (supervisor/health.py)
+    device_type: str = "auto"  # the trainer's --device_type: which devices the health check computes on
 
 
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
@@ -240,7 +245,8 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         sup.hang_timeout, sup.startup_timeout, grace, launch.fresh if fresh is None else fresh,
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
                         local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
-                        remote=launch.remote)  # fmt: skip
+                        remote=launch.remote, health_check=sup.health_check,
+                        device_type=launch.device_type)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

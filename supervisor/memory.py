@@ -139,6 +139,27 @@ def memory_limit() -> int:
     return limit
 
 
+def free_memory() -> int:
+    """The memory this supervisor's processes may still take: the host's available memory, or the memory cgroup's
+    limit minus its usage where that is less. The page cache of files counts as free (the kernel reclaims it
+    before it kills anything); shared memory (tmpfs, /dev/shm snapshots) does not."""
+    free = psutil.virtual_memory().available
+    cg = memory_cgroup()
+    if cg is None:
+        return free
+    names = ("memory.max", "memory.current") if cg[1] == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    try:
+        limit, usage = ((cg[0] / name).read_text().strip() for name in names)
+        stat = dict(line.split() for line in (cg[0] / "memory.stat").read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return free
+    if not (limit.isdigit() and usage.isdigit()):  # v2's "max": no limit
+        return free
+    v1 = "total_" if cg[1] == 1 else ""  # v1 counts the cgroup's own pages without it, its children's with it
+    cache = int(stat.get(f"{v1}inactive_file", 0)) + int(stat.get(f"{v1}active_file", 0))
+    return min(free, max(0, int(limit) - int(usage) + cache))
+
+
 def disk_space(paths: list[Path]) -> list[dict]:
     """[{path, free, total}] for the filesystem of each path (its nearest existing parent), one entry per
     filesystem."""

@@ -93,6 +93,14 @@ GraceOption = Annotated[
 OomShrinkOption = Annotated[
     bool, typer.Option(help="Halve the device batch after a CUDA OOM (or a host OOM of a CPU trainer).")
 ]
+HealthOption = Annotated[
+    bool,
+    typer.Option(
+        help="Before each attempt, check this node (supervisor/health.py): room on the checkpoint disk, free"
+        " memory, and a known computation on each local GPU (on the CPU: the CPU) in a subprocess. A node that"
+        " fails gives up at once as `unhealthy`, naming the check, instead of restarting into the same fault."
+    ),
+]
 ProgressOption = Annotated[
     float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
 ]

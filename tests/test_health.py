@@ -1,0 +1,76 @@
+"""The node's health check before each attempt (supervisor/health.py): real filesystems, a real memory cgroup, the
+real device subprocess (its answer perturbed by the NANOCHAT_DEBUG_HEALTH drill switch), and real supervised runs
+that give up as `unhealthy` before any torchrun starts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor import health
+from supervisor.policy import Policy, decide
+from supervisor.states import Action, AttemptClass, Outcome
+from tests.supervised import Run, join_cgroup, memory_cgroup_of, supervisor_runs
+
+TINY_CGROUP = 320 << 20  # room for the supervisor itself, well under health.MIN_FREE_MEMORY free beside it
+
+
+@pytest.fixture
+def supervise(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., Run]]:
+    yield from supervisor_runs(tmp_path, env)
+
+
+def test_a_healthy_cpu_node_passes_every_check(tmp_path: Path):
+    assert health.check_node(tmp_path / "ckpt", [tmp_path / "ckpt.run"], "cpu", 2) == []
+
+
+def test_the_injected_wrong_answer_fails_the_device_check(monkeypatch):
+    monkeypatch.setenv(health.DEBUG_ENV, "wrong-answer:0")
+    (problem,) = health.device_problems("cpu", 1)
+    assert problem.check == "device" and "integer matmul off by up to 1" in problem.detail
+    monkeypatch.setenv(health.DEBUG_ENV, "wrong-answer:1")  # another device's fault: this CPU's answer is right
+    assert health.device_problems("cpu", 1) == []
+
+
+def test_an_unhealthy_node_gives_up_at_once():
+    out = Outcome(AttemptClass.UNHEALTHY, "disk check failed: 2 MiB free")
+    decision = decide(out, [], Policy())
+    assert decision.action is Action.GIVE_UP and "disk check failed: 2 MiB free" in decision.reason
+
+
+def assert_unhealthy(run: Run, check: str) -> str:
+    """The run gave up (exit 1) before any attempt, with one diagnosis line naming `check`: that line."""
+    out = run.finish(1, timeout=120)
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if "diagnosis: " in line]
+    assert len(lines) == 1 and f"diagnosis: unhealthy: {check} check failed: " in lines[0], out
+    assert not run.events("attempt_start") and not run.run_dir.attempt(1).exists()
+    (event,) = run.events("health")
+    assert not event["ok"] and [p["check"] for p in event["problems"]] == [check]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_full_disk_makes_the_run_give_up_unhealthy(supervise, small_fs, tmp_path: Path):
+    fs = small_fs("2m")
+    line = assert_unhealthy(supervise(ckpt=fs / "ckpt", out_dir=tmp_path), "disk")
+    assert f"at {fs / 'ckpt'}" in line and "under the 256 MiB needed" in line
+
+
+@pytest.mark.slow
+def test_a_tiny_memory_cgroup_fails_the_memory_check(supervise, tmp_path: Path):
+    cg = next(cgroups := memory_cgroup_of(tmp_path, TINY_CGROUP))
+    try:
+        line = assert_unhealthy(supervise(preexec_fn=join_cgroup(cg)), "memory")
+        assert "under the 512 MiB needed (the minimum before any attempt)" in line
+    finally:
+        next(cgroups, None)  # kill anything left in it and remove it
+
+
+@pytest.mark.slow
+def test_a_wrong_device_answer_makes_the_run_give_up_unhealthy(supervise, env: dict[str, str]):
+    env[health.DEBUG_ENV] = "wrong-answer:0"
+    line = assert_unhealthy(supervise(), "device")
+    assert "integer matmul off by up to 1" in line
