@@ -206,7 +206,7 @@ class Agent:
             return None
         started = time.monotonic()
         problems = health.check_node(self.opts.checkpoint_dir, [self.run_dir.path], self.opts.device_type,
-                                     self.opts.nproc_per_node, self.peak_rss)  # fmt: skip
+                                     self.opts.nproc_per_node, self.peak_rss, self.since)  # fmt: skip
         self.events.append("health", before_attempt=n, ok=not problems, seconds=round(time.monotonic() - started, 2),
                            problems=[dataclasses.asdict(p) for p in problems])  # fmt: skip
         if not problems:

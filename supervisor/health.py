@@ -27,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nanochat import checkpoint
@@ -54,12 +54,18 @@ class Problem:
         return f"{self.check} check failed: {self.detail}; {self.fix}"
 
 
-def check_node(checkpoint_dir: Path, other_dirs: list[Path], device_type: str, devices: int,
-               peak_rss: int = 0, timeout: float = DEVICE_TIMEOUT) -> list[Problem]:  # fmt: skip
+def check_node(checkpoint_dir: Path, other_dirs: list[Path], device_type: str, devices: int, peak_rss: int = 0,
+               since: float | None = None, timeout: float = DEVICE_TIMEOUT) -> list[Problem]:  # fmt: skip
     """Every failed check of this node (empty: healthy). `device_type` is the trainer's (auto, cuda, cpu);
-    `devices` how many local GPUs a CUDA run uses; `peak_rss` the previous attempt's peak (0: none yet)."""
+    `devices` how many local GPUs a CUDA run uses; `peak_rss` the previous attempt's peak (0: none yet). A failed
+    device check also quotes the newest Xid line the GPU driver logged since `since` (wall time), if any."""
     problems = disk_problems(checkpoint_dir, other_dirs) + memory_problems(peak_rss)
-    return problems or device_problems(device_type, devices, timeout)
+    if problems:
+        return problems
+    problems = device_problems(device_type, devices, timeout)
+    if problems and since is not None and (xids := memory.kernel_xids(since)):
+        problems = [replace(p, detail=f"{p.detail} (kernel log: {xids[-1]})") for p in problems]
+    return problems
 
 
 def disk_problems(checkpoint_dir: Path, other_dirs: list[Path]) -> list[Problem]:

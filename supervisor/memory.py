@@ -84,12 +84,10 @@ class OomCounters:
         return None if now is None or self.host is None else now - self.host
 
 
-def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg", limit: int = 100_000) -> dict[int, str]:
-    """pid -> the kernel log line "... Killed process <pid> ..." for each of `pids` killed after `since` (wall
-    time). Reads /dev/kmsg without blocking (one record per read there); empty when it cannot be read."""
-    found: dict[int, str] = {}
-    if not pids:
-        return found
+def kernel_log(since: float, needle: str, path: str = "/dev/kmsg", limit: int = 100_000) -> list[tuple[float, str]]:
+    """(wall time, text) of each kernel log record containing `needle` logged after `since` (wall time). Reads
+    /dev/kmsg without blocking (one record per read there); empty when it cannot be read."""
+    found: list[tuple[float, str]] = []
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -110,18 +108,36 @@ def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg", limi
             for record in data.decode(errors="replace").splitlines():
                 head, _, msg = record.partition(";")  # "priority,sequence,microseconds since boot,flags;text"
                 parts = head.split(",")
-                if "Killed process " not in msg or len(parts) < 3:
+                if needle not in msg or len(parts) < 3:
                     continue
                 try:
-                    pid = int(msg.split("Killed process ", 1)[1].split()[0])
                     stamp = boot + int(parts[2]) / 1e6
-                except (ValueError, IndexError):
+                except ValueError:
                     continue
-                if pid in pids and stamp >= since - 1:  # a pid reused since an older kill does not count
-                    found[pid] = msg.strip()
+                if stamp >= since - 1:
+                    found.append((stamp, msg.strip()))
     finally:
         os.close(fd)
     return found
+
+
+def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg") -> dict[int, str]:
+    """pid -> the kernel log line "... Killed process <pid> ..." for each of `pids` killed after `since` (wall
+    time); a pid reused since an older kill does not count."""
+    found: dict[int, str] = {}
+    for _, msg in kernel_log(since, "Killed process ", path) if pids else []:
+        try:
+            pid = int(msg.split("Killed process ", 1)[1].split()[0])
+        except (ValueError, IndexError):
+            continue
+        if pid in pids:
+            found[pid] = msg
+    return found
+
+
+def kernel_xids(since: float, path: str = "/dev/kmsg") -> list[str]:
+    """The NVIDIA driver's Xid lines ("NVRM: Xid (PCI:...): 79, ...": a GPU error the driver saw) since `since`."""
+    return [msg for _, msg in kernel_log(since, "NVRM: Xid", path)]
 
 
 def memory_limit() -> int:

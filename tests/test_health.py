@@ -4,15 +4,21 @@ that give up as `unhealthy` before any torchrun starts."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from supervisor import health
+from supervisor import health, memory
+from supervisor.lifecycle import EXIT_FAILED
 from supervisor.policy import Policy, decide
+from supervisor.records import RunDir, read_events
 from supervisor.states import Action, AttemptClass, Outcome
+from tests.runs import free_port
 from tests.supervised import Run, join_cgroup, memory_cgroup_of, supervisor_runs
+from tests.test_multinode import QUICK_RDZV, finish, node
 
 TINY_CGROUP = 320 << 20  # room for the supervisor itself, well under health.MIN_FREE_MEMORY free beside it
 
@@ -32,6 +38,20 @@ def test_the_injected_wrong_answer_fails_the_device_check(monkeypatch):
     assert problem.check == "device" and "integer matmul off by up to 1" in problem.detail
     monkeypatch.setenv(health.DEBUG_ENV, "wrong-answer:1")  # another device's fault: this CPU's answer is right
     assert health.device_problems("cpu", 1) == []
+
+
+def test_xid_lines_are_read_from_the_kernel_log_after_the_start(tmp_path: Path):
+    boot, since = psutil.boot_time(), time.time() - 10
+    us = lambda t: int((t - boot) * 1e6)  # noqa: E731
+    log = tmp_path / "kmsg"
+    log.write_text(
+        f"4,100,{us(since - 100)},-;NVRM: Xid (PCI:0000:3b:00): 13, pid=1, Graphics Exception\n"  # before the start
+        f"4,101,{us(since + 1)},-;NVRM: Xid (PCI:0000:3b:00): 79, pid=2, GPU has fallen off the bus.\n"
+        f"6,102,{us(since + 2)},-;something else entirely\n"
+    )
+    assert memory.kernel_xids(since, path=str(log)) == [
+        "NVRM: Xid (PCI:0000:3b:00): 79, pid=2, GPU has fallen off the bus."
+    ]
 
 
 def test_an_unhealthy_node_gives_up_at_once():
@@ -74,3 +94,20 @@ def test_a_wrong_device_answer_makes_the_run_give_up_unhealthy(supervise, env: d
     env[health.DEBUG_ENV] = "wrong-answer:0"
     line = assert_unhealthy(supervise(), "device")
     assert "integer matmul off by up to 1" in line
+
+
+@pytest.mark.slow
+def test_an_unhealthy_node_under_nnodes_min_max_leaves_the_run_to_the_others(tmp_path: Path, menv: dict[str, str]):
+    """Node 1 fails its device check before attempt 1: it exits naming the check, and the leader (--nnodes 1:2)
+    trains alone and says why."""
+    ckpt, port = tmp_path / "ckpt", free_port()
+    sick = QUICK_RDZV | menv | {health.DEBUG_ENV: "wrong-answer:0"}
+    leader = node(QUICK_RDZV | menv, ckpt, 0, port, nnodes="1:2", timeout=30)
+    follower = node(sick, ckpt, 1, port, nnodes="1:2", timeout=30)
+    out = finish([follower], EXIT_FAILED, timeout=120)[0]
+    assert "diagnosis: unhealthy: device check failed: cpu" in out and "Traceback" not in out, out[-3000:]
+    finish([leader], 0, timeout=240)
+    decisions = [e for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "decision"]
+    assert [d["action"] for d in decisions] == ["finish"]
+    assert "node 1 is unhealthy: device check failed: cpu" in decisions[0]["reason"]
+    assert "going on with 1 node(s)" in decisions[0]["reason"]
