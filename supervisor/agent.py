@@ -61,6 +61,7 @@ class Agent:
         self.stop_code: int | None = None  # a follower: the exit code the leader's stop decision carries
         self.agreed: Decision | None = None  # several nodes: the leader's decision on the attempt that just ended
         self.peak_rss = 0  # the peak memory of the last attempt not killed for memory: what the next one needs free
+        self.suspect = True  # check the devices before the next attempt: the first, or after a machine-like failure
 
     @property
     def state(self) -> RunState:
@@ -161,6 +162,7 @@ class Agent:
         outcome = classify(evidence(a, after, progressed, budget, self.lifecycle.stop_requested, disks))
         if outcome.kind is not AttemptClass.HOST_OOM:  # an OOM's peak is the limit, not what the run needs
             self.peak_rss = a.peak_rss or self.peak_rss
+        self.suspect = health.suspicious(outcome, a.started_wall)
         summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"),
                                  time.monotonic() - a.started)  # fmt: skip
         if self.peers:  # several nodes: this node's outcome as recorded, and the leader's decision for all
@@ -206,8 +208,9 @@ class Agent:
             return None
         started = time.monotonic()
         problems = health.check_node(self.opts.checkpoint_dir, [self.run_dir.path], self.opts.device_type,
-                                     self.opts.nproc_per_node, self.peak_rss, self.since)  # fmt: skip
-        self.events.append("health", before_attempt=n, ok=not problems, seconds=round(time.monotonic() - started, 2),
+                                     self.opts.nproc_per_node, self.peak_rss, self.suspect, self.since)  # fmt: skip
+        self.events.append("health", before_attempt=n, ok=not problems, device=self.suspect,
+                           seconds=round(time.monotonic() - started, 2),
                            problems=[dataclasses.asdict(p) for p in problems])  # fmt: skip
         if not problems:
             return None

@@ -13,8 +13,11 @@
               with a time limit, so a wedged driver cannot hang the supervisor, and the supervisor never
               imports torch for it.
 
-The cheap checks (disk, memory) run first; the device check runs only when they pass (torch's import alone needs
-a few hundred MB, which a node short of memory may not have). A node that fails gets the AttemptClass
+The cheap checks (disk, memory; milliseconds) run before every attempt. The device check (a torch import: seconds,
+see scripts/bench_health.py) runs before the first attempt of each invocation and before a restart after a
+failure that could be the machine's (`suspicious`: a CUDA or NCCL error, a collective timeout, an Xid in the
+kernel log), and only when the cheap checks pass (torch's import alone needs a few hundred MB, which a node short
+of memory may not have). A node that fails gets the AttemptClass
 `unhealthy`, and `policy.decide` gives up at once: a restart on a sick machine only loops.
 
 For tests and drills, NANOCHAT_DEBUG_HEALTH=wrong-answer:I makes the device check's subprocess perturb the answer
@@ -32,6 +35,7 @@ from pathlib import Path
 
 from nanochat import checkpoint
 from supervisor import memory
+from supervisor.states import AttemptClass, Outcome
 
 DEBUG_ENV = "NANOCHAT_DEBUG_HEALTH"
 MIN_FREE_DISK = 256 << 20  # bytes: room for logs and a small save before any checkpoint tells the real size
@@ -40,6 +44,9 @@ MIN_FREE_MEMORY = 512 << 20  # bytes: before any attempt has measured the run's 
 DEVICE_TIMEOUT = 120.0  # seconds for the device subprocess: torch's import (~1-3 s) plus CUDA's initialisation
 MIN_GPU_FREE = 0.5  # of a GPU's memory that must be free: a stray process holding more takes our workers' room
 MATRIX = 256  # the known computation: a MATRIX x MATRIX integer matrix times its transpose
+# words in a failure's message that point at the machine rather than the program (CUDA and NCCL errors, ECC)
+MACHINE_WORDS = ("cuda error", "cudaerror", "cuda_error", "nccl", "cublas", "cudnn", "ecc error", "uncorrectable",
+                 "device-side assert", "illegal memory access", "unspecified launch failure", "xid")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,17 +62,29 @@ class Problem:
 
 
 def check_node(checkpoint_dir: Path, other_dirs: list[Path], device_type: str, devices: int, peak_rss: int = 0,
-               since: float | None = None, timeout: float = DEVICE_TIMEOUT) -> list[Problem]:  # fmt: skip
+               device: bool = True, since: float | None = None) -> list[Problem]:  # fmt: skip
     """Every failed check of this node (empty: healthy). `device_type` is the trainer's (auto, cuda, cpu);
-    `devices` how many local GPUs a CUDA run uses; `peak_rss` the previous attempt's peak (0: none yet). A failed
-    device check also quotes the newest Xid line the GPU driver logged since `since` (wall time), if any."""
+    `devices` how many local GPUs a CUDA run uses; `peak_rss` the previous attempt's peak (0: none yet); `device`
+    whether to run the device check too (see `suspicious`). A failed device check also quotes the newest Xid line
+    the GPU driver logged since `since` (wall time), if any."""
     problems = disk_problems(checkpoint_dir, other_dirs) + memory_problems(peak_rss)
-    if problems:
+    if problems or not device:
         return problems
-    problems = device_problems(device_type, devices, timeout)
+    problems = device_problems(device_type, devices)
     if problems and since is not None and (xids := memory.kernel_xids(since)):
         problems = [replace(p, detail=f"{p.detail} (kernel log: {xids[-1]})") for p in problems]
     return problems
+
+
+def suspicious(outcome: Outcome, since: float) -> bool:
+    """Could the machine have caused this failure? A collective that timed out, an error naming CUDA or NCCL (or
+    an ECC error), or an Xid line in the kernel log since `since` (wall time): then the device check runs again
+    before the restart. Other failures (an exception in the trainer, an OOM, a kill) restart without it: the
+    check costs a torch import (seconds), and the first attempt of each invocation has it anyway."""
+    if outcome.kind is AttemptClass.NCCL_TIMEOUT:
+        return True
+    text = outcome.message.lower()
+    return any(w in text for w in MACHINE_WORDS) or bool(memory.kernel_xids(since))
 
 
 def disk_problems(checkpoint_dir: Path, other_dirs: list[Path]) -> list[Problem]:

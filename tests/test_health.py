@@ -54,6 +54,21 @@ def test_xid_lines_are_read_from_the_kernel_log_after_the_start(tmp_path: Path):
     ]
 
 
+def test_only_failures_that_could_be_the_machines_check_the_devices_again():
+    since = time.time()  # no Xid line on this machine after now
+    machine = [
+        Outcome(AttemptClass.NCCL_TIMEOUT, "gloo timed out"),
+        Outcome(AttemptClass.CRASH, "RuntimeError: CUDA error: an illegal memory access was encountered"),
+        Outcome(AttemptClass.CRASH, "torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp"),
+    ]
+    program = [
+        Outcome(AttemptClass.CRASH, "RuntimeError: debug_fault: injected crash at step 12"),
+        Outcome(AttemptClass.HOST_OOM, "killed by the OOM killer"),
+        Outcome(AttemptClass.COMPLETED, ""),
+    ]
+    assert [health.suspicious(o, since) for o in machine + program] == [True] * 3 + [False] * 3
+
+
 def test_an_unhealthy_node_gives_up_at_once():
     out = Outcome(AttemptClass.UNHEALTHY, "disk check failed: 2 MiB free")
     decision = decide(out, [], Policy())
@@ -104,7 +119,8 @@ def test_an_unhealthy_node_under_nnodes_min_max_leaves_the_run_to_the_others(tmp
     sick = QUICK_RDZV | menv | {health.DEBUG_ENV: "wrong-answer:0"}
     leader = node(QUICK_RDZV | menv, ckpt, 0, port, nnodes="1:2", timeout=30)
     follower = node(sick, ckpt, 1, port, nnodes="1:2", timeout=30)
-    out = finish([follower], EXIT_FAILED, timeout=120)[0]
+    assert follower.wait(120) == EXIT_FAILED, follower.output[-3000:]
+    out = follower.output
     assert "diagnosis: unhealthy: device check failed: cpu" in out and "Traceback" not in out, out[-3000:]
     finish([leader], 0, timeout=240)
     decisions = [e for e in read_events(RunDir(ckpt.with_name("ckpt.run"))) if e["event"] == "decision"]
