@@ -96,9 +96,10 @@ OomShrinkOption = Annotated[
 HealthOption = Annotated[
     bool,
     typer.Option(
-        help="Before each attempt, check this node (supervisor/health.py): room on the checkpoint disk, free"
-        " memory, and a known computation on each local GPU (on the CPU: the CPU) in a subprocess. A node that"
-        " fails gives up at once as `unhealthy`, naming the check, instead of restarting into the same fault."
+        help="Before each attempt, check this node (supervisor/health.py): room on the checkpoint disk and free"
+        " memory; before the first attempt and after a failure that could be the machine's (CUDA, NCCL, Xid), also"
+        " a known computation on each local GPU (on the CPU: the CPU) in a subprocess. A node that fails gives up"
+        " at once as `unhealthy`, naming the check, instead of restarting into the same fault."
     ),
 ]
 ProgressOption = Annotated[
