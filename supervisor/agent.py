@@ -216,7 +216,7 @@ class Agent:
             return None
         outcome = Outcome(AttemptClass.UNHEALTHY, "; ".join(p.line() for p in problems))
         if self.peers is not None and self.peers.follower:
-            self.peers.nodes.report(n, outcome, time.time())
+            self.peers.leave(n, outcome)
         decision = decide(outcome, self.history, self.opts.policy, self.batch)
         self.lifecycle.set(RunState.FAILED, decision.reason)  # STARTING -> FAILED
         self.display.event(f"diagnosis: unhealthy: {outcome.message}")
