@@ -38,7 +38,7 @@ from supervisor import memory
 from supervisor.states import AttemptClass, Outcome
 
 DEBUG_ENV = "NANOCHAT_DEBUG_HEALTH"
-MIN_FREE_DISK = 256 << 20  # bytes: room for logs and a small save before any checkpoint tells the real size
+MIN_FREE_DISK = 16 << 20  # bytes: room for the logs and records; the checkpoints' own size asks for more once known
 DISK_MARGIN = 1.5  # x the largest checkpoint: the next save, plus slack for its logs and records
 MIN_FREE_MEMORY = 512 << 20  # bytes: before any attempt has measured the run's peak RSS
 DEVICE_TIMEOUT = 120.0  # seconds for the device subprocess: torch's import (~1-3 s) plus CUDA's initialisation

@@ -91,7 +91,7 @@ def assert_unhealthy(run: Run, check: str) -> str:
 def test_a_full_disk_makes_the_run_give_up_unhealthy(supervise, small_fs, tmp_path: Path):
     fs = small_fs("2m")
     line = assert_unhealthy(supervise(ckpt=fs / "ckpt", out_dir=tmp_path), "disk")
-    assert f"at {fs / 'ckpt'}" in line and "under the 256 MiB needed" in line
+    assert f"at {fs / 'ckpt'}" in line and "under the 16 MiB needed" in line
 
 
 @pytest.mark.slow
