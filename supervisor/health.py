@@ -17,8 +17,8 @@ The cheap checks (disk, memory; milliseconds) run before every attempt. The devi
 see scripts/bench_health.py) runs before the first attempt of each invocation and before a restart after a
 failure that could be the machine's (`suspicious`: a CUDA or NCCL error, a collective timeout, an Xid in the
 kernel log), and only when the cheap checks pass (torch's import alone needs a few hundred MB, which a node short
-of memory may not have). A node that fails gets the AttemptClass
-`unhealthy`, and `policy.decide` gives up at once: a restart on a sick machine only loops.
+of memory may not have). A node that fails gets the AttemptClass `unhealthy`, and `policy.decide` gives up at
+once: a restart on a sick machine only loops.
 
 For tests and drills, NANOCHAT_DEBUG_HEALTH=wrong-answer:I makes the device check's subprocess perturb the answer
 of device I after the device computed it, so the same comparison sees a wrong answer (I is 0 on the CPU).
@@ -93,7 +93,7 @@ def disk_problems(checkpoint_dir: Path, other_dirs: list[Path]) -> list[Problem]
     except OSError:
         largest = 0
     need = max(MIN_FREE_DISK, int(DISK_MARGIN * largest))
-    why = f"{DISK_MARGIN:g} x the largest checkpoint ({_mib(largest)})" if largest else "the minimum before any save"
+    why = f"{DISK_MARGIN:g} x the largest checkpoint, {_mib(largest)}" if need > MIN_FREE_DISK else "the minimum"
     return [
         Problem(
             "disk",
