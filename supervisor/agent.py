@@ -38,7 +38,7 @@ class Agent:
     """One supervised run. `run()` is the whole of it; `loop()` asks `attempt(n)` for each attempt in turn."""
 
     def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None,
-                 since: float | None = None):  # fmt: skip
+                 since: float | None = None, check_devices: bool = True):  # fmt: skip
         self.opts = opts
         self.since = since  # when this invocation's process started: the goodput ledger's start (supervisor/goodput.py)
         self.nodes = nodes  # a multi-node run: the leader decides for every node (supervisor/nodes.py)
@@ -61,7 +61,9 @@ class Agent:
         self.stop_code: int | None = None  # a follower: the exit code the leader's stop decision carries
         self.agreed: Decision | None = None  # several nodes: the leader's decision on the attempt that just ended
         self.peak_rss = 0  # the peak memory of the last attempt not killed for memory: what the next one needs free
-        self.suspect = True  # check the devices before the next attempt: the first, or after a machine-like failure
+        # check the devices before the next attempt: the first (`check_devices`: a speedrun's later phases skip
+        # it), and after a failure that could be the machine's (health.suspicious)
+        self.suspect = check_devices
 
     @property
     def state(self) -> RunState:

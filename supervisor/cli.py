@@ -285,8 +285,13 @@ def speedrun(
     run_path = (run_dir or speedrun_dir(tag)).expanduser().resolve()
     display = make_display(progress_every)
 
+    phases_run: list[str] = []
+
     def supervise(launch, fresh: bool) -> int:
-        return Agent(train_options(launch, run_path, sup, fresh=fresh), display).run()
+        # the devices are checked before the first phase (health.py: a torch import each time), not before each
+        agent = Agent(train_options(launch, run_path, sup, fresh=fresh), display, check_devices=not phases_run)
+        phases_run.append(launch.phase)
+        return agent.run()
 
     try:
         code = Speedrun(tag, depth, builtin, rl, redo, run_path, tables, supervise, display.event, remote_dir).run()
