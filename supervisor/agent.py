@@ -220,6 +220,9 @@ class Agent:
         if self.peers is not None and self.peers.follower:
             self.peers.leave(n, outcome)
         decision = decide(outcome, self.history, self.opts.policy, self.batch)
+        # no attempt of its own (attempt None keeps the numbering): `status` shows the reason as the run's
+        self.events.append("decision", attempt=None, action=decision.action.value, reason=decision.reason,
+                           delay=0.0, overrides={}, next_attempt=None)  # fmt: skip
         self.lifecycle.set(RunState.FAILED, decision.reason)  # STARTING -> FAILED
         self.display.event(f"diagnosis: unhealthy: {outcome.message}")
         return EXIT_FAILED

@@ -84,6 +84,8 @@ def assert_unhealthy(run: Run, check: str) -> str:
     assert not run.events("attempt_start") and not run.run_dir.attempt(1).exists()
     (event,) = run.events("health")
     assert not event["ok"] and [p["check"] for p in event["problems"]] == [check]
+    (decision,) = run.events("decision")  # what `status` shows as the run's reason
+    assert decision["action"] == "give_up" and f"{check} check failed: " in decision["reason"]
     return lines[0]
 
 
