@@ -70,6 +70,7 @@ bench: install  # ~30 minutes on 2 cores; each script prints ratios measured sid
 	$(BIN)/python -m scripts.bench_chat
 	$(BIN)/python -m scripts.bench_rl
 	$(BIN)/python -m scripts.bench_storage
+	$(BIN)/python -m scripts.bench_health
 
 # What only a GPU can show, in one table (scripts/gpu_check.py; under 10 minutes on one GPU). It runs on the first
 # Python whose torch sees a CUDA GPU: .venv's (after `make install-cuda`), else $(PYTHON) (a GPU image with torch

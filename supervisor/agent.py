@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nanochat import checkpoint
 from nanochat.locks import DirLock, lock_holder
-from supervisor import preempt, procs
+from supervisor import health, preempt, procs
 from supervisor.attempt import Plan, evidence, judge, resume_point
 from supervisor.classify import classify
 from supervisor.display import Display, View
@@ -38,7 +38,7 @@ class Agent:
     """One supervised run. `run()` is the whole of it; `loop()` asks `attempt(n)` for each attempt in turn."""
 
     def __init__(self, opts: TrainOptions, display: Display, nodes: Coordinator | None = None,
-                 since: float | None = None):  # fmt: skip
+                 since: float | None = None, check_devices: bool = True):  # fmt: skip
         self.opts = opts
         self.since = since  # when this invocation's process started: the goodput ledger's start (supervisor/goodput.py)
         self.nodes = nodes  # a multi-node run: the leader decides for every node (supervisor/nodes.py)
@@ -60,6 +60,10 @@ class Agent:
         self.steps_lost = 0  # steps trained by this invocation's attempts that no checkpoint kept
         self.stop_code: int | None = None  # a follower: the exit code the leader's stop decision carries
         self.agreed: Decision | None = None  # several nodes: the leader's decision on the attempt that just ended
+        self.peak_rss = 0  # the peak memory of the last attempt not killed for memory: what the next one needs free
+        # check the devices before the next attempt: the first (`check_devices`: a speedrun's later phases skip
+        # it), and after a failure that could be the machine's (health.suspicious)
+        self.suspect = check_devices
 
     @property
     def state(self) -> RunState:
@@ -100,8 +104,12 @@ class Agent:
                 if isinstance(got, int):
                     return got
                 self.attempt_no, self.overrides, self.fresh = got
+                if (code := self._check_health(self.attempt_no)) is not None:
+                    return code
             else:
                 if (code := self._wait_for_previous_trainer()) is not None:
+                    return code
+                if (code := self._check_health(self.run_dir.next_attempt())) is not None:
                     return code
                 self.attempt_no = self.run_dir.next_attempt()
                 if self.peers:
@@ -160,6 +168,9 @@ class Agent:
         progressed, budget = judge(a.before, after, a.fresh, self.opts.num_iterations)
         disks = [self.opts.checkpoint_dir, self.run_dir.path]
         outcome = classify(evidence(a, after, progressed, budget, self.lifecycle.stop_requested, disks))
+        if outcome.kind is not AttemptClass.HOST_OOM:  # an OOM's peak is the limit, not what the run needs
+            self.peak_rss = a.peak_rss or self.peak_rss
+        self.suspect = health.suspicious(outcome, a.started_wall)
         summary = AttemptSummary(outcome.kind, progressed, a.healthy, a.heartbeat.get("device_batch_size"),
                                  time.monotonic() - a.started)  # fmt: skip
         if self.peers:  # several nodes: this node's outcome as recorded, and the leader's decision for all
@@ -222,6 +233,31 @@ class Agent:
             return None
         code, self.dir_per_node = self.peers.check_dirs()
         return code
+
+    def _check_health(self, n: int) -> int | None:
+        """Before attempt `n`: this node's health check (supervisor/health.py). A sick node gives up at once as
+        `unhealthy` (a follower tells the leader, which goes on without it or stops the run): the exit code, or
+        None when healthy or --no-health-check."""
+        if not self.opts.health_check:
+            return None
+        started = time.monotonic()
+        problems = health.check_node(self.opts.checkpoint_dir, [self.run_dir.path], self.opts.device_type,
+                                     self.opts.nproc_per_node, self.peak_rss, self.suspect, self.since)  # fmt: skip
+        self.events.append("health", before_attempt=n, ok=not problems, device=self.suspect,
+                           seconds=round(time.monotonic() - started, 2),
+                           problems=[dataclasses.asdict(p) for p in problems])  # fmt: skip
+        if not problems:
+            return None
+        outcome = Outcome(AttemptClass.UNHEALTHY, "; ".join(p.line() for p in problems))
+        if self.peers is not None and self.peers.follower:
+            self.peers.leave(n, outcome)
+        decision = decide(outcome, self.history, self.opts.policy, self.batch)
+        # no attempt of its own (attempt None keeps the numbering): `status` shows the reason as the run's
+        self.events.append("decision", attempt=None, action=decision.action.value, reason=decision.reason,
+                           delay=0.0, overrides={}, next_attempt=None)  # fmt: skip
+        self.lifecycle.set(RunState.FAILED, decision.reason)  # STARTING -> FAILED
+        self.display.event(f"diagnosis: unhealthy: {outcome.message}")
+        return EXIT_FAILED
 
     def _wait_for_previous_trainer(self) -> int | None:
         """A trainer of an earlier supervisor (one that died) may still be finishing its save: starting ours now

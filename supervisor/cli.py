@@ -42,6 +42,7 @@ from supervisor.options import (
     BackoffOption,
     GraceOption,
     HangOption,
+    HealthOption,
     MaxNoProgressOption,
     MaxRestartsOption,
     NprocOption,
@@ -160,6 +161,7 @@ def train(
     startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    health_check: HealthOption = SUP.health_check,
     progress_every: ProgressOption = SUP.progress_every,
     preemption: PreemptionOption = SUP.preemption,
     preemption_endpoint: PreemptionEndpointOption = None,
@@ -177,7 +179,8 @@ def train(
     sup = Supervision(nproc_per_node, nnodes, node_rank, rdzv_endpoint, max_restarts, max_no_progress, backoff,
                       backoff_cap, hang_timeout, startup_timeout, grace_period, oom_shrink, progress_every,
                       node_timeout, local_addr=local_addr, preemption=preemption,
-                      preemption_endpoint=preemption_endpoint, spare=spare)  # fmt: skip
+                      preemption_endpoint=preemption_endpoint, spare=spare,
+                      health_check=health_check)  # fmt: skip
     from_slurm = slurm.fill(sup, os.environ, ctx)  # in a SLURM job: what the command line left out
     sup.check()
     check_script(script)
@@ -265,6 +268,7 @@ def speedrun(
     startup_timeout: StartupOption = SUP.startup_timeout,
     grace_period: GraceOption = None,
     oom_shrink: OomShrinkOption = SUP.oom_shrink,
+    health_check: HealthOption = SUP.health_check,
     progress_every: ProgressOption = SUP.progress_every,
     preemption: PreemptionOption = SUP.preemption,
 ) -> None:
@@ -279,7 +283,7 @@ def speedrun(
     sup = Supervision(nproc_per_node, max_restarts=max_restarts, max_no_progress=max_no_progress, backoff=backoff,
                       backoff_cap=backoff_cap, hang_timeout=hang_timeout, startup_timeout=startup_timeout,
                       grace_period=grace_period, oom_shrink=oom_shrink, progress_every=progress_every,
-                      preemption=preemption)  # fmt: skip
+                      preemption=preemption, health_check=health_check)  # fmt: skip
     sup.check()
     tables = load_config(config)
     try:
@@ -290,8 +294,13 @@ def speedrun(
     run_path = (run_dir or speedrun_dir(tag)).expanduser().resolve()
     display = make_display(progress_every)
 
+    phases_run: list[str] = []
+
     def supervise(launch, fresh: bool) -> int:
-        return Agent(train_options(launch, run_path, sup, fresh=fresh), display).run()
+        # the devices are checked before the first phase (health.py: a torch import each time), not before each
+        agent = Agent(train_options(launch, run_path, sup, fresh=fresh), display, check_devices=not phases_run)
+        phases_run.append(launch.phase)
+        return agent.run()
 
     try:
         code = Speedrun(tag, depth, builtin, rl, redo, run_path, tables, supervise, display.event, remote_dir).run()

@@ -52,6 +52,7 @@ class Supervision:
     preemption: str = "auto"  # whose preemption notices to watch (supervisor/preempt.py): auto, a cloud, or off
     preemption_endpoint: str | None = None  # http://HOST:PORT in place of the metadata service's (tests)
     spare: str = "auto"  # a warm spare for the next attempt (supervisor/spare.py): auto = on for a CUDA trainer
+    health_check: bool = True  # check the node before each attempt (supervisor/health.py)
 
     @property
     def min_nodes(self) -> int:
@@ -174,6 +175,7 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)  # for torchrun and its workers: a --remote_dir's credentials
     remote: bool = False  # the settings name a --remote_dir (a checkpoint dir per node needs one)
     auto_save: bool = False  # --save_every=auto: the trainer's save interval follows its --mtbf
+    device_type: str = "auto"  # the trainer's --device_type (auto, cuda, cpu)
 
 
 def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Path | None) -> Launch:
@@ -203,6 +205,7 @@ def resolve(phase: str, script: str, trainer_args: list[str], checkpoint_dir: Pa
     launch.depth, launch.model_tag = getattr(cfg, "depth", None), cfg.model_tag or None
     launch.remote = bool(cfg.remote_dir)
     launch.auto_save = cfg.save_every == "auto"
+    launch.device_type = cfg.device_type
     # credentials in --remote_dir: off the command line (`ps` shows it, torchrun.log and the event log record it),
     # into the environment, where the trainer finds the real URL (nanochat/redact.py)
     if redact(cfg.remote_dir) != cfg.remote_dir:
@@ -237,6 +240,8 @@ class TrainOptions:
     preemption_endpoint: str | None = None  # replaces the metadata service's http://HOST[:PORT] (tests)
     tick: float = 0.1  # how often the watch loop wakes up; torchrun exit is noticed within this
     spare: str = Supervision.spare  # keep the next attempt's workers started, waiting (supervisor/spare.py)
+    health_check: bool = Supervision.health_check  # check the node before each attempt (supervisor/health.py)
+    device_type: str = "auto"  # the trainer's --device_type: which devices the health check computes on
 
 
 def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool | None = None):
@@ -252,7 +257,8 @@ def train_options(launch: Launch, run_dir: Path, sup: Supervision, fresh: bool |
                         launch.budget, policy, node_timeout=sup.node_timeout, rdzv_id=sup.rdzv_id,
                         local_addr=sup.local_addr, phase=launch.phase, env=launch.env,
                         remote=launch.remote, preemption=sup.preemption,
-                        preemption_endpoint=sup.preemption_endpoint, spare=sup.spare)  # fmt: skip
+                        preemption_endpoint=sup.preemption_endpoint, spare=sup.spare,
+                        health_check=sup.health_check, device_type=launch.device_type)  # fmt: skip
 
 
 def phase_of_script(phase: str, script: str | None) -> tuple[str, str]:

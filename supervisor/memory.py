@@ -84,12 +84,10 @@ class OomCounters:
         return None if now is None or self.host is None else now - self.host
 
 
-def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg", limit: int = 100_000) -> dict[int, str]:
-    """pid -> the kernel log line "... Killed process <pid> ..." for each of `pids` killed after `since` (wall
-    time). Reads /dev/kmsg without blocking (one record per read there); empty when it cannot be read."""
-    found: dict[int, str] = {}
-    if not pids:
-        return found
+def kernel_log(since: float, needle: str, path: str = "/dev/kmsg", limit: int = 100_000) -> list[tuple[float, str]]:
+    """(wall time, text) of each kernel log record containing `needle` logged after `since` (wall time). Reads
+    /dev/kmsg without blocking (one record per read there); empty when it cannot be read."""
+    found: list[tuple[float, str]] = []
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -110,18 +108,36 @@ def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg", limi
             for record in data.decode(errors="replace").splitlines():
                 head, _, msg = record.partition(";")  # "priority,sequence,microseconds since boot,flags;text"
                 parts = head.split(",")
-                if "Killed process " not in msg or len(parts) < 3:
+                if needle not in msg or len(parts) < 3:
                     continue
                 try:
-                    pid = int(msg.split("Killed process ", 1)[1].split()[0])
                     stamp = boot + int(parts[2]) / 1e6
-                except (ValueError, IndexError):
+                except ValueError:
                     continue
-                if pid in pids and stamp >= since - 1:  # a pid reused since an older kill does not count
-                    found[pid] = msg.strip()
+                if stamp >= since - 1:
+                    found.append((stamp, msg.strip()))
     finally:
         os.close(fd)
     return found
+
+
+def kernel_oom_kills(pids: set[int], since: float, path: str = "/dev/kmsg") -> dict[int, str]:
+    """pid -> the kernel log line "... Killed process <pid> ..." for each of `pids` killed after `since` (wall
+    time); a pid reused since an older kill does not count."""
+    found: dict[int, str] = {}
+    for _, msg in kernel_log(since, "Killed process ", path) if pids else []:
+        try:
+            pid = int(msg.split("Killed process ", 1)[1].split()[0])
+        except (ValueError, IndexError):
+            continue
+        if pid in pids:
+            found[pid] = msg
+    return found
+
+
+def kernel_xids(since: float, path: str = "/dev/kmsg") -> list[str]:
+    """The NVIDIA driver's Xid lines ("NVRM: Xid (PCI:...): 79, ...": a GPU error the driver saw) since `since`."""
+    return [msg for _, msg in kernel_log(since, "NVRM: Xid", path)]
 
 
 def memory_limit() -> int:
@@ -137,6 +153,27 @@ def memory_limit() -> int:
         except OSError:
             pass
     return limit
+
+
+def free_memory() -> int:
+    """The memory this supervisor's processes may still take: the host's available memory, or the memory cgroup's
+    limit minus its usage where that is less. The page cache of files counts as free (the kernel reclaims it
+    before it kills anything); shared memory (tmpfs, /dev/shm snapshots) does not."""
+    free = psutil.virtual_memory().available
+    cg = memory_cgroup()
+    if cg is None:
+        return free
+    names = ("memory.max", "memory.current") if cg[1] == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    try:
+        limit, usage = ((cg[0] / name).read_text().strip() for name in names)
+        stat = dict(line.split() for line in (cg[0] / "memory.stat").read_text().splitlines() if " " in line)
+    except (OSError, ValueError):
+        return free
+    if not (limit.isdigit() and usage.isdigit()):  # v2's "max": no limit
+        return free
+    v1 = "total_" if cg[1] == 1 else ""  # v1 counts the cgroup's own pages without it, its children's with it
+    cache = int(stat.get(f"{v1}inactive_file", 0)) + int(stat.get(f"{v1}active_file", 0))
+    return min(free, max(0, int(limit) - int(usage) + cache))
 
 
 def disk_space(paths: list[Path]) -> list[dict]:

@@ -16,7 +16,9 @@ filesystem, and outlives every attempt's workers. Keys, each a JSON value:
 
 The root cause of a failed attempt is the node whose first worker failed first (by wall clock: the nodes of a run
 are NTP-synced machines, and the gap between the first failure and its echo on the other nodes is seconds); it
-names the class the policy acts on, and the other nodes record peer_failure.
+names the class the policy acts on, and the other nodes record peer_failure. A node that fails its health check
+before an attempt (supervisor/health.py) reports `unhealthy` for it and exits: the leader goes on without it while
+--nnodes MIN allows, else gives up naming it.
 """
 
 from __future__ import annotations
@@ -176,9 +178,22 @@ class Coordinator:
         on without it while --nnodes MIN allows (it is dropped from `members`), else it gives up naming it."""
         if stopped:  # the user stopped the run on the leader: every node's workers have saved; stop them all
             return Decision(Action.STOP, "stopped on request (on the leader)"), self.node, None
+        # a node that failed its health check has left the run (supervisor/health.py): go on without it while
+        # --nnodes MIN allows, else stop naming it
+        sick = {k: e for k, e in ends.items() if e is not None and e["class"] == AttemptClass.UNHEALTHY.value}
+        if sick:
+            named = "; ".join(f"node {k} is unhealthy: {e['message']}" for k, e in sick.items())
+            self.members = [k for k in self.members if k not in sick]  # gone: no ack to wait for
+            if len(self.members) < self.min_nodes:
+                return Decision(Action.GIVE_UP, f"{named} (--nnodes allows no fewer than {self.min_nodes})"), \
+                    min(sick), AttemptClass.UNHEALTHY  # fmt: skip
+            ends = {k: e for k, e in ends.items() if k not in sick}
         root, end = root_cause(ends)
         cause = as_outcome(end, root)
         decision = policy(cause)
+        if sick:
+            decision = dataclasses.replace(decision, reason=f"{named}: going on with {len(self.members)} node(s);"
+                                           f" {decision.reason}")  # fmt: skip
         if lost := [k for k, e in ends.items() if e is None]:
             silent = f"node(s) {lost} did not report the end of attempt {n} within --node-timeout={node_timeout:g}s"
             left = [k for k in self.members if k not in lost]

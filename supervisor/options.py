@@ -102,6 +102,15 @@ SpareOption = Annotated[
         " auto: on for a trainer on CUDA (a GPU node has the host memory), off on the CPU. One machine only."
     ),
 ]
+HealthOption = Annotated[
+    bool,
+    typer.Option(
+        help="Before each attempt, check this node (supervisor/health.py): room on the checkpoint disk and free"
+        " memory; before the first attempt and after a failure that could be the machine's (CUDA, NCCL, Xid), also"
+        " a known computation on each local GPU (on the CPU: the CPU) in a subprocess. A node that fails gives up"
+        " at once as `unhealthy`, naming the check, instead of restarting into the same fault."
+    ),
+]
 ProgressOption = Annotated[
     float, typer.Option(help="Seconds between progress lines when not on a terminal.", parser=number)
 ]

@@ -6,6 +6,7 @@ through the shared `Lifecycle`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +69,14 @@ class Peers:
             life.set(RunState.STOPPED, "stop requested while waiting for the leader")
             return life.stop_code()
         return got
+
+    def leave(self, n: int, outcome: Outcome) -> None:
+        """A follower that cannot take part in attempt `n` (it failed its health check): tell the leader why, so it
+        goes on without this node or stops the run naming it (supervisor/nodes.py)."""
+        try:
+            self.nodes.report(n, outcome, time.time())
+        except LeaderLost:
+            pass  # the leader is gone too: nobody is left to tell
 
     def agree(self, a: Attempt, outcome: Outcome, policy: Callable[[Outcome], Decision]) -> Agreed:
         """A multi-node attempt has ended here: tell the leader how; the leader hears every node, finds the root

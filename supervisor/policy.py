@@ -49,6 +49,8 @@ def decide(outcome: Outcome, history: list[AttemptSummary], policy: Policy, batc
         return Decision(Action.GIVE_UP, f"the trainer refused to run, and a restart cannot fix that: {outcome.message}")
     if outcome.kind is AttemptClass.DIVERGED:  # the rollbacks were spent on bad numbers: a restart repeats them
         return Decision(Action.GIVE_UP, f"the run diverged: {outcome.message}")
+    if outcome.kind is AttemptClass.UNHEALTHY:  # the machine, not the run: every restart here would fail the same
+        return Decision(Action.GIVE_UP, f"unhealthy node, where every restart would fail the same: {outcome.message}")
     # A CUDA OOM, or a host OOM of a trainer on the CPU (where activations live in host memory): the same cure
     cpu_oom = outcome.kind is AttemptClass.HOST_OOM and batch.device == "cpu"
     device_oom = (outcome.kind is AttemptClass.CUDA_OOM or cpu_oom) and policy.oom_shrink

@@ -15,6 +15,8 @@ class RunState(enum.Enum):
             |   timeout: same path)      |                          '-- give up -----------> FAILED
             '----------------------------+--Ctrl+C / SIGTERM--> STOPPING --saved or grace over--> STOPPED
 
+        STARTING --the node fails its health check (before torchrun; --health-check, supervisor/health.py)--> FAILED
+
     An attempt ends only when every process it started is gone: torchrun, its workers (even orphaned ones, which
     get the grace period to finish a save) and anything they started. BACKOFF also goes to STOPPED when a stop is
     requested while waiting; STARTING waits first for a previous trainer that still holds the trainer lock.
@@ -45,6 +47,8 @@ class AttemptClass(enum.Enum):
         STOPPED --------------------------------------------------> stop (exit 130 / 75)
         REFUSED --------------------------------------------------> give up at once (a restart cannot fix it)
         DIVERGED -------------------------------------------------> give up at once (rollbacks spent on bad numbers)
+        UNHEALTHY (the node failed its health check; no torchrun) -> give up at once, naming the check (a restart
+                                                                     on a sick machine only loops)
         CRASH, STORAGE, HOST_OOM, HANG, SIGNAL, NCCL_TIMEOUT -----> restart with backoff, resume
         PEER_FAILURE (multi-node: recorded by the nodes that did not fail first; the leader decides on the class
                       of the node that did: supervisor/nodes.py)
@@ -65,6 +69,7 @@ class AttemptClass(enum.Enum):
     HANG = "hang"  # no heartbeat progress within the hang deadline (--hang-timeout: auto, pace.py, or fixed)
     SIGNAL = "signal"  # killed by some other signal (a worker, or torchrun itself)
     NCCL_TIMEOUT = "nccl_timeout"  # a collective timed out (NCCL watchdog or gloo timeout)
+    UNHEALTHY = "unhealthy"  # the node failed its health check before the attempt (supervisor/health.py)
     PEER_FAILURE = "peer_failure"  # multi-node: another node failed first; this node's workers ended with it
 
 

@@ -6,6 +6,7 @@ and the check that nothing it started outlives it.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import psutil
 import pytest
 
 from nanochat import checkpoint
-from supervisor import procs
+from supervisor import memory, procs
 from supervisor.records import RunDir, read_events, read_heartbeat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -204,3 +205,49 @@ def workers_of(torchrun: psutil.Process) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def memory_cgroup_of(tmp_path: Path, limit: int) -> Iterator[Path]:
+    """For a fixture: a fresh v1 memory cgroup under ours, limited to `limit` bytes; killed empty and removed
+    afterwards. Join it in a child with `join_cgroup(cg)` as its preexec_fn."""
+    mine = memory.memory_cgroup()
+    if mine is None or mine[1] != 1:
+        pytest.skip(f"needs a cgroup v1 memory controller; this process is in {mine}")
+    cg = mine[0] / f"nanochat-e2e-{tmp_path.name}-{secrets.token_hex(4)}"  # new: another's is never touched
+    try:
+        cg.mkdir()
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup at {cg}: {e}")
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError as e:
+        cg.rmdir()
+        pytest.skip(f"cannot limit the memory cgroup at {cg}: {e}")
+    yield cg
+    for _ in range(50):
+        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    for _ in range(50):
+        try:
+            cg.rmdir()
+            break
+        except OSError:
+            time.sleep(0.2)
+
+
+def join_cgroup(cg: Path) -> Callable[[], None]:
+    """A preexec_fn that moves the child into the memory cgroup `cg` before exec: all it starts inherits it."""
+    procs_file = str(cg / "cgroup.procs")
+
+    def join() -> None:
+        with open(procs_file, "w") as f:
+            f.write(str(os.getpid()))
+
+    return join

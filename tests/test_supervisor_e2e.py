@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from nanochat import checkpoint, metrics
 from nanochat.locks import LOCKS, DirLock
-from supervisor import memory, procs
+from supervisor import procs
 from tests.runs import assert_same_final_state
 from tests.supervised import (
     NANOCHAT_RUN,
@@ -29,10 +28,12 @@ from tests.supervised import (
     assert_one_line_error,
     cli,
     describe,
+    join_cgroup,
     kill_leftovers,
     last_value,
     leftovers,
     make_env,
+    memory_cgroup_of,
     newest,
     supervisor_runs,
     torchrun_of,
@@ -78,6 +79,9 @@ def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Ru
     starts = run.events("attempt_start")
     assert [s["start_step"] for s in starts] == [None, 10]
     assert [d["action"] for d in run.events("decision")] == ["restart", "finish"]
+    # the node passed its health check before each attempt; the devices only before the first (a Python exception
+    # does not point at the machine: supervisor/health.py `suspicious`)
+    assert [(h["ok"], h["device"]) for h in run.events("health")] == [(True, True), (True, False)]
     assert "resumed from step 10" in run.attempt_log(2)
     final = newest(run.ckpt)
     assert final.step == 30 and final.final and final.meta["stop_reason"] == "completed"
@@ -195,37 +199,7 @@ CGROUP_LIMIT = 1536 << 20  # a normal tiny run with 2 workers peaks near 0.9 GB 
 
 @pytest.fixture
 def memory_cgroup(tmp_path: Path) -> Iterator[Path]:
-    """A fresh v1 memory cgroup under ours, limited to CGROUP_LIMIT; killed empty and removed afterwards."""
-    mine = memory.memory_cgroup()
-    if mine is None or mine[1] != 1:
-        pytest.skip(f"needs a cgroup v1 memory controller; this process is in {mine}")
-    cg = mine[0] / f"nanochat-e2e-{tmp_path.name}-{secrets.token_hex(4)}"  # new: another's is never touched
-    try:
-        cg.mkdir()
-    except OSError as e:
-        pytest.skip(f"cannot create a memory cgroup at {cg}: {e}")
-    try:
-        (cg / "memory.limit_in_bytes").write_text(str(CGROUP_LIMIT))
-    except OSError as e:
-        cg.rmdir()
-        pytest.skip(f"cannot limit the memory cgroup at {cg}: {e}")
-    yield cg
-    for _ in range(50):
-        pids = [int(p) for p in (cg / "cgroup.procs").read_text().split()]
-        if not pids:
-            break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    for _ in range(50):
-        try:
-            cg.rmdir()
-            break
-        except OSError:
-            time.sleep(0.2)
+    yield from memory_cgroup_of(tmp_path, CGROUP_LIMIT)
 
 
 def cgroup_oom_kills(cg: Path) -> int:
@@ -236,13 +210,7 @@ def cgroup_oom_kills(cg: Path) -> int:
 
 
 def test_host_oom_in_a_memory_cgroup(supervise, memory_cgroup: Path):
-    procs_file = str(memory_cgroup / "cgroup.procs")
-
-    def join_cgroup() -> None:  # in the child before exec: torchrun and its workers inherit the cgroup
-        with open(procs_file, "w") as f:
-            f.write(str(os.getpid()))
-
-    run = supervise(trainer=("--debug_fault=memhog@step:3",), preexec_fn=join_cgroup)
+    run = supervise(trainer=("--debug_fault=memhog@step:3",), preexec_fn=join_cgroup(memory_cgroup))
     out = run.finish(0, timeout=180)
     assert cgroup_oom_kills(memory_cgroup) >= 1
     assert run.classes() == ["host_oom", "completed"], out[-4000:]
