@@ -70,12 +70,14 @@ class Profile:
 
 
 PROFILES = {
-    # d12 at 2048 tokens x 32 rows: 65k tokens a step. The limits add up to 550 s, and a check stopped at its
+    # d12 at 2048 tokens x 32 rows: 65k tokens a step. The limits add up to 570 s, and a check stopped at its
     # limit gets 20 s more to end cleanly: the whole stays under 10 minutes
     "cuda": Profile("cuda", 12, 128, 2048, 32, 40, 10, 25, 4 * 32 * 2048, 8192, None,
-                    {"data": 40, "train": 190, "save": 50, "resume": 210, "chat": 40, "goodput": 20}),
+                    {"data": 40, "train": 170, "save": 50, "resume": 180, "chat": 40, "goodput": 20, "nan": 50,
+                     "health": 20}),
     "cpu": Profile("cpu", 2, 64, 128, 4, 20, 5, 13, 4 * 4 * 128, 512, 300,
-                   {"data": 120, "train": 180, "save": 60, "resume": 240, "chat": 60, "goodput": 30}),
+                   {"data": 120, "train": 180, "save": 60, "resume": 240, "chat": 60, "goodput": 30, "nan": 120,
+                    "health": 60}),
 }  # fmt: skip
 
 
@@ -178,17 +180,19 @@ def prepare(w: Work) -> None:
 # ---- a) training, c) SIGKILL and resume ------------------------------------------------------------------------
 
 
-def supervised(w: Work, name: str, *trainer: str) -> tuple[Path, int | None, str, float]:
-    """A supervised base-training run of the profile into work/<name>: (its checkpoint dir, exit code, output,
-    the time limit it had)."""
+def supervised(
+    w: Work, name: str, *trainer: str, steps: int = 0, limit: str = ""
+) -> tuple[Path, int | None, str, float]:
+    """A supervised base-training run of the profile into work/<name> (`steps`: other than the profile's): (its
+    checkpoint dir, exit code, output, the time limit it had)."""
     p, ckpt = w.profile, w.root / name
-    limit = p.limits["resume" if trainer else "train"]
+    limit_s = p.limits[limit or ("resume" if trainer else "train")]
     cmd = [sys.executable, "-m", "supervisor.cli", "train", "--depth", str(p.depth), "--num-iterations",
-           str(p.steps), "--save-every", str(p.save_every), "--checkpoint-dir", str(ckpt), "--nproc-per-node", "1",
-           "--backoff", "0", "--max-restarts", "2", "--progress-every", "5",
+           str(steps or p.steps), "--save-every", str(p.save_every), "--checkpoint-dir", str(ckpt),
+           "--nproc-per-node", "1", "--backoff", "0", "--max-restarts", "2", "--progress-every", "5",
            "--", *p.trainer_args(), *trainer]  # fmt: skip
-    code, output = run(cmd, w.env, limit, w.root / f"{name}.log")
-    return ckpt, code, output, limit
+    code, output = run(cmd, w.env, limit_s, w.root / f"{name}.log")
+    return ckpt, code, output, limit_s
 
 
 def training_row(w: Work) -> Row:
@@ -264,6 +268,40 @@ def resume_row(w: Work) -> Row:
         must(drift < 0.1, f"the resumed run ended far from the uninterrupted one ({numbers})")
     result = f"killed after step {p.kill_at}, resumed from {resumed}, finished {p.steps}"
     return Row("", result, numbers, True)
+
+
+def nan_row(w: Work) -> Row:
+    """A NaN the rerun reproduces, on this device: rolled back, its data skipped, the run finished (eager: the
+    compiled path is a)'s, and a second compile would not fit the time)."""
+    p = w.profile
+    at, steps = p.save_every + 2, p.save_every + 5
+    ckpt, code, output, limit = supervised(w, "nan", f"--debug_fault=nan@step:{at}", "--compile=False", steps=steps,
+                                           limit="nan")  # fmt: skip
+    finished(code, output, "the run with a NaN", limit)
+    from nanochat import checkpoint
+
+    newest = next(checkpoint.valid_newest_first(ckpt), None)
+    must(newest is not None and newest.step == steps, f"no final checkpoint at step {steps} in {ckpt}")
+    want = [{"skipped": [p.save_every + 1, at], "reason": "nan"}]
+    must(newest.meta.rollbacks == want, f"rollbacks {newest.meta.rollbacks}, expected {want}")
+    return Row("", f"NaN at step {at}: rerun, rolled back to {p.save_every}, data skipped", f"{steps} steps", True)
+
+
+def health_row(w: Work) -> Row:
+    """The supervisor's device check on this device: right, and wrong when a wrong answer is injected."""
+    from supervisor import health
+
+    t0 = time.perf_counter()
+    problems = health.device_problems(w.profile.device, 1, w.profile.limits["health"] / 2)
+    took = time.perf_counter() - t0
+    must(not problems, f"a healthy device failed: {'; '.join(x.line() for x in problems)}")
+    os.environ["NANOCHAT_DEBUG_HEALTH"] = "wrong-answer:0"  # read by its subprocess
+    try:
+        injected = health.device_problems(w.profile.device, 1, w.profile.limits["health"] / 2)
+    finally:
+        del os.environ["NANOCHAT_DEBUG_HEALTH"]
+    must(bool(injected), "an injected wrong answer passed the device check")
+    return Row("", "known product right; an injected wrong answer caught", f"{took:.1f}s", True)
 
 
 def status_json(w: Work, ckpt: Path) -> dict:
@@ -423,13 +461,15 @@ def checks(p: Profile) -> list[tuple[str, str]]:
     cuda = p.device == "cuda"
     return [("training", f"a) d{p.depth} {'compiled bf16' if cuda else 'eager fp32'} training"),
             ("save", f"b) async save ({'pinned buffers' if cuda else 'CPU'})"), ("resume", "c) SIGKILL + resume"),
-            ("chat", "d) chat engine (KV cache)"), ("goodput", "e) goodput ledger")]  # fmt: skip
+            ("chat", "d) chat engine (KV cache)"), ("goodput", "e) goodput ledger"),
+            ("nan", "f) NaN rollback"), ("health", "g) device health check")]  # fmt: skip
 
 
 def run_checks(w: Work) -> list[Row]:
     rows: list[Row] = []
     steps = {"training": training_row, "save": lambda w: worker_row(w, "save"), "resume": resume_row,
-             "chat": lambda w: worker_row(w, "chat"), "goodput": goodput_row}  # fmt: skip
+             "chat": lambda w: worker_row(w, "chat"), "goodput": goodput_row, "nan": nan_row,
+             "health": health_row}  # fmt: skip
     try:
         prepare(w)
         ready = None
