@@ -28,6 +28,7 @@ class Counters:
     history: list[dict] = field(default_factory=list)  # the settings each resume changed (`changed_on_resume`)
     extended: Extension | None = None  # a finished run given a larger budget (resume.Extension)
     rollbacks: list[dict] = field(default_factory=list)  # each rollback or skip of data (nanochat/guard.py)
+    loss_window: list[float] = field(default_factory=list)  # the recent losses the spike rule measures against
 
     def add_loss(self, loss: float) -> None:
         self.smooth_loss = 0.9 * self.smooth_loss + 0.1 * loss
@@ -77,6 +78,7 @@ def meta_record(
         changed_on_resume=c.history,
         schedule_extended=asdict(c.extended) if c.extended else None,
         rollbacks=c.rollbacks,
+        loss_window=c.loss_window,
         metrics={metric: Metric(c.val, c.val_step)},
         train_loss=c.loss(),
         smooth_loss=c.smooth_loss,

@@ -12,8 +12,9 @@ rank's loss or gradient norm is non-finite, and the mean loss. Then:
                                    is abandoned with an error naming the rank(s), host and step; the supervisor
                                    restarts from the newest checkpoint
     spike       -> the mean loss is more than --spike_z standard deviations above the mean of the last
-                   --spike_window steps (the rule waits until the window is full: never in a run's first steps,
-                   nor right after a restart): --on_spike=warn logs it and applies the step, rollback does as above
+                   --spike_window steps (the rule waits until the window is full: never in a run's first steps;
+                   the window is saved with every checkpoint, so a resumed run decides as an uninterrupted one):
+                   --on_spike=warn logs it and applies the step, rollback does as above
     ok          -> the optimizer applies the step
 
 A run that rolls back more than --max_rollbacks times stops as diverged (exit common.EXIT_DIVERGED, 65: the
@@ -28,7 +29,6 @@ import math
 import os
 import socket
 import statistics
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +71,12 @@ class Guard:
     """One process's side of the rule (module doc): `check` after the backward, before the optimizer step."""
 
     def __init__(self, dist_info: DistInfo, spike_window: int, spike_z: float) -> None:
-        self.dist = dist_info
-        self.window: deque[float] = deque(maxlen=spike_window)
-        self.spike_z = spike_z
+        self.dist, self.spike_window, self.spike_z = dist_info, spike_window, spike_z
 
-    def check(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> Verdict:
-        """Agree on this step (one all_reduce of world_size + 1 numbers): every rank gets the same verdict."""
+    def check(self, loss: torch.Tensor, params: list[torch.nn.Parameter], window: list[float]) -> Verdict:
+        """Agree on this step (one all_reduce of world_size + 1 numbers): every rank gets the same verdict. `window`:
+        the recent mean losses (Counters.loss_window, saved with every checkpoint: a resume decides as before);
+        a sound step's loss joins it."""
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
         bad = not (torch.isfinite(loss) and torch.isfinite(norm)).item()
@@ -90,10 +90,11 @@ class Guard:
         if ranks:
             return Verdict("nan", float("nan"), ranks=ranks)
         mean = values[world].item() / world
-        z = is_spike(mean, list(self.window), self.spike_z) if len(self.window) == self.window.maxlen else None
+        recent = window[-self.spike_window :]
+        z = is_spike(mean, recent, self.spike_z) if len(recent) == self.spike_window else None
         if z is not None:
             return Verdict("spike", mean, z)
-        self.window.append(mean)
+        window[:] = [*window, mean][-self.spike_window :]
         return Verdict("ok", mean)
 
     def suspect(self, step: int, ranks: tuple[int, ...]) -> SilentDataCorruption:

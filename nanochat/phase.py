@@ -367,7 +367,7 @@ class Phase:
                 loss = self.fault.at_loss(loss, c.step + 1, self.dist.rank, rerun)
             (loss / r.plan.grad_accum).backward()
             total = total + loss.detach()
-        return loss.item(), self.guard.check(total / r.plan.grad_accum, self.params)
+        return loss.item(), self.guard.check(total / r.plan.grad_accum, self.params, c.loss_window)
 
     def bad_numbers(self, r: Recipe, c: Counters, verdict: Verdict) -> Counters | None:
         """Step `c.step` had a non-finite value or a spike (the update was not applied, except a spike under

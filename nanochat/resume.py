@@ -150,7 +150,8 @@ def restore(
     load_weights(point, model, optimizers, dist_info.device)
     step, val = saved.step, saved.metric(metric)
     counters = Counters(step, saved.smooth_loss, saved.train_time, val.value, val.step,
-                        before - step * plan.tokens_per_step, history, extended, list(saved.rollbacks))  # fmt: skip
+                        before - step * plan.tokens_per_step, history, extended, list(saved.rollbacks),
+                        list(saved.loss_window))  # fmt: skip
     load_position(saved.ranks, loader, dist_info, step, ckpt_dir)
     if step >= plan.num_iterations and not ckpt.final:  # the budget was lowered below where the run is
         raise CheckpointError(

@@ -62,6 +62,7 @@ class Meta(Mapping):
     changed_on_resume: list[dict] = field(default_factory=list)
     schedule_extended: dict | None = None  # resume.Extension as a dict
     rollbacks: list[dict] = field(default_factory=list)  # bad numbers rolled back, data skipped (nanochat/guard.py)
+    loss_window: list[float] = field(default_factory=list)  # the spike rule's recent losses (guard.py)
     metrics: dict[str, Metric] = field(default_factory=dict)  # {"val_bpb": Metric(...)}
     train_loss: float | None = None
     smooth_loss: float | None = None
@@ -157,7 +158,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "version": int, "tokenizer": str, "source": dict, "tasks": str, "run_id": str, "phase": str,
     "num_iterations": int, "final": bool, "stop_reason": str, "model_config": dict, "train_config": dict,
     "world_size": int, "total_batch_size": int, "tokens_seen": int, "changed_on_resume": list,
-    "schedule_extended": dict, "rollbacks": list, "train_loss": _NUMBER, "smooth_loss": _NUMBER, "train_time": _NUMBER,
+    "schedule_extended": dict, "rollbacks": list, "loss_window": list, "train_loss": _NUMBER,
+    "smooth_loss": _NUMBER, "train_time": _NUMBER,
     "started_at": _NUMBER, "torch_version": str, "warnings": list, "ranks": list, "snapshot": bool,
     "checkpoint_dir": str, "weights_only": bool, "averaged_from": list, "saved_at": _NUMBER,
 }  # fmt: skip
