@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanochat import checkpoint, metrics
-from nanochat.guard import is_spike
+from nanochat.common import DistInfo
+from nanochat.guard import Guard, is_spike
 from tests.runs import assert_finished, assert_same_final_state, one_line_error, train
 from tests.supervised import Run, supervisor_runs
 
@@ -21,6 +23,21 @@ def test_a_spike_is_far_above_a_full_window():
     assert is_spike(9.0, window, 6.0) > 6.0
     assert is_spike(1.0, window, 6.0) is None  # far below is not a spike
     assert is_spike(9.0, [3.0] * 6, 6.0) is None  # no spread: nothing to measure against
+
+
+def test_the_guard_agrees_on_nan_and_spikes_and_keeps_its_window_in_the_counters():
+    guard = Guard(DistInfo(0, 0, 1, torch.device("cpu")), spike_window=3, spike_z=6.0)
+    w = torch.nn.Parameter(torch.ones(2))
+    w.grad = torch.ones(2)
+    window: list[float] = []
+    for loss in (3.0, 3.1, 2.9, 3.0):  # the window fills, then keeps the newest 3
+        assert guard.check(torch.tensor(loss), [w], window).kind == "ok"
+    assert window == pytest.approx([3.1, 2.9, 3.0])
+    spike = guard.check(torch.tensor(30.0), [w], window)
+    assert spike.kind == "spike" and spike.z > 6 and window == pytest.approx([3.1, 2.9, 3.0])  # not in the window
+    assert guard.check(torch.tensor(float("nan")), [w], window).ranks == (0,)
+    w.grad = torch.tensor([1.0, float("inf")])  # a finite loss with a non-finite gradient is bad too
+    assert guard.check(torch.tensor(3.0), [w], window).kind == "nan"
 
 
 def test_bad_guard_settings_are_one_line(menv: dict, tmp_path: Path):
