@@ -254,7 +254,9 @@ def main() -> None:
         base = Path(tmp)
         prepare(base)
         for name in arms:
+            t0 = time.time()
             done.append(run_arm(name, args, base, faults))
+            print(f"bench_goodput: arm {name} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
             final = checkpoint.find_latest_valid(done[-1].ckpt, lambda _: None)
             done[-1].last_hb["final_step"] = final.step if final else None
     show(done, args, faults)
