@@ -266,6 +266,15 @@ def show(arms: list[Arm], args: argparse.Namespace, faults: list[Fault]) -> None
     print(f"bench_goodput: depth {args.depth}, {args.nproc} workers (gloo, CPU), {args.steps} steps, checkpoint"
           f" every {args.save_every} steps (snapshots arm: + in memory every {args.snapshot_every}), trainer"
           f" --dist_timeout={args.dist_timeout} in every arm (an unsupervised hang ends when it fires)")  # fmt: skip
+    what = {"snapshots": f"nanochat-run train (defaults: --backoff 5s, --hang-timeout auto), snapshots in memory"
+                         f" every {args.snapshot_every} steps",
+            "disk": "nanochat-run train as above, disk checkpoints only",
+            "torchrun": f"torchrun --max-restarts={args.max_restarts} over scripts.base_train --resume=True; the bench"
+                        " reruns it after the Ctrl+C",
+            "loop": "bash loop rerunning torchrun --max-restarts=0 after any failure, no supervisor"}  # fmt: skip
+    for a in arms:
+        print(f"  {a.name:<10} {what[a.name]}")
+    print("  every arm resumes exactly (weights, optimizer, data position, RNG): the trainer has no other resume")
     print("faults (after s of training, same for every arm): " + ", ".join(
         f"{f.after:g}s {f.kind}" + (f" rank {f.rank}" if f.kind != "ctrl-c" else "") for f in faults))  # fmt: skip
     leds = {a.name: ledger(a) for a in arms}
