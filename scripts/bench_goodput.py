@@ -98,6 +98,8 @@ class Arm:
     pending: list[Fault] = field(default_factory=list)
     fired: list[str] = field(default_factory=list)
     last_hb: dict = field(default_factory=dict)
+    led: goodput.Ledger | None = None  # filled in once the arm is done, while its run dir exists
+    attempts: int = 0
 
     @property
     def heartbeat(self) -> Path:
@@ -233,7 +235,7 @@ def ledger(arm: Arm) -> goodput.Ledger:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a shorter run and fewer kills (~1-2 minutes an arm)")
+    ap.add_argument("--quick", action="store_true", help="500 steps and 2 kills (default: 1200 steps, 4 kills)")
     ap.add_argument("--seed", type=int, default=0, help="draws the fault schedule (gaps, ranks)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"a comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--nproc", type=int, default=2)
@@ -259,6 +261,7 @@ def main() -> None:
             print(f"bench_goodput: arm {name} done in {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
             final = checkpoint.find_latest_valid(done[-1].ckpt, lambda _: None)
             done[-1].last_hb["final_step"] = final.step if final else None
+            done[-1].led, done[-1].attempts = ledger(done[-1]), _attempts(done[-1])
     show(done, args, faults)
 
 
@@ -277,7 +280,7 @@ def show(arms: list[Arm], args: argparse.Namespace, faults: list[Fault]) -> None
     print("  every arm resumes exactly (weights, optimizer, data position, RNG): the trainer has no other resume")
     print("faults (after s of training, same for every arm): " + ", ".join(
         f"{f.after:g}s {f.kind}" + (f" rank {f.rank}" if f.kind != "ctrl-c" else "") for f in faults))  # fmt: skip
-    leds = {a.name: ledger(a) for a in arms}
+    leds = {a.name: a.led or goodput.Ledger() for a in arms}
     best = max((led.ratio or 0.0) for led in leds.values()) or 1.0
     w = 17
     print(f"{'':<22}" + "".join(f"{a.name:>{w}}" for a in arms))
@@ -291,7 +294,7 @@ def show(arms: list[Arm], args: argparse.Namespace, faults: list[Fault]) -> None
                                                   for a in arms))  # fmt: skip
     loss = [a.last_hb.get("loss") for a in arms]
     print(f"{'final loss':<22}" + "".join(f"{x:>{w}.4f}" if isinstance(x, float) else f"{'-':>{w}}" for x in loss))
-    print(f"{'attempts':<22}" + "".join(f"{_attempts(a):>{w}}" for a in arms))
+    print(f"{'attempts':<22}" + "".join(f"{a.attempts:>{w}}" for a in arms))
     for a in arms:
         print(f"{a.name}: " + "; ".join(a.fired) + (f" ({len(a.pending)} faults not fired: it finished first)"
                                                      if a.pending else ""))  # fmt: skip
@@ -301,10 +304,10 @@ def _pct(led: goodput.Ledger, k: str) -> str:
     return f"{100 * led.parts[k] / led.wall:.0f}%" if led.wall > 0 else "-"
 
 
-def _attempts(arm: Arm) -> str:
+def _attempts(arm: Arm) -> int:
     if arm.name in SUPERVISED:
-        return str(sum(len(r["attempts"]) for r in report.invocations(read_events(RunDir(arm.run_dir)), None)))
-    return str(sum(len(inv.attempts) for inv in arm.invocations))
+        return sum(len(r["attempts"]) for r in report.invocations(read_events(RunDir(arm.run_dir)), None))
+    return sum(len(inv.attempts) for inv in arm.invocations)
 
 
 if __name__ == "__main__":
