@@ -235,7 +235,7 @@ def ledger(arm: Arm) -> goodput.Ledger:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="500 steps and 2 kills (default: 1200 steps, 4 kills)")
+    ap.add_argument("--quick", action="store_true", help="800 steps, 2 kills ~5 s of training apart (default: 2000 steps, 4 kills ~10 s apart)")
     ap.add_argument("--seed", type=int, default=0, help="draws the fault schedule (gaps, ranks)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"a comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--nproc", type=int, default=2)
@@ -249,7 +249,7 @@ def main() -> None:
     if bad or not arms:
         raise SystemExit(f"bench_goodput: unknown arm {','.join(bad) or '(none)'}; pass --arms with some of"
                          f" {','.join(ARMS)}")  # fmt: skip
-    args.steps, args.save_every, every, kills = (500, 50, 8.0, 2) if args.quick else (1200, 50, 12.0, 4)
+    args.steps, args.save_every, every, kills = (800, 50, 5.0, 2) if args.quick else (2000, 50, 10.0, 4)
     faults = schedule(args.seed, every, kills, args.nproc)
     done: list[Arm] = []
     with tempfile.TemporaryDirectory() as tmp:
