@@ -235,7 +235,7 @@ def ledger(arm: Arm) -> goodput.Ledger:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="800 steps, 2 kills ~5 s of training apart (default: 2000 steps, 4 kills ~10 s apart)")
+    ap.add_argument("--quick", action="store_true", help="800 steps, 2 kills ~5 s apart (default: 2000, 4 ~10 s apart)")
     ap.add_argument("--seed", type=int, default=0, help="draws the fault schedule (gaps, ranks)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"a comma-separated subset of {','.join(ARMS)}")
     ap.add_argument("--nproc", type=int, default=2)
