@@ -4,7 +4,7 @@
 
 Every arm trains the same tiny model (2 gloo workers, depth 1, the same trainer settings and step budget) and
 gets the same faults, injected from outside by this bench with real signals on the arm's worker processes (found
-with psutil, by rank): a worker SIGKILLed every ~--every seconds of training (the gaps and ranks drawn from
+with psutil, by rank): a worker SIGKILLed every ~5 s (--quick) or ~10 s of training (the gaps and ranks drawn from
 --seed), one hang (SIGSTOP of one worker) and one Ctrl+C (SIGINT to the arm's process group, as a terminal sends
 it), after which the bench reruns the same command. A fault's clock is training time: it starts when the arm is
 back to training steps after the previous fault, so every arm trains as long between two faults.
