@@ -61,7 +61,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install  # ~30 minutes on 2 cores; each script prints ratios measured side by side
+bench: install  # ~50 minutes on 2 cores; each script prints ratios measured side by side
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m scripts.bench_train
 	$(BIN)/python -m scripts.bench_checkpoint
@@ -71,6 +71,8 @@ bench: install  # ~30 minutes on 2 cores; each script prints ratios measured sid
 	$(BIN)/python -m scripts.bench_rl
 	$(BIN)/python -m scripts.bench_storage
 	$(BIN)/python -m scripts.bench_health
+	$(BIN)/python -m scripts.bench_goodput --quick
+	$(BIN)/python -m scripts.bench_mask
 
 # What only a GPU can show, in one table (scripts/gpu_check.py; under 10 minutes on one GPU). It runs on the first
 # Python whose torch sees a CUDA GPU: .venv's (after `make install-cuda`), else $(PYTHON) (a GPU image with torch
