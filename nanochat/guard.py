@@ -78,18 +78,20 @@ class Guard:
         the recent mean losses (Counters.loss_window, saved with every checkpoint: a resume decides as before);
         a sound step's loss joins it."""
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss.new_zeros(())
-        bad = not (torch.isfinite(loss) and torch.isfinite(norm)).item()
+        norms = [n.float() for n in torch._foreach_norm(grads)]  # (any mix of dtypes)
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
         world = self.dist.world_size
-        values = torch.zeros(world + 1, dtype=torch.float64, device=self.dist.device)
-        values[self.dist.rank] = float(bad)
-        values[world] = 0.0 if bad else loss.detach().double()
+        values = torch.zeros(world + 1, dtype=torch.float64, device=self.dist.device)  # on the device: no sync
+        values[self.dist.rank] = bad.double()
+        values[world] = torch.where(bad, 0.0, loss.detach().double())
         if self.dist.is_distributed:
             dist.all_reduce(values)
-        ranks = tuple(r for r in range(world) if values[r].item() > 0)
+        got = values.tolist()  # the step's one wait for the device
+        ranks = tuple(r for r in range(world) if got[r] > 0)
         if ranks:
             return Verdict("nan", float("nan"), ranks=ranks)
-        mean = values[world].item() / world
+        mean = got[world] / world
         recent = window[-self.spike_window :]
         z = is_spike(mean, recent, self.spike_z) if len(recent) == self.spike_window else None
         if z is not None:
