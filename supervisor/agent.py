@@ -243,7 +243,8 @@ class Agent:
         started = time.monotonic()
         problems = health.check_node(self.opts.checkpoint_dir, [self.run_dir.path], self.opts.device_type,
                                      self.opts.nproc_per_node, self.peak_rss, self.suspect, self.since)  # fmt: skip
-        self.events.append("health", before_attempt=n, ok=not problems, device=self.suspect,
+        device = self.suspect and health.device_checked(self.opts.device_type)
+        self.events.append("health", before_attempt=n, ok=not problems, device=device,
                            seconds=round(time.monotonic() - started, 2),
                            problems=[dataclasses.asdict(p) for p in problems])  # fmt: skip
         if not problems:

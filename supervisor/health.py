@@ -6,12 +6,12 @@
     memory    the memory this node's processes may still take (the host's available memory, or the memory
               cgroup's limit minus its usage where that is smaller: supervisor/memory.py) covers what the run
               needs: the previous attempt's peak RSS, or MIN_FREE_MEMORY before any attempt has run
-    device    each local GPU (or, on the CPU, the CPU) initialises and multiplies a fixed integer matrix by its
-              transpose; the answer must equal the exact one to the last bit (small integers are exact in fp32
-              and in TF32). A GPU of which another process holds more than half the memory fails too (a worker
-              of an earlier attempt that never went away). It runs in a subprocess (`python -m supervisor.health`)
-              with a time limit, so a wedged driver cannot hang the supervisor, and the supervisor never
-              imports torch for it.
+    device    each local GPU (on a CPU run: only in a drill, below) initialises and multiplies a fixed integer
+              matrix by its transpose; the answer must equal the exact one to the last bit (small integers are
+              exact in fp32 and in TF32). A GPU of which another process holds more than half the memory fails
+              too (a worker of an earlier attempt that never went away). It runs in a subprocess (`python -m
+              supervisor.health`) with a time limit, so a wedged driver cannot hang the supervisor, which never
+              imports torch itself.
 
 The cheap checks (disk, memory; milliseconds) run before every attempt. The device check (a torch import: seconds,
 see scripts/bench_health.py) runs before the first attempt of each invocation and before a restart after a
@@ -20,14 +20,17 @@ kernel log), and only when the cheap checks pass (torch's import alone needs a f
 of memory may not have). A node that fails gets the AttemptClass `unhealthy`, and `policy.decide` gives up at
 once: a restart on a sick machine only loops.
 
-For tests and drills, NANOCHAT_DEBUG_HEALTH=wrong-answer:I makes the device check's subprocess perturb the answer
-of device I after the device computed it, so the same comparison sees a wrong answer (I is 0 on the CPU).
+A trainer on the CPU gets disk and memory checked, not the device: the CPU runs this supervisor too, and the
+check's torch import would cost every invocation seconds for nothing (`device_checked`). For tests and drills,
+NANOCHAT_DEBUG_HEALTH=wrong-answer:I runs the device check even there, the CPU standing in for device 0, and makes
+the subprocess perturb the answer of device I after the device computed it, so the same comparison sees it wrong.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -68,12 +71,21 @@ def check_node(checkpoint_dir: Path, other_dirs: list[Path], device_type: str, d
     whether to run the device check too (see `suspicious`). A failed device check also quotes the newest Xid line
     the GPU driver logged since `since` (wall time), if any."""
     problems = disk_problems(checkpoint_dir, other_dirs) + memory_problems(peak_rss)
-    if problems or not device:
+    if problems or not device or not device_checked(device_type):
         return problems
     problems = device_problems(device_type, devices)
     if problems and since is not None and (xids := memory.kernel_xids(since)):
         problems = [replace(p, detail=f"{p.detail} (kernel log: {xids[-1]})") for p in problems]
     return problems
+
+
+def device_checked(device_type: str) -> bool:
+    """Whether a trainer of `device_type` (auto, cuda, cpu) gets the device check: one on GPUs (auto: where an
+    NVIDIA driver is installed), or any in a drill (module doc)."""
+    gpus = (
+        device_type == "cuda" or device_type == "auto" and (shutil.which("nvidia-smi") or Path("/dev/nvidia0").exists())
+    )
+    return bool(gpus or os.environ.get(DEBUG_ENV))
 
 
 def suspicious(outcome: Outcome, since: float) -> bool:
@@ -162,7 +174,6 @@ def _mib(n: int) -> str:
 def _probe(device_type: str, devices: int) -> int:
     """The subprocess: one JSON line per device with its answer's largest error (or the error it raised)."""
     import platform
-    import shutil
 
     import torch
 

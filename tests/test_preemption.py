@@ -210,10 +210,10 @@ def supervise(tmp_path: Path, env: dict[str, str]) -> Iterator[Callable[..., Run
 @pytest.mark.slow
 def test_an_aws_notice_mid_run_saves_uploads_and_exits_for_requeue(supervise, server: Metadata, tmp_path: Path):
     url = f"file://{tmp_path / 'remote'}"
-    # 16 micro-batches a step: a step (~1 s) outlasts the stop's delivery (a watch tick, the ranks' agreement), so
-    # "the step of the notice" is one step, not a blur of tiny ones
+    # 64 micro-batches a step: a step (~1 s, more on a loaded machine) outlasts the stop's delivery (a watch tick,
+    # the ranks' agreement), so "the step of the notice" is one step, not a blur of tiny ones
     run = supervise("--preemption", "aws", "--preemption-endpoint", server.url, "--remote-dir", url, iters=100000,
-                    save_every=100000, trainer=("--total_batch_size=4096",))  # fmt: skip
+                    save_every=100000, trainer=("--total_batch_size=16384",))  # fmt: skip
     run.wait_for_step(3)
     server.notice = {"action": "terminate", "time": _iso(time.time() + 120)}
     out = run.finish(75, timeout=120)

@@ -79,9 +79,9 @@ def test_crash_is_classified_restarted_and_resumed_to_completion(crashed_run: Ru
     starts = run.events("attempt_start")
     assert [s["start_step"] for s in starts] == [None, 10]
     assert [d["action"] for d in run.events("decision")] == ["restart", "finish"]
-    # the node passed its health check before each attempt; the devices only before the first (a Python exception
-    # does not point at the machine: supervisor/health.py `suspicious`)
-    assert [(h["ok"], h["device"]) for h in run.events("health")] == [(True, True), (True, False)]
+    # the node passed its health check before each attempt (on the CPU: disk and memory; the device check is the
+    # GPUs', test_health.py drills it on the CPU)
+    assert [(h["ok"], h["device"]) for h in run.events("health")] == [(True, False), (True, False)]
     assert "resumed from step 10" in run.attempt_log(2)
     final = newest(run.ckpt)
     assert final.step == 30 and final.final and final.meta["stop_reason"] == "completed"
