@@ -47,7 +47,8 @@ slurm:  # a one-machine SLURM (controller, node daemon, client tools) and munge,
 	  test -z "$$missing" || { apt-get update -q && apt-get install -y -q --no-install-recommends slurm-wlm munge; }
 
 # Two workers (pytest-xdist): most tests wait on real processes, signals and timeouts, so two at a time fit a
-# 2-core machine (~15 minutes: 867 tests in 911 s on 2 quiet cores). Each worker builds the shared runs once (tests/runs.py built_once).
+# 2-core machine (~15 minutes: 867 tests in 911 s on 2 quiet cores). Each worker builds the shared runs once
+# (tests/runs.py built_once).
 test: install
 	$(BIN)/python -m pytest -q -n 2
 
