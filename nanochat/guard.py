@@ -18,9 +18,9 @@ rank's loss or gradient norm is non-finite, and the mean loss. Then:
     ok          -> the optimizer applies the step
 
 A run that rolls back more than --max_rollbacks times stops as diverged (exit common.EXIT_DIVERGED, 65: the
-supervisor does not restart it). Every rollback is recorded in the checkpoint's meta ("rollbacks") and in
-metrics.jsonl; a run given the same skips up front (--skip_data=FROM:TO,...) trains on exactly the same data and
-ends bit-identical.
+supervisor does not restart it). Every rollback, and every warning under "warn", is recorded in the checkpoint's
+meta ("rollbacks") and in metrics.jsonl; a run given the same skips up front (--skip_data=FROM:TO,...) trains on
+exactly the same data and ends bit-identical.
 """
 
 from __future__ import annotations

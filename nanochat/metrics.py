@@ -1,7 +1,7 @@
 """What a run records about itself as it trains: `metrics.jsonl` beside its checkpoints (one JSON line per step,
 kept across restarts), and wandb when `--run` names one.
 
-metrics.jsonl holds four kinds of lines, each with "kind", "step" and "time":
+metrics.jsonl holds five kinds of lines, each with "kind", "step" and "time":
     start  an attempt began at "step" (0: from scratch; else the checkpoint it resumed from), with "attempt" (the
            supervisor's attempt number, None when unsupervised) and "reached": the highest step the previous
            attempts had logged (the steps past "step" were lost with them; None when nothing was lost)
@@ -10,6 +10,7 @@ metrics.jsonl holds four kinds of lines, each with "kind", "step" and "time":
     eval   an evaluation at "step": the metric by name ("val_bpb", "val_pass@k")
     rollback  the run went back to the checkpoint at "step" after bad numbers at step "at" (nanochat/guard.py):
            "reason" (nan, spike), "skipped" ([first, last] step whose data was skipped), "reached" as for start
+    anomaly  bad numbers at "step" that the run went on past (--on_nan/--on_spike=warn): "reason", "action"
 
 A started attempt first drops every line past the step it resumes from (rewriting the file to a temp file and
 renaming it, so a crash meanwhile leaves the old file or the new one), then appends its start line: the file always
@@ -106,6 +107,10 @@ class MetricsLog:
         if len(kept) != len(text.splitlines()) or text and not text.endswith("\n"):
             safefile.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return reached
+
+    def anomaly(self, step: int, **fields) -> None:
+        """Bad numbers at `step` that the run went on past (--on_nan/--on_spike=warn: nanochat/guard.py)."""
+        self._append({"kind": "anomaly", "step": step, "attempt": self.attempt, **fields})
 
     def rollback(self, step: int, **fields) -> None:
         """The run went back to `step` (nanochat/guard.py): the lines past it go, a "rollback" line says why."""

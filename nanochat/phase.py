@@ -378,12 +378,15 @@ class Phase:
         if not nan:
             what = f"a loss spike: {verdict.loss:.4f}, {verdict.z:.1f} sd above the last {cfg.spike_window} steps"
         if (cfg.on_nan if nan else cfg.on_spike) == "warn":
-            warn0(f"step {step}: {what}; {'its update was skipped' if nan else 'applied'} (--on_{verdict.kind}=warn)")
+            action = "update skipped" if nan else "applied"
+            warn0(f"step {step}: {what}; {action} (--on_{verdict.kind}=warn)")
+            c.rollbacks = [*c.rollbacks, {"at": step, "reason": verdict.kind, "action": action}]
+            self.telemetry.log.anomaly(step, reason=verdict.kind, action=action)
             if self.fault:
                 self.fault.settled()
             return None
         self.saver.finish()  # nothing in flight: the checkpoint to go back to is committed
-        if (done := sum(x["reason"] in ("nan", "spike") for x in c.rollbacks)) >= cfg.max_rollbacks:
+        if (done := sum("skipped" in x and x["reason"] in ("nan", "spike") for x in c.rollbacks)) >= cfg.max_rollbacks:
             raise Diverged(
                 f"step {step}: {what}, after {done} rollbacks (--max_rollbacks={cfg.max_rollbacks}): the run"
                 " diverges; lower the learning rates or check the data"

@@ -71,6 +71,7 @@ class RunSeries:
     restarts: list[Restart]
     goodput: Ledger | None = None  # where the supervised time went (supervisor/goodput.py); None: unsupervised
     rollbacks: list[Restart] = field(default_factory=list)  # bad numbers rolled back in-process (cause: nan, spike)
+    anomalies: list[tuple[int, str]] = field(default_factory=list)  # bad numbers warned of: (step, "spike, applied")
 
     @property
     def steps_lost(self) -> int:
@@ -119,7 +120,8 @@ def series(checkpoint_dir: Path, run_dir: Path | None = None) -> RunSeries:
             Restart(r["step"], r.get("reason", "?"), r["step"] + 1, r.get("at", r["step"]))
             for r in records
             if r.get("kind") == "rollback"
-        ],  # fmt: skip
+        ],
+        anomalies=[(r["step"], f"{r.get('reason')}, {r.get('action')}") for r in records if r.get("kind") == "anomaly"],
     )
 
 
@@ -272,9 +274,16 @@ def draw(run: RunSeries, out: Path, compare: Sequence[RunSeries] = ()) -> Path:
         front.annotate(f"{r.cause} at {r.lost_to}: rolled back to {r.step}", xy=(r.step, 0), rotation=90,
                        xycoords=("data", "axes fraction"), xytext=(-4, 6), textcoords="offset points", ha="right",
                        va="bottom", fontsize=9, color="tab:purple")  # fmt: skip
+    for step, what in run.anomalies:  # warned of (--on_nan/--on_spike=warn): the run went on
+        for ax in (top, bottom):
+            ax.axvline(step, color="tab:orange", ls="-.", lw=1.2)
+        front.annotate(what, xy=(step, 0), xycoords=("data", "axes fraction"), xytext=(-4, 6), rotation=90,
+                       textcoords="offset points", ha="right", va="bottom", fontsize=9, color="tab:orange")  # fmt: skip
     handles = list(lines)
     if run.restarts:
         handles.append(Line2D([], [], color="black", ls="--", label="restart (labelled: why the attempt before ended)"))
+    if run.anomalies:
+        handles.append(Line2D([], [], color="tab:orange", ls="-.", label="bad numbers warned of (the run went on)"))
     if run.rollbacks:
         handles.append(Line2D([], [], color="tab:purple", ls=":", label="rollback of bad numbers (data skipped)"))
     if any(r.lost for r in run.restarts):

@@ -212,6 +212,10 @@ def render(info: dict) -> Group:
         last = f"; attempts {n['attempts']}, the last {n['last']}" if n["attempts"] else ""
         say(f"node {n['node']}: {beat}{last}")
     for r in info.get("rollbacks", []):
+        if "skipped" not in r:  # --on_nan/--on_spike=warn: the run went on
+            kind = r.get("reason")
+            say(f"bad numbers at step {r.get('at')}: a {kind}, {r.get('action')} (--on_{kind}=warn)")
+            continue
         first, last = r["skipped"]
         how = "given with --skip_data" if r["reason"].startswith("asked") else f"a {r['reason']} at step {last}"
         say(f"skipped data: steps {first}-{last} ({how}; trained on from step {first - 1})")

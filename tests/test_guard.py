@@ -13,8 +13,9 @@ import torch
 from nanochat import checkpoint, metrics
 from nanochat.common import DistInfo
 from nanochat.guard import Guard, is_spike
+from supervisor import plot
 from tests.runs import assert_finished, assert_same_final_state, one_line_error, train
-from tests.supervised import Run, supervisor_runs
+from tests.supervised import Run, cli, supervisor_runs
 
 
 def test_a_spike_is_far_above_a_full_window():
@@ -67,6 +68,20 @@ def test_a_spike_rolls_back_under_on_spike_rollback(menv: dict, tmp_path: Path):
     assert_finished(proc, d)
     assert "a loss spike" in proc.stderr and "rolled back to step 8" in proc.stderr
     assert checkpoint.find_latest_valid(d, pytest.fail).meta.rollbacks == [{"skipped": [9, 10], "reason": "spike"}]
+
+
+@pytest.mark.slow
+def test_a_nan_under_on_nan_warn_skips_its_update_and_is_recorded_everywhere(menv: dict, tmp_path: Path):
+    d = tmp_path / "ckpt"
+    proc = train(menv, d, "--debug_fault=nan@step:6", "--on_nan=warn")
+    assert_finished(proc, d)
+    assert "step 6: a non-finite loss or gradient, again on the rerun; update skipped (--on_nan=warn)" in proc.stderr
+    want = [{"at": 6, "reason": "nan", "action": "update skipped"}]
+    assert checkpoint.find_latest_valid(d, pytest.fail).meta.rollbacks == want  # the meta
+    assert [(r["step"], r["action"]) for r in metrics.read(d) if r["kind"] == "anomaly"] == [(6, "update skipped")]
+    status = cli(menv, "status", "--checkpoint-dir", str(d))
+    assert "bad numbers at step 6: a nan, update skipped (--on_nan=warn)" in status.stdout, status.stdout
+    assert plot.series(d).anomalies == [(6, "nan, update skipped")]  # what the picture draws
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ class Meta(Mapping):
     tokens_seen: int | None = None
     changed_on_resume: list[dict] = field(default_factory=list)
     schedule_extended: dict | None = None  # resume.Extension as a dict
-    rollbacks: list[dict] = field(default_factory=list)  # bad numbers rolled back, data skipped (nanochat/guard.py)
+    rollbacks: list[dict] = field(default_factory=list)  # bad numbers: rolled back (data skipped) or warned of
     loss_window: list[float] = field(default_factory=list)  # the spike rule's recent losses (guard.py)
     metrics: dict[str, Metric] = field(default_factory=dict)  # {"val_bpb": Metric(...)}
     train_loss: float | None = None
