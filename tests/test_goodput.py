@@ -97,12 +97,12 @@ def test_ledger_of_a_crash_a_hang_and_a_ctrl_c_rerun(supervise, env):
     first.wait_for_step(32)
     first.proc.send_signal(signal.SIGINT)
     first.finish(130)
-    first_wall = time.time() - first.started
+    first_end = time.time()
+    first_wall = first_end - first.started
     time.sleep(2.0)
-    gap_from = time.time()
     second = supervise(*args, **kw)
     second.finish(0)
-    gap, second_wall = second.started - gap_from, time.time() - second.started
+    gap, second_wall = second.started - first_end, time.time() - second.started
 
     ends = {e["attempt"]: e for e in second.events("attempt_end")}
     assert [ends[n]["class"] for n in sorted(ends)] == ["signal", "hang", "stopped", "completed"]
@@ -112,9 +112,10 @@ def test_ledger_of_a_crash_a_hang_and_a_ctrl_c_rerun(supervise, env):
     # the sum: every second of the supervised time is in one part, and what nothing explains is small
     assert sum(parts.values()) == pytest.approx(led["wall_s"], abs=0.01)
     assert abs(parts["unexplained"]) < 2.0, parts
-    # the wall: what this test timed, less each supervisor's own Python start-up before its run_start event
-    assert first_wall + second_wall - 8.0 < led["wall_s"] <= first_wall + second_wall
-    assert gap - 0.5 < led["between_invocations_s"] < gap + 4.0  # the second supervisor's start is in the gap
+    # the wall: what this test timed, from each supervisor's process start (psutil's create_time, which rests on
+    # the boot time in whole seconds: up to a second early) to its run_end (its exit and the test's checks after)
+    assert first_wall + second_wall - 8.0 < led["wall_s"] < first_wall + second_wall + 2.0
+    assert gap - 2.0 < led["between_invocations_s"] < gap + 2.0  # from the first's run_end to the second's start
     # the parts
     assert ends[1]["ledger"]["detection"] < HANG_TIMEOUT  # a SIGKILL: seen at once, torchrun stops the other rank
     hang = ends[2]["ledger"]["detection"]
