@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
+
 from nanochat import spare as worker
 from nanochat.config import ConfigError, HelpRequested
 from nanochat.registry import by_script
@@ -27,6 +29,7 @@ from supervisor import procs
 from supervisor.launch import TrainOptions, gpu_count, parse_settings
 from supervisor.workers import Workers
 
+RANK_LOGS = ("/stdout.log", "/stderr.log")  # torchrun's --redirects files of each rank
 SPAWN_WAIT = 30.0  # seconds a restart waits for a just-started spare's workers to appear (then: a cold start)
 
 
@@ -89,15 +92,26 @@ class Spare:
         return taken
 
     def _spawned(self, timeout: float = SPAWN_WAIT) -> bool:
-        """Whether torchrun has started every worker (and so made their log files, which move with the attempt's
-        logs), waiting for it if it is about to: a spare taken within a second of its start."""
+        """Whether torchrun has started every worker and reads their log files, waiting for it if it is about to
+        (a spare taken within a second of its start). Its --tee threads open the ranks' files by name, once they
+        exist: moved before that, the ranks' lines would never reach the attempt's torchrun.log."""
         workers, deadline = Workers(self.attempt_id, self.opts.nproc_per_node), time.monotonic() + timeout
         while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
             workers.refresh(self.proc.pid)
-            if len(workers.all) >= workers.expected:
+            if len(workers.all) >= workers.expected and self._teeing():
                 return True
             time.sleep(0.02)
         return False
+
+    def _teeing(self) -> bool:
+        """Whether torchrun holds every rank's stdout.log and stderr.log open for reading (its tee)."""
+        log = str((self.root / "log").resolve())
+        try:
+            files = psutil.Process(self.proc.pid).open_files()
+        except psutil.Error:
+            return False
+        tees = {f.path for f in files if f.mode == "r" and f.path.startswith(log) and f.path.endswith(RANK_LOGS)}
+        return len(tees) >= 2 * self.opts.nproc_per_node
 
     def close(self) -> None:
         """Kill the spare, if one is waiting, and remove its folder (the run is over, or the spare does not fit)."""
