@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -48,6 +49,20 @@ def start_time(pid: int) -> str | None:
     except OSError:
         return None
     return stat[stat.rindex(")") + 2 :].split()[19]  # field 22, counted after the command name
+
+
+def started_at(pid: int | None = None) -> float:
+    """The wall time a process started (default: this one), to a clock tick: its start in ticks since boot against
+    the boot clock now. psutil's create_time adds the boot time Linux gives in whole seconds, so it reads up to a
+    second early: too coarse for a ledger of seconds. Where there is no /proc, psutil's it is (psutil.Error if the
+    process is gone)."""
+    start = start_time(os.getpid() if pid is None else pid)
+    if start is None:
+        import psutil  # not at the top: this module is imported before anything slow
+
+        return psutil.Process(pid).create_time()
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(start) / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
 
 
 def writer_alive(pid: int, start: str | None) -> bool:

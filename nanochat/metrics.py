@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from nanochat import safefile
+from nanochat import safefile, spare
 
 FILE = "metrics.jsonl"
 
@@ -53,8 +53,10 @@ def parse(text: str) -> list[dict]:
 
 
 def attempt_number() -> int | None:
-    """The supervisor's attempt number (NANOCHAT_ATTEMPT_ID is "<run id>-<n>"), None when unsupervised."""
-    tail = os.environ.get("NANOCHAT_ATTEMPT_ID", "").rpartition("-")[2]
+    """The supervisor's attempt number (NANOCHAT_ATTEMPT_ID is "<run id>-<n>"; a warm spare's is its own tag, and
+    the attempt it became is in spare.BECAME_ENV), None when unsupervised."""
+    tag = os.environ.get(spare.BECAME_ENV) or os.environ.get("NANOCHAT_ATTEMPT_ID", "")
+    tail = tag.rpartition("-")[2]
     return int(tail) if tail.isdigit() else None
 
 

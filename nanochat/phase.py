@@ -255,7 +255,7 @@ class Phase:
         self.times.optim = time.perf_counter()
         c = Counters() if self.resume_from is None else resume.restore(
             self.resume_from, self.ckpt_dir, cfg, plan, r.metric, r.meta.get("tokenizer"), r.model, r.optimizers,
-            r.loader, self.dist)  # fmt: skip
+            r.loader, self.dist, cfg.resume_exact)  # fmt: skip
         self.times.loaded = time.perf_counter()
         resumed = self.resume_from is not None
         self.guard, self.params = Guard(self.dist, cfg.spike_window, cfg.spike_z), list(r.model.parameters())

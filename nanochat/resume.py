@@ -127,11 +127,12 @@ def restore(
     optimizers: Optimizers,
     loader: Loader,
     dist_info: DistInfo,
+    exact: bool = True,
 ) -> Counters:
     """Resume from `point` (where this rank reads it, and the checkpoint; found by train_loop.find_start): refuse
     another tokenizer, log the changed settings and a schedule extension, then load the weights, the optimizer, the
-    loader's position (resharded for another world size) and the RNG, and return the run's counters. Refuses a
-    budget lowered below a checkpoint that is not a final one."""
+    loader's position (resharded for another world size, or when not `exact`) and the RNG (when exact), and return
+    the run's counters. Refuses a budget lowered below a checkpoint that is not a final one."""
     source, ckpt = point
     if source != ckpt_dir:
         print0(f"resume: the in-memory snapshot at step {ckpt.step} ({source}) is newer than any checkpoint")
@@ -152,7 +153,7 @@ def restore(
     counters = Counters(step, saved.smooth_loss, saved.train_time, val.value, val.step,
                         before - step * plan.tokens_per_step, history, extended, list(saved.rollbacks),
                         list(saved.loss_window))  # fmt: skip
-    load_position(saved.ranks, loader, dist_info, step, ckpt_dir)
+    load_position(saved.ranks, loader, dist_info, step, ckpt_dir, exact)
     if step >= plan.num_iterations and not ckpt.final:  # the budget was lowered below where the run is
         raise CheckpointError(
             f"the checkpoint at step {step} in {ckpt_dir} is already at or past --num_iterations="
@@ -175,12 +176,15 @@ def load_weights(point: tuple[Path, Checkpoint], model: torch.nn.Module, optimiz
         optimizers.load_state_dict(optim_state)
 
 
-def load_position(ranks: list[dict], loader: Loader, dist_info: DistInfo, step: int, ckpt_dir: Path) -> None:
-    """The loader's position and the RNG of this rank, from the checkpoint's `ranks`; at another world size the
-    loader reshards (the data order continues approximately) and the RNG goes on as it is."""
+def load_position(ranks: list[dict], loader: Loader, dist_info: DistInfo, step: int, ckpt_dir: Path,
+                  exact: bool = True) -> None:  # fmt: skip
+    """The loader's position and the RNG of this rank, from the checkpoint's `ranks`; at another world size, or when
+    not `exact` (--resume_exact=False), the loader reshards (the data order continues approximately, from a
+    row-group boundary) and the RNG goes on as it is."""
     world = dist_info.world_size
+    same = len(ranks) == world and exact
     try:
-        if len(ranks) == world:  # the loader position is in tokens: a changed batch size continues exactly
+        if same:  # the loader position is in tokens: a changed batch size continues exactly
             loader.load_state_dict(ranks[dist_info.rank]["loader"])
         else:
             loader.load_resharded([r["loader"] for r in ranks])
@@ -189,11 +193,12 @@ def load_position(ranks: list[dict], loader: Loader, dist_info: DistInfo, step: 
             f"the checkpoint at step {step} in {ckpt_dir} was saved with other data settings ({e}); restore"
             " them (e.g. --tasks, --task_size, --seed) or start fresh with --resume=False"
         ) from None
-    if len(ranks) == world:
+    if same:
         set_rng_state(ranks[dist_info.rank]["rng"], dist_info.device)
         print0(f"resumed from step {step} in {ckpt_dir}")
     else:
+        why = f"at a new geometry ({len(ranks)} -> {world} ranks)" if len(ranks) != world else "not exactly"
         print0(
-            f"resumed from step {step} in {ckpt_dir} at a new geometry ({len(ranks)} -> {world} ranks):"
-            " weights, optimizer and schedule are exact; the data order continues approximately"
+            f"resumed from step {step} in {ckpt_dir} {why}: weights, optimizer and schedule are exact; the data"
+            " order continues approximately" + ("" if exact else " (--resume_exact=False), the RNG afresh")
         )

@@ -20,9 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+from nanochat.lifeline import started_at
+
 DIR_ENV = "NANOCHAT_SPARE_DIR"  # the folder the go appears in (set for a spare's torchrun only)
 GO_TIME_ENV = "NANOCHAT_SPARE_GO"  # the wall time of the go: where the trainer's start-up counts from
-GO_FILE = "go.json"  # {"script": module, "args": [trainer arguments], "at": wall time}, written whole (a rename)
+GO_FILE = "go.json"  # {"script", "args": [trainer arguments], "at": wall time, "attempt_id"}, written whole (a rename)
+# the attempt a spare became ("<run id>-<n>"): its processes keep the spare's own tag (supervisor/procs.py's
+# ATTEMPT_ENV, by which the supervisor finds them), its records name this attempt (nanochat/metrics.py)
+BECAME_ENV = "NANOCHAT_SPARE_BECAME"
 # imported by the trainer later, at its first use: torch.optim's optimizers import torch._dynamo in their __init__
 # (~3 s on a CPU, half the optimizers-and-data part of a restart), and compile needs it anyway
 LATE_IMPORTS = ("torch._dynamo",)
@@ -34,9 +39,7 @@ def began() -> float:
     """The wall time this process's start-up counts from: the go of a warm spare, or the process's creation."""
     if go := os.environ.get(GO_TIME_ENV):
         return float(go)
-    import psutil
-
-    return psutil.Process().create_time()
+    return started_at()
 
 
 def wait_for_go(folder: Path) -> dict:
@@ -57,6 +60,7 @@ def main(argv: list[str]) -> None:
     go = wait_for_go(Path(os.environ.pop(DIR_ENV)))
     if go["script"] != script:  # the supervisor checks this before its go; a mismatch is a bug, said plainly
         sys.exit(f"nanochat.spare: imported {script} but the go is for {go['script']}")
+    os.environ[BECAME_ENV] = go["attempt_id"]
     os.environ[GO_TIME_ENV] = repr(go["at"])  # from the go, not from now: imports still running when it came count
     sys.argv = [script, "--", *go["args"]]  # as `python -m <script> -- <args>` has it (runpy sets argv[0])
     runpy.run_module(script, run_name="__main__", alter_sys=True)

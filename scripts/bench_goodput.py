@@ -16,9 +16,9 @@ Arms:
   torchrun   plain `torchrun --max-restarts=K` over scripts.base_train with --resume=True: torchrun restarts its
              workers after a failure; nothing restarts it after the Ctrl+C but the bench's rerun
   loop       upstream-style: a shell loop that reruns `torchrun --max-restarts=0` after any failure (until it exits
-             0), checkpoints every --save-every steps, no supervisor. It resumes exactly like the other arms
-             (weights, optimizer, data position, RNG): the trainer has no non-exact resume, so this arm differs
-             from `torchrun` only in how it restarts (a fresh torchrun per failure), not in what it resumes
+             0), checkpoints every --save-every steps, no supervisor, and resumes as upstream nanochat does
+             (--resume_exact=False: weights, optimizer and schedule; the data from a row-group boundary, the RNG
+             afresh). The other arms resume exactly (weights, optimizer, data position, RNG)
 
 Goodput is measured alike for all arms, by supervisor/goodput.py on the records the bench collects. Wall time is
 the bench's clock over the arm's processes, one span per invocation (the gap between the Ctrl+C and the rerun is
@@ -44,6 +44,7 @@ from pathlib import Path
 import psutil
 
 from nanochat import checkpoint
+from nanochat.lifeline import started_at
 from scripts.benchlib import TINY_TRAINER, prepare, run_env, workers
 from supervisor import goodput, procs, report
 from supervisor.records import RunDir, read_events, read_heartbeat
@@ -122,6 +123,7 @@ def command(arm: Arm, args: argparse.Namespace) -> list[str]:
                 f"--checkpoint_dir={arm.ckpt}", f"--heartbeat_file={arm.heartbeat}", *trainer]  # fmt: skip
     if arm.name == "torchrun":
         return torchrun
+    torchrun.append("--resume_exact=False")
     # a Ctrl+C ends the loop as it ends a user's: the trap runs once the foreground torchrun has exited
     return ["bash", "-c", "trap 'exit 130' INT; until \"$@\"; do echo 'loop: torchrun failed, rerunning'; done",
             "loop", *torchrun]  # fmt: skip
@@ -160,7 +162,7 @@ def invoke(arm: Arm, args: argparse.Namespace, env: dict[str, str], t_arm0: floa
         if cur is not None and cur.ended is None and not (pids & cur.pids):
             cur.ended = now
         if pids and (cur is None or not (pids & cur.pids)):  # a new set of workers: a new attempt
-            cur = Attempt(pids, min(p.create_time() for p in ws))
+            cur = Attempt(pids, min(started_at(p.pid) for p in ws))
             inv.attempts.append(cur)
         elif cur is not None and pids:
             cur.pids |= pids  # the second worker showed up
@@ -274,10 +276,11 @@ def show(arms: list[Arm], args: argparse.Namespace, faults: list[Fault]) -> None
             "disk": "nanochat-run train as above, disk checkpoints only",
             "torchrun": f"torchrun --max-restarts={args.max_restarts} over scripts.base_train --resume=True; the bench"
                         " reruns it after the Ctrl+C",
-            "loop": "bash loop rerunning torchrun --max-restarts=0 after any failure, no supervisor"}  # fmt: skip
+            "loop": "bash loop rerunning torchrun --max-restarts=0 after any failure, no supervisor, resuming"
+                    " as upstream nanochat does (--resume_exact=False)"}  # fmt: skip
     for a in arms:
         print(f"  {a.name:<10} {what[a.name]}")
-    print("  every arm resumes exactly (weights, optimizer, data position, RNG): the trainer has no other resume")
+    print("  the other arms resume exactly (weights, optimizer, data position, RNG)")
     print("faults (after s of training, same for every arm): " + ", ".join(
         f"{f.after:g}s {f.kind}" + (f" rank {f.rank}" if f.kind != "ctrl-c" else "") for f in faults))  # fmt: skip
     leds = {a.name: a.led or goodput.Ledger() for a in arms}

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import psutil
 import typer
 
 from nanochat import checkpoint
 from nanochat.checkpoint import snapshots
 from nanochat.config import ConfigError, HelpRequested, describe, parse_args
+from nanochat.lifeline import started_at
 from nanochat.locks import LockError, lock_holder
 from nanochat.paths import (
     DEFAULT_DEPTH,
@@ -217,7 +217,7 @@ def train(
         display.event(f"multi-node: {role} of --nnodes {sup.nnodes}; the leader decides for every node")
         nodes = Coordinator.connect(sup.node_rank, sup.max_nodes, sup.rdzv_endpoint, sup.min_nodes)
     try:
-        code = Agent(opts, display, nodes, since=psutil.Process().create_time()).run()
+        code = Agent(opts, display, nodes, since=started_at()).run()
     except LockError as e:
         display.close()
         raise UsageProblem(str(e)) from None

@@ -83,7 +83,8 @@ class Spare:
             for entry in (self.root / "log").iterdir():
                 entry.rename(log_dir / entry.name)
             go = self.root / f".{worker.GO_FILE}.tmp"
-            go.write_text(json.dumps({"script": spec.script, "args": list(spec.trainer_args), "at": time.time()}))
+            go.write_text(json.dumps({"script": spec.script, "args": list(spec.trainer_args), "at": time.time(),
+                                      "attempt_id": env[procs.ATTEMPT_ENV]}))  # fmt: skip
             go.rename(self.root / worker.GO_FILE)  # whole, or not there: a worker never reads half of it
         except OSError:  # the attempt's logs are elsewhere (another disk), or this one is full: start cold
             self.close()

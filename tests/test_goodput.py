@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from nanochat import metrics
+from nanochat import lifeline, metrics
 from supervisor import goodput
 from tests.supervised import Run, cli, supervisor_runs, torchrun_of, workers_of
 
@@ -35,6 +37,19 @@ def test_an_attempt_splits_into_parts_that_add_up():
     # a resume point before any save it remembers: nothing kept; one between them: in proportion
     assert goodput.attempt_parts(beat(), 100.0, 123.0, 0, 1, False)["kept steps"] == 0
     assert goodput.attempt_parts(beat(), 100.0, 123.0, 0, 5, False)["kept steps"] == pytest.approx(10.0 * 4 / 19)
+
+
+def test_a_process_start_is_read_to_a_clock_tick():
+    # where start-up counts from (the supervisor's, a trainer's, a bench's workers): psutil's create_time can read
+    # a second early, lifeline.started_at within a tick and the fork's own time
+    before = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        after = time.time()
+        assert before - 0.02 <= lifeline.started_at(child.pid) <= after + 0.02
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_an_attempt_that_never_trained_is_start_up_and_detection():
@@ -112,9 +127,9 @@ def test_ledger_of_a_crash_a_hang_and_a_ctrl_c_rerun(supervise, env):
     # the sum: every second of the supervised time is in one part, and what nothing explains is small
     assert sum(parts.values()) == pytest.approx(led["wall_s"], abs=0.01)
     assert abs(parts["unexplained"]) < 2.0, parts
-    # the wall: what this test timed, from each supervisor's process start (psutil's create_time, which rests on
-    # the boot time in whole seconds: up to a second early) to its run_end (its exit and the test's checks after)
-    assert first_wall + second_wall - 8.0 < led["wall_s"] < first_wall + second_wall + 2.0
+    # the wall: what this test timed, from each supervisor's process start (lifeline.started_at: to a clock tick,
+    # after the test's clock began) to its run_end (its exit and the test's checks after)
+    assert first_wall + second_wall - 8.0 < led["wall_s"] < first_wall + second_wall + 0.1
     assert gap - 2.0 < led["between_invocations_s"] < gap + 2.0  # from the first's run_end to the second's start
     # the parts
     assert ends[1]["ledger"]["detection"] < HANG_TIMEOUT  # a SIGKILL: seen at once, torchrun stops the other rank

@@ -168,6 +168,25 @@ def test_world_size_change_resumes_and_finishes(crashed_1, crashed_2, tmp_path, 
     assert optim["muon"]["state"]  # the momentum buffers
 
 
+def test_an_inexact_resume_keeps_weights_and_optimizer_and_moves_the_data_to_a_row_group_boundary(
+    reference_1, crashed_1, tmp_path, menv
+) -> None:
+    # --resume_exact=False (resume as upstream nanochat does, for bench_goodput's loop arm): the same world size,
+    # yet the loader restarts from the start of its row group and the RNG afresh, so the run ends elsewhere
+    d = copy(crashed_1, tmp_path)
+    proc = train(menv, d, "--resume_exact=False")
+    assert (
+        f"resumed from step 8 in {d} not exactly: weights, optimizer and schedule are exact; the data order"
+        " continues approximately (--resume_exact=False), the RNG afresh"
+    ) in proc.stdout
+    assert step_lines(proc.stdout) == [9, 10, 11, 12]
+    assert_finished(proc, d)
+    optim = torch.load(d / "optim_000012.pt", weights_only=True)
+    assert {float(s["step"]) for s in optim["adamw"]["state"].values()} == {12.0}
+    with pytest.raises(AssertionError):  # the data after step 8 was not the reference's
+        assert_same_final_state(d, reference_1[0])
+
+
 # ---- signals -----------------------------------------------------------------------------------------------
 
 

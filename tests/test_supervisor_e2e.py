@@ -303,6 +303,10 @@ def test_a_restart_takes_the_warm_spare_and_resumes_exactly(supervise, crashed_r
     assert re.search(r"attempt 2: torchrun pid \d+ \(the warm spare\), resuming from step 10", out), out[-3000:]
     assert "resumed from step 10" in run.attempt_log(2) and "startup: " in run.attempt_log(2)
     assert_same_final_state(run.ckpt, crashed_run.ckpt, step=30)
+    # its records name the attempt it became, not the spare's own tag
+    lines = metrics.read(run.ckpt)
+    assert [(r["step"], r["attempt"]) for r in lines if r["kind"] == "start"] == [(0, 1), (10, 2)]
+    assert {r["attempt"] for r in lines if r["kind"] == "step" and r["step"] > 12} == {2}
     # nothing of a spare is left: the one the restart took trained and exited, the next one (started once
     # attempt 2 trained) was killed at the end; its folder is gone and no process carries this run's tag
     run_id = run.events("run_start")[0]["run_id"]
