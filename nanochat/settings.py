@@ -82,9 +82,7 @@ class LoopConfig:
     keep_optim_last_n: int = runtime(1)  # of those, the newest N keep optimizer state (older: weights only); -1 = all
     keep_every: int = runtime(0)  # also keep each checkpoint at a multiple of N steps, for `nanochat-run eval`; 0 = off
     resume: bool = quiet(True)  # continue from the newest valid checkpoint; False archives old ones and starts fresh
-    # False: resume as upstream nanochat does (benchmarks): weights, optimizer and schedule exact; the data from a
-    # row-group boundary, the RNG afresh
-    resume_exact: bool = quiet(True)
+    resume_exact: bool = quiet(True)  # False: as upstream nanochat (weights, optimizer; data from its row group)
     async_save: bool = runtime(True)  # periodic saves block only for a copy to CPU; the write runs in the background
     snapshot_every: int = runtime(0)  # also snapshot into shared memory (/dev/shm) every N steps; 0 = off
     dist_timeout: int = runtime(1800)  # seconds a collective may wait; must cover the longest save (rank 0 writes)

@@ -378,6 +378,8 @@ def status(
         return {**phase_status(run_path), "current": info}
 
     try:
+        if watch:
+            tail.interruptible()
         report.watch_status(gather, json_out, interval if watch else None)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -445,6 +447,7 @@ def logs(
         raise UsageProblem(str(e)) from None
     try:
         if follow:
+            tail.interruptible()
             alive = lambda: lock_holder(ckpt_dir) is not None  # noqa: E731
             tail.follow(run, n, found, rank, newest=attempt is None, alive=alive)
         else:

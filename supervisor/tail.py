@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -43,6 +44,13 @@ class Source:
             return ""
         self.pos += len(data)
         return self.decoder.decode(data)
+
+
+def interruptible() -> None:
+    """Let SIGINT raise KeyboardInterrupt even where it came in ignored or blocked (a script's background job has it
+    ignored, and `kill -INT` is how such a script ends one): `logs -f` and `status --watch` end on it with 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def spans(numbers: Iterable[int]) -> str:

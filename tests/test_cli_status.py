@@ -266,8 +266,10 @@ def test_help_status_and_logs_start_without_torch_and_ctrl_c_ends_a_watch_quietl
     lock.acquire()
     try:
         for args in (["status", "--watch", "--interval", "0.2"], ["logs", "-f"]):
+            # started as a script's background job is: SIGINT ignored (it must end on one all the same)
             proc = subprocess.Popen([*NANOCHAT_RUN, *args, "--checkpoint-dir", str(ckpt)], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)  # fmt: skip
+                                    stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
             assert proc.stdout.readline()  # it is up and printing
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
