@@ -5,6 +5,7 @@ part, what this test timed itself."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -142,4 +143,7 @@ def test_ledger_of_a_crash_a_hang_and_a_ctrl_c_rerun(supervise, env):
     assert timed <= parts["kept steps"] < timed * 1.5 + 1.0, (timed, parts["kept steps"])
     assert all(e["ledger"]["start-up"] > 1.0 for e in ends.values())  # torchrun, imports, the first step
     assert led["ratio"] == pytest.approx(parts["kept steps"] / led["wall_s"], abs=1e-3)
-    assert f"goodput {100 * led['ratio']:.1f}%" in second.output  # the end-of-run summary
+    # the end-of-run summary: written before the run_end event that status counts the wall to, so its last digit
+    # may differ
+    shown = re.search(r"goodput (\d+\.\d)%: [\d.]+s of kept training", second.output)
+    assert shown and float(shown.group(1)) == pytest.approx(100 * led["ratio"], abs=0.2), second.output[-2000:]
